@@ -1,0 +1,416 @@
+"""The sdgate wire contract: request model, cache key, framing, message kinds and error codes.
+
+Standard library only, Python 3.9+. The boot client, the gateway and the workers all import this
+module; nobody re-implements any part of it. See docs/protocol.md for the byte layout.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import re
+import socket
+import struct
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Dict, Optional, Tuple
+
+# ---------------------------------------------------------------------------------------------
+# Request model
+# ---------------------------------------------------------------------------------------------
+
+DEFAULT_MODEL = "tiny"
+# Sizes and step counts a model renders when the request leaves them out. The embedded `tiny`
+# model is random weights on a CPU, so its defaults are as small as a real pipeline allows.
+MODEL_DEFAULTS: Dict[str, Tuple[int, int]] = {"tiny": (64, 2)}  # model -> (side, steps)
+FALLBACK_SIDE, FALLBACK_STEPS = 512, 25
+
+SCHEDULERS = ("default", "ddim", "pndm", "euler", "euler_a", "dpm++", "lms")
+
+MAX_PROMPT_CHARS = 1000
+MIN_SIDE, MAX_SIDE = 64, 2048
+MIN_STEPS, MAX_STEPS = 1, 150
+MIN_GUIDANCE, MAX_GUIDANCE = 0.0, 30.0
+MAX_SEED = 2**32 - 1
+MAX_MODEL_CHARS = 200
+_MODEL_PATTERN = re.compile(r"^[A-Za-z0-9._/\-]+$")
+KEY_VERSION = "sdgate-key-v1"
+
+
+class InvalidRequest(ValueError):
+    """A request field is outside what sdgate accepts; `field` names it for the user."""
+
+    def __init__(self, field_name: str, message: str):
+        super().__init__(f"{field_name}: {message}")
+        self.field = field_name
+        self.message = message
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    """What to render. Fields left as None take the model's defaults in `normalized()`."""
+
+    prompt: str
+    negative_prompt: str = ""
+    width: Optional[int] = None
+    height: Optional[int] = None
+    steps: Optional[int] = None
+    guidance_scale: float = 7.5
+    seed: Optional[int] = None
+    scheduler: str = "default"
+    model: str = DEFAULT_MODEL
+
+    @classmethod
+    def from_dict(cls, data: Any) -> "GenerationRequest":
+        """Build a request from decoded JSON, rejecting unknown fields and wrong types."""
+        if not isinstance(data, dict):
+            raise InvalidRequest("request", f"must be a JSON object, got {type(data).__name__}")
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise InvalidRequest(unknown[0], f"unknown field; allowed fields are {sorted(known)}")
+        if "prompt" not in data:
+            raise InvalidRequest("prompt", "is required")
+        request = cls(**data)
+        request.validate()
+        return request
+
+    def to_dict(self) -> Dict[str, Any]:
+        """The request as a JSON-ready dict (the task payload and the wire body)."""
+        return dataclasses.asdict(self)
+
+    def validate(self) -> None:
+        """Raise InvalidRequest naming the first field that is wrong, its value and the limit."""
+        _check_text("prompt", self.prompt, allow_empty=False)
+        _check_text("negative_prompt", self.negative_prompt, allow_empty=True)
+        for name in ("width", "height"):
+            value = getattr(self, name)
+            if value is None:
+                continue
+            _check_int(name, value, MIN_SIDE, MAX_SIDE)
+            if value % 8:
+                raise InvalidRequest(name, f"{value} is not a multiple of 8; use e.g. {value - value % 8 or 64}")
+        if self.steps is not None:
+            _check_int("steps", self.steps, MIN_STEPS, MAX_STEPS)
+        if isinstance(self.guidance_scale, bool) or not isinstance(self.guidance_scale, (int, float)):
+            raise InvalidRequest("guidance_scale", f"must be a number, got {self.guidance_scale!r}")
+        if not (MIN_GUIDANCE <= self.guidance_scale <= MAX_GUIDANCE):  # NaN fails this too
+            raise InvalidRequest(
+                "guidance_scale", f"{self.guidance_scale} is outside {MIN_GUIDANCE}..{MAX_GUIDANCE}"
+            )
+        if self.seed is not None:
+            _check_int("seed", self.seed, 0, MAX_SEED)
+        if self.scheduler not in SCHEDULERS:
+            raise InvalidRequest("scheduler", f"{self.scheduler!r} is not one of {', '.join(SCHEDULERS)}")
+        if not isinstance(self.model, str) or not self.model:
+            raise InvalidRequest("model", "must be a non-empty string such as 'tiny' or a hub id")
+        if len(self.model) > MAX_MODEL_CHARS or not _MODEL_PATTERN.match(self.model):
+            raise InvalidRequest(
+                "model", f"{self.model[:40]!r} must be at most {MAX_MODEL_CHARS} of A-Z a-z 0-9 . _ / -"
+            )
+
+    def normalized(self) -> "GenerationRequest":
+        """The canonical form: validated, defaults filled, prompt normalised, seed resolved.
+
+        Two requests that render the same image have the same normalized form, and the worker
+        renders exactly this form, so a cached image is the image a regeneration would give.
+        """
+        self.validate()
+        side, steps = MODEL_DEFAULTS.get(self.model, (FALLBACK_SIDE, FALLBACK_STEPS))
+        resolved = dataclasses.replace(
+            self,
+            prompt=normalize_prompt(self.prompt),
+            negative_prompt=normalize_prompt(self.negative_prompt),
+            width=self.width if self.width is not None else side,
+            height=self.height if self.height is not None else side,
+            steps=self.steps if self.steps is not None else steps,
+            guidance_scale=float(self.guidance_scale),
+        )
+        if resolved.seed is None:
+            digest = hashlib.sha256(_canonical_bytes(resolved, include_seed=False)).digest()
+            resolved = dataclasses.replace(resolved, seed=int.from_bytes(digest[:4], "big"))
+        return resolved
+
+    def cache_key(self) -> str:
+        """sha256 over every field that changes the image, after normalisation (64 hex chars)."""
+        return hashlib.sha256(_canonical_bytes(self.normalized(), include_seed=True)).hexdigest()
+
+
+def normalize_prompt(text: str) -> str:
+    """Collapse whitespace and lowercase: CLIP's tokenizer does both, so the image cannot change."""
+    return " ".join(text.split()).lower()
+
+
+def _canonical_bytes(request: GenerationRequest, include_seed: bool) -> bytes:
+    fields = request.to_dict()
+    if not include_seed:
+        fields.pop("seed")
+    return (KEY_VERSION + json.dumps(fields, sort_keys=True, separators=(",", ":"))).encode("utf-8")
+
+
+def _check_text(name: str, value: Any, allow_empty: bool) -> None:
+    if not isinstance(value, str):
+        raise InvalidRequest(name, f"must be a string, got {type(value).__name__}")
+    if not allow_empty and not value.strip():
+        raise InvalidRequest(name, "is empty; describe the image you want")
+    if len(value) > MAX_PROMPT_CHARS:
+        raise InvalidRequest(name, f"has {len(value)} characters; the limit is {MAX_PROMPT_CHARS}")
+    if "\x00" in value:
+        raise InvalidRequest(name, "contains a NUL character")
+
+
+def _check_int(name: str, value: Any, low: int, high: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise InvalidRequest(name, f"must be an integer, got {value!r}")
+    if not (low <= value <= high):
+        raise InvalidRequest(name, f"{value} is outside {low}..{high}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Framing
+# ---------------------------------------------------------------------------------------------
+
+MAGIC = b"SDG"
+PROTOCOL_VERSION = 1
+HEADER = struct.Struct(">3sBBI")  # magic, version, frame type, payload length
+
+REQUEST, STATUS, IMAGE, ERROR = 1, 2, 3, 4
+FRAME_NAMES = {REQUEST: "REQUEST", STATUS: "STATUS", IMAGE: "IMAGE", ERROR: "ERROR"}
+# Checked against the header before a single payload byte is read or allocated.
+MAX_PAYLOAD = {REQUEST: 16 * 1024, STATUS: 4 * 1024, IMAGE: 32 * 1024 * 1024, ERROR: 16 * 1024}
+IMAGE_META_LEN = struct.Struct(">I")
+
+# STATUS states the server may send before the final IMAGE or ERROR frame.
+STATUS_QUEUED = "queued"  # a new generation was submitted to the workers
+STATUS_JOINED = "joined"  # an identical request is already being generated; waiting for it
+STATUS_GENERATING = "generating"  # a worker picked the task up
+STATUS_CACHED = "cached"  # answered from the cache
+
+# Stable error codes carried by ERROR frames (and by the HTTP API's error body).
+E_INVALID_REQUEST = "invalid_request"
+E_BAD_FRAME = "bad_frame"
+E_FRAME_TOO_LARGE = "frame_too_large"
+E_UNSUPPORTED_VERSION = "unsupported_version"
+E_BUSY = "busy"
+E_TIMEOUT = "timeout"
+E_UNAUTHORIZED = "unauthorized"
+E_RATE_LIMITED = "rate_limited"
+E_UNAVAILABLE = "unavailable"
+E_INTERNAL = "internal"
+ERROR_CODES = (
+    E_INVALID_REQUEST, E_BAD_FRAME, E_FRAME_TOO_LARGE, E_UNSUPPORTED_VERSION, E_BUSY,
+    E_TIMEOUT, E_UNAUTHORIZED, E_RATE_LIMITED, E_UNAVAILABLE, E_INTERNAL,
+)
+# Codes after which the same request may succeed if simply sent again later.
+RETRYABLE_CODES = (E_BUSY, E_TIMEOUT, E_RATE_LIMITED, E_UNAVAILABLE)
+
+
+class ProtocolError(Exception):
+    """A peer broke the framing, or the server answered with an ERROR frame; `code` is stable."""
+
+    def __init__(self, code: str, message: str, field: Optional[str] = None):
+        super().__init__(message)
+        self.code = code
+        self.message = message
+        self.field = field
+
+    def to_payload(self) -> Dict[str, Any]:
+        payload = {"code": self.code, "message": self.message}
+        if self.field:
+            payload["field"] = self.field
+        return payload
+
+
+class ConnectionClosed(Exception):
+    """The peer closed the connection cleanly between frames."""
+
+
+@dataclass
+class Frame:
+    """One decoded frame."""
+
+    kind: int
+    payload: bytes
+
+    def json(self) -> Any:
+        try:
+            return json.loads(self.payload.decode("utf-8"))
+        except (UnicodeDecodeError, ValueError) as exc:
+            raise ProtocolError(E_BAD_FRAME, f"{FRAME_NAMES[self.kind]} payload is not UTF-8 JSON: {exc}")
+
+
+def encode_frame(kind: int, payload: bytes) -> bytes:
+    """Header plus payload; refuses payloads over the cap for their kind."""
+    if kind not in MAX_PAYLOAD:
+        raise ValueError(f"unknown frame kind {kind}")
+    if len(payload) > MAX_PAYLOAD[kind]:
+        raise ProtocolError(
+            E_FRAME_TOO_LARGE, f"{FRAME_NAMES[kind]} payload of {len(payload)} bytes exceeds {MAX_PAYLOAD[kind]}"
+        )
+    return HEADER.pack(MAGIC, PROTOCOL_VERSION, kind, len(payload)) + payload
+
+
+def _json_bytes(obj: Any) -> bytes:
+    return json.dumps(obj, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+
+
+def encode_request(request: GenerationRequest, token: Optional[str] = None) -> bytes:
+    body: Dict[str, Any] = {"request": request.to_dict()}
+    if token:
+        body["token"] = token
+    return encode_frame(REQUEST, _json_bytes(body))
+
+
+def encode_status(state: str, **details: Any) -> bytes:
+    return encode_frame(STATUS, _json_bytes(dict(details, state=state)))
+
+
+def encode_error(code: str, message: str, field: Optional[str] = None) -> bytes:
+    return encode_frame(ERROR, _json_bytes(ProtocolError(code, message, field).to_payload()))
+
+
+def encode_image(meta: Dict[str, Any], png: bytes) -> bytes:
+    meta_bytes = _json_bytes(meta)
+    return encode_frame(IMAGE, IMAGE_META_LEN.pack(len(meta_bytes)) + meta_bytes + png)
+
+
+def decode_header(header: bytes) -> Tuple[int, int]:
+    """Check magic, version, kind and the size cap; return (kind, payload length)."""
+    magic, version, kind, length = HEADER.unpack(header)
+    if magic != MAGIC:
+        raise ProtocolError(E_BAD_FRAME, f"bad magic {magic!r}; expected {MAGIC!r} (is this an sdgate server?)")
+    if version != PROTOCOL_VERSION:
+        raise ProtocolError(
+            E_UNSUPPORTED_VERSION, f"protocol version {version} is not supported; this side speaks {PROTOCOL_VERSION}"
+        )
+    if kind not in MAX_PAYLOAD:
+        raise ProtocolError(E_BAD_FRAME, f"unknown frame type {kind}")
+    if length > MAX_PAYLOAD[kind]:
+        raise ProtocolError(
+            E_FRAME_TOO_LARGE, f"{FRAME_NAMES[kind]} frame of {length} bytes exceeds the {MAX_PAYLOAD[kind]}-byte limit"
+        )
+    return kind, length
+
+
+def decode_request(frame: Frame) -> Tuple[GenerationRequest, Optional[str]]:
+    """REQUEST payload -> (validated request, token). Raises ProtocolError with a stable code."""
+    if frame.kind != REQUEST:
+        raise ProtocolError(E_BAD_FRAME, f"expected a REQUEST frame, got {FRAME_NAMES[frame.kind]}")
+    body = frame.json()
+    if not isinstance(body, dict) or not isinstance(body.get("request"), dict):
+        raise ProtocolError(E_INVALID_REQUEST, 'body must be {"request": {...}, "token": optional string}')
+    token = body.get("token")
+    if token is not None and not isinstance(token, str):
+        raise ProtocolError(E_INVALID_REQUEST, "token must be a string", field="token")
+    try:
+        request = GenerationRequest.from_dict(body["request"])
+    except InvalidRequest as exc:
+        raise ProtocolError(E_INVALID_REQUEST, str(exc), field=exc.field)
+    except TypeError as exc:
+        raise ProtocolError(E_INVALID_REQUEST, f"request has the wrong shape: {exc}")
+    return request, token
+
+
+def decode_image(frame: Frame) -> Tuple[Dict[str, Any], bytes]:
+    """IMAGE payload -> (metadata, PNG bytes)."""
+    payload = frame.payload
+    if len(payload) < IMAGE_META_LEN.size:
+        raise ProtocolError(E_BAD_FRAME, "IMAGE frame too short for its metadata length")
+    (meta_len,) = IMAGE_META_LEN.unpack_from(payload)
+    end = IMAGE_META_LEN.size + meta_len
+    if end > len(payload):
+        raise ProtocolError(E_BAD_FRAME, "IMAGE metadata length runs past the frame")
+    meta = Frame(IMAGE, payload[IMAGE_META_LEN.size:end]).json()
+    return meta, payload[end:]
+
+
+def decode_error(frame: Frame) -> ProtocolError:
+    body = frame.json()
+    if not isinstance(body, dict):
+        return ProtocolError(E_BAD_FRAME, "ERROR frame body is not an object")
+    return ProtocolError(str(body.get("code", E_INTERNAL)), str(body.get("message", "")), body.get("field"))
+
+
+def read_frame(sock: socket.socket, frame_timeout: float, idle_timeout: Optional[float] = None,
+               max_payload: Optional[Dict[int, int]] = None) -> Frame:
+    """Read one frame from a blocking socket.
+
+    idle_timeout bounds the wait for the first byte (None: same as frame_timeout); once it has
+    arrived the whole frame must arrive within frame_timeout, so a peer trickling one byte a
+    second is cut off. Raises ConnectionClosed on a clean close before the first byte, socket.timeout
+    on either deadline, ProtocolError on bad framing.
+    """
+    first = _recv_exactly(sock, 1, time.monotonic() + (idle_timeout if idle_timeout is not None else frame_timeout),
+                          allow_clean_close=True)
+    deadline = time.monotonic() + frame_timeout
+    kind, length = decode_header(first + _recv_exactly(sock, HEADER.size - 1, deadline))
+    if max_payload is not None and length > max_payload.get(kind, 0):
+        raise ProtocolError(E_FRAME_TOO_LARGE, f"{FRAME_NAMES[kind]} frame of {length} bytes is not accepted here")
+    return Frame(kind, _recv_exactly(sock, length, deadline))
+
+
+def _recv_exactly(sock: socket.socket, size: int, deadline: float, allow_clean_close: bool = False) -> bytes:
+    chunks = bytearray()
+    while len(chunks) < size:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise socket.timeout(f"peer took too long to send {size} bytes")
+        sock.settimeout(remaining)
+        chunk = sock.recv(min(size - len(chunks), 1 << 20))
+        if not chunk:
+            if allow_clean_close and not chunks:
+                raise ConnectionClosed()
+            raise ProtocolError(E_BAD_FRAME, f"connection closed after {len(chunks)} of {size} bytes")
+        chunks += chunk
+    return bytes(chunks)
+
+
+# ---------------------------------------------------------------------------------------------
+# Client side of one exchange, shared by the boot client, tests and benchmarks
+# ---------------------------------------------------------------------------------------------
+
+@dataclass
+class ImageReply:
+    """A finished generation as the client sees it."""
+
+    meta: Dict[str, Any]
+    png: bytes
+    statuses: list = field(default_factory=list)
+
+
+def exchange(sock: socket.socket, request: GenerationRequest, token: Optional[str] = None,
+             timeout: float = 600.0, on_status: Optional[Callable[[Dict[str, Any]], None]] = None,
+             poll: float = 1.0) -> ImageReply:
+    """Send one REQUEST and read STATUS frames until the IMAGE; raise ProtocolError on ERROR.
+
+    `on_status` is also called with {"state": "waiting"} every `poll` seconds of silence, so a
+    caller can show elapsed time.
+    """
+    sock.sendall(encode_request(request, token))
+    deadline = time.monotonic() + timeout
+    statuses = []
+    while True:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise ProtocolError(E_TIMEOUT, f"no answer within {timeout:.0f} s")
+        try:
+            frame = read_frame(sock, frame_timeout=max(remaining, 1.0), idle_timeout=min(poll, remaining))
+        except socket.timeout:
+            if on_status:
+                on_status({"state": "waiting"})
+            continue
+        except ConnectionClosed:
+            raise ConnectionError("the server closed the connection before answering")
+        if frame.kind == STATUS:
+            status = frame.json()
+            statuses.append(status)
+            if on_status:
+                on_status(status)
+        elif frame.kind == IMAGE:
+            meta, png = decode_image(frame)
+            return ImageReply(meta, png, statuses)
+        elif frame.kind == ERROR:
+            raise decode_error(frame)
+        else:
+            raise ProtocolError(E_BAD_FRAME, f"unexpected {FRAME_NAMES[frame.kind]} frame from server")
