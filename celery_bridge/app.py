@@ -1,0 +1,59 @@
+"""The one Celery app definition: settings shared by the gateway's producer and every worker."""
+
+from __future__ import annotations
+
+from typing import Any, Dict, Optional
+
+from celery import Celery
+
+from celery_bridge.config import CeleryConfig, load_celery_config
+from celery_bridge.contract import TASK_NAME
+
+# Keys Ray Serve's Celery adapter manages itself (it sets the same values we want: late acks,
+# requeue on worker loss) and refuses in app_custom_config.
+SERVE_MANAGED_KEYS = {"worker_pool", "worker_concurrency", "task_ignore_result", "task_acks_late",
+                      "task_reject_on_worker_lost"}
+
+
+def celery_settings(config: CeleryConfig) -> Dict[str, Any]:
+    """Lowercase Celery settings for `config`: JSON only, late acks, prefetch 1, bounded everything."""
+    socket_opts = {"socket_timeout": 10, "socket_connect_timeout": 5, "retry_on_timeout": True,
+                   "health_check_interval": 10}
+    return {
+        "task_serializer": "json",
+        "result_serializer": "json",
+        "accept_content": ["json"],
+        "result_accept_content": ["json"],
+        "task_acks_late": True,
+        "task_reject_on_worker_lost": True,
+        "task_ignore_result": False,
+        "task_track_started": True,  # lets waiters see "generating"
+        "worker_prefetch_multiplier": 1,
+        "result_expires": config.result_expires_s,
+        "task_soft_time_limit": config.soft_time_limit_s,
+        "task_time_limit": config.time_limit_s,
+        "task_default_queue": config.queue,
+        "task_routes": {TASK_NAME: {"queue": config.queue}},
+        "broker_connection_retry_on_startup": True,
+        "broker_transport_options": {
+            "visibility_timeout": config.visibility_timeout_s,
+            "unacked_restore_interval": 1,
+            "unacked_restore_throttle": 1,
+            **socket_opts,
+        },
+        "redis_socket_timeout": socket_opts["socket_timeout"],
+        "redis_socket_connect_timeout": socket_opts["socket_connect_timeout"],
+        "redis_retry_on_timeout": True,
+        "redis_backend_health_check_interval": 10,
+        "worker_hijack_root_logger": False,
+        "worker_send_task_events": False,
+        "task_send_sent_event": False,
+    }
+
+
+def make_celery_app(config: Optional[CeleryConfig] = None, name: str = "sdgate") -> Celery:
+    """A configured Celery app on the Redis broker and result backend of `config`."""
+    config = config or load_celery_config()
+    app = Celery(name, broker=config.broker_url(), backend=config.broker_url())
+    app.conf.update(celery_settings(config))
+    return app

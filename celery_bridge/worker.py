@@ -1,0 +1,82 @@
+"""The worker side: one resident pipeline per process, serving sdgate.generate.
+
+Both worker modes run `GenerationService.handle` as the task body: the plain Celery process
+(`sdgate worker`, below) and the Ray Serve task consumer (celery_bridge/consumer.py).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import time
+from typing import Any, Dict, List, Optional
+
+from client.protocol import E_INTERNAL, InvalidRequest
+from celery_bridge.config import CeleryConfig, WorkerConfig, load_celery_config, load_worker_config
+from celery_bridge.contract import TASK_NAME, GenerationResult, request_from_payload
+
+log = logging.getLogger(__name__)
+
+
+class GenerationService:
+    """Owns the resident pipeline of one worker process and turns task payloads into results."""
+
+    def __init__(self, config: WorkerConfig, name: Optional[str] = None):
+        from celery_bridge.pipeline import PipelineRunner  # torch loads here, on worker hosts only
+
+        started = time.monotonic()
+        self.runner = PipelineRunner(config)
+        self.load_seconds = time.monotonic() - started
+        self.name = name or f"{socket.gethostname()}:{os.getpid()}"
+        self.tasks_done = 0
+
+    def handle(self, payload: Any) -> Dict[str, Any]:
+        """Render one request; never raises, so both worker modes report errors the same way."""
+        try:
+            request = request_from_payload(payload)
+        except (InvalidRequest, TypeError) as exc:
+            error = exc if isinstance(exc, InvalidRequest) else InvalidRequest("request", str(exc))
+            log.info("rejected invalid task payload: %s", error)
+            return GenerationResult.invalid(error).to_json()
+        try:
+            png = self.runner.render(request)
+        except Exception as exc:  # noqa: BLE001 - reported to the waiting clients as `internal`
+            log.exception("generation failed for %s", request.cache_key()[:12])
+            return GenerationResult.failure(E_INTERNAL, f"generation failed on worker {self.name}: {exc}").to_json()
+        self.tasks_done += 1
+        result = GenerationResult.success(request, png, self.runner.last_pipeline_ms, self.name)
+        result.pipeline_loads = type(self.runner).loads
+        return result.to_json()
+
+
+def pin_gpu(gpu: Optional[str]) -> None:
+    """Restrict this process to one GPU; must run before torch initialises CUDA."""
+    if gpu is not None:
+        os.environ["CUDA_VISIBLE_DEVICES"] = str(gpu)
+
+
+def worker_argv(celery_config: CeleryConfig, hostname: str, loglevel: str) -> List[str]:
+    return ["worker", "--pool=solo", "--concurrency=1", "-Q", celery_config.queue, f"--hostname={hostname}",
+            f"--loglevel={loglevel}", "--without-gossip", "--without-mingle"]
+
+
+def run_worker(celery_overrides: Dict[str, Any], worker_overrides: Dict[str, Any], gpu: Optional[str] = None,
+               loglevel: str = "INFO") -> None:
+    """`sdgate worker`: load the pipeline, then consume the queue until stopped (blocks)."""
+    from celery_bridge.app import make_celery_app
+    from celery_bridge.lease import LeaseKeeper
+
+    # 1. Pin the GPU before anything imports torch.
+    pin_gpu(gpu)
+    celery_config = load_celery_config(**celery_overrides)
+    worker_config = load_worker_config(**worker_overrides)
+    # 2. Load the pipeline once, before taking any task; a model that cannot load fails here.
+    service = GenerationService(worker_config)
+    print(f"sdgate worker: model {worker_config.model!r} loaded in {service.load_seconds:.1f} s", flush=True)
+    # 3. Register the task body and renew the leases of held tasks.
+    app = make_celery_app(celery_config, name="sdgate-worker")
+    app.task(name=TASK_NAME)(service.handle)
+    LeaseKeeper(celery_config.broker_url(), celery_config.lease_renew_s).start()
+    # 4. Consume: solo pool, one task at a time, so one pipeline is never used by two threads.
+    app.worker_main(worker_argv(celery_config, f"sdgate-{os.getpid()}@{socket.gethostname()}", loglevel))

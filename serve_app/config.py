@@ -1,0 +1,38 @@
+"""Gateway configuration (configs/gateway.yaml, SDGATE_* overrides)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional
+
+from celery_bridge.config import load_config, sdgate_home
+
+
+@dataclass
+class GatewayConfig:
+    """The front server: where it listens, its cache, and the bounds it enforces."""
+
+    host: str = "127.0.0.1"
+    socket_port: int = 5555
+    http_port: int = 8000
+    cache_backend: str = "sqlite"  # sqlite (one machine) | redis (several gateway nodes)
+    cache_path: Optional[str] = None  # sqlite file; default $SDGATE_HOME/cache/images.db
+    cache_max_bytes: int = 1 << 30
+    max_pending_misses: int = 64  # distinct generations in flight per replica before `busy`
+    request_timeout_s: float = 300.0
+    frame_timeout_s: float = 10.0  # a started frame must arrive completely within this
+    idle_timeout_s: float = 120.0  # a connection with no request for this long is closed
+    max_connections: int = 4096
+    handler_threads: int = 64
+    auth_token: Optional[str] = None  # shared token for socket and HTTP; off when empty
+    rate_limit_per_s: float = 0.0  # per client address, 0 = off
+    rate_limit_burst: int = 20
+    stats_flush_s: float = 0.5
+
+    def resolved_cache_path(self) -> Path:
+        return Path(self.cache_path).expanduser() if self.cache_path else sdgate_home() / "cache" / "images.db"
+
+
+def load_gateway_config(**overrides: Any) -> GatewayConfig:
+    return load_config(GatewayConfig, "gateway", overrides)

@@ -1,0 +1,164 @@
+"""The gateway: a Ray Serve deployment that is the threaded caching front server.
+
+Each replica answers the boot client's framed TCP protocol on a port shared by the replicas of
+its node (SO_REUSEPORT) and HTTP through Serve's proxy; both call one FrontService, so both
+return the same bytes for the same parameters.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import logging
+import time
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, Dict, Optional
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse
+from ray import serve
+
+from client import protocol
+from client.protocol import GenerationRequest, InvalidRequest, ProtocolError
+from celery_bridge.config import load_celery_config
+from celery_bridge.producer import GenerationProducer
+from serve_app import stats
+from serve_app.config import GatewayConfig, load_gateway_config
+from serve_app.front import FrontService
+from serve_app.socket_server import SocketFrontServer, check_token
+from serve_app.store import open_store
+
+log = logging.getLogger(__name__)
+MAX_HTTP_BODY = protocol.MAX_PAYLOAD[protocol.REQUEST]
+HTTP_STATUS = {
+    protocol.E_INVALID_REQUEST: 400, protocol.E_BAD_FRAME: 400, protocol.E_FRAME_TOO_LARGE: 413,
+    protocol.E_UNAUTHORIZED: 401, protocol.E_RATE_LIMITED: 429, protocol.E_BUSY: 503,
+    protocol.E_UNAVAILABLE: 503, protocol.E_TIMEOUT: 504, protocol.E_INTERNAL: 500,
+}
+api = FastAPI(title="sdgate", description="Text to image: OpenAI-style Images API over sdgate's cache and workers")
+
+
+def http_error(exc: ProtocolError) -> JSONResponse:
+    """An OpenAI-shaped error body carrying sdgate's stable code."""
+    headers = {"Retry-After": "5"} if exc.code in protocol.RETRYABLE_CODES else None
+    body = {"error": {"message": exc.message, "type": exc.code, "code": exc.code, "param": exc.field}}
+    return JSONResponse(body, status_code=HTTP_STATUS.get(exc.code, 500), headers=headers)
+
+
+def request_from_openai(body: Any) -> GenerationRequest:
+    """Map an Images API body (prompt, size "WxH", n=1, response_format b64_json, sdgate extras)."""
+    if not isinstance(body, dict):
+        raise InvalidRequest("body", "must be a JSON object with at least a prompt")
+    fields = dict(body)
+    n = fields.pop("n", 1)
+    if n != 1:
+        raise InvalidRequest("n", f"{n!r}: sdgate renders one image per request; send n=1")
+    response_format = fields.pop("response_format", "b64_json")
+    if response_format != "b64_json":
+        raise InvalidRequest("response_format", f"{response_format!r}: only b64_json is supported")
+    fields.pop("user", None)
+    size = fields.pop("size", None)
+    if size is not None:
+        try:
+            width, height = (int(part) for part in str(size).lower().split("x"))
+        except ValueError:
+            raise InvalidRequest("size", f"{size!r} must look like 512x512") from None
+        fields.setdefault("width", width)
+        fields.setdefault("height", height)
+    return GenerationRequest.from_dict(fields)
+
+
+@serve.deployment(
+    name="Gateway",
+    max_ongoing_requests=256,
+    health_check_period_s=5,
+    ray_actor_options={"num_cpus": 0.25},
+)
+@serve.ingress(api)
+class Gateway:
+    """One gateway replica: socket front server + HTTP routes over a shared FrontService."""
+
+    def __init__(self, gateway: Optional[Dict[str, Any]] = None, celery: Optional[Dict[str, Any]] = None):
+        self.config = load_gateway_config(**(gateway or {}))
+        producer = GenerationProducer(load_celery_config(**(celery or {})))
+        store = open_store(self.config.cache_backend, path=self.config.resolved_cache_path(),
+                           redis_url=producer.config.broker_url(), max_bytes=self.config.cache_max_bytes)
+        counters = stats.Counters(producer.redis, self.config.stats_flush_s)
+        self.front = FrontService(self.config, producer, store, counters)
+        self.socket_server = SocketFrontServer(self.front, self.config).start()
+        self._http_pool = ThreadPoolExecutor(self.config.handler_threads, thread_name_prefix="sdgate-http")
+        log.info("gateway replica serving sockets on %s:%s", self.config.host, self.socket_server.port)
+
+    @api.post("/v1/images/generations")
+    async def generations(self, request: Request) -> JSONResponse:
+        """OpenAI Images API: returns data[0].b64_json, plus sdgate's metadata."""
+        try:
+            check_token(self.config.auth_token, _bearer(request))
+            body = await _bounded_body(request)
+            try:
+                generation = request_from_openai(json.loads(body))
+            except (ValueError, UnicodeDecodeError) as exc:
+                if isinstance(exc, InvalidRequest):
+                    raise ProtocolError(protocol.E_INVALID_REQUEST, str(exc), field=exc.field) from None
+                raise ProtocolError(protocol.E_INVALID_REQUEST, f"body is not valid JSON: {exc}") from None
+            except TypeError as exc:
+                raise ProtocolError(protocol.E_INVALID_REQUEST, f"wrong shape: {exc}") from None
+        except ProtocolError as exc:
+            self.front.counters.error(exc.code)
+            return http_error(exc)
+        loop = asyncio.get_running_loop()
+        try:
+            answer = await loop.run_in_executor(self._http_pool, self.front.generate, generation)
+        except ProtocolError as exc:
+            return http_error(exc)
+        return JSONResponse({
+            "created": int(time.time()),
+            "data": [{"b64_json": base64.b64encode(answer.png).decode("ascii"), "revised_prompt": generation.normalized().prompt}],
+            "sdgate": dict(answer.meta, cached=answer.cached),
+        })
+
+    @api.get("/healthz")
+    def healthz(self) -> Dict[str, Any]:
+        return {"ok": self.socket_server.alive(), "socket_port": self.socket_server.port,
+                "pending_misses": self.front.pending_misses, "open_connections": self.socket_server.open_connections}
+
+    @api.get("/v1/stats")
+    def stats(self) -> Dict[str, Any]:
+        return stats.read_stats(self.front.producer.redis)
+
+    def check_health(self) -> None:
+        if not self.socket_server.alive():
+            raise RuntimeError("the socket front server thread of this replica has stopped")
+
+    def __del__(self) -> None:
+        server = getattr(self, "socket_server", None)
+        if server is not None:
+            server.stop()
+            self.front.counters.close()
+
+
+def _bearer(request: Request) -> Optional[str]:
+    header = request.headers.get("authorization", "")
+    return header[7:] if header.lower().startswith("bearer ") else None
+
+
+async def _bounded_body(request: Request) -> bytes:
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > MAX_HTTP_BODY:
+        raise ProtocolError(protocol.E_FRAME_TOO_LARGE, f"body over {MAX_HTTP_BODY} bytes")
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > MAX_HTTP_BODY:
+            raise ProtocolError(protocol.E_FRAME_TOO_LARGE, f"body over {MAX_HTTP_BODY} bytes")
+    return bytes(body)
+
+
+def build_app(args: Optional[Dict[str, Any]] = None) -> serve.Application:
+    """Serve application builder (`import_path: serve_app.gateway:build_app`).
+
+    args: {"gateway": {GatewayConfig overrides}, "celery": {CeleryConfig overrides}}.
+    """
+    args = args or {}
+    return Gateway.bind(args.get("gateway"), args.get("celery"))

@@ -1,0 +1,77 @@
+"""Cluster-wide counters: counted in-process, added to one Redis hash in batches.
+
+Counting on the hot path is a dict increment; a background thread adds the batch to
+`sdgate:stats` every `flush_s` seconds, so `sdgate stats` lags by at most that.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections import Counter
+from typing import Callable, Dict, List, Optional
+
+import redis
+
+log = logging.getLogger(__name__)
+STATS_KEY = "sdgate:stats"
+CACHE_HITS, CACHE_MISSES = "cache_hits", "cache_misses"
+GENERATIONS, SINGLEFLIGHT_JOINS, ERRORS = "generations", "singleflight_joins", "errors"
+COUNTER_NAMES = (CACHE_HITS, CACHE_MISSES, GENERATIONS, SINGLEFLIGHT_JOINS, ERRORS)
+
+
+class Counters:
+    """Increments kept locally and flushed to Redis; failed flushes are retried, never lost."""
+
+    def __init__(self, client: redis.Redis, flush_s: float = 0.5):
+        self._client = client
+        self._pending: Counter = Counter()
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self.listeners: List[Callable[[str, int], None]] = []  # e.g. Prometheus exporters
+        self._thread = threading.Thread(target=self._run, args=(flush_s,), name="sdgate-stats", daemon=True)
+        self._thread.start()
+
+    def incr(self, name: str, amount: int = 1) -> None:
+        with self._lock:
+            self._pending[name] += amount
+        for listener in self.listeners:
+            listener(name, amount)
+
+    def error(self, code: str) -> None:
+        with self._lock:
+            self._pending[ERRORS] += 1
+            self._pending[f"{ERRORS}.{code}"] += 1
+        for listener in self.listeners:
+            listener(f"{ERRORS}.{code}", 1)
+
+    def flush(self) -> None:
+        with self._lock:
+            batch, self._pending = self._pending, Counter()
+        if not batch:
+            return
+        try:
+            pipe = self._client.pipeline(transaction=False)
+            for name, amount in batch.items():
+                pipe.hincrby(STATS_KEY, name, amount)
+            pipe.execute()
+        except redis.RedisError as exc:
+            log.warning("could not flush counters to Redis (%s); keeping them for the next flush", exc)
+            with self._lock:
+                self._pending.update(batch)
+
+    def close(self) -> None:
+        self._stop.set()
+        self.flush()
+
+    def _run(self, flush_s: float) -> None:
+        while not self._stop.wait(flush_s):
+            self.flush()
+
+
+def read_stats(client: redis.Redis) -> Dict[str, object]:
+    """The cluster-wide totals: the COUNTER_NAMES as ints plus `errors_by_code`."""
+    raw = {k.decode(): int(v) for k, v in client.hgetall(STATS_KEY).items()}
+    stats: Dict[str, object] = {name: raw.get(name, 0) for name in COUNTER_NAMES}
+    stats["errors_by_code"] = {k.split(".", 1)[1]: v for k, v in sorted(raw.items()) if k.startswith(f"{ERRORS}.")}
+    return stats
