@@ -1,0 +1,144 @@
+"""The resident diffusers pipeline of one worker process.
+
+Loaded once per process, then reused by every task. diffusers schedulers keep per-call state,
+so one lock serialises every use of the pipeline object.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import threading
+import time
+from pathlib import Path
+from typing import Any, Dict
+
+import torch
+from PIL import Image, PngImagePlugin
+
+from client.protocol import GenerationRequest
+from celery_bridge.config import WorkerConfig
+from celery_bridge.tiny_model import ensure_tiny_model
+
+log = logging.getLogger(__name__)
+SCHEDULER_CLASSES = {
+    "ddim": "DDIMScheduler",
+    "pndm": "PNDMScheduler",
+    "euler": "EulerDiscreteScheduler",
+    "euler_a": "EulerAncestralDiscreteScheduler",
+    "dpm++": "DPMSolverMultistepScheduler",
+    "lms": "LMSDiscreteScheduler",
+}
+
+
+class ModelLoadError(RuntimeError):
+    """The configured model could not be loaded; the message says what to do."""
+
+
+def a1111_parameters(request: GenerationRequest) -> str:
+    """The `parameters` PNG text in AUTOMATIC1111's format, so PNG-info readers show it."""
+    lines = [request.prompt]
+    if request.negative_prompt:
+        lines.append(f"Negative prompt: {request.negative_prompt}")
+    lines.append(f"Steps: {request.steps}, Sampler: {request.scheduler}, CFG scale: {request.guidance_scale}, "
+                 f"Seed: {request.seed}, Size: {request.width}x{request.height}, Model: {request.model}")
+    return "\n".join(lines)
+
+
+def encode_png(image: Image.Image, request: GenerationRequest) -> bytes:
+    """PNG bytes with the `parameters` text chunk; deterministic (no timestamps)."""
+    info = PngImagePlugin.PngInfo()
+    info.add_text("parameters", a1111_parameters(request))
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG", pnginfo=info)
+    return buffer.getvalue()
+
+
+class PipelineRunner:
+    """Owns the resident pipeline of one worker process."""
+
+    loads = 0  # pipeline loads in this process; one per worker is the contract
+
+    def __init__(self, config: WorkerConfig):
+        import diffusers
+
+        diffusers.utils.logging.disable_progress_bar()
+        self.config = config
+        self.device = "cuda" if config.device == "auto" and torch.cuda.is_available() else (
+            "cpu" if config.device == "auto" else config.device)
+        self.dtype = torch.float16 if self.device == "cuda" and config.fp16 else torch.float32
+        started = time.monotonic()
+        self.pipe = self._load(diffusers)
+        self.load_seconds = time.monotonic() - started
+        type(self).loads += 1
+        self.last_pipeline_ms = 0.0
+        self._lock = threading.Lock()
+        self._default_scheduler = self.pipe.scheduler
+        self._schedulers: Dict[str, Any] = {"default": self._default_scheduler}
+        log.info("pipeline %r loaded on %s (%s) in %.1f s", config.model, self.device, self.dtype, self.load_seconds)
+
+    def _load(self, diffusers):
+        model = self.config.model
+        try:
+            if model == "tiny":
+                source = str(ensure_tiny_model(self.config.resolved_model_cache_dir()))
+                pipe = diffusers.StableDiffusionPipeline.from_pretrained(source, dtype=self.dtype)
+            else:
+                pipe = diffusers.DiffusionPipeline.from_pretrained(model, dtype=self.dtype)
+        except Exception as exc:  # noqa: BLE001 - every failure gets the same advice
+            local = Path(model).expanduser().exists()
+            raise ModelLoadError(
+                f"could not load model {model!r} ({type(exc).__name__}: {str(exc)[:300]}). "
+                + ("The folder exists but is not a diffusers pipeline (it needs model_index.json). "
+                   if local else "It is not a local folder, and the hub could not serve it (offline?). ")
+                + "Set `model` in configs/worker.yaml, SDGATE_MODEL or `sdgate worker --model` to a local folder "
+                  "saved with save_pretrained, to 'tiny' (the embedded test model), or to a hub id on a machine "
+                  "with network access."
+            ) from exc
+        pipe.set_progress_bar_config(disable=True)
+        if self.config.attention_slicing:
+            pipe.enable_attention_slicing()
+        if self.config.vae_tiling:
+            pipe.vae.enable_tiling()
+        if self.config.cpu_offload and self.device == "cuda":
+            pipe.enable_model_cpu_offload()
+        else:
+            pipe.to(self.device)
+        return pipe
+
+    def _scheduler(self, name: str):
+        if name not in self._schedulers:
+            import diffusers
+
+            cls = getattr(diffusers, SCHEDULER_CLASSES[name])
+            self._schedulers[name] = cls.from_config(self._default_scheduler.config)
+        return self._schedulers[name]
+
+    def _call(self, request: GenerationRequest):
+        # A CPU generator gives the same noise on every device, so both worker modes agree.
+        generator = torch.Generator(device="cpu").manual_seed(request.seed or 0)
+        self.pipe.scheduler = self._scheduler(request.scheduler)
+        return self.pipe(
+            prompt=request.prompt,
+            negative_prompt=request.negative_prompt or None,
+            width=request.width,
+            height=request.height,
+            num_inference_steps=request.steps,
+            guidance_scale=request.guidance_scale,
+            generator=generator,
+            output_type="pil",
+        ).images[0]
+
+    def render(self, request: GenerationRequest) -> bytes:
+        """PNG bytes for `request` (normalized first), with the `parameters` chunk."""
+        request = request.normalized()
+        with self._lock:
+            started = time.perf_counter()
+            image = self._call(request)
+            self.last_pipeline_ms = (time.perf_counter() - started) * 1000
+        return encode_png(image, request)
+
+    def bare_call(self, request: GenerationRequest):
+        """The pipeline call alone (no PNG), the baseline benchmarks compare the worker with."""
+        with self._lock:
+            return self._call(request.normalized())
