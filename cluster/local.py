@@ -17,7 +17,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Set, Tuple
 
 from client import protocol
 from client.protocol import GenerationRequest
@@ -284,7 +284,7 @@ class LocalStack:
 
     # -- down --------------------------------------------------------------------------------------
 
-    def down(self, log=print, timeout: float = 20.0) -> List[str]:
+    def down(self, log=print, timeout: float = 8.0) -> List[str]:
         """Stop exactly the process groups `up` recorded: workers, then Ray, then Redis."""
         recorded: Dict[str, int] = dict(self._load().get("processes", {}))
         recorded.update(self.processes)
@@ -299,32 +299,66 @@ class LocalStack:
         return stopped
 
 
+def _process_table() -> Dict[int, Tuple[int, int]]:
+    """pid -> (parent pid, process group) of every live (non-zombie) process, from /proc."""
+    table = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat", "rb") as stat:
+                fields = stat.read().rsplit(b")", 1)[1].split()
+        except OSError:
+            continue
+        if fields[0] not in (b"Z", b"X"):
+            table[int(entry)] = (int(fields[1]), int(fields[2]))
+    return table
+
+
+def _group_tree(pgid: int) -> Set[int]:
+    """Live processes of group `pgid` and all their descendants, wherever those moved (Ray
+    starts its workers in sessions of their own)."""
+    table = _process_table()
+    tree = {pid for pid, (_, group) in table.items() if group == pgid}
+    grew = True
+    while grew:
+        children = {pid for pid, (parent, _) in table.items() if parent in tree} - tree
+        tree |= children
+        grew = bool(children)
+    return tree
+
+
 def _group_alive(pgid: int) -> bool:
-    try:
-        os.killpg(pgid, 0)
-        return True
-    except (ProcessLookupError, PermissionError):
-        return False
+    return bool(_group_tree(pgid))
 
 
 def _stop_group(pgid: int, timeout: float) -> bool:
-    """SIGTERM the process group, SIGKILL what is left after `timeout`; True if it was running."""
-    if not _group_alive(pgid):
+    """SIGTERM the group and its descendants, SIGKILL what is left after `timeout`."""
+    pids = _group_tree(pgid)
+    if not pids:
         return False
-    os.killpg(pgid, signal.SIGTERM)
+    _signal_all(pids, signal.SIGTERM)
     deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline and _group_alive(pgid):
+    while time.monotonic() < deadline and pids & set(_process_table()):
         _reap(pgid)
         time.sleep(0.1)
-    if _group_alive(pgid):
-        os.killpg(pgid, signal.SIGKILL)
-        time.sleep(0.2)
+    _signal_all(pids & set(_process_table()), signal.SIGKILL)
     _reap(pgid)
     return True
 
 
+def _signal_all(pids: Set[int], sig: int) -> None:
+    for pid in pids:
+        try:
+            os.kill(pid, sig)
+        except ProcessLookupError:
+            pass
+
+
 def _reap(pgid: int) -> None:
+    """Collect our own exited children of the group (when `up` ran in this process)."""
     try:
-        os.waitpid(-pgid, os.WNOHANG)
+        while os.waitpid(-pgid, os.WNOHANG)[0]:
+            pass
     except ChildProcessError:
         pass

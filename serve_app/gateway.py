@@ -5,7 +5,6 @@ its node (SO_REUSEPORT) and HTTP through Serve's proxy; both call one FrontServi
 return the same bytes for the same parameters.
 """
 
-from __future__ import annotations
 
 import asyncio
 import base64
@@ -67,6 +66,23 @@ def request_from_openai(body: Any) -> GenerationRequest:
         fields.setdefault("width", width)
         fields.setdefault("height", height)
     return GenerationRequest.from_dict(fields)
+
+
+def _bearer(request: Request) -> Optional[str]:
+    header = request.headers.get("authorization", "")
+    return header[7:] if header.lower().startswith("bearer ") else None
+
+
+async def _bounded_body(request: Request) -> bytes:
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > MAX_HTTP_BODY:
+        raise ProtocolError(protocol.E_FRAME_TOO_LARGE, f"body over {MAX_HTTP_BODY} bytes")
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > MAX_HTTP_BODY:
+            raise ProtocolError(protocol.E_FRAME_TOO_LARGE, f"body over {MAX_HTTP_BODY} bytes")
+    return bytes(body)
 
 
 @serve.deployment(
@@ -136,23 +152,6 @@ class Gateway:
         if server is not None:
             server.stop()
             self.front.counters.close()
-
-
-def _bearer(request: Request) -> Optional[str]:
-    header = request.headers.get("authorization", "")
-    return header[7:] if header.lower().startswith("bearer ") else None
-
-
-async def _bounded_body(request: Request) -> bytes:
-    declared = request.headers.get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > MAX_HTTP_BODY:
-        raise ProtocolError(protocol.E_FRAME_TOO_LARGE, f"body over {MAX_HTTP_BODY} bytes")
-    body = bytearray()
-    async for chunk in request.stream():
-        body += chunk
-        if len(body) > MAX_HTTP_BODY:
-            raise ProtocolError(protocol.E_FRAME_TOO_LARGE, f"body over {MAX_HTTP_BODY} bytes")
-    return bytes(body)
 
 
 def build_app(args: Optional[Dict[str, Any]] = None) -> serve.Application:
