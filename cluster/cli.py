@@ -77,6 +77,20 @@ def _stats(args: argparse.Namespace) -> int:
     return 0
 
 
+def _deploy(args: argparse.Namespace) -> int:
+    from cluster.deploy import render_serve_config, submit_serve_config
+
+    try:
+        config = render_serve_config(args.serve_config)
+    except (KeyError, ValueError) as exc:
+        print(f"sdgate deploy: {args.serve_config} is not deployable: {exc}", file=sys.stderr)
+        return 1
+    submit_serve_config(config, args.address)
+    print(f"submitted {', '.join(app['name'] for app in config['applications'])} to {args.address}; "
+          "watch them with `serve status`")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sdgate", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -95,6 +109,10 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--worker-mode", choices=["celery", "ray"], help="plain worker process or Ray task consumer")
     up.set_defaults(run=_up)
     commands.add_parser("down", help="stop exactly what `sdgate up` started").set_defaults(run=_down)
+    deploy = commands.add_parser("deploy", help="deploy configs/serve.yaml onto a running Ray cluster")
+    deploy.add_argument("--serve-config", default="configs/serve.yaml")
+    deploy.add_argument("--address", default="http://127.0.0.1:8265", help="the Ray dashboard address")
+    deploy.set_defaults(run=_deploy)
     commands.add_parser("status", help="what the local stack runs").set_defaults(run=_status)
     stats = commands.add_parser("stats", help="cluster-wide counters as one JSON object")
     stats.add_argument("--broker", help="Redis URL (default: configs/celery.yaml, SDGATE_REDIS_URL)")

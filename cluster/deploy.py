@@ -8,15 +8,21 @@ the application status instead and fails with what Serve reports.
 from __future__ import annotations
 
 import json
+import os
+import re
 import sys
 import time
-from typing import Any, Dict
+from pathlib import Path
+from typing import Any, Dict, Mapping, Optional
+
+import yaml
 
 import ray
 from ray import serve
 from ray.serve.api import RunTarget
 
 from celery_bridge import consumer
+from celery_bridge.config import load_celery_config
 from serve_app import gateway
 
 GATEWAY_APP, WORKERS_APP = "gateway", "workers"
@@ -54,6 +60,43 @@ def wait_running(names, timeout_s: float) -> Dict[str, str]:
             raise TimeoutError(f"applications not running after {timeout_s:.0f} s: {states} {messages} "
                                "(often: not enough CPUs/GPUs in the cluster for the replicas asked for)")
         time.sleep(0.5)
+
+
+_PLACEHOLDER = re.compile(r"\$\{([A-Z0-9_]+)\}")
+
+
+def serve_config_env(environ: Optional[Mapping[str, str]] = None) -> Dict[str, str]:
+    """The variables configs/serve.yaml may use, with sdgate's defaults filled in."""
+    env = dict(environ if environ is not None else os.environ)
+    celery = load_celery_config(redis_url=env.get("SDGATE_REDIS_URL"),
+                                redis_password=env.get("SDGATE_REDIS_PASSWORD") or None)
+    env.setdefault("SDGATE_REDIS_URL", celery.redis_url)
+    env.setdefault("SDGATE_REDIS_PASSWORD", celery.redis_password or "")
+    env.setdefault("SDGATE_BROKER_URL", celery.broker_url())
+    env.setdefault("SDGATE_BIND_HOST", "127.0.0.1")
+    env.setdefault("SDGATE_TOKEN", "")
+    return env
+
+
+def render_serve_config(path: Path, environ: Optional[Mapping[str, str]] = None) -> Dict[str, Any]:
+    """configs/serve.yaml with ${VAR}s filled in, validated against Ray's ServeDeploySchema."""
+    from ray.serve.schema import ServeDeploySchema
+
+    env = serve_config_env(environ)
+    text = Path(path).read_text()
+    missing = sorted({name for name in _PLACEHOLDER.findall(text) if name not in env})
+    if missing:
+        raise KeyError(f"{path} uses unset variables {missing}; export them before `sdgate deploy`")
+    config = yaml.safe_load(_PLACEHOLDER.sub(lambda m: json.dumps(env[m.group(1)]), text))
+    ServeDeploySchema.model_validate(config)
+    return config
+
+
+def submit_serve_config(config: Dict[str, Any], dashboard_address: str) -> None:
+    """What `serve deploy` does: hand the applications to the cluster's Serve controller."""
+    from ray.dashboard.modules.serve.sdk import ServeSubmissionClient
+
+    ServeSubmissionClient(dashboard_address).deploy_applications(config)
 
 
 if __name__ == "__main__":

@@ -98,8 +98,10 @@ class FrontService:
     """Answers generation requests for one gateway replica."""
 
     def __init__(self, config: GatewayConfig, producer: GenerationProducer, store: ImageStore,
-                 counters: stats.Counters):
+                 counters: stats.Counters, on_generated: Optional[Callable[[float, float], None]] = None):
+        """on_generated(pipeline_ms, miss_ms) is called after each generation this replica led."""
         self.config = config
+        self.on_generated = on_generated
         self.producer = producer
         self.store = store
         self.counters = counters
@@ -170,6 +172,7 @@ class FrontService:
 
     def _lead(self, request: GenerationRequest, key: str, flight: Flight, deadline: float,
               on_status: Optional[StatusCallback]) -> Answer:
+        started = time.monotonic()
         # 1. Claim the key cluster-wide, or learn which task already renders it.
         try:
             task_id, claimed = self._claim(key)
@@ -208,6 +211,8 @@ class FrontService:
         # 4. Store, then let the next miss of this key start afresh.
         answer = self._store(key, result)
         self._release(key, task_id)
+        if self.on_generated:
+            self.on_generated(result.pipeline_ms, (time.monotonic() - started) * 1000)
         return answer
 
     def _claim(self, key: str):

@@ -10,6 +10,7 @@ import asyncio
 import base64
 import json
 import logging
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Dict, Optional
@@ -23,13 +24,16 @@ from client.protocol import GenerationRequest, InvalidRequest, ProtocolError
 from celery_bridge.config import load_celery_config
 from celery_bridge.producer import GenerationProducer
 from serve_app import stats
-from serve_app.config import GatewayConfig, load_gateway_config
+from serve_app.autoscaling import SOCKET_LOAD_METRIC
+from serve_app.config import load_gateway_config
 from serve_app.front import FrontService
+from serve_app.metrics import RayMetrics
 from serve_app.socket_server import SocketFrontServer, check_token
 from serve_app.store import open_store
 
 log = logging.getLogger(__name__)
 MAX_HTTP_BODY = protocol.MAX_PAYLOAD[protocol.REQUEST]
+QUEUE_DEPTH_PERIOD_S = 2.0
 HTTP_STATUS = {
     protocol.E_INVALID_REQUEST: 400, protocol.E_BAD_FRAME: 400, protocol.E_FRAME_TOO_LARGE: 413,
     protocol.E_UNAUTHORIZED: 401, protocol.E_RATE_LIMITED: 429, protocol.E_BUSY: 503,
@@ -101,8 +105,12 @@ class Gateway:
         store = open_store(self.config.cache_backend, path=self.config.resolved_cache_path(),
                            redis_url=producer.config.broker_url(), max_bytes=self.config.cache_max_bytes)
         counters = stats.Counters(producer.redis, self.config.stats_flush_s)
-        self.front = FrontService(self.config, producer, store, counters)
+        self.metrics = RayMetrics()
+        counters.listeners.append(self.metrics.on_count)
+        self.front = FrontService(self.config, producer, store, counters, on_generated=self._observe_generation)
         self.socket_server = SocketFrontServer(self.front, self.config).start()
+        self._stopped = threading.Event()
+        threading.Thread(target=self._watch_queue, name="sdgate-queue-depth", daemon=True).start()
         self._http_pool = ThreadPoolExecutor(self.config.handler_threads, thread_name_prefix="sdgate-http")
         log.info("gateway replica serving sockets on %s:%s", self.config.host, self.socket_server.port)
 
@@ -143,6 +151,21 @@ class Gateway:
     def stats(self) -> Dict[str, Any]:
         return stats.read_stats(self.front.producer.redis)
 
+    def record_autoscaling_stats(self) -> Dict[str, float]:
+        """Socket load for serve_app.autoscaling.gateway_load_policy (Serve cannot see it)."""
+        return {SOCKET_LOAD_METRIC: self.socket_server.average_load()}
+
+    def _observe_generation(self, pipeline_ms: float, miss_ms: float) -> None:
+        self.metrics.generation_ms.observe(pipeline_ms)
+        self.metrics.miss_ms.observe(miss_ms)
+
+    def _watch_queue(self) -> None:
+        while not self._stopped.wait(QUEUE_DEPTH_PERIOD_S):
+            try:
+                self.metrics.queue_depth.set(self.front.producer.queue_length())
+            except Exception:  # noqa: BLE001 - a missing gauge point is not worth a log line per second
+                pass
+
     def check_health(self) -> None:
         if not self.socket_server.alive():
             raise RuntimeError("the socket front server thread of this replica has stopped")
@@ -150,6 +173,7 @@ class Gateway:
     def __del__(self) -> None:
         server = getattr(self, "socket_server", None)
         if server is not None:
+            self._stopped.set()
             server.stop()
             self.front.counters.close()
 

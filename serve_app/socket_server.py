@@ -16,7 +16,7 @@ import socket
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from typing import Callable, Dict, Optional
+from typing import Dict, Optional
 
 from client import protocol
 from client.protocol import ConnectionClosed, ProtocolError
@@ -59,12 +59,10 @@ def check_token(expected: Optional[str], given: Optional[str]) -> None:
 class SocketFrontServer:
     """Accepts boot-client connections and answers their requests through a FrontService."""
 
-    def __init__(self, front: FrontService, config: GatewayConfig,
-                 on_load_change: Optional[Callable[[int], None]] = None):
+    def __init__(self, front: FrontService, config: GatewayConfig):
         self.front = front
         self.config = config
         self.rate_limiter = RateLimiter(config.rate_limit_per_s, config.rate_limit_burst)
-        self._on_load_change = on_load_change
         self._listener = self._bind(config.host, config.socket_port)
         self.port = self._listener.getsockname()[1]
         self._selector = selectors.DefaultSelector()
@@ -75,6 +73,9 @@ class SocketFrontServer:
         self._open = 0
         self._active = 0
         self._count_lock = threading.Lock()
+        # Integral of requests-in-flight over time, for a time-averaged load between reports.
+        self._load_integral, self._load_since = 0.0, time.monotonic()
+        self._last_report = (self._load_since, 0.0)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="sdgate-socket", daemon=True)
 
@@ -96,6 +97,20 @@ class SocketFrontServer:
     @property
     def open_connections(self) -> int:
         return self._open
+
+    def average_load(self) -> float:
+        """Mean requests in flight since the previous call (what autoscaling should see)."""
+        with self._count_lock:
+            self._account_load()
+            since, integral = self._last_report
+            elapsed = self._load_since - since
+            self._last_report = (self._load_since, self._load_integral)
+            return (self._load_integral - integral) / elapsed if elapsed > 0 else float(self._active)
+
+    def _account_load(self) -> None:
+        now = time.monotonic()
+        self._load_integral += self._active * (now - self._load_since)
+        self._load_since = now
 
     def start(self) -> "SocketFrontServer":
         self._selector.register(self._listener, selectors.EVENT_READ, "accept")
@@ -179,16 +194,16 @@ class SocketFrontServer:
         """Read and answer one request, then give the connection back to the selector."""
         keep = False
         with self._count_lock:
+            self._account_load()
             self._active += 1
-        self._load_changed()
         try:
             keep = self._answer(conn)
         except Exception:  # noqa: BLE001 - one broken connection must not take the server down
             log.exception("unexpected error on a client connection")
         finally:
             with self._count_lock:
+                self._account_load()
                 self._active -= 1
-            self._load_changed()
         if keep and not self._stop.is_set():
             self._returned.put(conn)
             self._wake()
@@ -250,10 +265,6 @@ class SocketFrontServer:
             conn.close()
         except OSError:
             pass
-
-    def _load_changed(self) -> None:
-        if self._on_load_change:
-            self._on_load_change(self._active)
 
 
 def _peer(conn: socket.socket) -> str:

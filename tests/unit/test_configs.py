@@ -1,0 +1,94 @@
+"""The config files: Ray's own validators accept them; sdgate's loader rejects what it can't use."""
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from celery_bridge.config import CeleryConfig, load_celery_config, load_config
+from cluster.deploy import render_serve_config
+from serve_app.config import load_gateway_config
+
+CONFIGS = Path(__file__).resolve().parents[2] / "configs"
+
+
+def test_cluster_yaml_passes_rays_validator():
+    from ray.autoscaler._private.util import prepare_config, validate_config
+
+    raw = yaml.safe_load((CONFIGS / "cluster.yaml").read_text())
+    validate_config(prepare_config(raw))
+    start = " ".join(raw["head_start_ray_commands"])
+    assert "--port=6380" in start and "redis-server --port 6379" in start
+    assert raw["available_node_types"]["sdgate.gpu"]["resources"]["GPU"] == 1
+    assert raw["available_node_types"]["sdgate.gpu"]["min_workers"] == 0
+
+
+def test_cluster_yaml_validator_rejects_an_unknown_key():
+    import jsonschema
+    from ray.autoscaler._private.util import prepare_config, validate_config
+
+    raw = yaml.safe_load((CONFIGS / "cluster.yaml").read_text())
+    raw["available_node_types"]["sdgate.gpu"]["gpus_per_node"] = 1
+    with pytest.raises(jsonschema.ValidationError):
+        validate_config(prepare_config(raw))
+
+
+def test_serve_yaml_renders_and_passes_the_serve_schema():
+    config = render_serve_config(CONFIGS / "serve.yaml", {"SDGATE_TOKEN": "secret", "SDGATE_REDIS_URL":
+                                                          "redis://head:6379/0", "SDGATE_REDIS_PASSWORD": "pw"})
+    apps = {app["name"]: app for app in config["applications"]}
+    assert apps["gateway"]["args"]["gateway"]["auth_token"] == "secret"
+    workers = apps["workers"]["deployments"][0]
+    assert workers["ray_actor_options"]["num_gpus"] == 1
+    policy = workers["autoscaling_config"]["policy"]
+    assert policy["policy_function"].endswith("AsyncInferenceAutoscalingPolicy")
+    assert policy["policy_kwargs"]["broker_url"] == "redis://:pw@head:6379/0"
+    gateway_policy = apps["gateway"]["deployments"][0]["autoscaling_config"]["policy"]["policy_function"]
+    assert gateway_policy == "serve_app.autoscaling:gateway_load_policy"
+
+
+def test_serve_yaml_with_an_unset_variable_is_refused(tmp_path):
+    broken = tmp_path / "serve.yaml"
+    broken.write_text((CONFIGS / "serve.yaml").read_text().replace("${SDGATE_TOKEN}", "${SDGATE_NO_SUCH}"))
+    with pytest.raises(KeyError, match="SDGATE_NO_SUCH"):
+        render_serve_config(broken, {})
+
+
+def test_environment_overrides_yaml(monkeypatch):
+    monkeypatch.setenv("SDGATE_SOCKET_PORT", "6001")
+    monkeypatch.setenv("SDGATE_VISIBILITY_TIMEOUT_S", "42")
+    assert load_gateway_config().socket_port == 6001
+    assert load_celery_config().visibility_timeout_s == 42
+
+
+def test_bad_environment_value_names_the_variable(monkeypatch):
+    monkeypatch.setenv("SDGATE_SOCKET_PORT", "lots")
+    with pytest.raises(ValueError, match="SDGATE_SOCKET_PORT"):
+        load_gateway_config()
+
+
+def test_unknown_setting_in_yaml_is_refused(tmp_path, monkeypatch):
+    (tmp_path / "celery.yaml").write_text("redis_url: redis://x:1/0\nvisiblity_timeout_s: 5\n")
+    monkeypatch.setenv("SDGATE_CONFIG_DIR", str(tmp_path))
+    with pytest.raises(ValueError, match="visiblity_timeout_s"):
+        load_config(CeleryConfig, "celery")
+
+
+def test_password_goes_into_the_broker_url_only():
+    config = CeleryConfig(redis_url="redis://head:6379/0", redis_password="pw")
+    assert config.broker_url() == "redis://:pw@head:6379/0"
+
+
+def test_field_names_are_unique_across_sections():
+    """One SDGATE_<NAME> variable must mean one thing everywhere."""
+    import dataclasses
+
+    from celery_bridge.config import WorkerConfig
+    from cluster.local import StackConfig
+    from serve_app.config import GatewayConfig
+
+    seen = {}
+    for cls in (CeleryConfig, WorkerConfig, GatewayConfig, StackConfig):
+        for field in dataclasses.fields(cls):
+            assert field.name not in seen, f"{field.name} is in both {seen.get(field.name)} and {cls.__name__}"
+            seen[field.name] = cls.__name__
