@@ -1,278 +1,551 @@
-"""The image cache: PNGs under their canonical cache key, with metadata and a checksum.
+"""The gateway's image cache: PNG plus metadata under sdgate's canonical cache key.
 
-`SQLiteImageStore` is the embedded, durable default for one machine (WAL mode, shared safely
-by every replica process on it); `RedisImageStore` is the option for several gateway nodes.
-Both are bounded by a byte budget with least-recently-used eviction, write each entry in one
-atomic step, and verify the checksum on every read: a corrupt entry is dropped, never served.
+Two backends behind one interface. `SQLiteImageStore` is the embedded, durable default for one
+machine (WAL, one connection per thread, safe to share between processes). `RedisImageStore`
+is shared by several gateway nodes. Both verify a sha256 of every PNG they serve: a corrupt
+entry is dropped and read as a miss, so the caller regenerates instead of sending bad bytes.
+Both keep a byte budget, evicting the least recently used entries after each put.
 """
 
 from __future__ import annotations
 
+import abc
 import hashlib
 import json
 import logging
+import random
+import re
 import sqlite3
 import struct
 import threading
 import time
-from abc import ABC, abstractmethod
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, Optional
+from typing import Any, Callable, Dict, List, Optional, Tuple, Union
 
 import redis
 
 log = logging.getLogger(__name__)
+_KEY_PATTERN = re.compile(r"[0-9a-f]{64}")
 
 
 @dataclass(frozen=True)
 class CachedImage:
-    """A cached PNG and the metadata it was generated with."""
+    """One cache entry as served: the PNG bytes and the metadata stored with them."""
 
     png: bytes
     meta: dict
 
 
-class ImageStore(ABC):
-    """What the gateway needs from a cache backend."""
+class ImageStore(abc.ABC):
+    """A byte-budgeted LRU of PNGs keyed by the canonical cache key; every hit is checksummed."""
 
-    corrupt_dropped = 0
+    corrupt_dropped: int = 0  # entries that failed their checksum (or whose meta was unreadable)
 
-    @abstractmethod
-    def get(self, key: str) -> Optional[CachedImage]: ...
+    @abc.abstractmethod
+    def get(self, key: str) -> Optional[CachedImage]:
+        """The entry for `key`, or None when absent or corrupt (a corrupt entry is deleted)."""
 
-    @abstractmethod
-    def put(self, key: str, png: bytes, meta: dict) -> None: ...
+    @abc.abstractmethod
+    def put(self, key: str, png: bytes, meta: dict) -> None:
+        """Store atomically (replacing any entry for `key`), then evict down to the byte budget."""
 
-    @abstractmethod
-    def delete(self, key: str) -> None: ...
+    @abc.abstractmethod
+    def delete(self, key: str) -> None:
+        """Remove the entry for `key` if there is one."""
 
-    @abstractmethod
-    def total_bytes(self) -> int: ...
+    @abc.abstractmethod
+    def total_bytes(self) -> int:
+        """Bytes held by all entries (PNG plus metadata), the figure the budget bounds."""
 
-    @abstractmethod
-    def count(self) -> int: ...
+    @abc.abstractmethod
+    def count(self) -> int:
+        """How many entries the store holds."""
 
+    @abc.abstractmethod
     def close(self) -> None:
-        pass
+        """Release connections and background threads; the store is unusable afterwards."""
 
-    def _drop_corrupt(self, key: str, why: str) -> None:
-        log.warning("cache entry %s is corrupt (%s); dropped, it will be regenerated", key[:12], why)
-        self.corrupt_dropped += 1
-        self.delete(key)
+    def __enter__(self) -> "ImageStore":
+        return self
+
+    def __exit__(self, *exc_info: Any) -> None:
+        self.close()
 
 
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS images (
-    key TEXT PRIMARY KEY, png BLOB NOT NULL, meta TEXT NOT NULL, sha256 TEXT NOT NULL,
-    size INTEGER NOT NULL, last_access REAL NOT NULL);
-CREATE INDEX IF NOT EXISTS images_lru ON images(last_access);
-"""
-ACCESS_FLUSH_S = 1.0
+def open_store(kind: str, *, path: Optional[Union[str, Path]] = None, redis_url: Optional[str] = None,
+               max_bytes: int) -> ImageStore:
+    """The store named by the gateway's `cache_backend`: "sqlite" (needs path) or "redis" (needs redis_url)."""
+    if kind == "sqlite":
+        if path is None:
+            raise ValueError("cache_backend 'sqlite' needs a database path (gateway cache_path)")
+        return SQLiteImageStore(Path(path), max_bytes)
+    if kind == "redis":
+        if not redis_url:
+            raise ValueError("cache_backend 'redis' needs a Redis URL, e.g. redis://host:6379/0")
+        return RedisImageStore(redis_url, max_bytes)
+    raise ValueError(f"unknown cache_backend {kind!r}: use 'sqlite' (one machine) or 'redis' "
+                     "(several gateway nodes) in configs/gateway.yaml or SDGATE_CACHE_BACKEND")
+
+
+def _check_key(key: str) -> None:
+    # The key names Redis keys next to `<prefix>lru`; a stray value must not collide with them.
+    if not isinstance(key, str) or not _KEY_PATTERN.fullmatch(key):
+        raise ValueError(f"cache keys are 64 lowercase hex chars (GenerationRequest.cache_key()); got {key!r:.80}")
+
+
+def _check_budget(max_bytes: int) -> None:
+    if not isinstance(max_bytes, int) or max_bytes <= 0:
+        raise ValueError(f"max_bytes must be a positive number of bytes (gateway cache_max_bytes); got {max_bytes!r}")
+
+
+def _meta_bytes(meta: dict) -> bytes:
+    if not isinstance(meta, dict):
+        raise TypeError(f"meta must be a dict of JSON values, got {type(meta).__name__}")
+    return json.dumps(meta, sort_keys=True, separators=(",", ":")).encode("utf-8")
+
+
+def _parse_meta(raw: Union[str, bytes]) -> Optional[dict]:
+    try:
+        meta = json.loads(raw)
+    except (ValueError, TypeError):
+        return None
+    return meta if isinstance(meta, dict) else None
+
+
+# ---------------------------------------------------------------------------------------------
+# SQLite: one machine, durable, shared by the gateway's threads and processes
+# ---------------------------------------------------------------------------------------------
+
+_SCHEMA_VERSION = 1
+_SCHEMA = (
+    """CREATE TABLE IF NOT EXISTS images (
+        key TEXT PRIMARY KEY, png BLOB NOT NULL, meta TEXT NOT NULL, sha256 TEXT NOT NULL,
+        size INTEGER NOT NULL, last_access REAL NOT NULL)""",
+    "CREATE INDEX IF NOT EXISTS images_by_access ON images (last_access)",
+    # Running totals kept by triggers, in the same transaction as the change that moves them,
+    # so no process ever sees a total that disagrees with the rows.
+    """CREATE TABLE IF NOT EXISTS totals (
+        id INTEGER PRIMARY KEY CHECK (id = 0), bytes INTEGER NOT NULL, entries INTEGER NOT NULL)""",
+    "INSERT OR IGNORE INTO totals SELECT 0, coalesce(sum(size), 0), count(*) FROM images",
+    """CREATE TRIGGER IF NOT EXISTS images_insert AFTER INSERT ON images BEGIN
+        UPDATE totals SET bytes = bytes + new.size, entries = entries + 1 WHERE id = 0; END""",
+    """CREATE TRIGGER IF NOT EXISTS images_delete AFTER DELETE ON images BEGIN
+        UPDATE totals SET bytes = bytes - old.size, entries = entries - 1 WHERE id = 0; END""",
+    """CREATE TRIGGER IF NOT EXISTS images_resize AFTER UPDATE OF size ON images BEGIN
+        UPDATE totals SET bytes = bytes - old.size + new.size WHERE id = 0; END""",
+    f"PRAGMA user_version = {_SCHEMA_VERSION}",
+)
+# An upsert rather than INSERT OR REPLACE: REPLACE's implicit delete skips the delete trigger
+# unless recursive_triggers is on, which would leave the running total wrong.
+_UPSERT = """INSERT INTO images (key, png, meta, sha256, size, last_access) VALUES (?, ?, ?, ?, ?, ?)
+    ON CONFLICT (key) DO UPDATE SET png = excluded.png, meta = excluded.meta, sha256 = excluded.sha256,
+    size = excluded.size, last_access = excluded.last_access"""
+# CASTs: a damaged row may hold text where bytes belong; read it as bytes and let the checksum judge.
+_SELECT = "SELECT CAST(png AS BLOB), CAST(meta AS BLOB), CAST(sha256 AS BLOB) FROM images WHERE key = ?"
+_TOUCH = "UPDATE images SET last_access = ?1 WHERE key = ?2 AND last_access < ?1"
+_BUSY_TIMEOUT_MS = 2000
+_LOCKED_RETRY_S = 10.0
+_ACCESS_FLUSH_S = 1.0
+
+
+def _is_busy(exc: sqlite3.OperationalError) -> bool:
+    text = str(exc)
+    return "locked" in text or "busy" in text
 
 
 class SQLiteImageStore(ImageStore):
-    """SQLite in WAL mode: one connection per thread; access times batched off the hit path."""
+    """The embedded default: one SQLite file in WAL mode, safe across threads and processes.
+
+    Hits never write: access times are kept in memory and flushed at most once a second (and
+    before every put), so LRU order across processes is right to within that second.
+    Open it after forking, not before: connections do not survive a fork.
+    """
 
     def __init__(self, path: Path, max_bytes: int):
+        _check_budget(max_bytes)
         self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
         self.max_bytes = max_bytes
+        self.corrupt_dropped = 0
         self._local = threading.local()
-        self._accessed: Dict[str, float] = {}
-        self._accessed_lock = threading.Lock()
-        self._last_access_flush = time.monotonic()
-        with self._connection() as conn:
-            conn.executescript(_SCHEMA)
+        self._conns: List[sqlite3.Connection] = []
+        self._conns_lock = threading.Lock()
+        self._touched: Dict[str, float] = {}
+        self._touched_lock = threading.Lock()
+        self._closed = False
 
-    def _connection(self) -> sqlite3.Connection:
-        conn = getattr(self._local, "conn", None)
-        if conn is None:
-            conn = sqlite3.connect(self.path, timeout=10, isolation_level=None, check_same_thread=False)
-            conn.execute("PRAGMA journal_mode=WAL")
-            conn.execute("PRAGMA synchronous=NORMAL")
-            conn.execute("PRAGMA busy_timeout=10000")
-            self._local.conn = conn
-        return conn
+        # 1. The file, its schema, and the budget (a reopen may come with a smaller one).
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._write(self._create_schema)
+        self._write(lambda conn: self._evict(conn, keep=None))
+
+        # 2. The access-time flusher; it holds only a weak reference, so a forgotten store is freed.
+        self._stop = threading.Event()
+        self._flusher = threading.Thread(target=_flush_loop, args=(weakref.ref(self), self._stop),
+                                         name="sdgate-store-lru", daemon=True)
+        self._flusher.start()
+
+    # -- the interface --------------------------------------------------------------------------
 
     def get(self, key: str) -> Optional[CachedImage]:
-        row = self._connection().execute("SELECT png, meta, sha256 FROM images WHERE key=?", (key,)).fetchone()
+        _check_key(key)
+        conn = self._conn()
+        try:
+            row = conn.execute(_SELECT, (key,)).fetchone()
+        except sqlite3.OperationalError as exc:
+            if not _is_busy(exc):
+                raise
+            row = self._retrying(lambda: conn.execute(_SELECT, (key,)).fetchone())
         if row is None:
             return None
-        png, meta_text, checksum = row
-        if hashlib.sha256(png).hexdigest() != checksum:
-            self._drop_corrupt(key, "checksum mismatch")
+        png, raw_meta, checksum = row
+        meta = _parse_meta(raw_meta) if raw_meta is not None else None
+        if meta is None or png is None or hashlib.sha256(png).hexdigest().encode() != checksum:
+            self._drop_corrupt(key, row)
             return None
-        try:
-            meta = json.loads(meta_text)
-        except ValueError:
-            self._drop_corrupt(key, "unreadable metadata")
-            return None
-        with self._accessed_lock:
-            self._accessed[key] = time.time()
-        if time.monotonic() - self._last_access_flush > ACCESS_FLUSH_S:
-            self._flush_access_times()
-        return CachedImage(bytes(png), meta)
-
-    def put(self, key: str, png: bytes, meta: dict) -> None:
-        conn = self._connection()
-        with _transaction(conn):
-            conn.execute("INSERT OR REPLACE INTO images(key, png, meta, sha256, size, last_access) "
-                         "VALUES (?, ?, ?, ?, ?, ?)",
-                         (key, png, json.dumps(meta), hashlib.sha256(png).hexdigest(), len(png), time.time()))
-        self._flush_access_times()
-        self._evict()
-
-    def delete(self, key: str) -> None:
-        self._connection().execute("DELETE FROM images WHERE key=?", (key,))
-
-    def total_bytes(self) -> int:
-        return int(self._connection().execute("SELECT COALESCE(SUM(size), 0) FROM images").fetchone()[0])
-
-    def count(self) -> int:
-        return int(self._connection().execute("SELECT COUNT(*) FROM images").fetchone()[0])
-
-    def integrity_check(self) -> bool:
-        return self._connection().execute("PRAGMA integrity_check").fetchone()[0] == "ok"
-
-    def close(self) -> None:
-        self._flush_access_times()
-        conn = getattr(self._local, "conn", None)
-        if conn is not None:
-            conn.close()
-            self._local.conn = None
-
-    def _flush_access_times(self) -> None:
-        with self._accessed_lock:
-            batch, self._accessed = self._accessed, {}
-            self._last_access_flush = time.monotonic()
-        if batch:
-            conn = self._connection()
-            with _transaction(conn):
-                conn.executemany("UPDATE images SET last_access=? WHERE key=?", [(t, k) for k, t in batch.items()])
-
-    def _evict(self) -> None:
-        conn = self._connection()
-        excess = self.total_bytes() - self.max_bytes
-        if excess <= 0:
-            return
-        with _transaction(conn):
-            freed = 0
-            for key, size in conn.execute("SELECT key, size FROM images ORDER BY last_access ASC").fetchall():
-                if freed >= excess:
-                    break
-                conn.execute("DELETE FROM images WHERE key=?", (key,))
-                freed += size
-
-
-class _transaction:
-    """BEGIN IMMEDIATE ... COMMIT, rolled back on error (autocommit connections)."""
-
-    def __init__(self, conn: sqlite3.Connection):
-        self.conn = conn
-
-    def __enter__(self):
-        self.conn.execute("BEGIN IMMEDIATE")
-
-    def __exit__(self, exc_type, *_):
-        self.conn.execute("ROLLBACK" if exc_type else "COMMIT")
-
-
-_ENVELOPE_HEAD = struct.Struct(">I")  # metadata length; then metadata JSON, sha256 digest, PNG
-# Evict least-recently-used entries until the byte counter is within budget, atomically.
-_EVICT = """
-local budget = tonumber(ARGV[1])
-local total = tonumber(redis.call('get', KEYS[2]) or '0')
-while total > budget do
-  local oldest = redis.call('zrange', KEYS[1], 0, 0)
-  if #oldest == 0 then break end
-  local key = ARGV[2] .. oldest[1]
-  local size = redis.call('strlen', key)
-  redis.call('del', key)
-  redis.call('zrem', KEYS[1], oldest[1])
-  total = redis.call('decrby', KEYS[2], size)
-end
-return total
-"""
-# Replace an entry and keep the byte counter equal to the sum of entry sizes.
-_PUT = """
-local old = redis.call('strlen', KEYS[1])
-redis.call('set', KEYS[1], ARGV[1])
-redis.call('zadd', KEYS[2], ARGV[2], ARGV[3])
-return redis.call('incrby', KEYS[3], string.len(ARGV[1]) - old)
-"""
-_DELETE = """
-local old = redis.call('strlen', KEYS[1])
-redis.call('del', KEYS[1])
-redis.call('zrem', KEYS[2], ARGV[1])
-if old > 0 then redis.call('decrby', KEYS[3], old) end
-return old
-"""
-
-
-class RedisImageStore(ImageStore):
-    """One Redis value per entry (an envelope with its checksum), an LRU zset, a byte counter."""
-
-    def __init__(self, url: str, max_bytes: int, prefix: str = "sdgate:img:"):
-        self.client = redis.Redis.from_url(url, socket_timeout=5, socket_connect_timeout=2)
-        self.max_bytes = max_bytes
-        self.prefix = prefix
-        self._lru, self._bytes = f"{prefix}lru", f"{prefix}bytes"
-        self._put = self.client.register_script(_PUT)
-        self._delete = self.client.register_script(_DELETE)
-        self._evict = self.client.register_script(_EVICT)
-
-    def _entry(self, key: str) -> str:
-        return f"{self.prefix}e:{key}"
-
-    def get(self, key: str) -> Optional[CachedImage]:
-        pipe = self.client.pipeline(transaction=False)
-        pipe.get(self._entry(key))
-        pipe.zadd(self._lru, {key: time.time()}, xx=True)
-        value = pipe.execute()[0]
-        if value is None:
-            return None
-        try:
-            (meta_len,) = _ENVELOPE_HEAD.unpack_from(value)
-            meta_end = _ENVELOPE_HEAD.size + meta_len
-            meta = json.loads(value[_ENVELOPE_HEAD.size:meta_end])
-            digest, png = value[meta_end:meta_end + 32], value[meta_end + 32:]
-        except (struct.error, ValueError):
-            self._drop_corrupt(key, "unreadable envelope")
-            return None
-        if hashlib.sha256(png).digest() != digest:
-            self._drop_corrupt(key, "checksum mismatch")
-            return None
+        now = time.time()
+        with self._touched_lock:
+            self._touched[key] = now
         return CachedImage(png, meta)
 
     def put(self, key: str, png: bytes, meta: dict) -> None:
-        meta_bytes = json.dumps(meta).encode()
-        envelope = _ENVELOPE_HEAD.pack(len(meta_bytes)) + meta_bytes + hashlib.sha256(png).digest() + png
-        self._put(keys=[self._entry(key), self._lru, self._bytes], args=[envelope, time.time(), key])
-        self._evict(keys=[self._lru, self._bytes], args=[self.max_bytes, f"{self.prefix}e:"])
+        _check_key(key)
+        png = bytes(png)
+        raw_meta = _meta_bytes(meta).decode("utf-8")
+        size = len(png) + len(raw_meta)
+        if size > self.max_bytes:
+            log.warning("not caching %s: %d bytes exceed the whole cache budget of %d (cache_max_bytes)",
+                        key[:12], size, self.max_bytes)
+            return
+        row = (key, png, raw_meta, hashlib.sha256(png).hexdigest(), size, time.time())
+        touched = self._take_touched()
+
+        def body(conn: sqlite3.Connection) -> None:
+            # Recent hits first, so eviction sees them; then the entry; then the budget.
+            if touched:
+                conn.executemany(_TOUCH, [(at, k) for k, at in touched.items()])
+            conn.execute(_UPSERT, row)
+            self._evict(conn, keep=key)
+
+        try:
+            self._write(body)
+        except BaseException:
+            self._restore_touched(touched)
+            raise
 
     def delete(self, key: str) -> None:
-        self._delete(keys=[self._entry(key), self._lru, self._bytes], args=[key])
+        _check_key(key)
+        self._write(lambda conn: conn.execute("DELETE FROM images WHERE key = ?", (key,)))
+        with self._touched_lock:
+            self._touched.pop(key, None)
 
     def total_bytes(self) -> int:
-        return int(self.client.get(self._bytes) or 0)
+        return self._totals()[0]
 
     def count(self) -> int:
-        return int(self.client.zcard(self._lru))
+        return self._totals()[1]
+
+    def integrity_check(self) -> bool:
+        """True when SQLite's PRAGMA integrity_check finds the file sound."""
+        conn = self._conn()
+        rows = self._retrying(lambda: conn.execute("PRAGMA integrity_check").fetchall())
+        if rows != [("ok",)]:
+            log.error("image cache %s failed integrity_check: %s", self.path, rows[:10])
+            return False
+        return True
+
+    def flush_access_times(self) -> None:
+        """Write the in-memory access times of recent hits, so eviction in any process sees them."""
+        touched = self._take_touched()
+        if not touched:
+            return
+        try:
+            self._write(lambda conn: conn.executemany(_TOUCH, [(at, k) for k, at in touched.items()]))
+        except BaseException:
+            self._restore_touched(touched)
+            raise
 
     def close(self) -> None:
-        self.client.close()
+        if self._closed:
+            return
+        self._stop.set()
+        if self._flusher is not threading.current_thread():
+            self._flusher.join(timeout=_LOCKED_RETRY_S + 5)
+        try:
+            self.flush_access_times()
+        except sqlite3.Error as exc:
+            log.warning("could not save recent access times of %s (%s); LRU order may be slightly off",
+                        self.path, exc)
+        self._closed = True
+        with self._conns_lock:
+            conns, self._conns = self._conns, []
+        for conn in conns:
+            conn.close()
+
+    # -- internals ----------------------------------------------------------------------------
+
+    def _conn(self) -> sqlite3.Connection:
+        conn = getattr(self._local, "conn", None)
+        if conn is not None:
+            return conn
+        if self._closed:
+            raise RuntimeError(f"the image store {self.path} is closed")
+        # isolation_level=None: we issue BEGIN IMMEDIATE ourselves, so a reader never holds a
+        # transaction open and a writer takes the lock up front instead of failing to upgrade.
+        # check_same_thread=False only so close() may close it; each thread uses its own.
+        conn = sqlite3.connect(str(self.path), timeout=_BUSY_TIMEOUT_MS / 1000, isolation_level=None,
+                               check_same_thread=False)
+        try:
+            conn.execute(f"PRAGMA busy_timeout = {_BUSY_TIMEOUT_MS}")
+            mode = self._retrying(lambda: conn.execute("PRAGMA journal_mode = WAL").fetchone()[0])
+            if mode.lower() != "wal":
+                raise sqlite3.OperationalError(
+                    f"{self.path} could not switch to WAL (journal_mode is {mode}); put the cache on a "
+                    "local filesystem (WAL needs shared memory, which network filesystems lack)")
+            conn.execute("PRAGMA synchronous = NORMAL")
+        except BaseException:
+            conn.close()
+            raise
+        with self._conns_lock:
+            self._conns.append(conn)
+        self._local.conn = conn
+        return conn
+
+    def _retrying(self, operation: Callable[[], Any]) -> Any:
+        # busy_timeout covers ordinary waits; SQLite still answers `locked` at once in a few
+        # cases (WAL recovery after a crash, a checkpoint racing a writer), so retry briefly.
+        deadline = time.monotonic() + _LOCKED_RETRY_S
+        delay = 0.002
+        while True:
+            try:
+                return operation()
+            except sqlite3.OperationalError as exc:
+                if not _is_busy(exc):
+                    raise
+                if time.monotonic() >= deadline:
+                    raise sqlite3.OperationalError(
+                        f"the image cache {self.path} stayed locked for {_LOCKED_RETRY_S:.0f} s ({exc}); "
+                        "another process holds a long write transaction, or the file is on a filesystem "
+                        "without working locks") from exc
+                time.sleep(delay * (0.5 + random.random()))
+                delay = min(delay * 2, 0.1)
+
+    def _write(self, body: Callable[[sqlite3.Connection], Any]) -> Any:
+        """Run `body` in one IMMEDIATE transaction, retried whole if the database is locked."""
+        conn = self._conn()
+
+        def attempt() -> Any:
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                result = body(conn)
+                conn.execute("COMMIT")
+                return result
+            except BaseException:
+                if conn.in_transaction:
+                    conn.execute("ROLLBACK")
+                raise
+
+        return self._retrying(attempt)
+
+    @staticmethod
+    def _create_schema(conn: sqlite3.Connection) -> None:
+        version = conn.execute("PRAGMA user_version").fetchone()[0]
+        if version > _SCHEMA_VERSION:
+            raise RuntimeError(f"the image cache was written by a newer sdgate (schema {version}, this one "
+                               f"reads {_SCHEMA_VERSION}); upgrade this node or point cache_path elsewhere")
+        for statement in _SCHEMA:
+            conn.execute(statement)
+
+    def _evict(self, conn: sqlite3.Connection, keep: Optional[str]) -> None:
+        """Inside a write transaction: delete least recently used rows until within budget."""
+        total = conn.execute("SELECT bytes FROM totals WHERE id = 0").fetchone()[0]
+        excess = total - self.max_bytes
+        if excess <= 0:
+            return
+        victims: List[Tuple[str]] = []
+        for key, size in conn.execute("SELECT key, size FROM images ORDER BY last_access, key"):
+            if key == keep:
+                continue
+            victims.append((key,))
+            excess -= size
+            if excess <= 0:
+                break
+        conn.executemany("DELETE FROM images WHERE key = ?", victims)
+        with self._touched_lock:
+            for (key,) in victims:
+                self._touched.pop(key, None)
+
+    def _drop_corrupt(self, key: str, row: Tuple[Any, Any, Any]) -> None:
+        # Delete only the exact row we read: a good image put since then must survive.
+        png, raw_meta, checksum = row
+        self._write(lambda conn: conn.execute(
+            "DELETE FROM images WHERE key = ? AND CAST(png AS BLOB) IS ? AND CAST(meta AS BLOB) IS ? "
+            "AND CAST(sha256 AS BLOB) IS ?",
+            (key, png, raw_meta, checksum)))
+        self.corrupt_dropped += 1
+        log.warning("dropped corrupt cache entry %s from %s (checksum or metadata did not verify); "
+                    "it will be regenerated", key[:12], self.path)
+
+    def _totals(self) -> Tuple[int, int]:
+        conn = self._conn()
+        return self._retrying(lambda: conn.execute("SELECT bytes, entries FROM totals WHERE id = 0").fetchone())
+
+    def _take_touched(self) -> Dict[str, float]:
+        with self._touched_lock:
+            touched, self._touched = self._touched, {}
+        return touched
+
+    def _restore_touched(self, touched: Dict[str, float]) -> None:
+        with self._touched_lock:
+            for key, at in touched.items():
+                if self._touched.get(key, 0.0) < at:
+                    self._touched[key] = at
 
 
-def open_store(kind: str, *, path: Optional[Path] = None, redis_url: Optional[str] = None,
-               max_bytes: int) -> ImageStore:
-    """The configured cache backend: "sqlite" (needs path) or "redis" (needs redis_url)."""
-    if kind == "sqlite":
-        if path is None:
-            raise ValueError("the sqlite cache needs a path (gateway.yaml cache_path)")
-        return SQLiteImageStore(path, max_bytes)
-    if kind == "redis":
-        if not redis_url:
-            raise ValueError("the redis cache needs a Redis URL (SDGATE_REDIS_URL)")
-        return RedisImageStore(redis_url, max_bytes)
-    raise ValueError(f"cache_backend {kind!r} must be 'sqlite' or 'redis'")
+def _flush_loop(ref: "weakref.ref[SQLiteImageStore]", stop: threading.Event) -> None:
+    while not stop.wait(_ACCESS_FLUSH_S):
+        store = ref()
+        if store is None:
+            return
+        try:
+            store.flush_access_times()
+        except Exception as exc:  # noqa: BLE001 - kept for the next round; never kills the thread
+            log.warning("could not flush access times of %s (%s); retrying", store.path, exc)
+        del store
+
+
+# ---------------------------------------------------------------------------------------------
+# Redis: one cache shared by several gateway nodes
+# ---------------------------------------------------------------------------------------------
+
+# Entry value: >I meta length | meta JSON | sha256(png), 32 bytes | png. No pickle.
+_HEADER = struct.Struct(">I")
+_DIGEST_LEN = 32
+
+# KEYS: entry, lru, bytes, sizes. ARGV: value, now, max_bytes, member, entry prefix.
+# One script: the write, the accounting and the eviction happen together, so two gateways
+# putting at once can neither double-evict nor let the counter drift from the entries.
+# Entry keys of victims are derived from the prefix (fine on standalone/sentinel Redis).
+_PUT_SCRIPT = """
+local size = string.len(ARGV[1])
+local old = tonumber(redis.call('HGET', KEYS[4], ARGV[4]) or '0')
+redis.call('SET', KEYS[1], ARGV[1])
+redis.call('ZADD', KEYS[2], ARGV[2], ARGV[4])
+redis.call('HSET', KEYS[4], ARGV[4], size)
+local total = redis.call('INCRBY', KEYS[3], size - old)
+local budget = tonumber(ARGV[3])
+local evicted = 0
+while total > budget do
+  local oldest = redis.call('ZRANGE', KEYS[2], 0, 1)
+  local victim = oldest[1]
+  if victim == ARGV[4] then victim = oldest[2] end
+  if not victim then break end
+  local victim_size = tonumber(redis.call('HGET', KEYS[4], victim) or '0')
+  redis.call('DEL', ARGV[5] .. victim)
+  redis.call('ZREM', KEYS[2], victim)
+  redis.call('HDEL', KEYS[4], victim)
+  total = redis.call('DECRBY', KEYS[3], victim_size)
+  evicted = evicted + 1
+end
+return evicted
+"""
+# KEYS: entry, lru, bytes, sizes. ARGV: member, expected value ('' = any).
+_DELETE_SCRIPT = """
+if ARGV[2] ~= '' and redis.call('GET', KEYS[1]) ~= ARGV[2] then return 0 end
+local size = tonumber(redis.call('HGET', KEYS[4], ARGV[1]) or '0')
+redis.call('DEL', KEYS[1])
+redis.call('ZREM', KEYS[2], ARGV[1])
+if redis.call('HDEL', KEYS[4], ARGV[1]) == 1 then redis.call('DECRBY', KEYS[3], size) end
+return 1
+"""
+
+
+def _pack(png: bytes, meta_json: bytes) -> bytes:
+    return b"".join((_HEADER.pack(len(meta_json)), meta_json, hashlib.sha256(png).digest(), png))
+
+
+def _unpack(value: bytes) -> Optional[CachedImage]:
+    """The entry in `value`, or None when it is truncated, tampered with or unreadable."""
+    if len(value) < _HEADER.size + _DIGEST_LEN:
+        return None
+    (meta_len,) = _HEADER.unpack_from(value)
+    png_at = _HEADER.size + meta_len + _DIGEST_LEN
+    if png_at > len(value):
+        return None
+    digest = value[png_at - _DIGEST_LEN:png_at]
+    png = value[png_at:]
+    if hashlib.sha256(png).digest() != digest:
+        return None
+    meta = _parse_meta(value[_HEADER.size:png_at - _DIGEST_LEN])
+    return CachedImage(png, meta) if meta is not None else None
+
+
+class RedisImageStore(ImageStore):
+    """A cache shared by several gateway nodes: one Redis value per entry, LRU in a sorted set.
+
+    Layout under `prefix`: `<key>` (the entry), `lru` (zset key -> last access), `sizes` (hash
+    key -> counted bytes) and `bytes` (their sum, the figure the budget bounds).
+    """
+
+    def __init__(self, client: Union[str, Callable[[], redis.Redis]], max_bytes: int,
+                 prefix: str = "sdgate:img:"):
+        _check_budget(max_bytes)
+        self.max_bytes = max_bytes
+        self.prefix = prefix
+        self.corrupt_dropped = 0
+        if isinstance(client, str):
+            # Bounded waits: a dead Redis must turn a hit into a miss quickly, not hang a handler.
+            self._client = redis.Redis.from_url(client, socket_timeout=5, socket_connect_timeout=2,
+                                                health_check_interval=30)
+        elif callable(client):
+            self._client = client()
+        else:
+            raise TypeError(f"RedisImageStore needs a redis:// URL or a client factory, got {type(client).__name__}")
+        self._lru, self._bytes, self._sizes = prefix + "lru", prefix + "bytes", prefix + "sizes"
+        self._put_script = self._client.register_script(_PUT_SCRIPT)
+        self._delete_script = self._client.register_script(_DELETE_SCRIPT)
+
+    def get(self, key: str) -> Optional[CachedImage]:
+        _check_key(key)
+        pipe = self._client.pipeline(transaction=False)
+        pipe.get(self.prefix + key)
+        # XX: never re-add an entry evicted meanwhile; GT: a node with a late clock cannot age it.
+        pipe.zadd(self._lru, {key: time.time()}, xx=True, gt=True)
+        value, _ = pipe.execute()
+        if value is None:
+            return None
+        image = _unpack(value)
+        if image is None:
+            self._drop(key, expected=value)
+            self.corrupt_dropped += 1
+            log.warning("dropped corrupt cache entry %s from Redis (checksum or metadata did not verify); "
+                        "it will be regenerated", key[:12])
+        return image
+
+    def put(self, key: str, png: bytes, meta: dict) -> None:
+        _check_key(key)
+        value = _pack(bytes(png), _meta_bytes(meta))
+        if len(value) > self.max_bytes:
+            log.warning("not caching %s: %d bytes exceed the whole cache budget of %d (cache_max_bytes)",
+                        key[:12], len(value), self.max_bytes)
+            return
+        self._put_script(keys=[self.prefix + key, self._lru, self._bytes, self._sizes],
+                         args=[value, repr(time.time()), self.max_bytes, key, self.prefix])
+
+    def delete(self, key: str) -> None:
+        _check_key(key)
+        self._drop(key, expected=b"")
+
+    def total_bytes(self) -> int:
+        return int(self._client.get(self._bytes) or 0)
+
+    def count(self) -> int:
+        return int(self._client.zcard(self._lru))
+
+    def close(self) -> None:
+        self._client.close()
+
+    def _drop(self, key: str, expected: bytes) -> None:
+        # With `expected`, only that exact value goes: a good image put since the read survives.
+        self._delete_script(keys=[self.prefix + key, self._lru, self._bytes, self._sizes], args=[key, expected])
