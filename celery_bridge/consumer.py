@@ -65,8 +65,8 @@ def consumer_class(celery_config: CeleryConfig):
 def build_app(args: Optional[Dict[str, Any]] = None) -> serve.Application:
     """Serve application builder (`import_path: celery_bridge.consumer:build_app`).
 
-    args: {"celery": {CeleryConfig overrides}, "worker": {WorkerConfig overrides}, "num_replicas": n};
-    a Serve config file may override num_replicas, autoscaling_config and ray_actor_options.
+    args: {"celery": {CeleryConfig overrides}, "worker": {WorkerConfig overrides}, "num_replicas": n
+    or "autoscaling_config": {...}}; a Serve config file may override the deployment options.
     """
     args = args or {}
     celery_config = load_celery_config(**args.get("celery", {}))
@@ -75,7 +75,8 @@ def build_app(args: Optional[Dict[str, Any]] = None) -> serve.Application:
         consumer_class(celery_config),
         name="GenerationConsumer",
         max_ongoing_requests=1,  # also the consumer thread count: one pipeline, one thread
-        num_replicas=args.get("num_replicas", 1),
+        **({"autoscaling_config": args["autoscaling_config"]} if args.get("autoscaling_config")
+           else {"num_replicas": args.get("num_replicas", 1)}),
         ray_actor_options={"num_gpus": worker_config.num_gpus, "num_cpus": 1},
     )
     return deployment.bind(dataclasses.asdict(worker_config))

@@ -181,7 +181,10 @@ class Gateway:
 def build_app(args: Optional[Dict[str, Any]] = None) -> serve.Application:
     """Serve application builder (`import_path: serve_app.gateway:build_app`).
 
-    args: {"gateway": {GatewayConfig overrides}, "celery": {CeleryConfig overrides}}.
+    args: {"gateway": {GatewayConfig overrides}, "celery": {CeleryConfig overrides},
+    "autoscaling_config": optional}; a Serve config file may override the deployment options.
     """
     args = args or {}
-    return Gateway.bind(args.get("gateway"), args.get("celery"))
+    deployment = Gateway.options(autoscaling_config=args["autoscaling_config"]) if args.get(
+        "autoscaling_config") else Gateway
+    return deployment.bind(args.get("gateway"), args.get("celery"))

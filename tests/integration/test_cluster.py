@@ -1,0 +1,237 @@
+"""A multi-node Ray cluster on one machine (ray.cluster_utils.Cluster): a head with no GPU and
+two nodes advertising one GPU each. Worker placement, node loss, and autoscaling of the gateway
+(on socket load) and of the workers (on Redis queue depth), with real Redis, Celery and Serve.
+
+The tests share one cluster and run in file order: placement, scaling, metrics, then node loss.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import socket
+import threading
+import time
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+
+from client import protocol
+from client.protocol import GenerationRequest
+from celery_bridge import consumer
+from celery_bridge.producer import GenerationProducer, new_task_id
+from serve_app import gateway
+from tests.integration.conftest import celery_config
+from tests.services import REPO, free_port
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+QUEUE = "cluster-q"
+WORKER_DEPLOYMENT = "GenerationConsumer"
+
+
+def wait_for(check, timeout: float, what: str, interval: float = 0.5):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = check()
+        if value:
+            return value
+        time.sleep(interval)
+    raise AssertionError(f"{what} did not happen within {timeout} s")
+
+
+@pytest.fixture(scope="module")
+def cluster(redis_server, tmp_path_factory):
+    import ray
+    from ray import serve
+    from ray.cluster_utils import Cluster
+
+    home = tmp_path_factory.mktemp("cluster-home")
+    saved = dict(os.environ)
+    os.environ.update(SDGATE_HOME=str(home), PYTHONPATH=str(REPO), RAY_USAGE_STATS_ENABLED="0",
+                      RAY_metrics_report_interval_ms="1000")
+    metrics_port = free_port()
+    ray_cluster = Cluster(initialize_head=True, head_node_args={
+        "num_cpus": 2, "num_gpus": 0, "gcs_server_port": free_port(), "metrics_export_port": metrics_port,
+        "include_dashboard": True, "dashboard_port": free_port(), "dashboard_host": "127.0.0.1"})
+    gpu_nodes = [ray_cluster.add_node(num_cpus=2, num_gpus=1) for _ in range(2)]
+    ray.init(address=ray_cluster.address, logging_level="ERROR", log_to_driver=False)
+    serve.start(http_options={"host": "127.0.0.1", "port": free_port()})
+    ray_cluster.metrics_port = metrics_port
+    ray_cluster.gpu_nodes = gpu_nodes
+    yield ray_cluster
+    serve.shutdown()
+    ray.shutdown()
+    ray_cluster.shutdown()
+    os.environ.clear()
+    os.environ.update(saved)
+
+
+@pytest.fixture(scope="module")
+def producer(redis_server):
+    producer = GenerationProducer(celery_config(redis_server.url, QUEUE))
+    yield producer
+    producer.close()
+
+
+def worker_replicas():
+    """(node id, state) of each worker replica actor that is alive."""
+    from ray.util.state import list_actors
+
+    actors = list_actors(filters=[("class_name", "=", f"ServeReplica:workers:{WORKER_DEPLOYMENT}")], limit=100)
+    return [(a.node_id, a.state) for a in actors if a.state in ("ALIVE", "PENDING_CREATION")]
+
+
+def running_worker_count() -> int:
+    """Worker replicas Serve reports RUNNING (initialised: pipeline loaded, consumer started)."""
+    from ray import serve
+
+    app = serve.status().applications.get("workers")
+    if app is None or WORKER_DEPLOYMENT not in app.deployments:
+        return 0
+    return app.deployments[WORKER_DEPLOYMENT].replica_states.get("RUNNING", 0)
+
+
+def deploy_workers(redis_url: str, **deployment_args):
+    from ray import serve
+    from ray.serve.api import RunTarget
+
+    app = consumer.build_app({"celery": {"redis_url": redis_url, "queue": QUEUE}, "worker": {"num_gpus": 1},
+                              **deployment_args})
+    serve.run_many([RunTarget(app, name="workers", route_prefix=None)], wait_for_applications_running=False,
+                   wait_for_ingress_deployment_creation=False)
+
+
+def submit_many(producer: GenerationProducer, count: int, tag: str, **params):
+    futures = []
+    for i in range(count):
+        request = GenerationRequest(f"{tag} {i}", **params).normalized()
+        task_id = new_task_id(request.cache_key())
+        futures.append(producer.watch(task_id))
+        producer.submit(request, task_id)
+    return futures
+
+
+def test_worker_replicas_land_one_per_gpu_node_never_on_the_head(cluster, redis_server, producer):
+    deploy_workers(redis_server.url, num_replicas=2)
+    wait_for(lambda: running_worker_count() == 2, 240, "two worker replicas running")
+    nodes = [node for node, _ in worker_replicas()]
+    gpu_node_ids = {node.node_id for node in cluster.gpu_nodes}
+    assert set(nodes) == gpu_node_ids, "one replica per GPU node, none on the head"
+    results = [f.result(timeout=120) for f in submit_many(producer, 4, "placement")]
+    assert all(r.ok for r in results)
+
+
+def test_worker_replicas_scale_on_queue_depth(cluster, redis_server, producer):
+    deploy_workers(redis_server.url, autoscaling_config={
+        "min_replicas": 1, "max_replicas": 4, "target_ongoing_requests": 1,
+        "upscale_delay_s": 1, "downscale_delay_s": 4,
+        "policy": {"policy_function":
+                   "ray.serve.async_inference_autoscaling_policy:AsyncInferenceAutoscalingPolicy",
+                   "policy_kwargs": {"broker_url": redis_server.url, "queue_name": QUEUE, "poll_interval_s": 1}},
+    })
+    wait_for(lambda: running_worker_count() == 1, 240, "scaled down to one worker replica when idle")
+    started = time.monotonic()
+    futures = submit_many(producer, 40, "queue depth", width=256, height=256, steps=8)
+    first_worker_seen = {}
+    for future in futures:
+        future.add_done_callback(lambda f: first_worker_seen.setdefault(f.result().worker, time.monotonic()))
+    wait_for(lambda: running_worker_count() >= 2, 240, "a second worker replica under queue load")
+    scale_up_s = time.monotonic() - started
+    assert running_worker_count() <= 2, "never more running replicas than GPUs"
+    assert all(f.result(timeout=600).ok for f in futures)
+    assert len(first_worker_seen) >= 2, "the new replica took tasks"
+    new_replica_first_task_s = max(first_worker_seen.values()) - started  # the replica that appeared last
+    drained = time.monotonic()
+    wait_for(lambda: running_worker_count() == 1, 240, "scale down after the queue drained")
+    print(f"\nworker scale-up reaction {scale_up_s:.1f} s; new replica's first task after "
+          f"{new_replica_first_task_s:.1f} s; scale-down {time.monotonic() - drained:.1f} s")
+
+
+@pytest.fixture(scope="module")
+def gateway_port(cluster, redis_server) -> int:
+    """The gateway deployed with socket-load autoscaling (1..2 replicas, 2 requests each)."""
+    from ray import serve
+    from ray.serve.api import RunTarget
+
+    socket_port = free_port()
+    app = gateway.build_app({
+        "gateway": {"socket_port": socket_port, "cache_path": os.path.join(os.environ["SDGATE_HOME"], "cache.db"),
+                    "stats_flush_s": 0.2},
+        "celery": {"redis_url": redis_server.url, "queue": QUEUE},
+        "autoscaling_config": {"min_replicas": 1, "max_replicas": 2, "target_ongoing_requests": 2,
+                               "upscale_delay_s": 2, "downscale_delay_s": 6, "look_back_period_s": 4,
+                               "policy": {"policy_function": "serve_app.autoscaling:gateway_load_policy"}},
+    })
+    serve.run_many([RunTarget(app, name="gateway", route_prefix="/")], wait_for_applications_running=False,
+                   wait_for_ingress_deployment_creation=False)
+    wait_for(lambda: gateway_replicas() == 1, 240, "one gateway replica")
+    return socket_port
+
+
+def test_gateway_scales_on_socket_load_and_back(gateway_port):
+    socket_port = gateway_port
+    stop = threading.Event()
+    answered = []
+
+    def client(index: int):
+        with socket.create_connection(("127.0.0.1", socket_port), timeout=30) as conn:
+            n = 0
+            while not stop.is_set():
+                n += 1
+                request = GenerationRequest(f"gateway load {index} {n}", width=128, height=128, steps=4)
+                answered.append(protocol.exchange(conn, request, timeout=300).meta["key"])
+
+    started = time.monotonic()
+    with ThreadPoolExecutor(8) as pool:
+        for index in range(8):
+            pool.submit(client, index)
+        try:
+            wait_for(lambda: gateway_replicas() >= 2, 120, "a second gateway replica under socket load")
+            scale_up_s = time.monotonic() - started
+        finally:
+            stop.set()
+    assert answered
+    idle = time.monotonic()
+    wait_for(lambda: gateway_replicas() == 1, 120, "the gateway scaling back down when idle")
+    print(f"\ngateway scale-up reaction {scale_up_s:.1f} s; scale-down {time.monotonic() - idle:.1f} s")
+
+
+def test_metrics_endpoint_shows_counters_moving(cluster, gateway_port):
+    url = f"http://127.0.0.1:{cluster.metrics_port}/metrics"
+
+    def scrape(name: str) -> float:
+        text = urllib.request.urlopen(url, timeout=10).read().decode()
+        values = [float(v) for v in re.findall(rf"^ray_{name}(?:_total)?(?:{{[^}}]*}})? ([0-9.e+]+)$", text, re.M)]
+        return sum(values)
+
+    misses_before = scrape("sdgate_cache_misses")
+    with socket.create_connection(("127.0.0.1", gateway_port), timeout=30) as conn:
+        request = GenerationRequest("metrics move", seed=3)
+        protocol.exchange(conn, request, timeout=120)
+        protocol.exchange(conn, request, timeout=120)
+    wait_for(lambda: scrape("sdgate_cache_misses") > misses_before, 90, "cache misses counter moving")
+    wait_for(lambda: scrape("sdgate_cache_hits") >= 1, 90, "cache hits counter moving")
+    wait_for(lambda: scrape("sdgate_generation_ms_count") >= 1, 90, "generation time histogram")
+
+
+def test_losing_a_gpu_node_loses_no_accepted_request(cluster, redis_server, producer):
+    deploy_workers(redis_server.url, num_replicas=2)
+    wait_for(lambda: running_worker_count() == 2, 240, "two worker replicas")
+    futures = submit_many(producer, 16, "node loss", width=256, height=256, steps=8)
+    time.sleep(2)  # let both replicas take tasks
+    cluster.remove_node(cluster.gpu_nodes[1])
+    results = [f.result(timeout=600) for f in futures]
+    assert all(r.ok for r in results), [r.error_message for r in results if not r.ok]
+    assert len({r.key for r in results}) == 16
+
+
+# -- helpers over Serve's view of the gateway --------------------------------------------------------
+
+def gateway_replicas() -> int:
+    from ray import serve
+
+    app = serve.status().applications.get("gateway")
+    if app is None or "Gateway" not in app.deployments:
+        return 0
+    return app.deployments["Gateway"].replica_states.get("RUNNING", 0)
