@@ -47,7 +47,8 @@ def consumer_class(celery_config: CeleryConfig):
             from celery_bridge.lease import LeaseKeeper
             from celery_bridge.worker import GenerationService
 
-            self.service = GenerationService(WorkerConfig(**worker_config))
+            self.service = GenerationService(WorkerConfig(**worker_config),
+                                             time_limit_s=celery_config.soft_time_limit_s)
             self.leases = LeaseKeeper(celery_config.broker_url(), celery_config.lease_renew_s).start()
 
         @task_handler(name=TASK_NAME)

@@ -11,7 +11,7 @@ import logging
 import threading
 import time
 from pathlib import Path
-from typing import Any, Dict
+from typing import Any, Dict, Optional
 
 import torch
 from PIL import Image, PngImagePlugin
@@ -33,6 +33,10 @@ SCHEDULER_CLASSES = {
 
 class ModelLoadError(RuntimeError):
     """The configured model could not be loaded; the message says what to do."""
+
+
+class GenerationTimeout(RuntimeError):
+    """A generation ran past its time limit and was stopped between two denoising steps."""
 
 
 def a1111_parameters(request: GenerationRequest) -> str:
@@ -114,10 +118,19 @@ class PipelineRunner:
             self._schedulers[name] = cls.from_config(self._default_scheduler.config)
         return self._schedulers[name]
 
-    def _call(self, request: GenerationRequest):
+    def _call(self, request: GenerationRequest, time_limit_s: Optional[float] = None):
         # A CPU generator gives the same noise on every device, so both worker modes agree.
         generator = torch.Generator(device="cpu").manual_seed(request.seed or 0)
         self.pipe.scheduler = self._scheduler(request.scheduler)
+        deadline = time.monotonic() + time_limit_s if time_limit_s else None
+
+        def stop_past_deadline(pipe, step, timestep, callback_kwargs):
+            # Celery's time limits need signals the solo and thread pools don't have; this works in both.
+            if deadline is not None and time.monotonic() > deadline:
+                raise GenerationTimeout(f"stopped after step {step + 1} of {request.steps}: over the "
+                                        f"{time_limit_s:.0f} s limit per image")
+            return callback_kwargs
+
         return self.pipe(
             prompt=request.prompt,
             negative_prompt=request.negative_prompt or None,
@@ -127,14 +140,16 @@ class PipelineRunner:
             guidance_scale=request.guidance_scale,
             generator=generator,
             output_type="pil",
+            callback_on_step_end=stop_past_deadline,
         ).images[0]
 
-    def render(self, request: GenerationRequest) -> bytes:
-        """PNG bytes for `request` (normalized first), with the `parameters` chunk."""
+    def render(self, request: GenerationRequest, time_limit_s: Optional[float] = None) -> bytes:
+        """PNG bytes for `request` (normalized first), with the `parameters` chunk; raises
+        GenerationTimeout when the pipeline runs past `time_limit_s`."""
         request = request.normalized()
         with self._lock:
             started = time.perf_counter()
-            image = self._call(request)
+            image = self._call(request, time_limit_s)
             self.last_pipeline_ms = (time.perf_counter() - started) * 1000
         return encode_png(image, request)
 

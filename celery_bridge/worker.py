@@ -12,7 +12,7 @@ import socket
 import time
 from typing import Any, Dict, List, Optional
 
-from client.protocol import E_INTERNAL, InvalidRequest
+from client.protocol import E_INTERNAL, E_TIMEOUT, InvalidRequest
 from celery_bridge.config import CeleryConfig, WorkerConfig, load_celery_config, load_worker_config
 from celery_bridge.contract import TASK_NAME, GenerationResult, request_from_payload
 
@@ -22,9 +22,10 @@ log = logging.getLogger(__name__)
 class GenerationService:
     """Owns the resident pipeline of one worker process and turns task payloads into results."""
 
-    def __init__(self, config: WorkerConfig, name: Optional[str] = None):
+    def __init__(self, config: WorkerConfig, name: Optional[str] = None, time_limit_s: Optional[float] = None):
         from celery_bridge.pipeline import PipelineRunner  # torch loads here, on worker hosts only
 
+        self.time_limit_s = time_limit_s
         started = time.monotonic()
         self.runner = PipelineRunner(config)
         self.load_seconds = time.monotonic() - started
@@ -33,6 +34,8 @@ class GenerationService:
 
     def handle(self, payload: Any) -> Dict[str, Any]:
         """Render one request; never raises, so both worker modes report errors the same way."""
+        from celery_bridge.pipeline import GenerationTimeout
+
         try:
             request = request_from_payload(payload)
         except (InvalidRequest, TypeError) as exc:
@@ -40,7 +43,10 @@ class GenerationService:
             log.info("rejected invalid task payload: %s", error)
             return GenerationResult.invalid(error).to_json()
         try:
-            png = self.runner.render(request)
+            png = self.runner.render(request, self.time_limit_s)
+        except GenerationTimeout as exc:
+            log.warning("generation of %s stopped: %s", request.cache_key()[:12], exc)
+            return GenerationResult.failure(E_TIMEOUT, str(exc)).to_json()
         except Exception as exc:  # noqa: BLE001 - reported to the waiting clients as `internal`
             log.exception("generation failed for %s", request.cache_key()[:12])
             return GenerationResult.failure(E_INTERNAL, f"generation failed on worker {self.name}: {exc}").to_json()
@@ -72,7 +78,7 @@ def run_worker(celery_overrides: Dict[str, Any], worker_overrides: Dict[str, Any
     celery_config = load_celery_config(**celery_overrides)
     worker_config = load_worker_config(**worker_overrides)
     # 2. Load the pipeline once, before taking any task; a model that cannot load fails here.
-    service = GenerationService(worker_config)
+    service = GenerationService(worker_config, time_limit_s=celery_config.soft_time_limit_s)
     print(f"sdgate worker: model {worker_config.model!r} loaded in {service.load_seconds:.1f} s", flush=True)
     # 3. Register the task body and renew the leases of held tasks.
     app = make_celery_app(celery_config, name="sdgate-worker")

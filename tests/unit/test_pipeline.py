@@ -98,3 +98,11 @@ def test_unloadable_model_fails_fast_and_says_what_to_do(tmp_path):
         PipelineRunner(WorkerConfig(model=str(tmp_path), model_cache_dir=str(tmp_path)))
     message = str(caught.value)
     assert str(tmp_path) in message and "model_index.json" in message and "SDGATE_MODEL" in message
+
+
+def test_generation_past_its_time_limit_is_stopped(runner):
+    from celery_bridge.pipeline import GenerationTimeout
+
+    with pytest.raises(GenerationTimeout, match="limit"):
+        runner.render(GenerationRequest("too slow", width=512, height=512, steps=50), time_limit_s=0.01)
+    assert runner.render(GenerationRequest("fine afterwards")), "the runner keeps serving"
