@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from typing import List, Optional
 
@@ -68,7 +69,10 @@ def _stats(args: argparse.Namespace) -> int:
     from celery_bridge.config import load_celery_config
     from serve_app.stats import read_stats
 
-    config = load_celery_config(redis_url=args.broker)
+    broker = args.broker
+    if broker is None and "SDGATE_REDIS_URL" not in os.environ:
+        broker = _stack(args).status()["addresses"].get("redis")  # the local stack's, if one ran here
+    config = load_celery_config(redis_url=broker)
     try:
         print(json.dumps(read_stats(redis.Redis.from_url(config.broker_url(), socket_timeout=5))))
     except redis.RedisError as exc:
@@ -115,7 +119,8 @@ def build_parser() -> argparse.ArgumentParser:
     deploy.set_defaults(run=_deploy)
     commands.add_parser("status", help="what the local stack runs").set_defaults(run=_status)
     stats = commands.add_parser("stats", help="cluster-wide counters as one JSON object")
-    stats.add_argument("--broker", help="Redis URL (default: configs/celery.yaml, SDGATE_REDIS_URL)")
+    stats.add_argument("--broker", help="Redis URL (default: the local stack's, else configs/celery.yaml or "
+                                        "SDGATE_REDIS_URL)")
     stats.set_defaults(run=_stats)
     return parser
 
