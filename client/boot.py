@@ -3,19 +3,22 @@
     python client/boot.py "a red fox in the snow" --out images/
     python client/boot.py                      # interactive: one prompt per line, `exit` quits
 
-Prints the path of each saved PNG on stdout; progress and errors go to stderr.
+stdout gets exactly one line per saved image, its path, so scripts can use it; progress and
+errors go to stderr. Exit status: 0 done, 1 the server or the network failed, 2 invalid input.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import os
 import re
+import select
 import socket
 import sys
-import tempfile
 import time
-from typing import List, Optional
+import unicodedata
+from typing import Any, List, Optional
 
 if not __package__:  # run as a script: make `client` importable from the repository root
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -23,184 +26,336 @@ if not __package__:  # run as a script: make `client` importable from the reposi
 from client import protocol  # noqa: E402
 from client.protocol import GenerationRequest, ImageReply, InvalidRequest, ProtocolError  # noqa: E402
 
+DEFAULT_HOST, DEFAULT_PORT = "127.0.0.1", 5555
+EXIT_OK, EXIT_FAILED, EXIT_INVALID, EXIT_INTERRUPTED = 0, 1, 2, 130
 EXIT_WORDS = ("exit", "quit")
+PROMPT = "prompt> "
+SLUG_CHARS = 40
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+# After these the byte stream cannot be trusted (the server closes it too), or, for a timeout, an
+# answer may still be on its way: the next request gets a fresh connection.
+DROP_CONNECTION_CODES = (protocol.E_BAD_FRAME, protocol.E_FRAME_TOO_LARGE, protocol.E_UNSUPPORTED_VERSION,
+                         protocol.E_TIMEOUT)
+FLAGS = {"prompt": "the prompt", "negative_prompt": "--negative", "width": "--width", "height": "--height",
+         "steps": "--steps", "guidance_scale": "--guidance", "seed": "--seed", "scheduler": "--scheduler",
+         "model": "--model", "token": "--token"}
 ADVICE = {
-    protocol.E_BUSY: "the server is busy with other generations; try again in a few seconds",
-    protocol.E_TIMEOUT: "the image did not arrive in time; try again (it may be ready from the cache by then)",
-    protocol.E_UNAUTHORIZED: "the server wants a token: pass --token or set SDGATE_TOKEN",
-    protocol.E_RATE_LIMITED: "too many requests from this machine; slow down",
-    protocol.E_UNAVAILABLE: "the server cannot reach its workers right now; try again shortly",
+    protocol.E_BUSY: "the server is busy with other generations; retry in a few seconds",
+    protocol.E_RATE_LIMITED: "too many requests from this machine; slow down and retry",
+    protocol.E_UNAVAILABLE: "the server cannot reach its task queue right now; retry shortly",
+    protocol.E_UNAUTHORIZED: "the server wants its shared token: pass --token or set SDGATE_TOKEN",
+    protocol.E_INTERNAL: "the worker failed; retry, and tell the server's operator if it persists",
 }
 
 
 class ClientError(Exception):
-    """Something the user should read; the message says what to do."""
+    """A failure explained for the user; `exit_code` is what one-shot mode exits with."""
+
+    def __init__(self, message: str, code: Optional[str] = None):
+        super().__init__(message)
+        self.code = code
+        self.exit_code = EXIT_INVALID if code == protocol.E_INVALID_REQUEST else EXIT_FAILED
 
 
-def parse_args(argv: Optional[List[str]]) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="boot.py", description="Ask an sdgate server for an image.")
+def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
+    """The command line; the prompt is optional (none: interactive mode)."""
+    parser = argparse.ArgumentParser(prog="boot.py", description="Ask an sdgate server for images.")
     parser.add_argument("prompt", nargs="*", help="what to draw; leave out for the interactive prompt")
-    parser.add_argument("--host", default="127.0.0.1")
-    parser.add_argument("--port", type=int, default=5555)
+    parser.add_argument("--host", default=DEFAULT_HOST, help=f"server address (default {DEFAULT_HOST})")
+    parser.add_argument("--port", type=int, default=DEFAULT_PORT, help=f"server port (default {DEFAULT_PORT})")
     parser.add_argument("--out", default="images", help="folder for the PNGs (default: images)")
-    parser.add_argument("--width", type=int)
-    parser.add_argument("--height", type=int)
-    parser.add_argument("--steps", type=int)
-    parser.add_argument("--seed", type=int)
-    parser.add_argument("--guidance", type=float, default=7.5)
+    parser.add_argument("--width", type=int, help="multiple of 8 (default: the model's)")
+    parser.add_argument("--height", type=int, help="multiple of 8 (default: the model's)")
+    parser.add_argument("--steps", type=int, help="denoising steps (default: the model's)")
+    parser.add_argument("--seed", type=int, help="default: derived from the prompt and settings")
+    parser.add_argument("--guidance", type=float, default=7.5, help="guidance scale (default 7.5)")
     parser.add_argument("--negative", default="", help="negative prompt")
-    parser.add_argument("--scheduler", default="default", choices=protocol.SCHEDULERS)
-    parser.add_argument("--model", default=protocol.DEFAULT_MODEL)
-    parser.add_argument("--token", default=os.environ.get("SDGATE_TOKEN"), help="shared token (or SDGATE_TOKEN)")
-    parser.add_argument("--timeout", type=float, default=600.0, help="seconds to wait for one image")
-    parser.add_argument("--connect-timeout", type=float, default=5.0)
-    return parser.parse_args(argv)
+    parser.add_argument("--scheduler", default="default", help=", ".join(protocol.SCHEDULERS))
+    parser.add_argument("--model", default=protocol.DEFAULT_MODEL, help=f"default {protocol.DEFAULT_MODEL}")
+    parser.add_argument("--token", default=os.environ.get("SDGATE_TOKEN"), help="shared token (default $SDGATE_TOKEN)")
+    parser.add_argument("--timeout", type=float, default=600.0, help="seconds to wait for one image (default 600)")
+    parser.add_argument("--connect-timeout", type=float, default=10.0, help="seconds to connect (default 10)")
+    args = parser.parse_args(argv)
+    if not 0 < args.port < 65536:
+        parser.error(f"--port {args.port} is outside 1..65535")
+    if not (args.timeout > 0 and args.connect_timeout > 0):  # also refuses NaN
+        parser.error("--timeout and --connect-timeout must be positive numbers of seconds")
+    return args
 
 
 def build_request(prompt: str, args: argparse.Namespace) -> GenerationRequest:
-    """A validated request; bad input is refused here, before it leaves the machine."""
+    """The request for `prompt`, validated here so bad input never leaves the machine."""
     request = GenerationRequest(prompt=prompt, negative_prompt=args.negative, width=args.width, height=args.height,
                                 steps=args.steps, guidance_scale=args.guidance, seed=args.seed,
                                 scheduler=args.scheduler, model=args.model)
     try:
         request.validate()
     except InvalidRequest as exc:
-        raise ClientError(f"invalid {exc.field}: {exc.message}") from None
+        # The same words the server would answer with.
+        error = ProtocolError(protocol.E_INVALID_REQUEST, str(exc), field=exc.field)
+        raise ClientError(explain(error, f"{args.host}:{args.port}"), error.code) from None
     return request
 
 
-class Progress:
-    """Elapsed time and the server's STATUS on one stderr line (plain lines when not a TTY)."""
-
-    def __init__(self) -> None:
-        self.started = time.monotonic()
-        self.tty = sys.stderr.isatty()
-        self.state = "sending"
-
-    def __call__(self, status: dict) -> None:
-        if status.get("state") != "waiting":
-            self.state = str(status.get("state"))
-            if not self.tty:
-                print(f"  {self.state} ({time.monotonic() - self.started:.1f} s)", file=sys.stderr)
-        if self.tty:
-            print(f"\r  {self.state} ... {time.monotonic() - self.started:5.1f} s", end="", file=sys.stderr,
-                  flush=True)
-
-    def done(self) -> None:
-        if self.tty:
-            print("\r" + " " * 40 + "\r", end="", file=sys.stderr, flush=True)
-
-
-class BootClient:
-    """One connection to the server, reused for many requests, reopened when it drops."""
-
-    def __init__(self, host: str, port: int, token: Optional[str], timeout: float, connect_timeout: float):
-        self.host, self.port, self.token = host, port, token
-        self.timeout, self.connect_timeout = timeout, connect_timeout
-        self._sock: Optional[socket.socket] = None
-
-    def connect(self) -> socket.socket:
-        if self._sock is None:
-            try:
-                self._sock = socket.create_connection((self.host, self.port), timeout=self.connect_timeout)
-            except OSError as exc:
-                raise ClientError(f"cannot reach the sdgate server at {self.host}:{self.port} ({exc.strerror or exc}):"
-                                  " is it running? start it with `sdgate up`") from None
-            self._sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        return self._sock
-
-    def close(self) -> None:
-        if self._sock is not None:
-            self._sock.close()
-            self._sock = None
-
-    def generate(self, request: GenerationRequest) -> ImageReply:
-        """The image, retrying once (on a new connection) if the connection is lost."""
-        for attempt in (1, 2):
-            progress = Progress()
-            try:
-                reply = protocol.exchange(self.connect(), request, token=self.token, timeout=self.timeout,
-                                          on_status=progress)
-                progress.done()
-                return reply
-            except ProtocolError as exc:
-                progress.done()
-                self.close()  # the server may have closed its end after an error
-                raise ClientError(explain(exc)) from None
-            except (ConnectionError, OSError) as exc:
-                progress.done()
-                self.close()
-                if attempt == 2:
-                    raise ClientError(f"lost the connection to {self.host}:{self.port} twice ({exc}); "
-                                      "is the server restarting? try again shortly") from None
-                print("  connection lost; retrying once", file=sys.stderr)
-        raise AssertionError("unreachable")
-
-
-def explain(exc: ProtocolError) -> str:
+def explain(exc: ProtocolError, where: str) -> str:
+    """One sentence for the user: what went wrong and what to do about it."""
     if exc.code == protocol.E_INVALID_REQUEST:
-        return f"the server refused the request: {exc.message}"
+        hint = f" (set by {FLAGS[exc.field]})" if exc.field in FLAGS else ""
+        named = exc.message if not exc.field or exc.message.startswith(exc.field) else f"{exc.field}: {exc.message}"
+        return f"invalid request: {named}{hint}"
+    if exc.code == protocol.E_TIMEOUT:
+        return (f"timeout: {exc.message}; the image may still be finishing on the server: retry later "
+                "(it will come from the cache), or wait longer with --timeout")
+    if exc.code in (protocol.E_BAD_FRAME, protocol.E_UNSUPPORTED_VERSION, protocol.E_FRAME_TOO_LARGE):
+        return f"{exc.code}: {exc.message}; is {where} an sdgate server of the same version as this client?"
     advice = ADVICE.get(exc.code)
     return f"{exc.code}: {exc.message}" + (f" ({advice})" if advice else "")
 
 
+class Progress:
+    """Elapsed time and the STATUS states on stderr: one line redrawn with \\r on a TTY, plain lines otherwise."""
+
+    def __init__(self, stream: Any = None):
+        self.stream = stream if stream is not None else sys.stderr
+        self.tty = _isatty(self.stream)
+        self.started = time.monotonic()
+        self.states: List[str] = []
+        self._drawn = 0
+
+    def __call__(self, status: Any) -> None:
+        state = status.get("state") if isinstance(status, dict) else None
+        if state != "waiting":
+            # Printable and short: the text comes from the network and goes to a terminal.
+            text = "" if state is None else str(state)
+            self.states.append("".join(c for c in text if c.isprintable())[:40] or "?")
+            if not self.tty:
+                self._write(f"  {self.states[-1]} ({self.elapsed():.1f} s)\n")
+        if self.tty:
+            self._draw(f"  {' > '.join(self.states) or 'sent'} ... {self.elapsed():.1f} s")
+
+    def elapsed(self) -> float:
+        return time.monotonic() - self.started
+
+    def finish(self, ok: bool) -> None:
+        """Replace the live line with a summary (on success) so errors and paths print cleanly."""
+        if self.tty:
+            self._draw("")
+            self._write("\r")
+        if ok:
+            self._write(f"  done in {self.elapsed():.1f} s ({' > '.join(self.states) or 'no status'})\n")
+
+    def _draw(self, text: str) -> None:
+        self._write("\r" + text.ljust(self._drawn))
+        self._drawn = len(text)
+
+    def _write(self, text: str) -> None:
+        try:
+            self.stream.write(text)
+            self.stream.flush()
+        except (OSError, ValueError):  # stderr closed: progress is a nicety
+            pass
+
+
+class BootClient:
+    """One connection to an sdgate server, reused for requests in sequence and reopened when it drops."""
+
+    def __init__(self, host: str = DEFAULT_HOST, port: int = DEFAULT_PORT, token: Optional[str] = None,
+                 timeout: float = 600.0, connect_timeout: float = 10.0):
+        self.host, self.port, self.token = host, port, token
+        self.timeout, self.connect_timeout = timeout, connect_timeout
+        self._sock: Optional[socket.socket] = None
+
+    @property
+    def where(self) -> str:
+        return f"{self.host}:{self.port}"
+
+    def connect(self) -> socket.socket:
+        """The open connection, or a new one; a connection the server closed while idle is replaced."""
+        if self._sock is not None and _closed_by_peer(self._sock):
+            self.close()
+        if self._sock is None:
+            try:
+                sock = socket.create_connection((self.host, self.port), timeout=self.connect_timeout)
+            except OSError as exc:
+                raise ClientError(f"cannot reach the sdgate server at {self.where}: is it running? "
+                                  f"start it with `sdgate up` ({exc.strerror or exc})") from None
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            self._sock = sock
+        return self._sock
+
+    def close(self) -> None:
+        if self._sock is not None:
+            try:
+                self._sock.close()
+            finally:
+                self._sock = None
+
+    def generate(self, request: GenerationRequest) -> ImageReply:
+        """The image for `request`; on a lost connection, reconnects and sends it once more.
+
+        Resending is safe: the server answers identical requests from one generation or the cache.
+        Error answers (invalid_request, unauthorized, busy, ...) are never retried here.
+        """
+        for attempt in (1, 2):
+            progress = Progress()
+            try:
+                reply = protocol.exchange(self.connect(), request, token=self.token, timeout=self.timeout,
+                                          on_status=progress, poll=0.25 if progress.tty else 1.0)
+                _check_reply(reply)
+            except ProtocolError as exc:
+                progress.finish(ok=False)
+                if exc.code in DROP_CONNECTION_CODES:
+                    self.close()
+                raise ClientError(explain(exc, self.where), exc.code) from None
+            except OSError as exc:  # reset, broken pipe, or closed before the answer (ConnectionError)
+                progress.finish(ok=False)
+                self.close()
+                if attempt == 2:
+                    raise ClientError(f"lost the connection to the sdgate server at {self.where} twice ({exc}); "
+                                      "is it restarting? retry in a few seconds") from None
+                print(f"  connection lost ({exc}); reconnecting and sending the request again", file=sys.stderr)
+                continue
+            except BaseException:  # e.g. Ctrl-C mid-answer: the stream is out of step now
+                self.close()
+                raise
+            progress.finish(ok=True)
+            return reply
+        raise AssertionError("unreachable")
+
+
+def _check_reply(reply: ImageReply) -> None:
+    if not isinstance(reply.meta, dict):
+        raise ProtocolError(protocol.E_BAD_FRAME, "IMAGE metadata is not a JSON object")
+    if not reply.png.startswith(PNG_SIGNATURE):
+        raise ProtocolError(protocol.E_BAD_FRAME, "IMAGE frame does not carry a PNG")
+
+
+def _closed_by_peer(sock: socket.socket) -> bool:
+    """True when the server has closed or reset an idle connection (it does after its idle timeout)."""
+    try:
+        readable, _, _ = select.select([sock], [], [], 0)
+        # Readable while idle: either EOF, or an ERROR frame the server sent before closing (kept for exchange()).
+        return bool(readable) and sock.recv(1, socket.MSG_PEEK) == b""
+    except (OSError, ValueError):
+        return True
+
+
+def slugify(prompt: str) -> str:
+    """At most SLUG_CHARS of [a-z0-9-] from the prompt; 'image' when nothing is left."""
+    ascii_text = unicodedata.normalize("NFKD", prompt).encode("ascii", "ignore").decode("ascii")
+    slug = re.sub(r"[^a-z0-9]+", "-", ascii_text.lower()).strip("-")
+    return slug[:SLUG_CHARS].strip("-") or "image"
+
+
+def image_name(prompt: str, reply: ImageReply) -> str:
+    """`<prompt slug>-<first 12 hex of the cache key>.png` (the PNG's own hash if the key is missing)."""
+    key = str(reply.meta.get("key", "")).lower()
+    if not re.match(r"^[0-9a-f]{12}", key):  # the name must not be steerable by the server
+        key = hashlib.sha256(reply.png).hexdigest()
+    return f"{slugify(prompt)}-{key[:12]}.png"
+
+
 def save_image(reply: ImageReply, prompt: str, out: str) -> str:
-    """Write the PNG atomically as <prompt slug>-<key prefix>.png under `out`; return its path."""
+    """Write the PNG under `out` atomically (a temporary file, then os.replace); return its path."""
     os.makedirs(out, exist_ok=True)
-    slug = re.sub(r"[^a-z0-9]+", "-", prompt.lower()).strip("-")[:40].strip("-") or "image"
-    path = os.path.join(out, f"{slug}-{str(reply.meta.get('key', 'unknown'))[:12]}.png")
-    handle, tmp = tempfile.mkstemp(dir=out, suffix=".part")
-    with os.fdopen(handle, "wb") as file:
-        file.write(reply.png)
-    os.replace(tmp, path)
+    name = image_name(prompt, reply)
+    path = os.path.join(out, name)
+    tmp = os.path.join(out, f".{name}.{os.getpid()}.part")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_BINARY", 0), 0o666)
+    try:
+        with os.fdopen(fd, "wb") as file:
+            file.write(reply.png)
+            file.flush()
+            os.fsync(file.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
     return path
 
 
 def run_once(client: BootClient, prompt: str, args: argparse.Namespace) -> str:
-    reply = client.generate(build_request(prompt, args))
-    path = save_image(reply, prompt, args.out)
+    """Ask for one image, save it, print its path on stdout; raises ClientError."""
+    request = build_request(prompt, args)
+    reply = client.generate(request)
+    try:
+        path = save_image(reply, prompt, args.out)
+    except OSError as exc:
+        raise ClientError(f"cannot save the image under {args.out!r}: {exc.strerror or exc}; "
+                          "pick another folder with --out") from None
     print(path, flush=True)
     return path
 
 
+def read_prompt() -> str:
+    """The next line typed or piped in; EOFError at the end of input."""
+    if sys.stdin.isatty() and sys.stdout.isatty():
+        try:
+            import readline  # noqa: F401 - line editing and history for input(), where available
+        except ImportError:
+            pass
+        return input(PROMPT)
+    if sys.stdin.isatty():  # stdout is redirected: keep it for paths
+        sys.stderr.write(PROMPT)
+        sys.stderr.flush()
+    line = sys.stdin.readline()
+    if not line:
+        raise EOFError
+    return line
+
+
 def run_interactive(client: BootClient, args: argparse.Namespace) -> int:
-    print(f"sdgate at {args.host}:{args.port}: type a prompt, or `exit` to quit", file=sys.stderr)
+    """Prompt loop: one image per line over one reused connection; `exit`, `quit` or EOF ends it."""
+    if sys.stdin.isatty():
+        print(f"sdgate at {client.where}: type a prompt, or `exit` to quit", file=sys.stderr)
     while True:
         try:
-            if sys.stdin.isatty():
-                line = input("prompt> ")
-            else:
-                line = sys.stdin.readline()
-                if not line:
-                    return 0
+            prompt = read_prompt().strip()
         except (EOFError, KeyboardInterrupt):
-            return 0
-        prompt = line.strip()
+            if sys.stdin.isatty():
+                print(file=sys.stderr)
+            return EXIT_OK
         if not prompt:
             continue
         if prompt.lower() in EXIT_WORDS:
-            return 0
+            return EXIT_OK
         try:
             run_once(client, prompt, args)
         except ClientError as exc:
             print(f"error: {exc}", file=sys.stderr)
+        except KeyboardInterrupt:  # cancels this image, not the session
+            client.close()
+            print("\n  cancelled", file=sys.stderr)
 
 
 def main(argv: Optional[List[str]] = None) -> int:
+    """Entry point; returns the exit status."""
     args = parse_args(argv)
     client = BootClient(args.host, args.port, args.token, args.timeout, args.connect_timeout)
     try:
         if not args.prompt:
+            build_request("flag check", args)  # refuse bad flags before the first prompt is typed
             return run_interactive(client, args)
         run_once(client, " ".join(args.prompt), args)
-        return 0
+        return EXIT_OK
     except ClientError as exc:
         print(f"error: {exc}", file=sys.stderr)
-        return 1
+        return exc.exit_code
     except KeyboardInterrupt:
-        return 130
+        print("\ninterrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
     finally:
         client.close()
+
+
+def _isatty(stream: Any) -> bool:
+    try:
+        return bool(stream.isatty())
+    except (AttributeError, ValueError):
+        return False
 
 
 if __name__ == "__main__":

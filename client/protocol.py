@@ -125,7 +125,7 @@ class GenerationRequest:
             width=self.width if self.width is not None else side,
             height=self.height if self.height is not None else side,
             steps=self.steps if self.steps is not None else steps,
-            guidance_scale=float(self.guidance_scale),
+            guidance_scale=float(self.guidance_scale) + 0.0,  # + 0.0 turns -0.0 into 0.0
         )
         if resolved.seed is None:
             digest = hashlib.sha256(_canonical_bytes(resolved, include_seed=False)).digest()
@@ -236,7 +236,7 @@ class Frame:
     def json(self) -> Any:
         try:
             return json.loads(self.payload.decode("utf-8"))
-        except (UnicodeDecodeError, ValueError) as exc:
+        except (UnicodeDecodeError, ValueError, RecursionError) as exc:  # 16 KiB of `[` nests too deep
             raise ProtocolError(E_BAD_FRAME, f"{FRAME_NAMES[self.kind]} payload is not UTF-8 JSON: {exc}")
 
 
