@@ -229,8 +229,10 @@ class SocketFrontServer:
             return False
         conn.settimeout(SEND_TIMEOUT_S)
         try:
-            request, token = protocol.decode_request(frame)
-            check_token(self.config.auth_token, token)
+            if self.config.auth_token:  # before validation, so strangers learn nothing about the fields
+                body = frame.json()
+                check_token(self.config.auth_token, body.get("token") if isinstance(body, dict) else None)
+            request, _ = protocol.decode_request(frame)
             if not self.rate_limiter.allow(_peer(conn)):
                 raise ProtocolError(protocol.E_RATE_LIMITED, "too many requests from this address; slow down")
         except ProtocolError as exc:
