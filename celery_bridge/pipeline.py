@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import io
 import logging
+import os
 import threading
 import time
 from pathlib import Path
@@ -29,6 +30,10 @@ SCHEDULER_CLASSES = {
     "dpm++": "DPMSolverMultistepScheduler",
     "lms": "LMSDiscreteScheduler",
 }
+DEVICES = ("auto", "cuda", "cpu")
+_FIX = ("Set `model` in configs/worker.yaml, SDGATE_MODEL or `sdgate worker --model` to a local folder "
+        "saved with save_pretrained (it holds model_index.json), to 'tiny' (the embedded test model), or "
+        "to a hub id with network access and HF_HUB_OFFLINE=0.")
 
 
 class ModelLoadError(RuntimeError):
@@ -50,12 +55,25 @@ def a1111_parameters(request: GenerationRequest) -> str:
 
 
 def encode_png(image: Image.Image, request: GenerationRequest) -> bytes:
-    """PNG bytes with the `parameters` text chunk; deterministic (no timestamps)."""
+    """PNG bytes with the `parameters` text chunk; deterministic (Pillow writes no timestamp)."""
     info = PngImagePlugin.PngInfo()
     info.add_text("parameters", a1111_parameters(request))
     buffer = io.BytesIO()
     image.save(buffer, format="PNG", pnginfo=info)
     return buffer.getvalue()
+
+
+def _resolve_device(device: str) -> str:
+    """`auto` -> cuda when torch sees a GPU, else cpu; raises ModelLoadError for what cannot work."""
+    if device not in DEVICES:
+        raise ModelLoadError(f"device {device!r} is not one of {', '.join(DEVICES)}; set `device` in "
+                             "configs/worker.yaml or SDGATE_DEVICE")
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ModelLoadError(f"device 'cuda' was asked for, but torch {torch.__version__} sees no CUDA GPU; "
+                             "use device 'auto' or 'cpu' (SDGATE_DEVICE), or install a CUDA build of torch")
+    return device
 
 
 class PipelineRunner:
@@ -65,40 +83,43 @@ class PipelineRunner:
 
     def __init__(self, config: WorkerConfig):
         import diffusers
+        import transformers
 
+        # Worker logs are read by people; per-load and per-step progress bars only clutter them.
         diffusers.utils.logging.disable_progress_bar()
+        transformers.utils.logging.disable_progress_bar()
         self.config = config
-        self.device = "cuda" if config.device == "auto" and torch.cuda.is_available() else (
-            "cpu" if config.device == "auto" else config.device)
+        self.device = _resolve_device(config.device)
         self.dtype = torch.float16 if self.device == "cuda" and config.fp16 else torch.float32
+        self.last_pipeline_ms = 0.0
+        self._lock = threading.Lock()
         started = time.monotonic()
         self.pipe = self._load(diffusers)
         self.load_seconds = time.monotonic() - started
         type(self).loads += 1
-        self.last_pipeline_ms = 0.0
-        self._lock = threading.Lock()
         self._default_scheduler = self.pipe.scheduler
         self._schedulers: Dict[str, Any] = {"default": self._default_scheduler}
         log.info("pipeline %r loaded on %s (%s) in %.1f s", config.model, self.device, self.dtype, self.load_seconds)
 
     def _load(self, diffusers):
-        model = self.config.model
+        # 1. Find the weights: the embedded model is built into the cache on first use.
+        model = source = self.config.model
+        if model == "tiny":
+            cache_dir = self.config.resolved_model_cache_dir()
+            try:
+                source = str(ensure_tiny_model(cache_dir))
+            except OSError as exc:
+                raise ModelLoadError(
+                    f"could not build the embedded model 'tiny' under {str(cache_dir)!r} ({exc}). Point "
+                    "`model_cache_dir` in configs/worker.yaml or SDGATE_MODEL_CACHE_DIR at a writable folder."
+                ) from exc
+        # 2. Read them (diffusers 0.42 takes `dtype`; `torch_dtype` is deprecated).
+        cls = diffusers.StableDiffusionPipeline if model == "tiny" else diffusers.DiffusionPipeline
         try:
-            if model == "tiny":
-                source = str(ensure_tiny_model(self.config.resolved_model_cache_dir()))
-                pipe = diffusers.StableDiffusionPipeline.from_pretrained(source, dtype=self.dtype)
-            else:
-                pipe = diffusers.DiffusionPipeline.from_pretrained(model, dtype=self.dtype)
+            pipe = cls.from_pretrained(source, dtype=self.dtype)
         except Exception as exc:  # noqa: BLE001 - every failure gets the same advice
-            local = Path(model).expanduser().exists()
-            raise ModelLoadError(
-                f"could not load model {model!r} ({type(exc).__name__}: {str(exc)[:300]}). "
-                + ("The folder exists but is not a diffusers pipeline (it needs model_index.json). "
-                   if local else "It is not a local folder, and the hub could not serve it (offline?). ")
-                + "Set `model` in configs/worker.yaml, SDGATE_MODEL or `sdgate worker --model` to a local folder "
-                  "saved with save_pretrained, to 'tiny' (the embedded test model), or to a hub id on a machine "
-                  "with network access."
-            ) from exc
+            raise ModelLoadError(f"could not load model {model!r}: {_why(model, source, exc)} {_FIX}") from exc
+        # 3. Fit them onto the device.
         pipe.set_progress_bar_config(disable=True)
         if self.config.attention_slicing:
             pipe.enable_attention_slicing()
@@ -107,6 +128,8 @@ class PipelineRunner:
         if self.config.cpu_offload and self.device == "cuda":
             pipe.enable_model_cpu_offload()
         else:
+            if self.config.cpu_offload:
+                log.info("cpu_offload ignored: the pipeline already runs on the CPU")
             pipe.to(self.device)
         return pipe
 
@@ -119,8 +142,9 @@ class PipelineRunner:
         return self._schedulers[name]
 
     def _call(self, request: GenerationRequest, time_limit_s: Optional[float] = None):
+        # The caller holds self._lock: the scheduler swap and its per-call state are not thread-safe.
         # A CPU generator gives the same noise on every device, so both worker modes agree.
-        generator = torch.Generator(device="cpu").manual_seed(request.seed or 0)
+        generator = torch.Generator(device="cpu").manual_seed(request.seed)
         self.pipe.scheduler = self._scheduler(request.scheduler)
         deadline = time.monotonic() + time_limit_s if time_limit_s else None
 
@@ -154,6 +178,27 @@ class PipelineRunner:
         return encode_png(image, request)
 
     def bare_call(self, request: GenerationRequest):
-        """The pipeline call alone (no PNG), the baseline benchmarks compare the worker with."""
+        """The pipeline call alone (no PNG), the baseline benchmarks compare `render` with.
+
+        It still takes the lock: uncontended it costs well under a microsecond, and without it a
+        benchmark thread could corrupt a concurrent render's scheduler state.
+        """
         with self._lock:
             return self._call(request.normalized())
+
+
+def _why(model: str, source: str, exc: Exception) -> str:
+    """The cause of a failed load in words, with the library's own message (shortened)."""
+    detail = f"({type(exc).__name__}: {' '.join(str(exc).split())[:400]})"
+    path = Path(model).expanduser()
+    if model == "tiny":
+        return f"its folder {source!r} is broken; delete it to have it rebuilt {detail}."
+    if path.is_dir():
+        return f"the folder exists but is not a diffusers pipeline, or a component in it is broken {detail}."
+    if path.exists():
+        return f"it is a file, not a folder {detail}."
+    if model.startswith(("/", ".", "~")) or model.count("/") > 1:  # hub ids are `owner/name`
+        return f"there is no folder at that path {detail}."
+    if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on"):
+        return f"it is not a local folder, and HF_HUB_OFFLINE forbids asking the hub for it {detail}."
+    return f"it is not a local folder, and the hub could not serve it (offline, or no such repo?) {detail}."

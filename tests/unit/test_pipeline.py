@@ -1,79 +1,110 @@
-"""The embedded tiny model and the resident pipeline (real diffusers on the CPU, no services)."""
+"""The resident pipeline: the tiny real diffusers pipeline on the CPU, no services."""
 
 import io
 import threading
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
 
 from client.protocol import SCHEDULERS, GenerationRequest
 from celery_bridge.config import WorkerConfig
-from celery_bridge.pipeline import ModelLoadError, PipelineRunner, a1111_parameters
-from celery_bridge.tiny_model import TINY_MODEL_DIR, ensure_tiny_model
+from celery_bridge.pipeline import GenerationTimeout, ModelLoadError, PipelineRunner, a1111_parameters
+from celery_bridge.tiny_model import TINY_MODEL_DIR
 
 
 @pytest.fixture(scope="module")
-def runner(tmp_path_factory):
-    return PipelineRunner(WorkerConfig(model_cache_dir=str(tmp_path_factory.mktemp("models"))))
+def cache_dir(tmp_path_factory):
+    return tmp_path_factory.mktemp("models")
 
 
-def state_dicts(folder):
-    from diffusers import StableDiffusionPipeline
-
-    pipe = StableDiffusionPipeline.from_pretrained(folder)
-    return {name: getattr(pipe, name).state_dict() for name in ("unet", "vae", "text_encoder")}
+@pytest.fixture(scope="module")
+def runner(cache_dir):
+    return PipelineRunner(WorkerConfig(device="cpu", model_cache_dir=str(cache_dir)))
 
 
-def test_tiny_model_built_twice_is_identical(tmp_path):
-    first, second = ensure_tiny_model(tmp_path / "a"), ensure_tiny_model(tmp_path / "b")
-    weights_a, weights_b = state_dicts(first), state_dicts(second)
-    for component, tensors in weights_a.items():
-        assert tensors.keys() == weights_b[component].keys()
-        for name, tensor in tensors.items():
-            assert torch.equal(tensor, weights_b[component][name]), f"{component}.{name} differs"
-    for file in sorted((first / "tokenizer").iterdir()):
-        assert file.read_bytes() == (second / "tokenizer" / file.name).read_bytes()
+def open_png(png: bytes) -> Image.Image:
+    image = Image.open(io.BytesIO(png))
+    assert image.format == "PNG"
+    return image
 
 
-def test_tiny_model_is_built_once(tmp_path):
-    folder = ensure_tiny_model(tmp_path)
-    stamp = (folder / "model_index.json").stat().st_mtime_ns
-    assert ensure_tiny_model(tmp_path) == folder == tmp_path / TINY_MODEL_DIR
-    assert (folder / "model_index.json").stat().st_mtime_ns == stamp
+def pixels(png: bytes) -> np.ndarray:
+    return np.asarray(open_png(png).convert("RGB"))
 
 
-def test_render_gives_png_with_size_and_parameters(runner):
-    request = GenerationRequest("A  Red fox", width=128, height=64, seed=9)
-    image = Image.open(io.BytesIO(runner.render(request)))
-    assert image.format == "PNG" and image.size == (128, 64)
+@pytest.mark.parametrize("width, height", [(64, 64), (128, 64)])
+def test_render_gives_png_of_the_size_with_parameters(runner, width, height):
+    request = GenerationRequest("A  Red fox", width=width, height=height, seed=9)
+    image = open_png(runner.render(request))
+    assert image.size == (width, height)
     text = image.info["parameters"]
-    assert text == a1111_parameters(request.normalized())
-    assert text.startswith("a red fox\n") and "Steps: 2" in text and "Seed: 9" in text
-    assert "Size: 128x64" in text and "Model: tiny" in text and "Negative prompt" not in text
+    assert text == image.text["parameters"] == a1111_parameters(request.normalized())
+    assert text.startswith("a red fox\n") and "Steps: 2," in text and "Seed: 9," in text
+    assert f"Size: {width}x{height}," in text and text.endswith("Model: tiny")
+    assert "Negative prompt" not in text
+    assert runner.last_pipeline_ms > 0
 
 
-def test_negative_prompt_line_in_parameters():
-    text = a1111_parameters(GenerationRequest("fox", negative_prompt="blur", seed=1).normalized())
-    assert text.splitlines()[1] == "Negative prompt: blur"
+def test_parameters_text_is_automatic1111s_format():
+    request = GenerationRequest("a fox", negative_prompt="Blurry,  dark", steps=2, seed=123, scheduler="euler_a")
+    assert a1111_parameters(request.normalized()) == (
+        "a fox\nNegative prompt: blurry, dark\n"
+        "Steps: 2, Sampler: euler_a, CFG scale: 7.5, Seed: 123, Size: 64x64, Model: tiny")
+    assert a1111_parameters(GenerationRequest("a fox", seed=1).normalized()).count("\n") == 1
+
+
+def test_unicode_prompt_survives_into_the_png(runner):
+    request = GenerationRequest("Ein Fuchs im Schnee, 雪の中の狐 🦊", seed=2)
+    assert open_png(runner.render(request)).info["parameters"].startswith("ein fuchs im schnee, 雪の中の狐 🦊\n")
+
+
+def test_negative_prompt_reaches_the_pipeline_and_the_png(runner):
+    plain = runner.render(GenerationRequest("fox", seed=3))
+    negative = runner.render(GenerationRequest("fox", negative_prompt="blur", seed=3))
+    assert "\nNegative prompt: blur\n" in open_png(negative).info["parameters"]
+    assert not np.array_equal(pixels(plain), pixels(negative))
 
 
 def test_same_request_same_bytes_other_seed_other_bytes(runner):
     request = GenerationRequest("determinism", seed=4)
-    assert runner.render(request) == runner.render(request)
-    assert runner.render(request) != runner.render(GenerationRequest("determinism", seed=5))
+    first = runner.render(request)
+    assert runner.render(request) == first
+    assert runner.render(GenerationRequest("  Determinism ", seed=4)) == first, "renders the normalized form"
+    assert not np.array_equal(pixels(runner.render(GenerationRequest("determinism", seed=5))), pixels(first))
+    unseeded = GenerationRequest("determinism")
+    assert runner.render(unseeded) == runner.render(unseeded), "the derived seed is stable too"
 
 
 @pytest.mark.parametrize("scheduler", SCHEDULERS)
 def test_every_scheduler_renders(runner, scheduler):
-    assert Image.open(io.BytesIO(runner.render(GenerationRequest("sched", scheduler=scheduler)))).size == (64, 64)
+    image = open_png(runner.render(GenerationRequest("sched", scheduler=scheduler, seed=7)))
+    assert image.size == (64, 64) and f"Sampler: {scheduler}," in image.info["parameters"]
 
 
-def test_pipeline_loads_once_per_runner(tmp_path):
+def test_scheduler_is_really_swapped_and_default_comes_back(runner):
+    def image(scheduler):
+        return pixels(runner.render(GenerationRequest("swap", scheduler=scheduler, seed=8)))
+
+    default = image("default")
+    assert np.array_equal(image("pndm"), default), "the tiny model's own scheduler is PNDM"
+    assert not np.array_equal(image("ddim"), default) and not np.array_equal(image("euler"), default)
+    assert np.array_equal(image("default"), default)
+
+
+def test_bare_call_is_the_same_pipeline_call(runner):
+    request = GenerationRequest("bare", seed=11, scheduler="ddim")
+    assert np.array_equal(np.asarray(runner.bare_call(request).convert("RGB")), pixels(runner.render(request)))
+
+
+def test_pipeline_loads_once_per_runner(runner, cache_dir):
     before = PipelineRunner.loads
-    runner = PipelineRunner(WorkerConfig(model_cache_dir=str(tmp_path)))
+    other = PipelineRunner(WorkerConfig(device="cpu", model_cache_dir=str(cache_dir)))
+    assert PipelineRunner.loads == before + 1 and other.load_seconds > 0
     for i in range(3):
-        runner.render(GenerationRequest(f"load count {i}"))
+        other.render(GenerationRequest(f"load count {i}"))
+    runner.render(GenerationRequest("the shared runner"))
     assert PipelineRunner.loads == before + 1
 
 
@@ -81,8 +112,10 @@ def test_concurrent_renders_equal_serial_renders(runner):
     requests = [GenerationRequest(f"thread {i}", scheduler=SCHEDULERS[i % len(SCHEDULERS)]) for i in range(6)]
     serial = [runner.render(r) for r in requests]
     parallel = [None] * len(requests)
+    start = threading.Barrier(len(requests))
 
     def work(i):
+        start.wait()
         parallel[i] = runner.render(requests[i])
 
     threads = [threading.Thread(target=work, args=(i,)) for i in range(len(requests))]
@@ -93,16 +126,43 @@ def test_concurrent_renders_equal_serial_renders(runner):
     assert parallel == serial
 
 
-def test_unloadable_model_fails_fast_and_says_what_to_do(tmp_path):
+@pytest.mark.parametrize("kind", ["missing folder", "empty folder"])
+def test_unloadable_model_fails_and_says_what_to_do(tmp_path, kind):
+    model = str(tmp_path / "no-such-model") if kind == "missing folder" else str(tmp_path)
+    before = PipelineRunner.loads
     with pytest.raises(ModelLoadError) as caught:
-        PipelineRunner(WorkerConfig(model=str(tmp_path), model_cache_dir=str(tmp_path)))
+        PipelineRunner(WorkerConfig(model=model, device="cpu", model_cache_dir=str(tmp_path)))
     message = str(caught.value)
-    assert str(tmp_path) in message and "model_index.json" in message and "SDGATE_MODEL" in message
+    assert repr(model) in message
+    assert ("no folder at that path" if kind == "missing folder" else "not a diffusers pipeline") in message
+    for fix in ("configs/worker.yaml", "SDGATE_MODEL", "'tiny'", "model_index.json", "HF_HUB_OFFLINE=0"):
+        assert fix in message
+    assert PipelineRunner.loads == before
+
+
+def test_unwritable_or_broken_tiny_model_fails_and_says_what_to_do(tmp_path):
+    not_a_folder = tmp_path / "file"
+    not_a_folder.write_text("")
+    with pytest.raises(ModelLoadError, match="could not build the embedded model 'tiny'.*SDGATE_MODEL_CACHE_DIR"):
+        PipelineRunner(WorkerConfig(device="cpu", model_cache_dir=str(not_a_folder)))
+    broken = tmp_path / "cache" / TINY_MODEL_DIR
+    broken.mkdir(parents=True)
+    (broken / "model_index.json").write_text("{not json")
+    with pytest.raises(ModelLoadError, match=f"{TINY_MODEL_DIR}' is broken; delete it"):
+        PipelineRunner(WorkerConfig(device="cpu", model_cache_dir=str(tmp_path / "cache")))
+
+
+def test_unusable_device_fails_and_says_what_to_do(tmp_path):
+    with pytest.raises(ModelLoadError, match="'gpu' is not one of auto, cuda, cpu.*SDGATE_DEVICE"):
+        PipelineRunner(WorkerConfig(device="gpu", model_cache_dir=str(tmp_path)))
+    if not torch.cuda.is_available():
+        with pytest.raises(ModelLoadError, match="sees no CUDA GPU.*'auto' or 'cpu'"):
+            PipelineRunner(WorkerConfig(device="cuda", model_cache_dir=str(tmp_path)))
 
 
 def test_generation_past_its_time_limit_is_stopped(runner):
-    from celery_bridge.pipeline import GenerationTimeout
-
-    with pytest.raises(GenerationTimeout, match="limit"):
-        runner.render(GenerationRequest("too slow", width=512, height=512, steps=50), time_limit_s=0.01)
-    assert runner.render(GenerationRequest("fine afterwards")), "the runner keeps serving"
+    request = GenerationRequest("stopped and fine afterwards", seed=12)
+    before = runner.render(request)
+    with pytest.raises(GenerationTimeout, match="stopped after step 1 of 50: over the 0 s limit"):
+        runner.render(GenerationRequest("too slow", steps=50), time_limit_s=1e-6)
+    assert runner.render(request) == before, "an aborted run leaves no state behind"
