@@ -38,6 +38,9 @@ class GenerationService:
 
         try:
             request = request_from_payload(payload)
+            if request.model != self.runner.config.model:  # never cache another model's image under this key
+                raise InvalidRequest("model", f"{request.model!r} is not served here; the workers run "
+                                              f"{self.runner.config.model!r}")
         except (InvalidRequest, TypeError) as exc:
             error = exc if isinstance(exc, InvalidRequest) else InvalidRequest("request", str(exc))
             log.info("rejected invalid task payload: %s", error)

@@ -85,6 +85,12 @@ def test_invalid_request_is_a_clear_error_and_worker_keeps_serving(producer):
     assert render(producer, GenerationRequest("still serving")).ok
 
 
+def test_a_model_the_worker_does_not_run_is_refused(producer):
+    result = render(producer, GenerationRequest("other model", model="someone/other-model"))
+    assert not result.ok and result.error_code == E_INVALID_REQUEST and result.error_field == "model"
+    assert "tiny" in result.error_message
+
+
 def test_both_modes_give_byte_identical_pngs(plain_mode, ray_mode):
     request = GenerationRequest("same bytes from both worker modes", steps=3, guidance_scale=5.0)
     assert render(plain_mode, request).png == render(ray_mode, request).png
