@@ -70,9 +70,10 @@ class StackPaths:
 
     @property
     def ray_temp(self) -> Optional[Path]:
-        # Ray puts unix sockets under its temp dir; their paths must stay under ~107 bytes.
+        # Ray puts unix sockets at <temp>/session_<date>_<pid>/sockets/plasma_store (63 more bytes);
+        # AF_UNIX paths must stay under 108 bytes, so a deep home falls back to Ray's /tmp/ray.
         path = self.home / "ray"
-        return path if len(str(path)) < 50 else None
+        return path if len(str(path)) <= 40 else None
 
     def make(self) -> None:
         for folder in (self.run_file.parent, self.logs, self.redis_dir, self.cache_db.parent):
