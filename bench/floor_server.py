@@ -1,0 +1,72 @@
+"""The floor for a cache hit: the least a server can do to answer one from sdgate's image cache.
+
+A stdlib thread-per-connection server that, per request, reads the REQUEST frame, decodes it,
+computes the cache key, reads the entry from the same SQLiteImageStore the gateway uses and
+sends it in an IMAGE frame. No admission, no counters, no single-flight, no STATUS frame: what
+sdgate's hit path costs above this is the price of its features and its plumbing.
+
+    python -m bench.floor_server --db $SDGATE_HOME/cache/images.db --port 0
+"""
+
+from __future__ import annotations
+
+import argparse
+import socket
+import socketserver
+import sys
+from pathlib import Path
+
+from client import protocol
+from client.protocol import ConnectionClosed, ProtocolError
+from serve_app.store import SQLiteImageStore
+
+ACCEPTED = {protocol.REQUEST: protocol.MAX_PAYLOAD[protocol.REQUEST]}
+
+
+class _Handler(socketserver.BaseRequestHandler):
+    def handle(self) -> None:
+        conn: socket.socket = self.request
+        conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        store: SQLiteImageStore = self.server.store  # type: ignore[attr-defined]
+        while True:
+            try:
+                frame = protocol.read_frame(conn, 10.0, idle_timeout=300.0, max_payload=ACCEPTED)
+                request, _ = protocol.decode_request(frame)
+                cached = store.get(request.cache_key())
+                if cached is None:
+                    conn.sendall(protocol.encode_error(protocol.E_INTERNAL, "not cached: the floor only serves hits"))
+                    continue
+                conn.sendall(protocol.encode_image(cached.meta, cached.png))
+            except (ConnectionClosed, ProtocolError, OSError):
+                return
+
+
+class FloorServer(socketserver.ThreadingTCPServer):
+    """Thread per connection, blocking I/O, one SQLite connection per thread (the store's own)."""
+
+    daemon_threads = True
+    allow_reuse_address = True
+    request_queue_size = 1024
+
+    def __init__(self, port: int, store: SQLiteImageStore):
+        super().__init__(("127.0.0.1", port), _Handler)
+        self.store = store
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--db", required=True, help="the gateway's SQLite cache file")
+    parser.add_argument("--port", type=int, default=0, help="0 picks a free port")
+    parser.add_argument("--max-bytes", type=int, default=1 << 30, help="the store's budget (the gateway's)")
+    args = parser.parse_args(argv)
+    store = SQLiteImageStore(Path(args.db), args.max_bytes)
+    server = FloorServer(args.port, store)
+    print(f"floor server listening on {server.server_address[1]}", flush=True)
+    try:
+        server.serve_forever(poll_interval=0.5)
+    finally:
+        store.close()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
