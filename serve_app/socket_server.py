@@ -179,6 +179,9 @@ class SocketFrontServer:
         cutoff = time.monotonic() - self.config.idle_timeout_s
         for conn, since in list(self._idle_since.items()):
             if since < cutoff:
+                # Forget it too: the next sweep must not unregister a closed socket (fd -1 raises
+                # and would end this thread, and with it every socket client of the replica).
+                del self._idle_since[conn]
                 self._selector.unregister(conn)
                 self._close(conn)
 

@@ -1,0 +1,172 @@
+"""Tools shared by the fault, bad-input and load suites: a whole local stack on free ports in a
+short throwaway home, clients, and probes that see what a user (or an operator) would see."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import socket
+import tempfile
+import threading
+import time
+import urllib.request
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Callable, Dict, Iterator, List, Optional, Tuple
+
+import redis
+
+from client import protocol
+from client.protocol import MAX_STEPS, GenerationRequest
+from cluster.local import LocalStack, StackConfig, _group_tree
+from serve_app.config import GatewayConfig
+from tests.services import free_port
+
+RESULT_PREFIX = "celery-task-meta-"  # Celery's Redis result backend: key and channel of each task's state
+GATEWAY_REPLICA = "ServeReplica:gateway:Gateway"
+WORKER_REPLICA = "ServeReplica:workers:GenerationConsumer"
+
+
+@contextmanager
+def local_stack(mode: str = "celery", workers: int = 1, env: Optional[Dict[str, str]] = None,
+                **gateway: object) -> Iterator[LocalStack]:
+    """`sdgate up` on free ports; `env` (SDGATE_* overrides) reaches every process of the stack.
+
+    The home is short, so Ray keeps its sockets and logs inside it rather than in a /tmp/ray that
+    other stacks on this machine share.
+    """
+    home = Path(tempfile.mkdtemp(prefix="sdg-", dir="/tmp"))
+    saved = dict(os.environ)
+    os.environ.update(dict(env or {}, SDGATE_HOME=str(home)))
+    config = GatewayConfig(socket_port=free_port(), http_port=free_port(), **dict({"stats_flush_s": 0.1}, **gateway))
+    stack = LocalStack(home=home, gateway=config,
+                       stack=StackConfig(redis_port=free_port(), ray_port=free_port(), dashboard_port=free_port(),
+                                         worker_mode=mode, workers=workers))
+    try:
+        stack.up(log=lambda *_: None)
+        yield stack
+    finally:
+        stack.down(log=lambda *_: None)
+        os.environ.clear()
+        os.environ.update(saved)
+        if not os.environ.get("SDGATE_TEST_KEEP_HOME"):  # set it to read the stack's logs after a failure
+            shutil.rmtree(home, ignore_errors=True)
+
+
+def connect(stack: LocalStack, source: Optional[str] = None, timeout: float = 10) -> socket.socket:
+    """A socket to the gateway, optionally from another loopback address (the rate limit is per address)."""
+    return socket.create_connection(("127.0.0.1", stack.gateway.socket_port), timeout=timeout,
+                                    source_address=(source, 0) if source else None)
+
+
+def ask(stack: LocalStack, request: GenerationRequest, token: Optional[str] = None, timeout: float = 120,
+        source: Optional[str] = None) -> protocol.ImageReply:
+    with connect(stack, source) as conn:
+        return protocol.exchange(conn, request, token=token, timeout=timeout)
+
+
+def healthz(stack: LocalStack) -> dict:
+    with urllib.request.urlopen(f"http://127.0.0.1:{stack.gateway.http_port}/healthz", timeout=10) as response:
+        return json.loads(response.read())
+
+
+def wait_for(check: Callable[[], object], timeout: float, what: str, interval: float = 0.1):
+    """check()'s first truthy value; AssertionError naming `what` after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    last: object = None
+    while time.monotonic() < deadline:
+        try:
+            last = check()
+        except Exception as exc:  # noqa: BLE001 - e.g. a port not listening yet; reported below
+            last = exc
+        else:
+            if last:
+                return last
+        time.sleep(interval)
+    raise AssertionError(f"{what}: not within {timeout:.0f} s (last: {last!r})")
+
+
+def replica_pids(stack: LocalStack, title: str) -> List[int]:
+    """PIDs of this stack's Ray actors whose process title contains `title` (never another stack's)."""
+    pids = []
+    for pid in _group_tree(stack._load()["processes"]["ray"]):
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as cmdline:
+                if title.encode() in cmdline.read():
+                    pids.append(pid)
+        except OSError:
+            continue
+    return sorted(pids)
+
+
+def rss_bytes(pid: int) -> int:
+    with open(f"/proc/{pid}/statm") as statm:
+        return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+class TaskRuns:
+    """Every start and finish of the Celery tasks that render `key`, as the result backend publishes
+    them (task_track_started is on): a run of the task on any worker shows up here, with its pid."""
+
+    def __init__(self, redis_url: str, key: str):
+        self._client = redis.Redis.from_url(redis_url, socket_timeout=5)
+        self._pubsub = self._client.pubsub(ignore_subscribe_messages=True)
+        self._pubsub.psubscribe(f"{RESULT_PREFIX}sdgate-{key}-*")
+        self.events: List[Tuple[str, Optional[int]]] = []  # (state, pid of the worker for STARTED)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                message = self._pubsub.get_message(timeout=0.2)
+            except (redis.RedisError, OSError):
+                return
+            if message and message["type"] == "pmessage":
+                meta = json.loads(message["data"])
+                result = meta.get("result") if isinstance(meta.get("result"), dict) else {}
+                self.events.append((meta.get("status"), result.get("pid")))
+
+    def started(self) -> List[int]:
+        return [pid for state, pid in list(self.events) if state == "STARTED"]
+
+    def succeeded(self) -> int:
+        return sum(1 for state, _ in list(self.events) if state == "SUCCESS")
+
+    def wait_started(self, timeout: float = 60) -> int:
+        """The pid of the first worker that started the task."""
+        return wait_for(lambda: self.started() and self.started()[0], timeout, "a worker starting the task")
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(2)
+        try:
+            self._pubsub.close()
+            self._client.close()
+        except Exception:  # noqa: BLE001 - closing after Redis went away
+            pass
+
+
+_SECONDS_PER_STEP: Dict[str, float] = {}
+
+
+def slow_request(stack: LocalStack, prompt: str, seconds: float) -> GenerationRequest:
+    """A new request whose generation takes about `seconds` (at least) on this stack's workers.
+
+    Timed once per stack on two step counts, so the denoising cost per step is measured without
+    the fixed text-encoder and VAE cost, on whatever hardware runs the suite.
+    """
+    home = str(stack.paths.home)
+    if home not in _SECONDS_PER_STEP:
+        timings = [ask(stack, GenerationRequest(f"calibration {steps} {time.time()}", width=512, height=512,
+                                                steps=steps)).meta["pipeline_ms"] / 1000 for steps in (4, 24)]
+        _SECONDS_PER_STEP[home] = max((timings[1] - timings[0]) / 20, 1e-4)
+    per_step = _SECONDS_PER_STEP[home]
+    for side in (512, 768, 1024, 1536, 2048):
+        steps = math.ceil(seconds * 1.2 / (per_step * (side / 512) ** 2))
+        if steps <= MAX_STEPS:
+            return GenerationRequest(prompt, width=side, height=side, steps=max(steps, 2))
+    return GenerationRequest(prompt, width=2048, height=2048, steps=MAX_STEPS)
