@@ -107,6 +107,7 @@ class WorkerConfig:
     cpu_offload: bool = False
     model_cache_dir: Optional[str] = None  # default: $SDGATE_HOME/models
     num_gpus: float = 0  # per Ray task-consumer replica; 1 on GPU nodes
+    cpu_threads: int = 0  # torch threads when rendering on CPU; 0: torch's default (every core)
 
     def resolved_model_cache_dir(self) -> Path:
         return Path(self.model_cache_dir).expanduser() if self.model_cache_dir else sdgate_home() / "models"

@@ -91,6 +91,10 @@ class PipelineRunner:
         self.config = config
         self.device = _resolve_device(config.device)
         self.dtype = torch.float16 if self.device == "cuda" and config.fp16 else torch.float32
+        if self.device == "cpu" and config.cpu_threads > 0:
+            # Workers sharing a machine must split its cores: oversubscribed torch threads spin
+            # against each other and every render slows down several times over.
+            torch.set_num_threads(config.cpu_threads)
         self.last_pipeline_ms = 0.0
         self._lock = threading.Lock()
         started = time.monotonic()
@@ -99,7 +103,8 @@ class PipelineRunner:
         type(self).loads += 1
         self._default_scheduler = self.pipe.scheduler
         self._schedulers: Dict[str, Any] = {"default": self._default_scheduler}
-        log.info("pipeline %r loaded on %s (%s) in %.1f s", config.model, self.device, self.dtype, self.load_seconds)
+        log.info("pipeline %r loaded on %s (%s, %d torch threads) in %.1f s", config.model, self.device, self.dtype,
+                 torch.get_num_threads(), self.load_seconds)
 
     def _load(self, diffusers):
         # 1. Find the weights: the embedded model is built into the cache on first use.

@@ -44,6 +44,11 @@ def load_stack_config(**overrides: Any) -> StackConfig:
     return load_config(StackConfig, "local", overrides)
 
 
+def cpu_threads_per_worker(workers: int, cores: Optional[int] = None) -> int:
+    """Torch threads for each of `workers` CPU workers on one machine: the cores split between them."""
+    return max(1, (cores or os.cpu_count() or 1) // max(1, workers))
+
+
 class StackError(RuntimeError):
     """A step of `up`/`down` failed; the message says what to do."""
 
@@ -193,9 +198,10 @@ class LocalStack:
             if port_in_use(port):
                 raise StackError(f"port {port} for {name} is already in use; stop what uses it or set {variable}")
 
-    def _spawn(self, name: str, argv: List[str]) -> subprocess.Popen:
+    def _spawn(self, name: str, argv: List[str], env: Optional[Dict[str, str]] = None) -> subprocess.Popen:
         log_file = open(self.paths.logs / f"{name}.log", "ab")
-        process = subprocess.Popen(argv, cwd=REPO, env=self.child_env(), stdout=log_file, stderr=subprocess.STDOUT,
+        process = subprocess.Popen(argv, cwd=REPO, env=dict(self.child_env(), **(env or {})), stdout=log_file,
+                                   stderr=subprocess.STDOUT,
                                    stdin=subprocess.DEVNULL, start_new_session=True)
         self.processes[name] = process.pid
         self._save()
@@ -231,7 +237,13 @@ class LocalStack:
         if self.stack.worker_mode != "celery":
             raise StackError(f"worker_mode {self.stack.worker_mode!r} must be 'celery' or 'ray'")
         for index in range(self.stack.workers):
-            self._spawn(f"worker-{index}", [sys.executable, "-m", "cluster.cli", "worker", "--broker", self.redis_url])
+            self._spawn(f"worker-{index}", [sys.executable, "-m", "cluster.cli", "worker", "--broker", self.redis_url],
+                        env=self.worker_env())
+
+    def worker_env(self) -> Dict[str, str]:
+        """What a plain worker of this stack adds to child_env(): its share of the machine's cores."""
+        return {"SDGATE_CPU_THREADS": os.environ.get("SDGATE_CPU_THREADS")
+                or str(cpu_threads_per_worker(self.stack.workers))}
 
     def _deploy(self) -> None:
         """Deploy the gateway (and Ray-managed workers) from a short-lived driver process."""

@@ -92,3 +92,12 @@ def test_field_names_are_unique_across_sections():
         for field in dataclasses.fields(cls):
             assert field.name not in seen, f"{field.name} is in both {seen.get(field.name)} and {cls.__name__}"
             seen[field.name] = cls.__name__
+
+
+def test_local_workers_split_the_cores():
+    from cluster.local import cpu_threads_per_worker
+
+    assert cpu_threads_per_worker(1, cores=2) == 2
+    assert cpu_threads_per_worker(2, cores=2) == 1
+    assert cpu_threads_per_worker(3, cores=2) == 1
+    assert cpu_threads_per_worker(2, cores=16) == 8

@@ -108,6 +108,16 @@ def test_pipeline_loads_once_per_runner(runner, cache_dir):
     assert PipelineRunner.loads == before + 1
 
 
+def test_cpu_threads_sets_torchs_thread_count(cache_dir):
+    before = torch.get_num_threads()
+    wanted = before + 1  # differs from whatever this machine's default is
+    try:
+        PipelineRunner(WorkerConfig(device="cpu", model_cache_dir=str(cache_dir), cpu_threads=wanted))
+        assert torch.get_num_threads() == wanted
+    finally:
+        torch.set_num_threads(before)
+
+
 def test_concurrent_renders_equal_serial_renders(runner):
     requests = [GenerationRequest(f"thread {i}", scheduler=SCHEDULERS[i % len(SCHEDULERS)]) for i in range(6)]
     serial = [runner.render(r) for r in requests]
