@@ -25,6 +25,31 @@ from celery_bridge.contract import TASK_NAME, GenerationResult, task_payload
 log = logging.getLogger(__name__)
 TASK_ID_PREFIX = "sdgate-"
 STATE_STARTED, STATE_SUCCESS, STATE_FAILURE = "STARTED", "SUCCESS", "FAILURE"
+# kombu's Redis transport keeps a queue as one list per priority step and a popped, unacknowledged
+# message in the `unacked` hash (kombu.transport.redis.Channel defaults).
+KOMBU_UNACKED_KEY = "unacked"
+KOMBU_PRIORITY_SUFFIXES = ("", "\x06\x163", "\x06\x166", "\x06\x169")
+LOST_CHECK_S = 5.0  # how often submitted tasks are looked for; lost after two misses in a row
+
+# KEYS: result key of each task id, then the queue lists, then the unacked hash. ARGV: the task ids.
+# Returns the ids with no result (not even STARTED), in no queue list and held by no worker: lost.
+# One script, so a task cannot move between those places while we look.
+_FIND_LOST = """
+local n = #ARGV
+local seen = {}
+local function scan(raws)
+  for _, raw in ipairs(raws) do
+    for id in string.gmatch(raw, '__PREFIX__[%w%-]+') do seen[id] = true end
+  end
+end
+for q = n + 1, #KEYS - 1 do scan(redis.call('LRANGE', KEYS[q], 0, -1)) end
+scan(redis.call('HVALS', KEYS[#KEYS]))
+local lost = {}
+for i = 1, n do
+  if not seen[ARGV[i]] and redis.call('EXISTS', KEYS[i]) == 0 then lost[#lost + 1] = ARGV[i] end
+end
+return lost
+""".replace("__PREFIX__", TASK_ID_PREFIX.replace("-", "%-"))
 
 
 def new_task_id(key: str) -> str:
@@ -47,12 +72,21 @@ class GenerationProducer:
         self._stop = threading.Event()
         self._listener = threading.Thread(target=self._listen, name="sdgate-results", daemon=True)
         self._listener.start()
+        self._find_lost = self.redis.register_script(_FIND_LOST)
         self._poller = threading.Thread(target=self._poll_pending, name="sdgate-results-poll", daemon=True)
         self._poller.start()
 
     def submit(self, request: GenerationRequest, task_id: str) -> None:
-        """Queue one generation under `task_id` (call watch() first so no result is missed)."""
-        self.app.send_task(TASK_NAME, args=[task_payload(request)], task_id=task_id, queue=self.config.queue)
+        """Queue one generation under `task_id` (call watch() first so no result is missed).
+
+        While the task is watched it is queued again if the broker loses it (see _requeue_lost).
+        """
+        payload = task_payload(request)
+        self.app.send_task(TASK_NAME, args=[payload], task_id=task_id, queue=self.config.queue)
+        with self._lock:
+            watch = self._watches.get(task_id)
+            if watch is not None:
+                watch.payload = payload
 
     def watch(self, task_id: str, on_started: Optional[Callable[[], None]] = None) -> "Future[GenerationResult]":
         """A future for `task_id`'s result; `on_started` runs once when a worker picks it up."""
@@ -148,18 +182,54 @@ class GenerationProducer:
             self._deliver(task_id, raw)
 
     def _poll_pending(self) -> None:
-        """Safety net for a missed publish: look up every pending result every second."""
+        """Safety net for a missed publish: look up every pending result every second; and every
+        LOST_CHECK_S, requeue submitted tasks the broker lost."""
+        last_check = time.monotonic()
         while not self._stop.wait(1.0):
             try:
                 self._poll_once()
+                if time.monotonic() - last_check >= LOST_CHECK_S:
+                    last_check = time.monotonic()
+                    self._requeue_lost()
             except redis.RedisError:
                 pass
+            except Exception:  # noqa: BLE001 - e.g. kombu failing to publish; the next round retries
+                log.exception("checking for lost tasks failed; retrying in %.0f s", LOST_CHECK_S)
+
+    def _requeue_lost(self) -> None:
+        """Send again each task this process submitted that is nowhere in Redis, twice in a row.
+
+        kombu's Redis transport pops a message (BRPOP) before it records it as unacknowledged; if
+        the worker's broker connection restarts in between (it does after a Redis restart), the
+        message is gone and its waiters would wait for the request deadline. Two sightings
+        LOST_CHECK_S apart rule out a worker caught between the pop and the record.
+        """
+        with self._lock:
+            submitted = {task_id: watch for task_id, watch in self._watches.items() if watch.payload is not None}
+        if not submitted:
+            return
+        ids = list(submitted)
+        queues = [self.config.queue + suffix for suffix in KOMBU_PRIORITY_SUFFIXES]
+        keys = [self._result_prefix + task_id for task_id in ids] + queues + [KOMBU_UNACKED_KEY]
+        lost = {raw.decode() if isinstance(raw, bytes) else raw for raw in self._find_lost(keys=keys, args=ids)}
+        for task_id, watch in submitted.items():
+            if task_id not in lost:
+                watch.missing = 0
+                continue
+            watch.missing += 1
+            if watch.missing >= 2 and not watch.future.done():
+                log.warning("task %s is no longer queued, held by a worker or finished: the broker lost it "
+                            "(e.g. across a Redis restart); queueing it again", task_id)
+                self.app.send_task(TASK_NAME, args=[watch.payload], task_id=task_id, queue=self.config.queue)
+                watch.missing = 0
 
 
 class _Watch:
     def __init__(self) -> None:
         self.future: "Future[GenerationResult]" = Future()
         self.on_started: List[Callable[[], None]] = []
+        self.payload: Optional[Dict[str, Any]] = None  # set when this process submitted the task
+        self.missing = 0  # consecutive checks that found the task nowhere
 
 
 def _failure_text(meta: Dict[str, Any]) -> str:

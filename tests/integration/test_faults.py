@@ -1,0 +1,429 @@
+"""Faults on the real local stack, in both worker modes: a worker SIGKILLed mid-generation, a long
+task outliving the visibility timeout, Redis stopped and restarted, a gateway replica killed, a
+cache writer killed mid-burst. Each test asserts what the user saw and that nothing was lost.
+
+One stack per worker mode (class-scoped), torn down before the next starts; the visibility
+timeout is short (3 s) so a redelivery shows up in seconds.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import random
+import signal
+import sqlite3
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import redis
+
+from client import protocol
+from client.protocol import GenerationRequest, ProtocolError
+from cluster.local import LocalStack, _reap, port_in_use
+from serve_app.stats import read_stats
+from serve_app.store import SQLiteImageStore
+from tests.integration.harness import (GATEWAY_REPLICA, WORKER_REPLICA, TaskRuns, ask, connect, healthz,
+                                       local_stack, replica_pids, slow_request, wait_for)
+from tests.services import REPO
+
+pytestmark = pytest.mark.integration
+VISIBILITY_S = 3
+FAULT_ENV = {"SDGATE_VISIBILITY_TIMEOUT_S": str(VISIBILITY_S), "SDGATE_LEASE_RENEW_S": "0.5"}
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.fixture(scope="class")
+def plain_stack():
+    with local_stack("celery", workers=2, env=FAULT_ENV, request_timeout_s=60) as stack:
+        yield stack
+
+
+@pytest.fixture(scope="class")
+def ray_stack():
+    with local_stack("ray", workers=2, env=FAULT_ENV, request_timeout_s=90) as stack:
+        yield stack
+
+
+def generations(stack: LocalStack) -> int:
+    """The cluster-wide count of submitted generations, once the gateway's batched flush caught up."""
+    client = redis.Redis.from_url(stack.redis_url)
+    previous = read_stats(client)["generations"]
+    while True:
+        time.sleep(0.4)
+        current = read_stats(client)["generations"]
+        if current == previous:
+            return current
+        previous = current
+
+
+def cached_pngs(stack: LocalStack, key: str) -> list:
+    with sqlite3.connect(stack.paths.cache_db) as db:
+        return [row[0] for row in db.execute("SELECT png FROM images WHERE key = ?", (key,))]
+
+
+def in_thread(work) -> tuple:
+    """Run work() in a thread; returns (thread, outcome) where outcome gets 'reply' or 'error'."""
+    outcome: dict = {}
+
+    def run():
+        try:
+            outcome["reply"] = work()
+        except BaseException as exc:  # noqa: BLE001 - asserted by the caller
+            outcome["error"] = exc
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    return thread, outcome
+
+
+# -- shared by both worker modes ------------------------------------------------------------------
+
+def check_long_task_runs_once(stack: LocalStack) -> None:
+    request = slow_request(stack, f"one long render in {stack.stack.worker_mode} mode", seconds=3 * VISIBILITY_S)
+    runs = TaskRuns(stack.redis_url, request.cache_key())
+    try:
+        started = time.monotonic()
+        reply = ask(stack, request)
+        took = time.monotonic() - started
+        assert took > 2 * VISIBILITY_S, f"took {took:.1f} s; the task must outlive the visibility timeout"
+        assert reply.meta["key"] == request.cache_key()
+        time.sleep(VISIBILITY_S + 2)  # a lease left to expire would have been redelivered to the idle worker
+        assert len(runs.started()) == 1 and runs.succeeded() == 1, f"ran more than once: {runs.events}"
+    finally:
+        runs.close()
+
+
+def check_worker_killed_mid_generation(stack: LocalStack) -> int:
+    """SIGKILL the worker that runs a generation; the client still gets the image. Returns the victim."""
+    request = slow_request(stack, f"the worker dies under me in {stack.stack.worker_mode} mode", seconds=8)
+    key = request.cache_key()
+    submitted = generations(stack)
+    runs = TaskRuns(stack.redis_url, key)
+    try:
+        client, outcome = in_thread(lambda: ask(stack, request, timeout=150))
+        victim = runs.wait_started(60)
+        time.sleep(1)  # well inside the denoising loop
+        os.kill(victim, signal.SIGKILL)
+        client.join(150)
+        assert not client.is_alive(), "the client hung"
+        assert "reply" in outcome, f"the client got {outcome.get('error')!r} instead of its image"
+        reply = outcome["reply"]
+        assert reply.meta["key"] == key and reply.png.startswith(PNG_SIGNATURE)
+        assert not reply.meta["worker"].endswith(f":{victim}"), "answered by the killed worker?"
+        started = runs.started()
+        assert len(started) == 2 and started[0] == victim and started[1] != victim, runs.events
+        assert runs.succeeded() == 1
+    finally:
+        runs.close()
+    assert cached_pngs(stack, key) == [reply.png], "exactly one image cached: the one the client got"
+    assert generations(stack) == submitted + 1, "one task, redelivered; not a second submission"
+    assert ask(stack, request).statuses[0]["state"] == protocol.STATUS_CACHED
+    return victim
+
+
+# -- plain `sdgate worker` processes --------------------------------------------------------------
+
+class TestPlainWorkers:
+    def test_a_task_longer_than_the_visibility_timeout_runs_once(self, plain_stack):
+        check_long_task_runs_once(plain_stack)
+
+    def test_worker_sigkilled_mid_generation_loses_nothing(self, plain_stack):
+        victim = check_worker_killed_mid_generation(plain_stack)
+        respawn_worker(plain_stack, victim)
+
+    def test_cache_writer_sigkilled_mid_burst_never_serves_a_bad_image(self, plain_stack):
+        stack = plain_stack
+        printed = []  # entries the writer reported committed before it was killed
+        served, errors = [], []
+        stop = threading.Event()
+
+        def reader():  # a client asking for committed entries while the writer is killed again and again
+            while not stop.is_set():
+                if printed:
+                    index = random.choice(printed)
+                    try:
+                        served.append((index, ask(stack, burst_request(index))))
+                    except Exception as exc:  # noqa: BLE001 - asserted below
+                        errors.append(exc)
+                time.sleep(0.05)
+
+        reading = threading.Thread(target=reader, daemon=True)
+        reading.start()
+        try:
+            for round_start in range(0, 250, 50):  # five bursts, each SIGKILLed part way
+                writer = subprocess.Popen([sys.executable, "-c", BURST_WRITER, str(stack.paths.cache_db),
+                                           str(round_start), "50"], cwd=REPO, stdout=subprocess.PIPE,
+                                          stderr=subprocess.PIPE, start_new_session=True)
+                kill_at = round_start + random.randint(5, 40)
+                for line in writer.stdout:
+                    printed.append(int(line))
+                    if int(line) >= kill_at:
+                        break
+                os.kill(writer.pid, signal.SIGKILL)
+                writer.wait(10)
+                assert writer.returncode == -signal.SIGKILL, writer.stderr.read().decode()[-2000:]
+                printed.extend(int(line) for line in writer.stdout.read().split())  # flushed before the kill
+        finally:
+            stop.set()
+            reading.join(30)
+
+        # 1. The file opens cleanly and is sound.
+        with sqlite3.connect(stack.paths.cache_db) as db:
+            assert db.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+        store = SQLiteImageStore(stack.paths.cache_db, max_bytes=stack.gateway.cache_max_bytes)
+        try:
+            assert store.integrity_check()
+            # 2. Every committed entry is there, byte for byte; one cut off by the kill is absent, never partial.
+            present = 0
+            for index in range(250):
+                entry = store.get(burst_request(index).cache_key())
+                if entry is None:
+                    assert index not in printed, f"committed entry {index} was lost"
+                else:
+                    present += 1
+                    assert entry.png == burst_png(index), f"entry {index} is corrupt"
+            assert store.corrupt_dropped == 0
+            assert present >= len(set(printed))
+        finally:
+            store.close()
+        # 3. What clients were served, during the bursts and now, is exactly what was written.
+        assert not errors, errors[:3]
+        assert served, "the reader was served while the writer was being killed"
+        for index, reply in served:
+            assert reply.png == burst_png(index), f"served a different image for entry {index}"
+        for index in (printed[0], printed[-1]):
+            reply = ask(stack, burst_request(index))
+            assert reply.statuses[0]["state"] == protocol.STATUS_CACHED and reply.png == burst_png(index)
+        print(f"\n[cache writer kill] 5 SIGKILLs, {len(set(printed))} committed entries intact, "
+              f"{len(served)} hits served during the bursts, 0 corrupt")
+
+    def test_a_queued_task_the_broker_lost_is_queued_again(self, plain_stack):
+        """kombu's Redis transport drops a message it has popped (BRPOP) but not yet recorded as
+        unacked when the worker's broker connection restarts at that moment, which happens after a
+        Redis restart. Simulated here by popping the queued message; the gateway requeues it."""
+        stack = plain_stack
+        busy = [slow_request(stack, f"keeps worker {i} busy while a task is lost", seconds=5) for i in range(2)]
+        runs = [TaskRuns(stack.redis_url, request.cache_key()) for request in busy]
+        blockers = [in_thread(lambda r=r: ask(stack, r)) for r in busy]
+        try:
+            for watcher in runs:
+                watcher.wait_started(60)
+        finally:
+            for watcher in runs:
+                watcher.close()
+        lost = GenerationRequest("a task the broker loses", seed=9)
+        client, outcome = in_thread(lambda: ask(stack, lost, timeout=120))
+        broker = redis.Redis.from_url(stack.redis_url)
+        wait_for(lambda: broker.llen("sdgate") == 1, 20, "the task waiting in the queue")
+        raw = broker.rpop("sdgate")
+        assert f"sdgate-{lost.cache_key()}".encode() in raw
+        lost_at = time.monotonic()
+        client.join(90)
+        assert "reply" in outcome, f"the client got {outcome.get('error')!r}, not its image"
+        assert outcome["reply"].meta["key"] == lost.cache_key()
+        print(f"\n[lost task] requeued and served {time.monotonic() - lost_at:.1f} s after the broker lost it")
+        for thread, result in blockers:
+            thread.join(60)
+            assert "reply" in result, result
+
+    @pytest.mark.parametrize("stop_signal", [signal.SIGTERM, signal.SIGKILL], ids=["sigterm", "sigkill"])
+    def test_redis_restarted_while_requests_are_in_flight(self, plain_stack, stop_signal):
+        stack = plain_stack
+        name = stop_signal.name
+        hit = GenerationRequest(f"cached before redis gets {name}", seed=1)
+        hit_png = ask(stack, hit).png
+        cached_before = len_cache(stack)
+        # 1. Three slow misses in flight: two generating (two workers), one queued behind them.
+        slow = [slow_request(stack, f"in flight {i} when redis gets {name}", seconds=4) for i in range(3)]
+        runs = TaskRuns(stack.redis_url, slow[0].cache_key())
+        clients = [in_thread(lambda r=r: ask(stack, r, timeout=stack.gateway.request_timeout_s + 30)) for r in slow]
+        runs.wait_started(60)
+        runs.close()
+        time.sleep(1.5)  # past appendfsync everysec: the queued task and the claims are on disk
+
+        # 2. Redis goes away.
+        redis_pid = stack._load()["processes"]["redis"]
+        os.kill(redis_pid, stop_signal)
+        wait_for(lambda: not port_in_use(stack.stack.redis_port), 20, "redis-server stopping")
+        _reap(redis_pid)
+        # While it is down: hits are still served from the cache, a new miss is refused at once.
+        assert ask(stack, hit, timeout=20).png == hit_png
+        started = time.monotonic()
+        with pytest.raises(ProtocolError) as refused:
+            ask(stack, GenerationRequest(f"a new miss while redis is down {name}"), timeout=30)
+        assert refused.value.code == protocol.E_UNAVAILABLE and "retry" in refused.value.message
+        assert time.monotonic() - started < 10, "refused promptly, not after a hang"
+
+        # 3. Redis comes back on the same port with its append-only file. The gateway reconnects by
+        # itself: a new miss is accepted (queued) within 10 s, and rendered once the workers get to it.
+        stack._start_redis()
+        back = time.monotonic()
+        fresh = GenerationRequest(f"a new miss after redis came back {name}")
+        conn = wait_for(lambda: submit_when_accepted(stack, fresh), 10, "a new miss accepted after Redis came back",
+                        interval=0.5)
+        print(f"\n[redis {name}] new miss accepted {time.monotonic() - back:.1f} s after Redis came back")
+        with conn:
+            reply = read_until_image(conn, timeout=stack.gateway.request_timeout_s + 10)
+        print(f"[redis {name}] and rendered {time.monotonic() - back:.1f} s after")
+        assert reply.meta["key"] == fresh.cache_key()
+
+        # 4. Every in-flight client got its image or a clear retryable error; none hung.
+        for (thread, outcome), request in zip(clients, slow):
+            thread.join(stack.gateway.request_timeout_s + 40)
+            assert not thread.is_alive(), "an in-flight client hung"
+            if "reply" in outcome:
+                assert outcome["reply"].meta["key"] == request.cache_key()
+            else:
+                error = outcome["error"]
+                assert isinstance(error, ProtocolError) and error.code in protocol.RETRYABLE_CODES, repr(error)
+            print(f"[redis {name}] in-flight {request.prompt!r}: "
+                  f"{'image' if 'reply' in outcome else outcome['error'].code}")
+
+        # 5. The cache is intact and still serves what it held.
+        with sqlite3.connect(stack.paths.cache_db) as db:
+            assert db.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+        assert len_cache(stack) >= cached_before
+        assert ask(stack, hit).png == hit_png
+
+
+def submit_when_accepted(stack: LocalStack, request: GenerationRequest):
+    """The open connection once the gateway has queued `request`; None if it refused (e.g. unavailable)."""
+    conn = connect(stack)
+    try:
+        conn.sendall(protocol.encode_request(request))
+        frame = protocol.read_frame(conn, 15)
+        if frame.kind == protocol.STATUS and frame.json()["state"] == protocol.STATUS_QUEUED:
+            return conn
+    except (ProtocolError, OSError):
+        pass
+    conn.close()
+    return None
+
+
+def read_until_image(conn, timeout: float) -> protocol.ImageReply:
+    deadline = time.monotonic() + timeout
+    while True:
+        frame = protocol.read_frame(conn, 5, idle_timeout=max(deadline - time.monotonic(), 0.1))
+        if frame.kind == protocol.IMAGE:
+            return protocol.ImageReply(*protocol.decode_image(frame))
+        if frame.kind == protocol.ERROR:
+            raise protocol.decode_error(frame)
+
+
+def len_cache(stack: LocalStack) -> int:
+    with sqlite3.connect(stack.paths.cache_db) as db:
+        return db.execute("SELECT COUNT(*) FROM images").fetchone()[0]
+
+
+def respawn_worker(stack: LocalStack, victim: int) -> None:
+    """Start the killed plain worker again under its name, and wait until it consumes."""
+    name = next(n for n, pgid in stack._load()["processes"].items() if pgid == victim)
+    log = stack.paths.logs / f"{name}.log"
+    ready_before = log.read_text(errors="replace").count(" ready.")
+    stack._spawn(name, [sys.executable, "-m", "cluster.cli", "worker", "--broker", stack.redis_url],
+                 env=stack.worker_env())
+    wait_for(lambda: log.read_text(errors="replace").count(" ready.") > ready_before, 120, f"{name} restarting")
+
+
+# The cache writer killed mid-burst: entries are deterministic, so any served byte can be checked.
+def burst_request(index: int) -> GenerationRequest:
+    return GenerationRequest(f"burst entry {index}", seed=index)
+
+
+def burst_png(index: int) -> bytes:
+    rng = random.Random(index)
+    return PNG_SIGNATURE + rng.randbytes(rng.randint(50_000, 400_000))
+
+
+BURST_WRITER = f"""
+import sys
+from pathlib import Path
+from serve_app.store import SQLiteImageStore
+from tests.integration.test_faults import burst_png, burst_request
+store = SQLiteImageStore(Path(sys.argv[1]), max_bytes={1 << 30})
+start, count = int(sys.argv[2]), int(sys.argv[3])
+for index in range(start, start + count):
+    key = burst_request(index).cache_key()
+    store.put(key, burst_png(index), {{"key": key, "burst": index}})
+    print(index, flush=True)  # committed
+"""
+
+
+# -- Ray Serve task-consumer replicas -------------------------------------------------------------
+
+class TestRayWorkers:
+    def test_a_task_longer_than_the_visibility_timeout_runs_once(self, ray_stack):
+        check_long_task_runs_once(ray_stack)
+
+    def test_worker_replica_sigkilled_mid_generation_loses_nothing(self, ray_stack):
+        before = replica_pids(ray_stack, WORKER_REPLICA)
+        victim = check_worker_killed_mid_generation(ray_stack)
+        assert victim in before, "the task ran in one of this stack's worker replicas"
+        # Serve replaces the dead replica.
+        wait_for(lambda: len([p for p in replica_pids(ray_stack, WORKER_REPLICA) if p != victim]) == 2, 90,
+                 "Serve replacing the killed worker replica")
+
+    def test_gateway_replica_sigkilled(self, ray_stack, capsys):
+        from client.boot import BootClient, ClientError
+
+        stack = ray_stack
+        [old] = replica_pids(stack, GATEWAY_REPLICA)
+        boot = BootClient(port=stack.gateway.socket_port, timeout=120)
+        warm = GenerationRequest("the boot client before the gateway dies", seed=3)
+        assert boot.generate(warm).png  # its connection is open now
+        idle = connect(stack)
+        slow = slow_request(stack, "in flight when the gateway replica dies", seconds=8)
+        runs = TaskRuns(stack.redis_url, slow.cache_key())
+        try:
+            client, outcome = in_thread(lambda: boot.generate(slow))
+            runs.wait_started(60)
+            time.sleep(0.5)
+            os.kill(old, signal.SIGKILL)
+            killed = time.monotonic()
+
+            # 1. Connected clients see a clean close or an error at once, never a hang.
+            idle.settimeout(10)
+            try:
+                assert idle.recv(1) == b""
+            except ConnectionResetError:
+                pass
+            idle.close()
+            client.join(30)
+            assert not client.is_alive(), "the boot client hung"
+            answered = time.monotonic() - killed
+            assert "reconnecting and sending the request again" in capsys.readouterr().err, "retried once"
+            with capsys.disabled():
+                print(f"\n[gateway kill] in-flight boot client, {answered:.1f} s after the kill: "
+                      f"{'image' if 'reply' in outcome else outcome['error']}")
+            if "error" in outcome:
+                assert isinstance(outcome["error"], ClientError), repr(outcome["error"])
+                assert "sdgate server" in str(outcome["error"])
+
+            # 2. Serve replaces the replica; the next requests succeed on the same boot client.
+            new = wait_for(lambda: [p for p in replica_pids(stack, GATEWAY_REPLICA) if p != old], 90,
+                           "Serve replacing the gateway replica")
+            reply = wait_for(lambda: boot_try(boot, slow), 90, "the boot client served again", interval=0.5)
+            with capsys.disabled():
+                print(f"[gateway kill] replica {old} -> {new}; served again {time.monotonic() - killed:.1f} s "
+                      "after the kill")
+            assert reply.meta["key"] == slow.cache_key()
+            assert len(runs.started()) == 1, "the new replica joined the running task instead of rendering again"
+        finally:
+            runs.close()
+        assert boot.generate(warm).statuses[0]["state"] == protocol.STATUS_CACHED
+        assert healthz(stack)["ok"] is True
+        boot.close()
+
+
+def boot_try(boot, request):
+    from client.boot import ClientError
+
+    try:
+        return boot.generate(request)
+    except ClientError:
+        return None
