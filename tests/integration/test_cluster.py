@@ -50,14 +50,12 @@ def cluster(redis_server, tmp_path_factory):
     saved = dict(os.environ)
     os.environ.update(SDGATE_HOME=str(home), PYTHONPATH=str(REPO), RAY_USAGE_STATS_ENABLED="0",
                       RAY_metrics_report_interval_ms="1000")
-    metrics_port = free_port()
     ray_cluster = Cluster(initialize_head=True, head_node_args={
-        "num_cpus": 2, "num_gpus": 0, "gcs_server_port": free_port(), "metrics_export_port": metrics_port,
+        "num_cpus": 2, "num_gpus": 0, "gcs_server_port": free_port(),
         "include_dashboard": True, "dashboard_port": free_port(), "dashboard_host": "127.0.0.1"})
     gpu_nodes = [ray_cluster.add_node(num_cpus=2, num_gpus=1) for _ in range(2)]
     ray.init(address=ray_cluster.address, logging_level="ERROR", log_to_driver=False)
     serve.start(http_options={"host": "127.0.0.1", "port": free_port()})
-    ray_cluster.metrics_port = metrics_port
     ray_cluster.gpu_nodes = gpu_nodes
     yield ray_cluster
     serve.shutdown()
@@ -198,13 +196,19 @@ def test_gateway_scales_on_socket_load_and_back(gateway_port):
 
 
 def test_metrics_endpoint_shows_counters_moving(cluster, gateway_port):
-    url = f"http://127.0.0.1:{cluster.metrics_port}/metrics"
+    import ray
+
+    # Each node exports the metrics of the processes it runs, and the gateway replica may be on any node.
+    urls = [f"http://127.0.0.1:{node['MetricsExportPort']}/metrics" for node in ray.nodes() if node["Alive"]]
 
     def scrape(name: str) -> dict:
-        """{label set: value} of every series of `name`; replicas that went away drop out."""
-        text = urllib.request.urlopen(url, timeout=10).read().decode()
-        return {labels: float(value) for labels, value in
-                re.findall(rf"^ray_{name}(?:_total)?({{[^}}]*}})? ([0-9.e+]+)$", text, re.M)}
+        """{(node, label set): value} of every series of `name`; replicas that went away drop out."""
+        series = {}
+        for url in urls:
+            text = urllib.request.urlopen(url, timeout=10).read().decode()
+            for labels, value in re.findall(rf"^ray_{name}(?:_total)?({{[^}}]*}})? ([0-9.e+]+)$", text, re.M):
+                series[(url, labels)] = float(value)
+        return series
 
     def grew(before: dict, name: str) -> bool:
         return any(value > before.get(labels, 0.0) for labels, value in scrape(name).items())
