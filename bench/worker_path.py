@@ -1,7 +1,7 @@
 """Worker path: per-image time inside the worker (render + PNG) against a bare pipeline call in the
 same process, and the worker process's resident memory. Prints one JSON object.
 
-    python -m bench.worker_path [--images 50] [--size 64] [--steps 2]
+    python -m bench worker_path [--images 50] [--size 64] [--steps 2]
 """
 
 from __future__ import annotations
@@ -62,9 +62,8 @@ def main(argv=None) -> dict:
         "worker_overhead_ms_p50": round(statistics.median(worker_ms) - statistics.median(bare_ms), 2),
         "worker_rss_mib": round(rss_mib(), 1),
     }
-    print(json.dumps(figures))
     return figures
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    print(json.dumps(main(sys.argv[1:])))
