@@ -1,0 +1,54 @@
+"""The benchmarks' own parts: the floor server answers hits exactly as the gateway would, and a
+benchmark run through `python -m bench` prints one JSON object of figures."""
+
+from __future__ import annotations
+
+import json
+import socket
+import subprocess
+import sys
+import threading
+
+import pytest
+
+from bench.floor_server import FloorServer
+from client import protocol
+from client.protocol import GenerationRequest, ProtocolError
+from serve_app.store import SQLiteImageStore
+from tests.services import REPO
+
+
+def test_floor_server_sends_the_stored_png_and_refuses_misses(tmp_path):
+    store = SQLiteImageStore(tmp_path / "images.db", max_bytes=1 << 20)
+    hit = GenerationRequest("a stored image", seed=1)
+    png = b"\x89PNG\r\n\x1a\n" + bytes(range(256)) * 40
+    store.put(hit.cache_key(), png, {"key": hit.cache_key()})
+    server = FloorServer(0, store)
+    threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.1}, daemon=True).start()
+    try:
+        with socket.create_connection(server.server_address, timeout=10) as conn:
+            reply = protocol.exchange(conn, hit, timeout=10)
+            assert reply.png == png and reply.meta["key"] == hit.cache_key()
+            with pytest.raises(ProtocolError) as refused:
+                protocol.exchange(conn, GenerationRequest("never stored"), timeout=10)
+            assert "not cached" in refused.value.message
+            assert protocol.exchange(conn, hit, timeout=10).png == png, "the connection serves on after a miss"
+    finally:
+        server.shutdown()
+        server.server_close()
+        store.close()
+
+
+def test_bench_prints_one_json_object_of_figures(tmp_path):
+    run = subprocess.run([sys.executable, "-m", "bench", "worker_path", "--images", "3"], cwd=REPO,
+                         capture_output=True, text=True, timeout=300,
+                         env={"PATH": "/usr/bin:/bin", "SDGATE_HOME": str(tmp_path), "PYTHONPATH": str(REPO)})
+    assert run.returncode == 0, run.stderr[-2000:]
+    figures = json.loads(run.stdout.strip().splitlines()[-1])
+    assert figures["images"] == 3 and figures["machine"]["cpus"] >= 1
+    assert figures["worker_task_ms_p50"] > 0 and figures["bare_pipeline_ms_p50"] > 0
+
+
+def test_bench_without_a_known_name_shows_the_list():
+    run = subprocess.run([sys.executable, "-m", "bench", "nope"], cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert run.returncode == 2 and "worker_path" in run.stderr
