@@ -4,7 +4,6 @@ with both turned on. Bad HTTP input is in test_bad_input.py."""
 from __future__ import annotations
 
 import json
-import os
 import socket
 import urllib.error
 import urllib.request
@@ -13,35 +12,16 @@ import pytest
 
 from client import protocol
 from client.protocol import GenerationRequest, ProtocolError
-from cluster.local import LocalStack, StackConfig
-from serve_app.config import GatewayConfig
-from tests.services import free_port
+from tests.integration.harness import ask, local_stack
 
 pytestmark = pytest.mark.integration
 TOKEN = "s3cret-token"
 
 
 @pytest.fixture(scope="module")
-def stack(tmp_path_factory):
-    home = tmp_path_factory.mktemp("auth")
-    saved = dict(os.environ)
-    os.environ["SDGATE_HOME"] = str(home)
-    local = LocalStack(home=home, stack=StackConfig(redis_port=free_port(), ray_port=free_port(),
-                                                    dashboard_port=free_port()),
-                       gateway=GatewayConfig(socket_port=free_port(), http_port=free_port(), auth_token=TOKEN,
-                                             rate_limit_per_s=2, rate_limit_burst=20))
-    try:
-        local.up(log=lambda *_: None)
-        yield local
-    finally:
-        local.down(log=lambda *_: None)
-        os.environ.clear()
-        os.environ.update(saved)
-
-
-def ask(stack, request, token=None):
-    with socket.create_connection(("127.0.0.1", stack.gateway.socket_port), timeout=10) as conn:
-        return protocol.exchange(conn, request, token=token, timeout=120)
+def stack():
+    with local_stack("celery", workers=1, auth_token=TOKEN, rate_limit_per_s=2, rate_limit_burst=20) as stack:
+        yield stack
 
 
 def post(stack, body: bytes, token=TOKEN):
