@@ -150,7 +150,7 @@ def measure(args: argparse.Namespace) -> Dict[str, Any]:
 
         def worker_image(i: int) -> float:
             request = GenerationRequest(f"gpu bench worker {i}: a red fox in the snow", width=size, height=size,
-                                        steps=steps)
+                                        steps=steps, model=runner.config.model)
             _sync(device)
             t0 = time.perf_counter()
             result = service.handle(request.to_dict())

@@ -52,3 +52,14 @@ def test_bench_prints_one_json_object_of_figures(tmp_path):
 def test_bench_without_a_known_name_shows_the_list():
     run = subprocess.run([sys.executable, "-m", "bench", "nope"], cwd=REPO, capture_output=True, text=True, timeout=60)
     assert run.returncode == 2 and "worker_path" in run.stderr
+
+
+def test_gpu_bench_smoke_runs_the_worker_path_on_its_own_model(tmp_path):
+    """The GPU script's code path on CPU: its worker must serve the random pipeline it built."""
+    run = subprocess.run([sys.executable, "-m", "bench", "gpu", "--smoke", "--images", "2", "--batches", "1,2"],
+                         cwd=REPO, capture_output=True, text=True, timeout=300,
+                         env={"PATH": "/usr/bin:/bin", "SDGATE_HOME": str(tmp_path), "PYTHONPATH": str(REPO)})
+    assert run.returncode == 0, run.stderr[-2000:]
+    figures = json.loads(run.stdout.strip().splitlines()[-1])
+    assert figures["smoke"] is True and figures["worker_images_per_s"] > 0
+    assert set(figures["bare_by_batch"]) == {"1", "2"}
