@@ -45,6 +45,7 @@ def celery_settings(config: CeleryConfig) -> Dict[str, Any]:
         "redis_socket_connect_timeout": socket_opts["socket_connect_timeout"],
         "redis_retry_on_timeout": True,
         "redis_backend_health_check_interval": 10,
+        "worker_consumer": "celery_bridge.worker:QuickReconnectConsumer",
         "worker_hijack_root_logger": False,
         "worker_send_task_events": False,
         "task_send_sent_event": False,

@@ -6,17 +6,38 @@ Both worker modes run `GenerationService.handle` as the task body: the plain Cel
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import socket
 import time
 from typing import Any, Dict, List, Optional
 
+from celery.worker.consumer import Consumer
+
 from client.protocol import E_INTERNAL, E_TIMEOUT, InvalidRequest
 from celery_bridge.config import CeleryConfig, WorkerConfig, load_celery_config, load_worker_config
 from celery_bridge.contract import TASK_NAME, GenerationResult, request_from_payload
 
 log = logging.getLogger(__name__)
+RECONNECT_INTERVAL_MAX_S = 2.0  # Celery's own backoff grows to 30 s between broker reconnect attempts
+
+
+class QuickReconnectConsumer(Consumer):
+    """Celery's worker consumer, retrying a lost broker every RECONNECT_INTERVAL_MAX_S at the most.
+
+    Celery passes kombu fixed intervals (2 s, growing by 2 s to 30 s), so after a long Redis
+    outage a worker could sit idle for up to 30 s while the gateway already queues new work.
+    """
+
+    def ensure_connected(self, conn):
+        retry = conn.ensure_connection
+        conn.ensure_connection = functools.partial(retry, interval_start=0.2, interval_step=0.5,
+                                                   interval_max=RECONNECT_INTERVAL_MAX_S)
+        try:
+            return super().ensure_connected(conn)
+        finally:
+            conn.ensure_connection = retry
 
 
 class GenerationService:

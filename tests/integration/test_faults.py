@@ -36,6 +36,7 @@ pytestmark = pytest.mark.integration
 VISIBILITY_S = 3
 FAULT_ENV = {"SDGATE_VISIBILITY_TIMEOUT_S": str(VISIBILITY_S), "SDGATE_LEASE_RENEW_S": "0.5"}
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+LONG_OUTAGE_S = 45  # Celery's default backoff retries at 42 s and 56 s: Redis back at 45 s waits 11 s
 
 
 @pytest.fixture(scope="class")
@@ -335,6 +336,26 @@ class TestPlainWorkers:
             assert db.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
         assert len_cache(stack) >= cached_before
         assert ask(stack, hit).png == hit_png
+
+    def test_workers_take_new_work_soon_after_a_long_redis_outage(self, plain_stack):
+        """Celery's own reconnect backoff would have the workers sleeping 14 s between attempts by
+        the time Redis comes back; they must retry often enough to render within 10 s of it."""
+        stack = plain_stack
+        redis_pid = stack._load()["processes"]["redis"]
+        os.kill(redis_pid, signal.SIGKILL)
+        wait_for(lambda: not port_in_use(stack.stack.redis_port), 20, "redis-server stopping")
+        _reap(redis_pid)
+        time.sleep(LONG_OUTAGE_S)
+        stack._start_redis()
+        back = time.monotonic()
+        fresh = GenerationRequest(f"the first miss after a {LONG_OUTAGE_S} s outage")
+        conn = wait_for(lambda: submit_when_accepted(stack, fresh), 10, "a new miss accepted", interval=0.5)
+        with conn:
+            reply = read_until_image(conn, timeout=60)
+        rendered = time.monotonic() - back
+        print(f"\n[redis down {LONG_OUTAGE_S} s] a new miss rendered {rendered:.1f} s after Redis came back")
+        assert reply.meta["key"] == fresh.cache_key()
+        assert rendered < 10, f"rendered {rendered:.1f} s after Redis came back"
 
 
 def ask_or_none(stack: LocalStack, request: GenerationRequest):
