@@ -16,6 +16,7 @@ from concurrent.futures import Future
 from typing import Any, Callable, Dict, List, Optional
 
 import redis
+from kombu.transport.redis import Channel as KombuRedisChannel
 
 from client.protocol import E_INTERNAL, GenerationRequest
 from celery_bridge.app import make_celery_app
@@ -26,9 +27,8 @@ log = logging.getLogger(__name__)
 TASK_ID_PREFIX = "sdgate-"
 STATE_STARTED, STATE_SUCCESS, STATE_FAILURE = "STARTED", "SUCCESS", "FAILURE"
 # kombu's Redis transport keeps a queue as one list per priority step and a popped, unacknowledged
-# message in the `unacked` hash (kombu.transport.redis.Channel defaults).
-KOMBU_UNACKED_KEY = "unacked"
-KOMBU_PRIORITY_SUFFIXES = ("", "\x06\x163", "\x06\x166", "\x06\x169")
+# message in its unacked hash.
+KOMBU_UNACKED_KEY = KombuRedisChannel.unacked_key
 LOST_CHECK_S = 5.0  # how often submitted tasks are looked for; lost after two misses in a row
 
 # KEYS: result key of each task id, then the queue lists, then the unacked hash. ARGV: the task ids.
@@ -209,7 +209,8 @@ class GenerationProducer:
         if not submitted:
             return
         ids = list(submitted)
-        queues = [self.config.queue + suffix for suffix in KOMBU_PRIORITY_SUFFIXES]
+        queues = [self.config.queue] + [f"{self.config.queue}{KombuRedisChannel.sep}{step}"
+                                        for step in KombuRedisChannel.priority_steps if step]
         keys = [self._result_prefix + task_id for task_id in ids] + queues + [KOMBU_UNACKED_KEY]
         lost = {raw.decode() if isinstance(raw, bytes) else raw for raw in self._find_lost(keys=keys, args=ids)}
         for task_id, watch in submitted.items():

@@ -201,8 +201,7 @@ class LocalStack:
     def _spawn(self, name: str, argv: List[str], env: Optional[Dict[str, str]] = None) -> subprocess.Popen:
         log_file = open(self.paths.logs / f"{name}.log", "ab")
         process = subprocess.Popen(argv, cwd=REPO, env=dict(self.child_env(), **(env or {})), stdout=log_file,
-                                   stderr=subprocess.STDOUT,
-                                   stdin=subprocess.DEVNULL, start_new_session=True)
+                                   stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
         self.processes[name] = process.pid
         self._save()
         return process
@@ -237,13 +236,13 @@ class LocalStack:
         if self.stack.worker_mode != "celery":
             raise StackError(f"worker_mode {self.stack.worker_mode!r} must be 'celery' or 'ray'")
         for index in range(self.stack.workers):
-            self._spawn(f"worker-{index}", [sys.executable, "-m", "cluster.cli", "worker", "--broker", self.redis_url],
-                        env=self.worker_env())
+            self.spawn_worker(f"worker-{index}")
 
-    def worker_env(self) -> Dict[str, str]:
-        """What a plain worker of this stack adds to child_env(): its share of the machine's cores."""
-        return {"SDGATE_CPU_THREADS": os.environ.get("SDGATE_CPU_THREADS")
-                or str(cpu_threads_per_worker(self.stack.workers))}
+    def spawn_worker(self, name: str) -> subprocess.Popen:
+        """Start one plain `sdgate worker` of this stack, with its share of the machine's cores."""
+        threads = os.environ.get("SDGATE_CPU_THREADS") or str(cpu_threads_per_worker(self.stack.workers))
+        return self._spawn(name, [sys.executable, "-m", "cluster.cli", "worker", "--broker", self.redis_url],
+                           env={"SDGATE_CPU_THREADS": threads})
 
     def _deploy(self) -> None:
         """Deploy the gateway (and Ray-managed workers) from a short-lived driver process."""

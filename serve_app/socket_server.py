@@ -139,16 +139,14 @@ class SocketFrontServer:
                     self._wake_r.recv(4096)
                 else:
                     conn = key.fileobj
-                    self._selector.unregister(conn)
-                    self._idle_since.pop(conn, None)
+                    self._unwatch(conn)
                     self._pool.submit(self._serve_one, conn)
             while True:
                 try:
                     conn = self._returned.get_nowait()
                 except queue.Empty:
                     break
-                self._idle_since[conn] = time.monotonic()
-                self._selector.register(conn, selectors.EVENT_READ, "conn")
+                self._watch(conn)
             if time.monotonic() - last_sweep >= 1.0:
                 last_sweep = time.monotonic()
                 self._close_idle()
@@ -172,18 +170,26 @@ class SocketFrontServer:
                 continue
             with self._count_lock:
                 self._open += 1
-            self._idle_since[conn] = time.monotonic()
-            self._selector.register(conn, selectors.EVENT_READ, "conn")
+            self._watch(conn)
 
     def _close_idle(self) -> None:
         cutoff = time.monotonic() - self.config.idle_timeout_s
         for conn, since in list(self._idle_since.items()):
             if since < cutoff:
-                # Forget it too: the next sweep must not unregister a closed socket (fd -1 raises
-                # and would end this thread, and with it every socket client of the replica).
-                del self._idle_since[conn]
-                self._selector.unregister(conn)
+                self._unwatch(conn)
                 self._close(conn)
+
+    def _watch(self, conn: socket.socket) -> None:
+        """Wait for `conn`'s next request in the selector, idle from now on."""
+        self._idle_since[conn] = time.monotonic()
+        self._selector.register(conn, selectors.EVENT_READ, "conn")
+
+    def _unwatch(self, conn: socket.socket) -> None:
+        """Stop waiting for `conn`, in the selector and in the idle table alike: a socket left in
+        either after it is closed (fd -1) would make the next select or sweep raise and end the
+        selector thread, and with it every socket client of the replica."""
+        self._selector.unregister(conn)
+        self._idle_since.pop(conn, None)
 
     def _wake(self) -> None:
         try:
