@@ -8,6 +8,7 @@ import math
 import os
 import shutil
 import socket
+import sqlite3
 import tempfile
 import threading
 import time
@@ -22,6 +23,7 @@ from client import protocol
 from client.protocol import MAX_STEPS, GenerationRequest
 from cluster.local import LocalStack, StackConfig, _group_tree
 from serve_app.config import GatewayConfig
+from serve_app.stats import read_stats
 from tests.services import free_port
 
 RESULT_PREFIX = "celery-task-meta-"  # Celery's Redis result backend: key and channel of each task's state
@@ -99,6 +101,38 @@ def replica_pids(stack: LocalStack, title: str) -> List[int]:
         except OSError:
             continue
     return sorted(pids)
+
+
+def counters(stack: LocalStack) -> dict:
+    return read_stats(redis.Redis.from_url(stack.redis_url))
+
+
+def settled_counters(stack: LocalStack) -> dict:
+    """Counters once the gateways' batched flushes have caught up (no change for a while)."""
+    previous = counters(stack)
+    while True:
+        time.sleep(0.5)
+        current = counters(stack)
+        if current == previous:
+            return current
+        previous = current
+
+
+def cached_pngs(stack: LocalStack, key: str) -> List[bytes]:
+    """The PNGs the stack's SQLite cache holds under `key`, read straight from the file."""
+    with sqlite3.connect(stack.paths.cache_db) as db:
+        return [row[0] for row in db.execute("SELECT png FROM images WHERE key = ?", (key,))]
+
+
+def cache_entries(stack: LocalStack) -> int:
+    with sqlite3.connect(stack.paths.cache_db) as db:
+        return db.execute("SELECT COUNT(*) FROM images").fetchone()[0]
+
+
+def cache_integrity(stack: LocalStack) -> str:
+    """SQLite's verdict on the cache file, opened afresh: "ok" when sound."""
+    with sqlite3.connect(stack.paths.cache_db) as db:
+        return db.execute("PRAGMA integrity_check").fetchone()[0]
 
 
 def rss_bytes(pid: int) -> int:

@@ -9,8 +9,6 @@ import json
 import random
 import select
 import socket
-import sqlite3
-import struct
 import threading
 import time
 from typing import List, Optional
@@ -19,8 +17,8 @@ import pytest
 
 from client import protocol
 from client.protocol import GenerationRequest, ProtocolError
-from tests.integration.harness import GATEWAY_REPLICA, ask, connect, healthz, local_stack, replica_pids, rss_bytes, \
-    slow_request, wait_for
+from tests.integration.harness import GATEWAY_REPLICA, ask, cached_pngs, connect, healthz, local_stack, replica_pids, \
+    rss_bytes, slow_request, wait_for
 
 pytestmark = pytest.mark.integration
 FRAME_TIMEOUT_S = 2
@@ -289,11 +287,6 @@ def test_a_thousand_idle_connections_do_not_starve_anyone(stack, good_client):
             conn.close()
 
 
-def cached(stack, key: str) -> bool:
-    with sqlite3.connect(stack.paths.cache_db) as db:
-        return db.execute("SELECT COUNT(*) FROM images WHERE key = ?", (key,)).fetchone()[0] == 1
-
-
 def test_a_client_gone_mid_generation_still_gets_its_image_cached(stack, good_client):
     request = slow_request(stack, "nobody waits for this image", seconds=3)
     baseline = healthz(stack)["open_connections"]
@@ -307,7 +300,7 @@ def test_a_client_gone_mid_generation_still_gets_its_image_cached(stack, good_cl
     assert healthz(stack)["pending_misses"] == 1
     for conn in leaving:
         conn.close()
-    wait_for(lambda: cached(stack, request.cache_key()), 90, "the image being cached")
+    wait_for(lambda: len(cached_pngs(stack, request.cache_key())) == 1, 90, "the image being cached")
     health = wait_for(lambda: (lambda h: h if h["pending_misses"] == 0 else None)(healthz(stack)), 10,
                       "pending misses back to 0")
     wait_for(lambda: healthz(stack)["open_connections"] <= baseline, 10, "the dead connections released")

@@ -7,6 +7,7 @@ The tests share one cluster and run in file order: placement, scaling, metrics, 
 
 from __future__ import annotations
 
+import functools
 import os
 import re
 import socket
@@ -22,6 +23,7 @@ from client.protocol import GenerationRequest
 from celery_bridge import consumer
 from celery_bridge.producer import GenerationProducer, new_task_id
 from serve_app import gateway
+from tests.integration import harness
 from tests.integration.conftest import celery_config
 from tests.services import REPO, free_port
 
@@ -30,14 +32,7 @@ QUEUE = "cluster-q"
 WORKER_DEPLOYMENT = "GenerationConsumer"
 
 
-def wait_for(check, timeout: float, what: str, interval: float = 0.5):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = check()
-        if value:
-            return value
-        time.sleep(interval)
-    raise AssertionError(f"{what} did not happen within {timeout} s")
+wait_for = functools.partial(harness.wait_for, interval=0.5)  # Serve's status is an RPC: ask twice a second
 
 
 @pytest.fixture(scope="module")

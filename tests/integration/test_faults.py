@@ -13,12 +13,10 @@ import io
 import os
 import random
 import signal
-import sqlite3
 import subprocess
 import sys
 import threading
 import time
-from pathlib import Path
 
 import pytest
 import redis
@@ -26,10 +24,10 @@ import redis
 from client import protocol
 from client.protocol import GenerationRequest, ProtocolError
 from cluster.local import LocalStack, _reap, port_in_use
-from serve_app.stats import read_stats
 from serve_app.store import SQLiteImageStore
-from tests.integration.harness import (GATEWAY_REPLICA, WORKER_REPLICA, TaskRuns, ask, connect, healthz,
-                                       local_stack, replica_pids, slow_request, wait_for)
+from tests.integration.harness import (GATEWAY_REPLICA, WORKER_REPLICA, TaskRuns, ask, cache_entries,
+                                       cache_integrity, cached_pngs, connect, healthz, local_stack, replica_pids,
+                                       settled_counters, slow_request, wait_for)
 from tests.services import REPO
 
 pytestmark = pytest.mark.integration
@@ -49,23 +47,6 @@ def plain_stack():
 def ray_stack():
     with local_stack("ray", workers=2, env=FAULT_ENV, request_timeout_s=90) as stack:
         yield stack
-
-
-def generations(stack: LocalStack) -> int:
-    """The cluster-wide count of submitted generations, once the gateway's batched flush caught up."""
-    client = redis.Redis.from_url(stack.redis_url)
-    previous = read_stats(client)["generations"]
-    while True:
-        time.sleep(0.4)
-        current = read_stats(client)["generations"]
-        if current == previous:
-            return current
-        previous = current
-
-
-def cached_pngs(stack: LocalStack, key: str) -> list:
-    with sqlite3.connect(stack.paths.cache_db) as db:
-        return [row[0] for row in db.execute("SELECT png FROM images WHERE key = ?", (key,))]
 
 
 def in_thread(work) -> tuple:
@@ -104,7 +85,7 @@ def check_worker_killed_mid_generation(stack: LocalStack) -> int:
     """SIGKILL the worker that runs a generation; the client still gets the image. Returns the victim."""
     request = slow_request(stack, f"the worker dies under me in {stack.stack.worker_mode} mode", seconds=8)
     key = request.cache_key()
-    submitted = generations(stack)
+    submitted = settled_counters(stack)["generations"]
     runs = TaskRuns(stack.redis_url, key)
     try:
         client, outcome = in_thread(lambda: ask(stack, request, timeout=150))
@@ -123,7 +104,7 @@ def check_worker_killed_mid_generation(stack: LocalStack) -> int:
     finally:
         runs.close()
     assert cached_pngs(stack, key) == [reply.png], "exactly one image cached: the one the client got"
-    assert generations(stack) == submitted + 1, "one task, redelivered; not a second submission"
+    assert settled_counters(stack)["generations"] == submitted + 1, "one task, redelivered; not a second submission"
     assert ask(stack, request).statuses[0]["state"] == protocol.STATUS_CACHED
     return victim
 
@@ -175,8 +156,7 @@ class TestPlainWorkers:
             reading.join(30)
 
         # 1. The file opens cleanly and is sound.
-        with sqlite3.connect(stack.paths.cache_db) as db:
-            assert db.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+        assert cache_integrity(stack) == "ok"
         store = SQLiteImageStore(stack.paths.cache_db, max_bytes=stack.gateway.cache_max_bytes)
         try:
             assert store.integrity_check()
@@ -209,9 +189,9 @@ class TestPlainWorkers:
         stack = plain_stack
         [old] = replica_pids(stack, GATEWAY_REPLICA)
         requests = [GenerationRequest(f"written when the gateway dies {i}", seed=i) for i in range(40)]
-        before = len_cache(stack)
+        before = cache_entries(stack)
         clients = [in_thread(lambda r=r: ask(stack, r, timeout=60)) for r in requests]
-        wait_for(lambda: len_cache(stack) >= before + 5, 60, "the gateway writing the burst")
+        wait_for(lambda: cache_entries(stack) >= before + 5, 60, "the gateway writing the burst")
         os.kill(old, signal.SIGKILL)
         killed = time.monotonic()
         for thread, _ in clients:
@@ -226,8 +206,7 @@ class TestPlainWorkers:
                  "Serve replacing the gateway replica")
 
         # The store opens cleanly and every entry in it is whole.
-        with sqlite3.connect(stack.paths.cache_db) as db:
-            assert db.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+        assert cache_integrity(stack) == "ok"
         store = SQLiteImageStore(stack.paths.cache_db, max_bytes=stack.gateway.cache_max_bytes)
         try:
             assert store.integrity_check()
@@ -284,7 +263,7 @@ class TestPlainWorkers:
         name = stop_signal.name
         hit = GenerationRequest(f"cached before redis gets {name}", seed=1)
         hit_png = ask(stack, hit).png
-        cached_before = len_cache(stack)
+        cached_before = cache_entries(stack)
         # 1. Three slow misses in flight: two generating (two workers), one queued behind them.
         slow = [slow_request(stack, f"in flight {i} when redis gets {name}", seconds=4) for i in range(3)]
         runs = TaskRuns(stack.redis_url, slow[0].cache_key())
@@ -332,9 +311,8 @@ class TestPlainWorkers:
                   f"{'image' if 'reply' in outcome else outcome['error'].code}")
 
         # 5. The cache is intact and still serves what it held.
-        with sqlite3.connect(stack.paths.cache_db) as db:
-            assert db.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
-        assert len_cache(stack) >= cached_before
+        assert cache_integrity(stack) == "ok"
+        assert cache_entries(stack) >= cached_before
         assert ask(stack, hit).png == hit_png
 
     def test_workers_take_new_work_soon_after_a_long_redis_outage(self, plain_stack):
@@ -398,18 +376,12 @@ def read_until_image(conn, timeout: float) -> protocol.ImageReply:
             raise protocol.decode_error(frame)
 
 
-def len_cache(stack: LocalStack) -> int:
-    with sqlite3.connect(stack.paths.cache_db) as db:
-        return db.execute("SELECT COUNT(*) FROM images").fetchone()[0]
-
-
 def respawn_worker(stack: LocalStack, victim: int) -> None:
     """Start the killed plain worker again under its name, and wait until it consumes."""
     name = next(n for n, pgid in stack._load()["processes"].items() if pgid == victim)
     log = stack.paths.logs / f"{name}.log"
     ready_before = log.read_text(errors="replace").count(" ready.")
-    stack._spawn(name, [sys.executable, "-m", "cluster.cli", "worker", "--broker", stack.redis_url],
-                 env=stack.worker_env())
+    stack.spawn_worker(name)
     wait_for(lambda: log.read_text(errors="replace").count(" ready.") > ready_before, 120, f"{name} restarting")
 
 

@@ -5,69 +5,32 @@ from __future__ import annotations
 
 import base64
 import dataclasses
-import io
 import json
 import os
 import socket
 import subprocess
 import sys
 import threading
-import time
 import urllib.error
 import urllib.request
 from pathlib import Path
 
 import pytest
-import redis
 from PIL import Image
 
 from client import protocol
 from client.protocol import GenerationRequest, ProtocolError
-from cluster.local import LocalStack, StackConfig, _group_tree, port_in_use
-from serve_app.config import GatewayConfig
-from serve_app.stats import read_stats
-from tests.services import REPO, free_port
+from cluster.local import LocalStack, _group_tree, port_in_use
+from tests.integration.harness import ask, local_stack, settled_counters
+from tests.services import REPO
 
 pytestmark = pytest.mark.integration
 
 
 @pytest.fixture(scope="module")
-def stack(tmp_path_factory):
-    home = tmp_path_factory.mktemp("stack")
-    local = LocalStack(
-        home=home,
-        stack=StackConfig(redis_port=free_port(), ray_port=free_port(), dashboard_port=free_port()),
-        gateway=GatewayConfig(socket_port=free_port(), http_port=free_port(), stats_flush_s=0.1),
-    )
-    previous_home = os.environ.get("SDGATE_HOME")
-    os.environ["SDGATE_HOME"] = str(home)
-    try:
-        local.up(log=lambda *_: None)
-        yield local
-    finally:
-        local.down(log=lambda *_: None)
-        if previous_home is not None:
-            os.environ["SDGATE_HOME"] = previous_home
-
-
-def counters(stack: LocalStack) -> dict:
-    return read_stats(redis.Redis.from_url(stack.redis_url))
-
-
-def settled_counters(stack: LocalStack) -> dict:
-    """Counters once the gateways' batched flushes have caught up (no change for a while)."""
-    previous = counters(stack)
-    while True:
-        time.sleep(0.5)
-        current = counters(stack)
-        if current == previous:
-            return current
-        previous = current
-
-
-def ask(stack: LocalStack, request: GenerationRequest) -> protocol.ImageReply:
-    with socket.create_connection(("127.0.0.1", stack.gateway.socket_port), timeout=10) as conn:
-        return protocol.exchange(conn, request, timeout=120)
+def stack():
+    with local_stack("celery", workers=1) as stack:
+        yield stack
 
 
 def boot(stack: LocalStack, *args: str, stdin: str = "", out: Path) -> subprocess.CompletedProcess:
