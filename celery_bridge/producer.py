@@ -2,7 +2,8 @@
 
 Imports no torch or diffusers. Results arrive through Celery's Redis result backend, which
 stores each task's state under a key and publishes it on a channel of the same name; one
-watcher thread per process listens on the pattern for sdgate's task ids and wakes the waiter.
+listener thread per process subscribes to the channels of exactly the tasks this process
+watches (so a replica never reads the results of other replicas' tasks) and wakes the waiter.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import threading
 import time
 import uuid
 from concurrent.futures import Future
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any, Callable, Dict, Iterator, List, Optional, Set
 
 import redis
 from kombu.transport.redis import Channel as KombuRedisChannel
@@ -30,6 +31,10 @@ STATE_STARTED, STATE_SUCCESS, STATE_FAILURE = "STARTED", "SUCCESS", "FAILURE"
 # message in its unacked hash.
 KOMBU_UNACKED_KEY = KombuRedisChannel.unacked_key
 LOST_CHECK_S = 5.0  # how often submitted tasks are looked for; lost after two misses in a row
+# How long the listener waits for a message before it applies new (un)subscriptions; a result
+# published meanwhile is not missed (the listener reads each key once it has subscribed).
+SUBSCRIBE_LAG_S = 0.05
+SUBSCRIBE_BATCH = 500  # channels per SUBSCRIBE/UNSUBSCRIBE command
 
 # KEYS: result key of each task id, then the queue lists, then the unacked hash. ARGV: the task ids.
 # Returns the ids with no result (not even STARTED), in no queue list and held by no worker: lost.
@@ -69,6 +74,8 @@ class GenerationProducer:
         self._result_prefix = prefix.decode() if isinstance(prefix, bytes) else prefix
         self._watches: Dict[str, _Watch] = {}
         self._lock = threading.Lock()
+        self._subscriptions_stale = threading.Event()  # set when the watched ids change
+        self.messages_received = 0  # result messages this process's listener read and parsed
         self._stop = threading.Event()
         self._listener = threading.Thread(target=self._listen, name="sdgate-results", daemon=True)
         self._listener.start()
@@ -96,12 +103,15 @@ class GenerationProducer:
                 watch = self._watches[task_id] = _Watch()
             if on_started:
                 watch.on_started.append(on_started)
+        self._subscriptions_stale.set()
         self._check(task_id)  # the result may already be there (a joined or finished task)
         return watch.future
 
     def unwatch(self, task_id: str) -> None:
+        """Stop waiting for `task_id` (its channel is unsubscribed)."""
         with self._lock:
             self._watches.pop(task_id, None)
+        self._subscriptions_stale.set()
 
     def queue_length(self) -> int:
         return int(self.redis.llen(self.config.queue))
@@ -127,6 +137,7 @@ class GenerationProducer:
                 callbacks, watch.on_started = watch.on_started, []
             elif state in (STATE_SUCCESS, STATE_FAILURE, "REVOKED"):
                 self._watches.pop(task_id, None)
+                self._subscriptions_stale.set()
                 callbacks = []
             else:
                 return
@@ -148,18 +159,26 @@ class GenerationProducer:
             log.debug("result check for %s failed: %s", task_id, exc)
 
     def _listen(self) -> None:
-        """Pattern-subscribe to sdgate result channels; reconnect with backoff when Redis drops."""
-        pattern = f"{self._result_prefix}{TASK_ID_PREFIX}*"
+        """Subscribe to the result channel of each watched task; reconnect with backoff when Redis drops."""
         backoff = 0.1
         while not self._stop.is_set():
             pubsub = self.redis.pubsub(ignore_subscribe_messages=True)
+            subscribed: Set[str] = set()
+            self._subscriptions_stale.set()  # a new connection subscribes to everything watched
             try:
-                pubsub.psubscribe(pattern)
-                backoff = 0.1
-                self._poll_once()  # anything published while we were disconnected
                 while not self._stop.is_set():
-                    message = pubsub.get_message(timeout=1.0)
-                    if message and message.get("type") == "pmessage":
+                    if self._subscriptions_stale.is_set():
+                        self._subscriptions_stale.clear()
+                        added = self._resubscribe(pubsub, subscribed)
+                        backoff = 0.1
+                        if added:  # published before the subscription took effect: read the keys
+                            self._poll_once(added)
+                    if not subscribed:
+                        self._subscriptions_stale.wait(1.0)
+                        continue
+                    message = pubsub.get_message(timeout=SUBSCRIBE_LAG_S)
+                    if message and message.get("type") == "message":
+                        self.messages_received += 1
                         channel = message["channel"].decode()
                         self._deliver(channel[len(self._result_prefix):], message["data"])
             except (redis.RedisError, OSError) as exc:
@@ -172,9 +191,23 @@ class GenerationProducer:
                 except Exception:  # noqa: BLE001 - closing a dead connection
                     pass
 
-    def _poll_once(self) -> None:
+    def _resubscribe(self, pubsub, subscribed: Set[str]) -> List[str]:
+        """Bring `pubsub`'s channels in line with the watched task ids; returns the ids added."""
         with self._lock:
-            pending: List[str] = list(self._watches)
+            wanted = set(self._watches)
+        added, gone = sorted(wanted - subscribed), sorted(subscribed - wanted)
+        for batch in _batches(gone):
+            pubsub.unsubscribe(*[self._result_prefix + task_id for task_id in batch])
+            subscribed.difference_update(batch)
+        for batch in _batches(added):
+            pubsub.subscribe(*[self._result_prefix + task_id for task_id in batch])
+            subscribed.update(batch)
+        return added
+
+    def _poll_once(self, task_ids: Optional[List[str]] = None) -> None:
+        """Read the stored result of `task_ids` (default: every watched task) and deliver it."""
+        with self._lock:
+            pending: List[str] = list(self._watches) if task_ids is None else task_ids
         if not pending:
             return
         raws = self.redis.mget([self._result_prefix + task_id for task_id in pending])
@@ -231,6 +264,11 @@ class _Watch:
         self.on_started: List[Callable[[], None]] = []
         self.payload: Optional[Dict[str, Any]] = None  # set when this process submitted the task
         self.missing = 0  # consecutive checks that found the task nowhere
+
+
+def _batches(items: List[str]) -> Iterator[List[str]]:
+    for start in range(0, len(items), SUBSCRIBE_BATCH):
+        yield items[start:start + SUBSCRIBE_BATCH]
 
 
 def _failure_text(meta: Dict[str, Any]) -> str:

@@ -1,0 +1,95 @@
+"""The producer subscribes to the result channels of the tasks it watches, and only those.
+
+Results are stored and published by Celery's own Redis backend (`backend.store_result`), as a
+worker does; no worker is needed to show who reads which message.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from client.protocol import GenerationRequest
+from celery_bridge.contract import GenerationResult
+from celery_bridge.producer import GenerationProducer, new_task_id
+from tests.integration import harness
+from tests.integration.conftest import celery_config
+from tests.services import RedisServer, wait_for_port
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture
+def own_redis():
+    """A Redis of this test's own, so it can be restarted."""
+    server = RedisServer().start()
+    yield server
+    server.stop()
+
+
+def result_of(request: GenerationRequest) -> dict:
+    return GenerationResult.success(request, b"png", pipeline_ms=1.0, worker="test").to_json()
+
+
+def finish(producer: GenerationProducer, task_id: str, request: GenerationRequest) -> None:
+    """What a worker's backend does when the task ends: store the result and publish it."""
+    producer.app.backend.store_result(task_id, result_of(request), "SUCCESS")
+
+
+def task(prompt: str):
+    request = GenerationRequest(prompt).normalized()
+    return request, new_task_id(request.cache_key())
+
+
+def test_a_producer_reads_only_the_results_of_tasks_it_watches(redis_server):
+    config = celery_config(redis_server.url, "channels-q")
+    mine, other = GenerationProducer(config), GenerationProducer(config)
+    try:
+        (request_a, a), (request_b, b) = task("channels task a"), task("channels task b")
+        future_a, future_b = mine.watch(a), other.watch(b)
+        # Let both listeners subscribe (else the result would come through the key read instead).
+        harness.wait_for(lambda: _subscribed(mine, a) and _subscribed(other, b), 10, "both subscriptions")
+        finish(other, b, request_b)
+        assert future_b.result(timeout=10).ok
+        finish(mine, a, request_a)
+        assert future_a.result(timeout=10).key == request_a.cache_key()
+        assert mine.messages_received == 1, "task b's result never reached the producer watching only a"
+        assert other.messages_received == 1
+        # Delivered results are unsubscribed: a late republish of a reaches no one.
+        harness.wait_for(lambda: not _subscribed(mine, a), 10, "the channel of the delivered task unsubscribed")
+        unwatched = task("channels unwatched")[1]
+        mine.watch(unwatched)
+        harness.wait_for(lambda: _subscribed(mine, unwatched), 10, "a new watch subscribed")
+        mine.unwatch(unwatched)
+        harness.wait_for(lambda: not _subscribed(mine, unwatched), 10, "an unwatched task unsubscribed")
+    finally:
+        mine.close()
+        other.close()
+
+
+def test_results_arrive_after_redis_restarts(own_redis):
+    producer = GenerationProducer(celery_config(own_redis.url, "channels-restart-q"))
+    try:
+        (request_1, first), (request_2, second) = task("restart first"), task("restart second")
+        future_1 = producer.watch(first)
+        harness.wait_for(lambda: _subscribed(producer, first), 10, "the first subscription")
+        own_redis.stop()
+        own_redis.start()  # same port, same append-only file
+        wait_for_port(own_redis.port)
+        # Published after the listener reconnected: it must have subscribed again by itself.
+        harness.wait_for(lambda: _subscribed(producer, first), 30, "resubscribed after the restart", interval=0.2)
+        received = producer.messages_received
+        finish(producer, first, request_1)
+        assert future_1.result(timeout=10).ok
+        assert producer.messages_received == received + 1, "delivered by the subscription, not the safety-net poll"
+        # A task watched after the restart works too.
+        future_2 = producer.watch(second)
+        finish(producer, second, request_2)
+        assert future_2.result(timeout=10).ok
+    finally:
+        producer.close()
+
+
+def _subscribed(producer: GenerationProducer, task_id: str) -> bool:
+    """Whether Redis has a subscriber for `task_id`'s result channel from `producer`'s listener."""
+    channel = producer._result_prefix + task_id
+    return producer.redis.pubsub_numsub(channel)[0][1] >= 1
