@@ -3,6 +3,10 @@
 Each replica holds one resident pipeline (and `num_gpus` GPUs, from configs/worker.yaml or the
 Serve config) and runs Ray Serve's Celery adapter with one consumer thread, so Ray places,
 restarts and scales the workers while the data path stays Redis + Celery.
+
+A replica Serve stops (scale-down, redeploy) drains: it stops consuming, finishes the render it
+holds, acks it, then exits. `graceful_shutdown_timeout_s` is set past the task time limit so
+Serve never kills it mid-render.
 """
 
 from __future__ import annotations
@@ -17,6 +21,18 @@ from ray.serve.task_consumer import task_consumer, task_handler
 from celery_bridge.app import SERVE_MANAGED_KEYS, celery_settings
 from celery_bridge.config import CeleryConfig, WorkerConfig, load_celery_config, load_worker_config
 from celery_bridge.contract import TASK_NAME
+
+DRAIN_MARGIN_S = 30  # beyond the task time limit: the ack, the consumer's exit, Serve's own steps
+
+
+def drain_timeout_s(config: CeleryConfig) -> float:
+    """How long a stopping replica may take to finish its render (the hard task time limit)."""
+    return float(config.time_limit_s + 10)
+
+
+def graceful_shutdown_timeout_s(config: CeleryConfig) -> float:
+    """Serve's force-kill deadline for a stopping replica: after its drain, never during it."""
+    return drain_timeout_s(config) + DRAIN_MARGIN_S
 
 
 def task_processor_config(config: CeleryConfig) -> TaskProcessorConfig:
@@ -60,7 +76,23 @@ def consumer_class(celery_config: CeleryConfig):
             if thread is not None and not thread.is_alive():
                 raise RuntimeError("the Celery consumer thread of this replica has stopped")
 
-    return GenerationConsumer
+    class DrainingGenerationConsumer(GenerationConsumer):
+        """Stops like a Celery warm shutdown: no new task, the running one finished and acked."""
+
+        def __del__(self):
+            # Serve calls this when it stops the replica. The adapter's own stop waits 10 s, and
+            # Serve would then kill a render in progress; wait for the whole task time limit.
+            adapter = getattr(self, "_adapter", None)
+            try:
+                if adapter is not None:
+                    adapter.stop_consumer(timeout=drain_timeout_s(celery_config))
+            finally:
+                leases = getattr(self, "leases", None)
+                if leases is not None:
+                    leases.stop()  # after the drain: the running task kept its lease until acked
+
+    DrainingGenerationConsumer.__name__ = DrainingGenerationConsumer.__qualname__ = "GenerationConsumer"
+    return DrainingGenerationConsumer
 
 
 def build_app(args: Optional[Dict[str, Any]] = None) -> serve.Application:
@@ -79,5 +111,6 @@ def build_app(args: Optional[Dict[str, Any]] = None) -> serve.Application:
         **({"autoscaling_config": args["autoscaling_config"]} if args.get("autoscaling_config")
            else {"num_replicas": args.get("num_replicas", 1)}),
         ray_actor_options={"num_gpus": worker_config.num_gpus, "num_cpus": 1},
+        graceful_shutdown_timeout_s=graceful_shutdown_timeout_s(celery_config),
     )
     return deployment.bind(dataclasses.asdict(worker_config))

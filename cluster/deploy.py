@@ -30,12 +30,14 @@ GATEWAY_APP, WORKERS_APP = "gateway", "workers"
 
 def deploy(spec: Dict[str, Any]) -> Dict[str, str]:
     """spec: ray_address, http {host, port}, gateway (overrides, or None for no gateway), celery,
-    workers (Ray-managed worker replicas), worker (WorkerConfig overrides), timeout_s."""
+    workers (Ray-managed worker replicas), worker (WorkerConfig overrides), timeout_s,
+    on_ingress_node (gateway replicas only on nodes with serve_app.placement's resource)."""
     ray.init(address=spec["ray_address"], logging_level="ERROR", log_to_driver=False)
     serve.start(http_options=spec.get("http") or {})
     targets = []
     if spec.get("gateway") is not None:
-        targets.append(RunTarget(gateway.build_app({"gateway": spec["gateway"], "celery": spec.get("celery")}),
+        targets.append(RunTarget(gateway.build_app({"gateway": spec["gateway"], "celery": spec.get("celery"),
+                                                    "on_ingress_node": spec.get("on_ingress_node", False)}),
                                  name=GATEWAY_APP, route_prefix="/"))
     if spec.get("workers"):
         workers = consumer.build_app({"celery": spec.get("celery") or {}, "worker": spec.get("worker") or {},

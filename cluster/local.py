@@ -23,6 +23,7 @@ from client import protocol
 from client.protocol import GenerationRequest
 from celery_bridge.config import load_config, sdgate_home
 from serve_app.config import GatewayConfig, load_gateway_config
+from serve_app.placement import ray_start_resources_flag
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -218,7 +219,8 @@ class LocalStack:
         argv = [str(Path(sys.executable).parent / "ray"), "start", "--head", "--block",
                 f"--port={self.stack.ray_port}", f"--dashboard-port={self.stack.dashboard_port}",
                 "--dashboard-host=127.0.0.1", "--include-dashboard=true", f"--num-cpus={self.stack.ray_num_cpus}",
-                "--num-gpus=0", "--disable-usage-stats", "--node-ip-address=127.0.0.1"]
+                "--num-gpus=0", "--disable-usage-stats", "--node-ip-address=127.0.0.1",
+                ray_start_resources_flag()]  # the head takes the gateway replicas (serve_app.placement)
         if self.paths.ray_temp:
             argv.append(f"--temp-dir={self.paths.ray_temp}")
         process = self._spawn("ray", argv)
@@ -252,6 +254,7 @@ class LocalStack:
             "gateway": dict(dataclasses.asdict(self.gateway), cache_path=str(self.paths.cache_db)),
             "celery": {"redis_url": self.redis_url},
             "workers": self.stack.workers if self.stack.worker_mode == "ray" else 0,
+            "on_ingress_node": True,
             "timeout_s": self.stack.start_timeout_s,
         }
         result = subprocess.run([sys.executable, "-m", "cluster.deploy", json.dumps(spec)], cwd=REPO,

@@ -28,6 +28,7 @@ from serve_app.autoscaling import SOCKET_LOAD_METRIC
 from serve_app.config import load_gateway_config
 from serve_app.front import FrontService
 from serve_app.metrics import RayMetrics
+from serve_app.placement import ingress_actor_options
 from serve_app.socket_server import SocketFrontServer, check_token
 from serve_app.store import open_store
 
@@ -182,9 +183,12 @@ def build_app(args: Optional[Dict[str, Any]] = None) -> serve.Application:
     """Serve application builder (`import_path: serve_app.gateway:build_app`).
 
     args: {"gateway": {GatewayConfig overrides}, "celery": {CeleryConfig overrides},
-    "autoscaling_config": optional}; a Serve config file may override the deployment options.
+    "autoscaling_config": optional, "on_ingress_node": place replicas on the ingress node (the
+    head; serve_app.placement)}; a Serve config file may override the deployment options.
     """
     args = args or {}
     deployment = Gateway.options(autoscaling_config=args["autoscaling_config"]) if args.get(
         "autoscaling_config") else Gateway
+    if args.get("on_ingress_node"):  # only on nodes that advertise serve_app.placement's resource
+        deployment = deployment.options(ray_actor_options=ingress_actor_options(Gateway.ray_actor_options))
     return deployment.bind(args.get("gateway"), args.get("celery"))

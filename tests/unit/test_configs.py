@@ -41,7 +41,7 @@ def test_serve_yaml_renders_and_passes_the_serve_schema():
     workers = apps["workers"]["deployments"][0]
     assert workers["ray_actor_options"]["num_gpus"] == 1
     policy = workers["autoscaling_config"]["policy"]
-    assert policy["policy_function"].endswith("AsyncInferenceAutoscalingPolicy")
+    assert policy["policy_function"] == "celery_bridge.autoscaling:WorkerLoadPolicy"
     assert policy["policy_kwargs"]["broker_url"] == "redis://:pw@head:6379/0"
     gateway_policy = apps["gateway"]["deployments"][0]["autoscaling_config"]["policy"]["policy_function"]
     assert gateway_policy == "serve_app.autoscaling:gateway_load_policy"

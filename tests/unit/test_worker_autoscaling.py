@@ -1,0 +1,179 @@
+"""The worker autoscaling policy counts queued plus in-progress tasks of its own queue, holds on an
+unknown count, and a stopping worker replica drains instead of being killed mid-render."""
+
+import json
+from types import SimpleNamespace
+
+import pytest
+
+from celery_bridge.autoscaling import QueueWork, WorkerLoadPolicy, queue_keys, unacked_for_queue
+
+
+class Clock:
+    def __init__(self):
+        self.now = 1000.0
+
+    def __call__(self):
+        return self.now
+
+
+def context(current: int, target_replicas=None, per_replica: float = 1.0):
+    config = SimpleNamespace(get_target_ongoing_requests=lambda: per_replica)
+    return SimpleNamespace(current_num_replicas=current, config=config,
+                           target_num_replicas=current if target_replicas is None else target_replicas)
+
+
+def policy(counts, clock=None, **kwargs):
+    """A policy whose Redis count is the next item of `counts` (an Exception item: Redis failing)."""
+    feed = iter(counts)
+
+    def counter():
+        item = next(feed)
+        if isinstance(item, Exception):
+            raise item
+        return item
+
+    return WorkerLoadPolicy(queue_name="model-a", broker_url="redis://unused", poll_interval_s=2,
+                            counter=counter, clock=clock or Clock(), **kwargs)
+
+
+def test_a_busy_fleet_with_an_empty_queue_keeps_every_replica():
+    desired, state = policy([QueueWork(queued=0, in_progress=4)])(context(4))
+    assert desired == 4 and state["in_progress"] == 4 and state["queued"] == 0
+
+
+def test_queued_and_running_tasks_add_up():
+    desired, _ = policy([QueueWork(queued=3, in_progress=2)])(context(2))
+    assert desired == 5
+
+
+def test_target_per_replica_divides_the_work():
+    desired, _ = policy([QueueWork(queued=3, in_progress=1)])(context(2, per_replica=2.0))
+    assert desired == 2
+
+
+def test_an_idle_fleet_asks_for_zero():
+    desired, _ = policy([QueueWork(queued=0, in_progress=0)])(context(3))
+    assert desired == 0  # Serve's wrapper applies min_replicas and downscale_delay_s
+
+
+def test_from_zero_replicas_asks_for_all_the_work_at_once():
+    desired, _ = policy([QueueWork(queued=3, in_progress=0)])(context(0))
+    assert desired == 3
+
+
+def test_no_count_yet_or_redis_unreachable_holds_the_current_target():
+    clock = Clock()
+    p = policy([RuntimeError("redis down"), QueueWork(0, 2)] + [RuntimeError("redis down")] * 20, clock=clock)
+    assert p(context(3))[0] == 3  # never counted: hold
+    clock.now += 2
+    assert p(context(3))[0] == 2  # counted
+    for _ in range(3):  # Redis fails; the last count is still fresh enough
+        clock.now += 2
+        assert p(context(3))[0] == 2
+    clock.now += 10  # no count for more than five poll intervals: hold, never scale down blind
+    desired, state = p(context(3, target_replicas=3))
+    assert desired == 3 and state["work"] == "unknown"
+
+
+def test_counts_at_most_once_per_poll_interval():
+    clock = Clock()
+    calls = []
+    p = WorkerLoadPolicy(queue_name="q", broker_url="redis://unused", poll_interval_s=2,
+                         counter=lambda: calls.append(1) or QueueWork(1, 0), clock=clock)
+    for _ in range(5):
+        p(context(1))
+    assert len(calls) == 1
+    clock.now += 2
+    p(context(1))
+    assert len(calls) == 2
+
+
+def unacked_entry(routing_key: str) -> bytes:
+    return json.dumps([{"body": "...", "headers": {"task": "sdgate.generate"}}, "", routing_key]).encode()
+
+
+def test_in_progress_is_counted_per_queue():
+    entries = [unacked_entry("model-a"), unacked_entry("model-b"), unacked_entry("model-a"), b"not json"]
+    assert unacked_for_queue(entries, "model-a") == 2
+    assert unacked_for_queue(entries, "model-b") == 1
+    assert unacked_for_queue(entries, "model-c") == 0
+
+
+def test_queue_keys_cover_kombus_priority_lists():
+    keys = queue_keys("model-a")
+    assert keys[0] == "model-a" and len(keys) > 1 and all(k.startswith("model-a") for k in keys)
+
+
+def test_policy_defaults_come_from_the_celery_config(monkeypatch):
+    monkeypatch.setenv("SDGATE_QUEUE", "from-env")
+    p = WorkerLoadPolicy()
+    assert p.queue_name == "from-env"
+
+
+# -- a stopping replica drains ---------------------------------------------------------------------
+
+def test_a_stopping_worker_replica_waits_for_its_render_then_stops_its_leases():
+    from celery_bridge import consumer
+    from celery_bridge.config import CeleryConfig
+
+    config = CeleryConfig(time_limit_s=330)
+    cls = consumer.consumer_class(config)
+    events = []
+    replica = cls.__new__(cls)  # no pipeline, no Celery thread: only the shutdown path
+    replica._adapter = SimpleNamespace(stop_consumer=lambda timeout: events.append(("stop_consumer", timeout)))
+    replica.leases = SimpleNamespace(stop=lambda: events.append(("leases", None)))
+    replica.__del__()
+    assert events[0][0] == "stop_consumer" and events[0][1] >= config.time_limit_s, \
+        "waits out the longest render, not the adapter's 10 s"
+    assert events[1] == ("leases", None), "the running task keeps its lease until the drain ends"
+    assert consumer.graceful_shutdown_timeout_s(config) > events[0][1], "Serve kills only after the drain"
+
+
+def test_the_deployment_gives_a_stopping_replica_time_to_drain():
+    from celery_bridge import consumer
+
+    app = consumer.build_app({"celery": {"time_limit_s": 100}, "num_replicas": 1})
+    options = app._bound_deployment._deployment_config
+    assert options.graceful_shutdown_timeout_s >= 100 + consumer.DRAIN_MARGIN_S
+
+
+# -- configs/serve.yaml uses them --------------------------------------------------------------------
+
+def test_serve_yaml_scales_workers_on_the_work_and_places_the_gateway_on_the_ingress_node():
+    from pathlib import Path
+
+    from ray._common.utils import import_attr
+
+    from celery_bridge import consumer
+    from celery_bridge.config import load_celery_config
+    from cluster.deploy import render_serve_config
+    from serve_app.placement import INGRESS_RESOURCE, ingress_node_resources
+
+    config = render_serve_config(Path(__file__).resolve().parents[2] / "configs" / "serve.yaml",
+                                 {"SDGATE_REDIS_URL": "redis://head:6379/0"})
+    apps = {app["name"]: app for app in config["applications"]}
+    workers = apps["workers"]["deployments"][0]
+    policy = workers["autoscaling_config"]["policy"]
+    built = import_attr(policy["policy_function"])(**policy["policy_kwargs"])
+    assert isinstance(built, WorkerLoadPolicy) and built.queue_name == load_celery_config().queue
+    assert workers["autoscaling_config"]["min_replicas"] == 0, "idle GPUs go away"
+    assert workers["graceful_shutdown_timeout_s"] >= consumer.graceful_shutdown_timeout_s(load_celery_config())
+    gateway = apps["gateway"]["deployments"][0]
+    needs = gateway["ray_actor_options"]["resources"][INGRESS_RESOURCE]
+    assert 0 < needs <= ingress_node_resources()[INGRESS_RESOURCE] / gateway["autoscaling_config"]["max_replicas"]
+
+
+def test_cluster_yaml_makes_the_head_the_ingress_node():
+    from pathlib import Path
+
+    import yaml
+
+    from serve_app.placement import INGRESS_RESOURCE, ingress_node_resources
+
+    configs = Path(__file__).resolve().parents[2] / "configs"
+    raw = yaml.safe_load((configs / "cluster.yaml").read_text())
+    head = raw["available_node_types"][raw["head_node_type"]]
+    assert head["resources"][INGRESS_RESOURCE] == ingress_node_resources()[INGRESS_RESOURCE]
+    assert INGRESS_RESOURCE not in raw["available_node_types"]["sdgate.gpu"]["resources"]
+    assert f'--resources=\'{{"{INGRESS_RESOURCE}": 1}}\'' in " ".join(raw["head_start_ray_commands"])
