@@ -1,6 +1,7 @@
 """A multi-node Ray cluster on one machine (ray.cluster_utils.Cluster): a head with no GPU and
-two nodes advertising one GPU each. Worker placement, node loss, and autoscaling of the gateway
-(on socket load) and of the workers (on Redis queue depth), with real Redis, Celery and Serve.
+two nodes advertising one GPU each. Worker placement, gateway placement on the head, node loss,
+and autoscaling of the gateway (on socket load) and of the workers (on queued plus in-progress
+tasks, celery_bridge.autoscaling), with real Redis, Celery and Serve.
 
 The tests share one cluster and run in file order: placement, scaling, metrics, then node loss.
 """
@@ -8,6 +9,7 @@ The tests share one cluster and run in file order: placement, scaling, metrics, 
 from __future__ import annotations
 
 import functools
+import math
 import os
 import re
 import socket
@@ -19,10 +21,11 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 
 from client import protocol
-from client.protocol import GenerationRequest
+from client.protocol import MAX_STEPS, GenerationRequest
 from celery_bridge import consumer
 from celery_bridge.producer import GenerationProducer, new_task_id
 from serve_app import gateway
+from serve_app.placement import ingress_node_resources
 from tests.integration import harness
 from tests.integration.conftest import celery_config
 from tests.services import REPO, free_port
@@ -30,6 +33,7 @@ from tests.services import REPO, free_port
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 QUEUE = "cluster-q"
 WORKER_DEPLOYMENT = "GenerationConsumer"
+SECONDS_PER_STEP_512: list = []  # one 512x512 denoising step on this machine, measured by the first test
 
 
 wait_for = functools.partial(harness.wait_for, interval=0.5)  # Serve's status is an RPC: ask twice a second
@@ -46,7 +50,7 @@ def cluster(redis_server, tmp_path_factory):
     os.environ.update(SDGATE_HOME=str(home), PYTHONPATH=str(REPO), RAY_USAGE_STATS_ENABLED="0",
                       RAY_metrics_report_interval_ms="1000")
     ray_cluster = Cluster(initialize_head=True, head_node_args={
-        "num_cpus": 2, "num_gpus": 0, "gcs_server_port": free_port(),
+        "num_cpus": 2, "num_gpus": 0, "gcs_server_port": free_port(), "resources": ingress_node_resources(),
         "include_dashboard": True, "dashboard_port": free_port(), "dashboard_host": "127.0.0.1"})
     gpu_nodes = [ray_cluster.add_node(num_cpus=2, num_gpus=1) for _ in range(2)]
     ray.init(address=ray_cluster.address, logging_level="ERROR", log_to_driver=False)
@@ -111,34 +115,85 @@ def test_worker_replicas_land_one_per_gpu_node_never_on_the_head(cluster, redis_
     nodes = [node for node, _ in worker_replicas()]
     gpu_node_ids = {node.node_id for node in cluster.gpu_nodes}
     assert set(nodes) == gpu_node_ids, "one replica per GPU node, none on the head"
-    results = [f.result(timeout=120) for f in submit_many(producer, 4, "placement")]
-    assert all(r.ok for r in results)
+    # Two step counts, so the cost of one denoising step is known (the later tests size renders by it).
+    futures = {steps: submit_many(producer, 2, f"placement {steps}", width=512, height=512, steps=steps)
+               for steps in (4, 16)}
+    results = {steps: [f.result(timeout=180) for f in group] for steps, group in futures.items()}
+    assert all(r.ok for group in results.values() for r in group)
+    mean_ms = {steps: sum(r.pipeline_ms for r in group) / len(group) for steps, group in results.items()}
+    SECONDS_PER_STEP_512.append(max((mean_ms[16] - mean_ms[4]) / 12 / 1000, 1e-3))
 
 
-def test_worker_replicas_scale_on_queue_depth(cluster, redis_server, producer):
-    deploy_workers(redis_server.url, autoscaling_config={
-        "min_replicas": 1, "max_replicas": 4, "target_ongoing_requests": 1,
-        "upscale_delay_s": 1, "downscale_delay_s": 4,
-        "policy": {"policy_function":
-                   "ray.serve.async_inference_autoscaling_policy:AsyncInferenceAutoscalingPolicy",
-                   "policy_kwargs": {"broker_url": redis_server.url, "queue_name": QUEUE, "poll_interval_s": 1}},
+def long_request(prompt: str, seconds: float) -> GenerationRequest:
+    """A request whose render takes at least about `seconds` on this machine's replicas."""
+    per_step = SECONDS_PER_STEP_512[0] if SECONDS_PER_STEP_512 else 0.05
+    for side in (512, 768, 1024):
+        steps = math.ceil(seconds * 1.3 / (per_step * (side / 512) ** 2))
+        if steps <= MAX_STEPS:
+            return GenerationRequest(prompt, width=side, height=side, steps=max(steps, 2)).normalized()
+    return GenerationRequest(prompt, width=1024, height=1024, steps=MAX_STEPS).normalized()
+
+
+def deploy_autoscaled_workers(redis_url: str, downscale_delay_s: float):
+    deploy_workers(redis_url, autoscaling_config={
+        "min_replicas": 0, "max_replicas": 2, "target_ongoing_requests": 1,
+        "upscale_delay_s": 1, "downscale_delay_s": downscale_delay_s,
+        "policy": {"policy_function": "celery_bridge.autoscaling:WorkerLoadPolicy",
+                   "policy_kwargs": {"broker_url": redis_url, "queue_name": QUEUE, "poll_interval_s": 0.5}},
     })
-    wait_for(lambda: running_worker_count() == 1, 240, "scaled down to one worker replica when idle")
-    started = time.monotonic()
-    futures = submit_many(producer, 40, "queue depth", width=256, height=256, steps=8)
-    first_worker_seen = {}
-    for future in futures:
-        future.add_done_callback(lambda f: first_worker_seen.setdefault(f.result().worker, time.monotonic()))
-    wait_for(lambda: running_worker_count() >= 2, 240, "a second worker replica under queue load")
-    scale_up_s = time.monotonic() - started
-    assert running_worker_count() <= 2, "never more running replicas than GPUs"
-    assert all(f.result(timeout=600).ok for f in futures)
-    assert len(first_worker_seen) >= 2, "the new replica took tasks"
-    new_replica_first_task_s = max(first_worker_seen.values()) - started  # the replica that appeared last
-    drained = time.monotonic()
-    wait_for(lambda: running_worker_count() == 1, 240, "scale down after the queue drained")
-    print(f"\nworker scale-up reaction {scale_up_s:.1f} s; new replica's first task after "
-          f"{new_replica_first_task_s:.1f} s; scale-down {time.monotonic() - drained:.1f} s")
+
+
+def test_workers_scale_on_queued_plus_running_tasks_and_a_stopped_replica_finishes_its_render(
+        cluster, redis_server, producer):
+    downscale_delay_s = 4
+    # 1. Idle: the fleet goes to zero.
+    deploy_autoscaled_workers(redis_server.url, downscale_delay_s)
+    idle = time.monotonic()
+    wait_for(lambda: running_worker_count() == 0 and not worker_replicas(), 240, "an idle fleet scaled to zero")
+    to_zero_s = time.monotonic() - idle
+
+    # 2. Two long renders: the fleet comes back from zero, one replica per GPU node.
+    requests = [long_request(f"busy fleet {i} {time.time()}", seconds=downscale_delay_s + 14) for i in range(2)]
+    runs = [harness.TaskRuns(redis_server.url, request.cache_key()) for request in requests]
+    try:
+        submitted = time.monotonic()
+        futures = []
+        for request in requests:
+            task_id = new_task_id(request.cache_key())
+            futures.append(producer.watch(task_id))
+            producer.submit(request, task_id)
+        wait_for(lambda: all(r.started() for r in runs), 300, "both renders started")
+        both_started = time.monotonic()
+        from_zero_s = both_started - submitted
+
+        # 3. Busy fleet, empty queue: for longer than downscale_delay_s, both replicas stay.
+        fewest = 2
+        while not any(f.done() for f in futures) and time.monotonic() - both_started < downscale_delay_s + 4:
+            fewest = min(fewest, running_worker_count())
+            time.sleep(0.25)  # sampling Serve's view while the renders run
+        assert not any(f.done() for f in futures), \
+            "the renders ended before the window closed: the test could not tell (renders sized too short)"
+        assert fewest == 2, "a busy replica was scaled down while its queue was empty"
+        assert producer.queue_length() == 0
+
+        # 4. An operator's scale-down while both render: the replica Serve stops finishes first.
+        deploy_workers(redis_server.url, num_replicas=1)
+        results = [f.result(timeout=600) for f in futures]
+        assert all(r.ok for r in results), [r.error_message for r in results if not r.ok]
+        assert len({r.worker for r in results}) == 2, "each render finished on the replica that started it"
+        wait_for(lambda: all(r.succeeded() for r in runs), 30, "both results published")
+        assert [len(r.started()) for r in runs] == [1, 1], "a stopped replica's task was started again elsewhere"
+        assert [r.succeeded() for r in runs] == [1, 1]
+    finally:
+        for r in runs:
+            r.close()
+    wait_for(lambda: running_worker_count() == 1 and len(worker_replicas()) == 1, 120, "the stopped replica gone")
+
+    # 5. Autoscaled again with nothing to do: back to zero.
+    deploy_autoscaled_workers(redis_server.url, downscale_delay_s)
+    wait_for(lambda: running_worker_count() == 0 and not worker_replicas(), 240, "idle again: scaled to zero")
+    print(f"\nworkers: idle fleet to zero {to_zero_s:.1f} s; two renders started {from_zero_s:.1f} s after "
+          f"submission from zero replicas")
 
 
 @pytest.fixture(scope="module")
@@ -152,6 +207,7 @@ def gateway_port(cluster, redis_server) -> int:
         "gateway": {"socket_port": socket_port, "cache_path": os.path.join(os.environ["SDGATE_HOME"], "cache.db"),
                     "stats_flush_s": 0.2},
         "celery": {"redis_url": redis_server.url, "queue": QUEUE},
+        "on_ingress_node": True,  # only the head advertises the resource
         "autoscaling_config": {"min_replicas": 1, "max_replicas": 2, "target_ongoing_requests": 2,
                                "upscale_delay_s": 2, "downscale_delay_s": 6, "look_back_period_s": 4,
                                "policy": {"policy_function": "serve_app.autoscaling:gateway_load_policy"}},
@@ -162,7 +218,7 @@ def gateway_port(cluster, redis_server) -> int:
     return socket_port
 
 
-def test_gateway_scales_on_socket_load_and_back(gateway_port):
+def test_gateway_scales_on_socket_load_and_back_on_the_head(cluster, gateway_port):
     socket_port = gateway_port
     stop = threading.Event()
     answered = []
@@ -182,9 +238,12 @@ def test_gateway_scales_on_socket_load_and_back(gateway_port):
         try:
             wait_for(lambda: gateway_replicas() >= 2, 120, "a second gateway replica under socket load")
             scale_up_s = time.monotonic() - started
+            nodes = gateway_replica_nodes()
         finally:
             stop.set()
     assert answered
+    assert len(nodes) >= 2 and set(nodes) == {cluster.head_node.node_id}, \
+        "every gateway replica on the head, the node with the ingress resource, where clients connect"
     idle = time.monotonic()
     wait_for(lambda: gateway_replicas() == 1, 120, "the gateway scaling back down when idle")
     print(f"\ngateway scale-up reaction {scale_up_s:.1f} s; scale-down {time.monotonic() - idle:.1f} s")
@@ -237,3 +296,11 @@ def gateway_replicas() -> int:
     if app is None or "Gateway" not in app.deployments:
         return 0
     return app.deployments["Gateway"].replica_states.get("RUNNING", 0)
+
+
+def gateway_replica_nodes():
+    """Node id of each live gateway replica actor."""
+    from ray.util.state import list_actors
+
+    actors = list_actors(filters=[("class_name", "=", "ServeReplica:gateway:Gateway")], limit=100)
+    return [a.node_id for a in actors if a.state == "ALIVE"]
