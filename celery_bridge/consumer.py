@@ -12,6 +12,8 @@ Serve never kills it mid-render.
 from __future__ import annotations
 
 import dataclasses
+import logging
+import time
 from typing import Any, Dict, Optional
 
 from ray import serve
@@ -22,6 +24,7 @@ from celery_bridge.app import SERVE_MANAGED_KEYS, celery_settings
 from celery_bridge.config import CeleryConfig, WorkerConfig, load_celery_config, load_worker_config
 from celery_bridge.contract import TASK_NAME
 
+log = logging.getLogger(__name__)
 DRAIN_MARGIN_S = 30  # beyond the task time limit: the ack, the consumer's exit, Serve's own steps
 
 
@@ -33,6 +36,31 @@ def drain_timeout_s(config: CeleryConfig) -> float:
 def graceful_shutdown_timeout_s(config: CeleryConfig) -> float:
     """Serve's force-kill deadline for a stopping replica: after its drain, never during it."""
     return drain_timeout_s(config) + DRAIN_MARGIN_S
+
+
+def drain(adapter: Any, timeout_s: float, resend_every_s: float = 2.0) -> bool:
+    """Warm-shut the Celery worker thread of Serve's adapter; True once it has exited.
+
+    Celery's remote `shutdown` stops consuming and lets the running task finish and ack. It goes
+    through the worker's pidbox, which a worker that is still starting (or reconnecting to
+    Redis) does not hear yet, so it is sent again until the thread exits or `timeout_s` passes.
+    """
+    thread = getattr(adapter, "_worker_thread", None)
+    if thread is None:
+        return True
+    deadline = time.monotonic() + timeout_s
+    destination = [f"celery@{adapter._worker_hostname}"]
+    while thread.is_alive() and time.monotonic() < deadline:
+        try:
+            adapter._app.control.broadcast("shutdown", destination=destination)
+        except Exception as exc:  # noqa: BLE001 - Redis away: try again until the deadline
+            log.warning("could not ask the Celery worker to stop (%s); retrying", exc)
+        thread.join(min(resend_every_s, max(0.0, deadline - time.monotonic())))
+    if thread.is_alive():
+        log.warning("the Celery worker did not stop within %.0f s; the replica exits anyway", timeout_s)
+        return False
+    adapter._worker_thread = None
+    return True
 
 
 def task_processor_config(config: CeleryConfig) -> TaskProcessorConfig:
@@ -82,10 +110,8 @@ def consumer_class(celery_config: CeleryConfig):
         def __del__(self):
             # Serve calls this when it stops the replica. The adapter's own stop waits 10 s, and
             # Serve would then kill a render in progress; wait for the whole task time limit.
-            adapter = getattr(self, "_adapter", None)
             try:
-                if adapter is not None:
-                    adapter.stop_consumer(timeout=drain_timeout_s(celery_config))
+                drain(getattr(self, "_adapter", None), drain_timeout_s(celery_config))
             finally:
                 leases = getattr(self, "leases", None)
                 if leases is not None:

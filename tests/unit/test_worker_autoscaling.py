@@ -113,18 +113,63 @@ def test_policy_defaults_come_from_the_celery_config(monkeypatch):
 
 # -- a stopping replica drains ---------------------------------------------------------------------
 
-def test_a_stopping_worker_replica_waits_for_its_render_then_stops_its_leases():
+class FakeAdapter:
+    """Serve's Celery adapter as drain() sees it: a worker thread that renders until told to stop,
+    and a pidbox that misses the first `deaf` broadcasts (the worker is still starting)."""
+
+    def __init__(self, deaf: int = 0):
+        import threading
+
+        self.broadcasts = 0
+        self.deaf = deaf
+        self.stop_heard = threading.Event()
+        self.render_done = threading.Event()
+        self._worker_hostname = "q_replica"
+        self._app = SimpleNamespace(control=SimpleNamespace(broadcast=self._broadcast))
+        self._worker_thread = threading.Thread(target=self._work, daemon=True)
+        self._worker_thread.start()
+
+    def _broadcast(self, command, destination):
+        assert command == "shutdown" and destination == ["celery@q_replica"]
+        self.broadcasts += 1
+        if self.broadcasts > self.deaf:
+            self.stop_heard.set()
+
+    def _work(self):
+        self.stop_heard.wait()
+        self.render_done.set()  # warm shutdown: the render in progress finishes before the thread ends
+
+
+def test_drain_resends_the_stop_until_the_worker_hears_it_and_waits_for_the_render():
+    from celery_bridge.consumer import drain
+
+    adapter = FakeAdapter(deaf=2)
+    assert drain(adapter, timeout_s=30, resend_every_s=0.01)
+    assert adapter.broadcasts == 3 and adapter.render_done.is_set()
+    assert adapter._worker_thread is None
+
+
+def test_drain_gives_up_at_its_deadline():
+    from celery_bridge.consumer import drain
+
+    adapter = FakeAdapter(deaf=10**9)
+    assert not drain(adapter, timeout_s=0.05, resend_every_s=0.01)
+    adapter.stop_heard.set()
+
+
+def test_a_stopping_worker_replica_drains_for_the_task_time_limit_then_stops_its_leases(monkeypatch):
     from celery_bridge import consumer
     from celery_bridge.config import CeleryConfig
 
     config = CeleryConfig(time_limit_s=330)
     cls = consumer.consumer_class(config)
     events = []
+    monkeypatch.setattr(consumer, "drain", lambda adapter, timeout_s: events.append(("drain", timeout_s)))
     replica = cls.__new__(cls)  # no pipeline, no Celery thread: only the shutdown path
-    replica._adapter = SimpleNamespace(stop_consumer=lambda timeout: events.append(("stop_consumer", timeout)))
+    replica._adapter = object()
     replica.leases = SimpleNamespace(stop=lambda: events.append(("leases", None)))
     replica.__del__()
-    assert events[0][0] == "stop_consumer" and events[0][1] >= config.time_limit_s, \
+    assert events[0][0] == "drain" and events[0][1] >= config.time_limit_s, \
         "waits out the longest render, not the adapter's 10 s"
     assert events[1] == ("leases", None), "the running task keeps its lease until the drain ends"
     assert consumer.graceful_shutdown_timeout_s(config) > events[0][1], "Serve kills only after the drain"
