@@ -2,7 +2,8 @@
 
     python tests/data/crd_to_jsonschema.py ray.io_rayservices.yaml v1 > tests/data/rayservice.schema.json
 
-The input is KubeRay's ray-operator/config/crd/bases/ray.io_rayservices.yaml. Like kubeconform's
+The input is KubeRay's ray-operator/config/crd/bases/ray.io_rayservices.yaml (the stored schema:
+github.com/ray-project/kuberay at feeaf72facab4881ba2b179248bb67315634e229). Like kubeconform's
 openapi2jsonschema in strict mode: objects with listed properties reject unknown keys (the API
 server would silently drop them, so a typo would go unnoticed), int-or-string becomes either,
 nullable admits null, and the x-kubernetes-* annotations are dropped.
