@@ -74,7 +74,7 @@ def _stats(args: argparse.Namespace) -> int:
         broker = _stack(args).status()["addresses"].get("redis")  # the local stack's, if one ran here
     config = load_celery_config(redis_url=broker)
     try:
-        print(json.dumps(read_stats(redis.Redis.from_url(config.broker_url(), socket_timeout=5))))
+        print(json.dumps(read_stats(config.redis_client(socket_timeout=5))))
     except redis.RedisError as exc:
         print(f"sdgate stats: cannot read counters from {config.redis_url}: {exc}", file=sys.stderr)
         return 1
