@@ -233,3 +233,13 @@ def test_a_generation_through_an_acl_user_with_task_events(acl_redis, acl_worker
         if receivers:
             receivers[0].should_stop = True
         producer.close()
+
+
+def test_the_image_store_reaches_an_acl_user_on_ipv6(acl_redis):
+    """The gateway opens its Redis cache from CeleryConfig.broker_url(): quoting must survive."""
+    from serve_app.store import open_store
+
+    config = CeleryConfig(redis_url=f"redis://[::1]:{acl_redis}/0", redis_username=USER, redis_password=PASSWORD)
+    with open_store("redis", redis_url=config.broker_url(), max_bytes=10_000) as store:
+        store.put(key("acl"), b"png", {"ok": True})
+        assert store.get(key("acl")).meta == {"ok": True}
