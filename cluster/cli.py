@@ -126,8 +126,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
+    from celery_bridge.config import ConfigError
+    from celery_bridge.redis_check import RedisVersionError
+
     args = build_parser().parse_args(argv)
-    return args.run(args)
+    try:
+        return args.run(args)
+    except (ConfigError, RedisVersionError) as exc:  # the message says what to fix; no traceback
+        print(f"sdgate {args.command}: {exc}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -37,7 +37,7 @@ class StackConfig:
     redis_port: Port = 6379
     ray_port: Port = 6380  # Ray's GCS; never Redis's 6379
     dashboard_port: Port = 8265
-    worker_mode: Literal["celery", "ray"] = "celery"  # celery: plain `sdgate worker` process | ray: Serve task consumer
+    worker_mode: Literal["celery", "ray"] = "celery"  # celery: `sdgate worker` process | ray: Serve task consumer
     workers: int = 1
     ray_num_cpus: int = 4  # logical CPUs Ray may hand out on this machine
     start_timeout_s: float = 240.0

@@ -162,3 +162,14 @@ def test_load_config_keeps_its_signature():
     import inspect
 
     assert list(inspect.signature(load_config).parameters) == ["cls", "section", "overrides"]
+
+
+def test_the_cli_reports_a_bad_setting_without_a_traceback(configs):
+    import subprocess
+    import sys
+
+    (configs / "local.yaml").write_text("workers: two\n")
+    result = subprocess.run([sys.executable, "-m", "cluster.cli", "status"], capture_output=True, text=True,
+                            timeout=60, env=dict(os.environ), cwd=Path(__file__).resolve().parents[2])
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "local.yaml: workers = 'two' is not valid: Input should be a valid integer" in result.stderr
