@@ -141,6 +141,26 @@ def load_config(cls: Type[T], section: str, overrides: Optional[Dict[str, Any]] 
     return config
 
 
+# SDGATE_* variables that are not config fields.
+OTHER_VARIABLES = ("SDGATE_HOME", "SDGATE_CONFIG_DIR", "SDGATE_SECRETS_FILE", "SDGATE_BIND_HOST", "SDGATE_BROKER_URL")
+
+
+def unknown_variables(classes, environ: Optional[Dict[str, str]] = None) -> list:
+    """One line per SDGATE_* variable that no field of `classes` reads (a typo is otherwise silent)."""
+    import difflib
+
+    environ = os.environ if environ is None else environ
+    known = set(OTHER_VARIABLES) | {v for variables in SECRET_VARIABLES.values() for v in variables}
+    known |= {f"SDGATE_{f.name.upper()}" for cls in classes for f in dataclasses.fields(cls)}
+    lines = []
+    for variable in sorted(environ):
+        if variable.startswith("SDGATE_") and variable not in known and not variable.startswith("SDGATE_TEST_"):
+            close = difflib.get_close_matches(variable, sorted(known), n=1)
+            lines.append(f"environment variable {variable} is not an sdgate setting; it is ignored"
+                         + (f" (did you mean {close[0]}?)" if close else ""))
+    return lines
+
+
 def _from_env(raw: str, hint: Any, variable: str) -> Any:
     if raw == "" and type(None) in typing.get_args(hint):
         return None

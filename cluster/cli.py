@@ -125,11 +125,21 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _warn_unknown_variables() -> None:
+    from celery_bridge.config import CeleryConfig, WorkerConfig, unknown_variables
+    from cluster.local import StackConfig
+    from serve_app.config import GatewayConfig
+
+    for line in unknown_variables((CeleryConfig, WorkerConfig, GatewayConfig, StackConfig)):
+        print(f"sdgate: warning: {line}", file=sys.stderr)
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     from celery_bridge.config import ConfigError
     from celery_bridge.redis_check import RedisVersionError
 
     args = build_parser().parse_args(argv)
+    _warn_unknown_variables()
     try:
         return args.run(args)
     except (ConfigError, RedisVersionError) as exc:  # the message says what to fix; no traceback

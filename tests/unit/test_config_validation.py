@@ -173,3 +173,16 @@ def test_the_cli_reports_a_bad_setting_without_a_traceback(configs):
                             timeout=60, env=dict(os.environ), cwd=Path(__file__).resolve().parents[2])
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert "local.yaml: workers = 'two' is not valid: Input should be a valid integer" in result.stderr
+
+
+def test_a_misspelt_variable_is_reported_by_the_cli(configs):
+    import subprocess
+    import sys
+
+    env = dict(os.environ, SDGATE_SOKET_PORT="6001", SDGATE_TEST_ANYTHING="1")
+    result = subprocess.run([sys.executable, "-m", "cluster.cli", "status"], capture_output=True, text=True,
+                            timeout=60, env=env, cwd=Path(__file__).resolve().parents[2])
+    assert result.returncode == 0, result.stderr
+    assert "SDGATE_SOKET_PORT is not an sdgate setting; it is ignored (did you mean SDGATE_SOCKET_PORT?)" \
+        in result.stderr
+    assert "SDGATE_TEST_ANYTHING" not in result.stderr
