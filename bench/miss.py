@@ -7,13 +7,18 @@ write) is overhead. STATUS frames give a coarse split: send -> `queued` (claim +
 -> `generating` (the worker picked the task up), -> IMAGE; Celery's `date_done` in the result
 backend splits the last leg into the worker's part and the return path.
 
-    python -m bench miss [--requests 60]
+Celery task events (on by default, for Flower and `celery events`) cost one small PUBLISH per
+event: by default the run measures a stack with events on, then one with SDGATE_TASK_EVENTS=0,
+and reports the difference (`--events on|off` measures one only).
+
+    python -m bench miss [--requests 60] [--events both|on|off]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import socket
 import time
 import uuid
@@ -34,6 +39,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--requests", type=int, default=60, help="measured misses (after 3 unmeasured)")
     parser.add_argument("--size", type=int, default=64)
     parser.add_argument("--steps", type=int, default=2)
+    parser.add_argument("--events", choices=["both", "on", "off"], default="both",
+                        help="Celery task events on the stack (`main` only; `all` uses the shared stack)")
 
 
 def timed_misses(port: int, count: int, size: int, steps: int, tag: str) -> List[Dict[str, float]]:
@@ -116,5 +123,23 @@ def main(argv=None) -> Dict[str, Any]:
     parser = argparse.ArgumentParser(prog="python -m bench miss", description=__doc__.splitlines()[0])
     add_arguments(parser)
     args = parser.parse_args(argv)
-    with running_stack() as stack:
-        return measure(stack, args)
+    figures: Dict[str, Any] = {}
+    for events in (("on", "off") if args.events == "both" else (args.events,)):
+        previous = os.environ.get("SDGATE_TASK_EVENTS")
+        os.environ["SDGATE_TASK_EVENTS"] = "1" if events == "on" else "0"  # every process of the stack
+        try:
+            log(f"miss with Celery task events {events}")
+            with running_stack() as stack:
+                figures[f"events_{events}"] = measure(stack, args)
+        finally:
+            if previous is None:
+                os.environ.pop("SDGATE_TASK_EVENTS", None)
+            else:
+                os.environ["SDGATE_TASK_EVENTS"] = previous
+    if len(figures) == 1:
+        return next(iter(figures.values()))
+    on, off = figures["events_on"]["overhead_ms"], figures["events_off"]["overhead_ms"]
+    figures["task_events_cost_ms"] = {"overhead_p50": round(on["p50"] - off["p50"], 3),
+                                      "overhead_mean": round(on["mean"] - off["mean"], 3)}
+    log(f"miss: task events cost {figures['task_events_cost_ms']['overhead_p50']} ms of overhead p50")
+    return figures

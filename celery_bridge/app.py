@@ -1,4 +1,9 @@
-"""The one Celery app definition: settings shared by the gateway's producer and every worker."""
+"""The one Celery app definition: settings shared by the gateway's producer and every worker.
+
+`app` is the module-level app Celery's own tools load: `celery -A celery_bridge inspect
+ping|active|stats`, `celery -A celery_bridge events` and Flower (`celery -A celery_bridge flower`).
+It is configured from configs/celery.yaml, the secrets file and SDGATE_* when first used.
+"""
 
 from __future__ import annotations
 
@@ -47,8 +52,10 @@ def celery_settings(config: CeleryConfig) -> Dict[str, Any]:
         "redis_backend_health_check_interval": 10,
         "worker_consumer": "celery_bridge.worker:QuickReconnectConsumer",
         "worker_hijack_root_logger": False,
-        "worker_send_task_events": False,
-        "task_send_sent_event": False,
+        # Task events (sent, received, started, succeeded) for Flower and `celery events`; one
+        # small PUBLISH each, measured by `python -m bench miss` (events on vs off).
+        "worker_send_task_events": config.task_events,
+        "task_send_sent_event": config.task_events,
     }
 
 
@@ -58,3 +65,12 @@ def make_celery_app(config: Optional[CeleryConfig] = None, name: str = "sdgate")
     app = Celery(name, broker=config.broker_url(), backend=config.broker_url())
     app.conf.update(celery_settings(config))
     return app
+
+
+def _module_app_settings() -> Dict[str, Any]:
+    config = load_celery_config()
+    return dict(celery_settings(config), broker_url=config.broker_url(), result_backend=config.broker_url())
+
+
+app = Celery("sdgate", set_as_current=False)
+app.add_defaults(_module_app_settings)  # lazily: importing this module reads no config

@@ -93,7 +93,11 @@ def consumer_class(celery_config: CeleryConfig):
 
             self.service = GenerationService(WorkerConfig(**worker_config),
                                              time_limit_s=celery_config.soft_time_limit_s)
-            self.leases = LeaseKeeper(celery_config.broker_url(), celery_config.lease_renew_s).start()
+            from celery_bridge.redis_check import require_redis_version
+
+            client = celery_config.redis_client(socket_timeout=5, socket_connect_timeout=5)
+            require_redis_version(client, "the Ray worker replica")
+            self.leases = LeaseKeeper(client, celery_config.lease_renew_s).start()
 
         @task_handler(name=TASK_NAME)
         def generate(self, payload: Any) -> Dict[str, Any]:

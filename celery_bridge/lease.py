@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from typing import Dict, Optional
+from typing import Dict, Optional, Union
 
 import redis
 from celery.signals import task_postrun, task_received
@@ -23,8 +23,10 @@ UNACKED_INDEX_KEY = "unacked_index"  # kombu.transport.redis.Channel.unacked_ind
 class LeaseKeeper:
     """Tracks the delivery tags this process holds and renews their lease every `interval` s."""
 
-    def __init__(self, broker_url: str, interval: float):
-        self._client = redis.Redis.from_url(broker_url, socket_timeout=5, socket_connect_timeout=5)
+    def __init__(self, broker: Union[str, redis.Redis], interval: float):
+        # A redis.Redis (CeleryConfig.redis_client) or, for older callers, a URL.
+        self._client = (redis.Redis.from_url(broker, socket_timeout=5, socket_connect_timeout=5)
+                        if isinstance(broker, str) else broker)
         self._interval = interval
         self._tags: Dict[str, str] = {}  # task id -> delivery tag
         self._lock = threading.Lock()

@@ -68,8 +68,7 @@ class GenerationProducer:
     def __init__(self, config: CeleryConfig):
         self.config = config
         self.app = make_celery_app(config, name="sdgate-gateway")
-        self.redis = redis.Redis.from_url(config.broker_url(), socket_timeout=5, socket_connect_timeout=3,
-                                          health_check_interval=10)
+        self.redis = config.redis_client(socket_timeout=5, socket_connect_timeout=3, health_check_interval=10)
         prefix = self.app.backend.task_keyprefix
         self._result_prefix = prefix.decode() if isinstance(prefix, bytes) else prefix
         self._watches: Dict[str, _Watch] = {}

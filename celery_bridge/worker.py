@@ -96,17 +96,20 @@ def run_worker(celery_overrides: Dict[str, Any], worker_overrides: Dict[str, Any
     """`sdgate worker`: load the pipeline, then consume the queue until stopped (blocks)."""
     from celery_bridge.app import make_celery_app
     from celery_bridge.lease import LeaseKeeper
+    from celery_bridge.redis_check import require_redis_version
 
     # 1. Pin the GPU before anything imports torch.
     pin_gpu(gpu)
     celery_config = load_celery_config(**celery_overrides)
     worker_config = load_worker_config(**worker_overrides)
+    require_redis_version(celery_config.redis_client(socket_timeout=5, socket_connect_timeout=5), "sdgate worker")
     # 2. Load the pipeline once, before taking any task; a model that cannot load fails here.
     service = GenerationService(worker_config, time_limit_s=celery_config.soft_time_limit_s)
     print(f"sdgate worker: model {worker_config.model!r} loaded in {service.load_seconds:.1f} s", flush=True)
     # 3. Register the task body and renew the leases of held tasks.
     app = make_celery_app(celery_config, name="sdgate-worker")
     app.task(name=TASK_NAME)(service.handle)
-    LeaseKeeper(celery_config.broker_url(), celery_config.lease_renew_s).start()
+    LeaseKeeper(celery_config.redis_client(socket_timeout=5, socket_connect_timeout=5),
+                celery_config.lease_renew_s).start()
     # 4. Consume: solo pool, one task at a time, so one pipeline is never used by two threads.
     app.worker_main(worker_argv(celery_config, f"sdgate-{os.getpid()}@{socket.gethostname()}", loglevel))

@@ -74,7 +74,7 @@ def _stats(args: argparse.Namespace) -> int:
         broker = _stack(args).status()["addresses"].get("redis")  # the local stack's, if one ran here
     config = load_celery_config(redis_url=broker)
     try:
-        print(json.dumps(read_stats(redis.Redis.from_url(config.broker_url(), socket_timeout=5))))
+        print(json.dumps(read_stats(config.redis_client(socket_timeout=5))))
     except redis.RedisError as exc:
         print(f"sdgate stats: cannot read counters from {config.redis_url}: {exc}", file=sys.stderr)
         return 1
@@ -125,9 +125,26 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _warn_unknown_variables() -> None:
+    from celery_bridge.config import CeleryConfig, WorkerConfig, unknown_variables
+    from cluster.local import StackConfig
+    from serve_app.config import GatewayConfig
+
+    for line in unknown_variables((CeleryConfig, WorkerConfig, GatewayConfig, StackConfig)):
+        print(f"sdgate: warning: {line}", file=sys.stderr)
+
+
 def main(argv: Optional[List[str]] = None) -> int:
+    from celery_bridge.config import ConfigError
+    from celery_bridge.redis_check import RedisVersionError
+
     args = build_parser().parse_args(argv)
-    return args.run(args)
+    _warn_unknown_variables()
+    try:
+        return args.run(args)
+    except (ConfigError, RedisVersionError) as exc:  # the message says what to fix; no traceback
+        print(f"sdgate {args.command}: {exc}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

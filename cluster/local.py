@@ -1,7 +1,8 @@
 """The one-command local stack: redis-server, a Ray head, the Serve gateway and one worker.
 
 Everything lives under one data directory ($SDGATE_HOME): the cache, logs, and `run/stack.json`
-with the process groups `up` started, so `down` stops exactly those (never by process name).
+with the process groups `up` started and each leader's create time, so `down` stops exactly those
+(never by process name, never a process that took a recorded PID over after a reboot).
 """
 
 from __future__ import annotations
@@ -10,35 +11,38 @@ import dataclasses
 import json
 import os
 import shutil
-import signal
 import socket
 import subprocess
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Set, Tuple
+from typing import Any, Dict, List, Literal, Optional, Set
+
+import psutil
 
 from client import protocol
 from client.protocol import GenerationRequest
-from celery_bridge.config import load_config, sdgate_home
+from celery_bridge.config import Port, config_dataclass, load_celery_config, load_config, sdgate_home
+from celery_bridge.redis_check import require_redis_version
 from serve_app.config import GatewayConfig, load_gateway_config
 from serve_app.placement import ray_start_resources_flag
 
 REPO = Path(__file__).resolve().parent.parent
 
 
-@dataclass
+@config_dataclass
 class StackConfig:
     """Ports and shape of the local stack (configs/local.yaml, SDGATE_* overrides)."""
 
-    redis_port: int = 6379
-    ray_port: int = 6380  # Ray's GCS; never Redis's 6379
-    dashboard_port: int = 8265
-    worker_mode: str = "celery"  # celery: plain `sdgate worker` process | ray: Serve task consumer
+    redis_port: Port = 6379
+    ray_port: Port = 6380  # Ray's GCS; never Redis's 6379
+    dashboard_port: Port = 8265
+    worker_mode: Literal["celery", "ray"] = "celery"  # celery: `sdgate worker` process | ray: Serve task consumer
     workers: int = 1
     ray_num_cpus: int = 4  # logical CPUs Ray may hand out on this machine
     start_timeout_s: float = 240.0
+    redis_maxmemory_mb: int = 512  # broker queues, results, claims, counters; a Redis image cache's budget is added
 
 
 def load_stack_config(**overrides: Any) -> StackConfig:
@@ -80,6 +84,10 @@ class StackPaths:
         # AF_UNIX paths must stay under 108 bytes, so a deep home falls back to Ray's /tmp/ray.
         path = self.home / "ray"
         return path if len(str(path)) <= 40 else None
+
+    @property
+    def redis_conf(self) -> Path:
+        return self.home / "run" / "redis.conf"
 
     def make(self) -> None:
         for folder in (self.run_file.parent, self.logs, self.redis_dir, self.cache_db.parent):
@@ -134,6 +142,7 @@ class LocalStack:
         self.stack = stack or load_stack_config()
         self.gateway = gateway or load_gateway_config()
         self.processes: Dict[str, int] = {}  # name -> process group id
+        self.create_times: Dict[str, float] = {}  # name -> the group leader's create time (its identity)
 
     # -- addresses -------------------------------------------------------------------------------
 
@@ -197,23 +206,64 @@ class LocalStack:
                                      ("socket", self.gateway.socket_port, "SDGATE_SOCKET_PORT"),
                                      ("http", self.gateway.http_port, "SDGATE_HTTP_PORT")):
             if port_in_use(port):
-                raise StackError(f"port {port} for {name} is already in use; stop what uses it or set {variable}")
+                hint = ""
+                if name == "redis" and _speaks_redis(port):
+                    hint = (" by another redis-server (apt's starts one on 6379 under systemd: "
+                            "`sudo systemctl disable --now redis-server`)")
+                raise StackError(f"port {port} for {name} is already in use{hint}; stop what uses it or set "
+                                 f"{variable} to a free port")
 
     def _spawn(self, name: str, argv: List[str], env: Optional[Dict[str, str]] = None) -> subprocess.Popen:
         log_file = open(self.paths.logs / f"{name}.log", "ab")
         process = subprocess.Popen(argv, cwd=REPO, env=dict(self.child_env(), **(env or {})), stdout=log_file,
                                    stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
         self.processes[name] = process.pid
+        try:
+            self.create_times[name] = psutil.Process(process.pid).create_time()
+        except psutil.NoSuchProcess:
+            pass  # exited at once; nothing of it to stop later
         self._save()
         return process
 
+    def redis_maxmemory(self) -> int:
+        """Redis's memory ceiling: the stack's share plus the image cache's budget when Redis holds it."""
+        cache = self.gateway.cache_max_bytes if self.gateway.cache_backend == "redis" else 0
+        return self.stack.redis_maxmemory_mb * 2**20 + cache
+
+    def redis_conf(self, password: Optional[str]) -> str:
+        """redis.conf of the stack: loopback only, persistent, bounded, and the password (if any)
+        in this 0600 file rather than on the command line, where `ps` shows it to every user."""
+        lines = [f"port {self.stack.redis_port}", "bind 127.0.0.1", "protected-mode yes", "daemonize no",
+                 f'dir "{self.paths.redis_dir}"', "appendonly yes", 'save ""',
+                 # A ceiling, and `noeviction` at it: Redis must never drop a queued task, a claim or a
+                 # result to make room. The image cache evicts itself within cache_max_bytes and results
+                 # expire after result_expires_s, so the ceiling is reached only by a runaway, which
+                 # then gets clear OOM errors instead of silently lost work.
+                 f"maxmemory {self.redis_maxmemory()}", "maxmemory-policy noeviction"]
+        if password:
+            if any(ord(ch) < 32 for ch in password):
+                raise StackError("the Redis password must not contain control characters")
+            lines.append('requirepass "' + password.replace("\\", "\\\\").replace('"', '\\"') + '"')
+        return "\n".join(lines) + "\n"
+
     def _start_redis(self) -> None:
-        self._spawn("redis", [find_redis_server(), "--port", str(self.stack.redis_port), "--bind", "127.0.0.1",
-                              "--dir", str(self.paths.redis_dir), "--appendonly", "yes", "--save", "",
-                              "--protected-mode", "no", "--daemonize", "no"])
+        password = load_celery_config().redis_password
+        conf = self.paths.redis_conf
+        conf.parent.mkdir(parents=True, exist_ok=True)
+        conf.unlink(missing_ok=True)
+        fd = os.open(conf, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as out:
+            out.write(self.redis_conf(password))
+        self._spawn("redis", [find_redis_server(), str(conf)])
         import redis
 
-        wait_until(lambda: redis.Redis.from_url(self.redis_url, socket_timeout=1).ping(), 20, "redis-server")
+        client = redis.Redis(host="127.0.0.1", port=self.stack.redis_port, password=password or None,
+                             socket_timeout=1)
+        wait_until(client.ping, 20, "redis-server")
+        try:
+            require_redis_version(client, "sdgate up")
+        except RuntimeError as exc:
+            raise StackError(str(exc)) from None
 
     def _start_ray(self) -> None:
         argv = [str(Path(sys.executable).parent / "ray"), "start", "--head", "--block",
@@ -275,7 +325,8 @@ class LocalStack:
 
     def _save(self) -> None:
         self.paths.run_file.parent.mkdir(parents=True, exist_ok=True)
-        state = {"processes": self.processes, "addresses": self.addresses(), "stack": dataclasses.asdict(self.stack)}
+        state = {"processes": self.processes, "create_times": self.create_times, "addresses": self.addresses(),
+                 "stack": dataclasses.asdict(self.stack)}
         tmp = self.paths.run_file.with_suffix(".tmp")
         tmp.write_text(json.dumps(state, indent=2))
         os.replace(tmp, self.paths.run_file)
@@ -286,88 +337,133 @@ class LocalStack:
         except (FileNotFoundError, ValueError):
             return {}
 
+    def _recorded(self) -> Dict[str, Any]:
+        state = self._load()
+        times = dict(state.get("create_times", {}), **self.create_times)
+        processes = dict(state.get("processes", {}), **self.processes)
+        return {name: (pgid, times.get(name)) for name, pgid in processes.items()}
+
     def running(self) -> Dict[str, bool]:
-        """Recorded process groups that are still alive."""
-        return {name: _group_alive(pgid) for name, pgid in self._load().get("processes", {}).items()
-                if _group_alive(pgid)}
+        """Recorded process groups that are still alive (and still the processes `up` started)."""
+        return {name: True for name, (pgid, created) in self._recorded().items() if _group_alive(pgid, created)}
 
     def status(self) -> Dict[str, Any]:
         state = self._load()
-        processes = {name: ("running" if _group_alive(pgid) else "stopped") for name, pgid in
-                     state.get("processes", {}).items()}
+        processes = {name: _group_state(pgid, created) for name, (pgid, created) in self._recorded().items()}
         return {"home": str(self.paths.home), "processes": processes, "addresses": state.get("addresses", {})}
 
     # -- down --------------------------------------------------------------------------------------
 
     def down(self, log=print, timeout: float = 8.0) -> List[str]:
         """Stop exactly the process groups `up` recorded: workers, then Ray, then Redis."""
-        recorded: Dict[str, int] = dict(self._load().get("processes", {}))
-        recorded.update(self.processes)
+        recorded = self._recorded()
         order = sorted(recorded, key=lambda name: {"redis": 2, "ray": 1}.get(name, 0))
         stopped = []
         for name in order:
-            if _stop_group(recorded[name], timeout):
+            pgid, created = recorded[name]
+            if created is None:
+                log(f"not stopping {name} (pid {pgid}): {self.paths.run_file} has no create time for it, so it "
+                    "cannot tell it from a process that reused the PID")
+                continue
+            if _stop_group(pgid, timeout, created):
                 stopped.append(name)
                 log(f"stopped {name}")
-        self.processes = {}
+        self.processes, self.create_times = {}, {}
         self.paths.run_file.unlink(missing_ok=True)
         return stopped
 
 
-def _process_table() -> Dict[int, Tuple[int, int]]:
-    """pid -> (parent pid, process group) of every live (non-zombie) process, from /proc."""
-    table = {}
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
+def _speaks_redis(port: int) -> bool:
+    """Whether what listens on `port` answers like a Redis server (PONG, or asks for a password)."""
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=1) as conn:
+            conn.sendall(b"PING\r\n")
+            reply = conn.recv(64)
+    except OSError:
+        return False
+    return reply.startswith((b"+PONG", b"-NOAUTH", b"-DENIED"))
+
+
+def _same_process(process: psutil.Process, created: Optional[float]) -> bool:
+    # psutil derives create times from boot time + clock ticks: equal for the same process.
+    return created is None or abs(process.create_time() - created) < 0.01
+
+
+def _group_tree(pgid: int, created: Optional[float] = None) -> Set[int]:
+    """Live processes of group `pgid` and all their descendants, wherever those moved (Ray starts
+    its workers in sessions of their own). With `created` (the leader's create time) only if the
+    group is still the one `up` started: a live leader with another create time means the PID was
+    reused, and nothing is returned."""
+    try:
+        leader = psutil.Process(pgid)
+        if not _same_process(leader, created):
+            return set()
+    except psutil.NoSuchProcess:
+        pass  # the leader exited; its group lives on while members do (its PID is not reused meanwhile)
+    parents: Dict[int, int] = {}
+    tree: Set[int] = set()
+    for process in psutil.process_iter(["ppid", "status", "create_time"]):
+        info = process.info
+        if info["status"] in (psutil.STATUS_ZOMBIE, psutil.STATUS_DEAD):
             continue
+        parents[process.pid] = info["ppid"]
         try:
-            with open(f"/proc/{entry}/stat", "rb") as stat:
-                fields = stat.read().rsplit(b")", 1)[1].split()
-        except OSError:
+            in_group = os.getpgid(process.pid) == pgid
+        except (ProcessLookupError, PermissionError):
             continue
-        if fields[0] not in (b"Z", b"X"):
-            table[int(entry)] = (int(fields[1]), int(fields[2]))
-    return table
-
-
-def _group_tree(pgid: int) -> Set[int]:
-    """Live processes of group `pgid` and all their descendants, wherever those moved (Ray
-    starts its workers in sessions of their own)."""
-    table = _process_table()
-    tree = {pid for pid, (_, group) in table.items() if group == pgid}
+        if in_group and (created is None or info["create_time"] >= created - 0.01):
+            tree.add(process.pid)
     grew = True
     while grew:
-        children = {pid for pid, (parent, _) in table.items() if parent in tree} - tree
+        children = {pid for pid, parent in parents.items() if parent in tree} - tree
         tree |= children
         grew = bool(children)
     return tree
 
 
-def _group_alive(pgid: int) -> bool:
-    return bool(_group_tree(pgid))
+def _group_alive(pgid: int, created: Optional[float] = None) -> bool:
+    return bool(_group_tree(pgid, created))
 
 
-def _stop_group(pgid: int, timeout: float) -> bool:
+def _group_state(pgid: int, created: Optional[float]) -> str:
+    if _group_alive(pgid, created):
+        return "running"
+    try:
+        if created is not None and not _same_process(psutil.Process(pgid), created):
+            return "stopped (pid now belongs to another process)"
+    except psutil.NoSuchProcess:
+        pass
+    return "stopped"
+
+
+def _stop_group(pgid: int, timeout: float, created: Optional[float] = None) -> bool:
     """SIGTERM the group and its descendants, SIGKILL what is left after `timeout`."""
-    pids = _group_tree(pgid)
-    if not pids:
+    processes = []
+    for pid in _group_tree(pgid, created):
+        try:
+            processes.append(psutil.Process(pid))  # holds the identity: a reused PID is never signalled
+        except psutil.NoSuchProcess:
+            pass
+    if not processes:
         return False
-    _signal_all(pids, signal.SIGTERM)
+    for process in processes:
+        try:
+            process.terminate()
+        except psutil.NoSuchProcess:
+            pass
     deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline and pids & set(_process_table()):
+    alive = processes
+    while alive and time.monotonic() < deadline:
         _reap(pgid)
-        time.sleep(0.1)
-    _signal_all(pids & set(_process_table()), signal.SIGKILL)
+        _, alive = psutil.wait_procs(alive, timeout=0.1)
+    for process in alive:
+        try:
+            process.kill()
+        except psutil.NoSuchProcess:
+            pass
+    psutil.wait_procs(alive, timeout=2)
     _reap(pgid)
     return True
-
-
-def _signal_all(pids: Set[int], sig: int) -> None:
-    for pid in pids:
-        try:
-            os.kill(pid, sig)
-        except ProcessLookupError:
-            pass
 
 
 def _reap(pgid: int) -> None:

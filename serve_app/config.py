@@ -2,21 +2,20 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Literal, Optional
 
-from celery_bridge.config import load_config, sdgate_home
+from celery_bridge.config import Port, config_dataclass, load_config, sdgate_home
 
 
-@dataclass
+@config_dataclass
 class GatewayConfig:
     """The front server: where it listens, its cache, and the bounds it enforces."""
 
     host: str = "127.0.0.1"
-    socket_port: int = 5555
-    http_port: int = 8000
-    cache_backend: str = "sqlite"  # sqlite (one machine) | redis (several gateway nodes)
+    socket_port: Port = 5555
+    http_port: Port = 8000
+    cache_backend: Literal["sqlite", "redis"] = "sqlite"  # sqlite (one machine) | redis (several gateway nodes)
     cache_path: Optional[str] = None  # sqlite file; default $SDGATE_HOME/cache/images.db
     cache_max_bytes: int = 1 << 30
     max_pending_misses: int = 64  # distinct generations in flight per replica before `busy`

@@ -23,6 +23,7 @@ from client import protocol
 from client.protocol import GenerationRequest, InvalidRequest, ProtocolError
 from celery_bridge.config import load_celery_config
 from celery_bridge.producer import GenerationProducer
+from celery_bridge.redis_check import require_redis_version
 from serve_app import stats
 from serve_app.autoscaling import SOCKET_LOAD_METRIC
 from serve_app.config import load_gateway_config
@@ -103,6 +104,7 @@ class Gateway:
     def __init__(self, gateway: Optional[Dict[str, Any]] = None, celery: Optional[Dict[str, Any]] = None):
         self.config = load_gateway_config(**(gateway or {}))
         producer = GenerationProducer(load_celery_config(**(celery or {})))
+        require_redis_version(producer.redis, "the gateway")
         store = open_store(self.config.cache_backend, path=self.config.resolved_cache_path(),
                            redis_url=producer.config.broker_url(), max_bytes=self.config.cache_max_bytes)
         counters = stats.Counters(producer.redis, self.config.stats_flush_s)

@@ -26,6 +26,8 @@ from typing import Any, Callable, Dict, List, Optional, Tuple, Union
 
 import redis
 
+from celery_bridge.redis_check import require_redis_version
+
 log = logging.getLogger(__name__)
 _KEY_PATTERN = re.compile(r"[0-9a-f]{64}")
 
@@ -450,6 +452,16 @@ while total > budget do
 end
 return evicted
 """
+# KEYS: lru. ARGV: now, member. What `ZADD XX GT` does on Redis >= 6.2, for Redis 5 and 6.0:
+# never re-add an entry evicted meanwhile (XX); never age an entry from a node with a late clock (GT).
+_TOUCH_SCRIPT = """
+local current = redis.call('ZSCORE', KEYS[1], ARGV[2])
+if current and tonumber(current) < tonumber(ARGV[1]) then
+  redis.call('ZADD', KEYS[1], ARGV[1], ARGV[2])
+  return 1
+end
+return 0
+"""
 # KEYS: entry, lru, bytes, sizes. ARGV: member, expected value ('' = any).
 _DELETE_SCRIPT = """
 if ARGV[2] ~= '' and redis.call('GET', KEYS[1]) ~= ARGV[2] then return 0 end
@@ -505,13 +517,14 @@ class RedisImageStore(ImageStore):
         self._lru, self._bytes, self._sizes = prefix + "lru", prefix + "bytes", prefix + "sizes"
         self._put_script = self._client.register_script(_PUT_SCRIPT)
         self._delete_script = self._client.register_script(_DELETE_SCRIPT)
+        self._touch_script = self._client.register_script(_TOUCH_SCRIPT)
+        require_redis_version(self._client, "the Redis image cache")
 
     def get(self, key: str) -> Optional[CachedImage]:
         _check_key(key)
         pipe = self._client.pipeline(transaction=False)
         pipe.get(self.prefix + key)
-        # XX: never re-add an entry evicted meanwhile; GT: a node with a late clock cannot age it.
-        pipe.zadd(self._lru, {key: time.time()}, xx=True, gt=True)
+        self._touch_script(keys=[self._lru], args=[repr(time.time()), key], client=pipe)
         value, _ = pipe.execute()
         if value is None:
             return None

@@ -18,7 +18,7 @@ def test_cluster_yaml_passes_rays_validator():
     raw = yaml.safe_load((CONFIGS / "cluster.yaml").read_text())
     validate_config(prepare_config(raw))
     start = " ".join(raw["head_start_ray_commands"])
-    assert "--port=6380" in start and "redis-server --port 6379" in start
+    assert "--port=6380" in start and '"port 6379"' in start and "redis-server /home/ubuntu/redis.conf" in start
     assert raw["available_node_types"]["sdgate.gpu"]["resources"]["GPU"] == 1
     assert raw["available_node_types"]["sdgate.gpu"]["min_workers"] == 0
 
@@ -37,7 +37,7 @@ def test_serve_yaml_renders_and_passes_the_serve_schema():
     config = render_serve_config(CONFIGS / "serve.yaml", {"SDGATE_TOKEN": "secret", "SDGATE_REDIS_URL":
                                                           "redis://head:6379/0", "SDGATE_REDIS_PASSWORD": "pw"})
     apps = {app["name"]: app for app in config["applications"]}
-    assert apps["gateway"]["args"]["gateway"]["auth_token"] == "secret"
+    assert "secret" not in str(apps["gateway"]["args"]) and "pw" not in str(apps["workers"]["args"])
     workers = apps["workers"]["deployments"][0]
     assert workers["ray_actor_options"]["num_gpus"] == 1
     policy = workers["autoscaling_config"]["policy"]
@@ -49,7 +49,7 @@ def test_serve_yaml_renders_and_passes_the_serve_schema():
 
 def test_serve_yaml_with_an_unset_variable_is_refused(tmp_path):
     broken = tmp_path / "serve.yaml"
-    broken.write_text((CONFIGS / "serve.yaml").read_text().replace("${SDGATE_TOKEN}", "${SDGATE_NO_SUCH}"))
+    broken.write_text((CONFIGS / "serve.yaml").read_text().replace("${SDGATE_REDIS_URL}", "${SDGATE_NO_SUCH}"))
     with pytest.raises(KeyError, match="SDGATE_NO_SUCH"):
         render_serve_config(broken, {})
 
@@ -101,3 +101,12 @@ def test_local_workers_split_the_cores():
     assert cpu_threads_per_worker(2, cores=2) == 1
     assert cpu_threads_per_worker(3, cores=2) == 1
     assert cpu_threads_per_worker(2, cores=16) == 8
+
+
+def test_cluster_yaml_keeps_secrets_off_command_lines_and_services_off_the_internet():
+    raw = yaml.safe_load((CONFIGS / "cluster.yaml").read_text())
+    start = " ".join(raw["head_start_ray_commands"])
+    assert "--requirepass" not in start and "umask 077" in start  # the password sits in a 0600 conf file
+    assert "--dashboard-host=127.0.0.1" in start and "0.0.0.0 " not in start.split("ray start")[0]
+    assert '"bind 127.0.0.1 $(hostname -I' in start and '"protected-mode yes"' in start
+    assert '"maxmemory-policy noeviction"' in start

@@ -163,7 +163,7 @@ def test_unwritable_or_broken_tiny_model_fails_and_says_what_to_do(tmp_path):
 
 
 def test_unusable_device_fails_and_says_what_to_do(tmp_path):
-    with pytest.raises(ModelLoadError, match="'gpu' is not one of auto, cuda, cpu.*SDGATE_DEVICE"):
+    with pytest.raises(ValueError, match="(?s)device.*'auto', 'cuda' or 'cpu'"):  # typed config: refused at load
         PipelineRunner(WorkerConfig(device="gpu", model_cache_dir=str(tmp_path)))
     if not torch.cuda.is_available():
         with pytest.raises(ModelLoadError, match="sees no CUDA GPU.*'auto' or 'cpu'"):

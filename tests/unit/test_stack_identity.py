@@ -1,0 +1,76 @@
+"""`sdgate down`/`status` know their processes by PID *and* create time (psutil); the local Redis's
+memory ceiling. (The local Redis itself: tests/integration/test_redis_ops.py.)"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import psutil
+import pytest
+
+from cluster.local import LocalStack, StackConfig, _group_tree
+from serve_app.config import GatewayConfig
+
+LOCAL = Path(__file__).resolve().parents[2] / "cluster" / "local.py"
+
+
+@pytest.fixture
+def sleeper():
+    process = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"], start_new_session=True)
+    yield process
+    if process.poll() is None:
+        process.kill()
+    process.wait()
+
+
+def stack_in(home: Path) -> LocalStack:
+    return LocalStack(home=home, stack=StackConfig(), gateway=GatewayConfig())
+
+
+def record(home: Path, name: str, pid: int, created: float) -> None:
+    run = home / "run"
+    run.mkdir(parents=True, exist_ok=True)
+    (run / "stack.json").write_text(json.dumps({"processes": {name: pid}, "create_times": {name: created}}))
+
+
+def test_a_reused_pid_is_left_alone(tmp_path, sleeper):
+    """A stale stack.json naming a PID that now belongs to an unrelated process (same PID, other
+    create time, as after a reboot) must not kill it, and status must not call it ours."""
+    real = psutil.Process(sleeper.pid).create_time()
+    record(tmp_path, "ray", sleeper.pid, real - 1000)
+    stack = stack_in(tmp_path)
+    assert stack.status()["processes"]["ray"].startswith("stopped (pid now belongs to another process")
+    assert stack.running() == {}
+    assert stack.down(log=lambda *_: None) == []
+    assert sleeper.poll() is None, "down killed a process it did not start"
+
+
+def test_the_recorded_process_is_stopped(tmp_path, sleeper):
+    record(tmp_path, "worker-0", sleeper.pid, psutil.Process(sleeper.pid).create_time())
+    stack = stack_in(tmp_path)
+    assert stack.status()["processes"]["worker-0"] == "running"
+    assert stack.down(log=lambda *_: None) == ["worker-0"]
+    assert sleeper.wait(10) is not None
+
+
+def test_a_record_without_create_time_is_not_trusted(tmp_path, sleeper):
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "stack.json").write_text(json.dumps({"processes": {"redis": sleeper.pid}}))
+    lines = []
+    assert stack_in(tmp_path).down(log=lines.append) == []
+    assert sleeper.poll() is None and "no create time" in lines[0]
+
+
+def test_group_tree_follows_children_with_psutil_only(sleeper):
+    child = psutil.Process(sleeper.pid)
+    assert _group_tree(sleeper.pid, child.create_time()) == {sleeper.pid}
+    assert "/proc" not in LOCAL.read_text(), "process trees come from psutil (portable), not /proc"
+
+
+def test_a_redis_image_cache_adds_its_budget_to_the_ceiling(tmp_path):
+    stack = LocalStack(home=tmp_path, stack=StackConfig(redis_maxmemory_mb=100),
+                       gateway=GatewayConfig(cache_backend="redis", cache_max_bytes=2**30))
+    assert stack.redis_maxmemory() == 100 * 2**20 + 2**30
