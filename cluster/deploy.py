@@ -62,6 +62,7 @@ def wait_running(names, timeout_s: float) -> Dict[str, str]:
         time.sleep(0.5)
 
 
+AUTH_SWITCH = "SDGATE_AUTH"  # `off` deploys without a token, on purpose
 _PLACEHOLDER = re.compile(r"\$\{([A-Z0-9_]+)\}")
 
 
@@ -74,7 +75,13 @@ def serve_config_env(environ: Optional[Mapping[str, str]] = None) -> Dict[str, s
     env.setdefault("SDGATE_REDIS_PASSWORD", celery.redis_password or "")
     env.setdefault("SDGATE_BROKER_URL", celery.broker_url())
     env.setdefault("SDGATE_BIND_HOST", "127.0.0.1")
-    env.setdefault("SDGATE_TOKEN", "")
+    if env.get(AUTH_SWITCH, "").lower() == "off":  # the only way to deploy without a token
+        env["SDGATE_TOKEN"] = ""
+    elif not env.get("SDGATE_TOKEN"):
+        raise ValueError("SDGATE_TOKEN is unset or empty: anyone who reaches the gateway could use it. Set "
+                         f"SDGATE_TOKEN (configs/secrets.env), or set {AUTH_SWITCH}=off to deploy without auth")
+    if env.get("SDGATE_AUTH_TOKEN") is not None:
+        raise ValueError("SDGATE_AUTH_TOKEN is not read: the shared token is SDGATE_TOKEN everywhere")
     return env
 
 
