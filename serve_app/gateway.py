@@ -150,7 +150,8 @@ class Gateway:
     @api.get("/healthz")
     def healthz(self) -> Dict[str, Any]:
         return {"ok": self.socket_server.alive(), "socket_port": self.socket_server.port,
-                "pending_misses": self.front.pending_misses, "open_connections": self.socket_server.open_connections}
+                "pending_misses": self.front.pending_misses, "open_connections": self.socket_server.open_connections,
+                "waiting": self.admission.waiting}
 
     @api.get("/v1/stats")
     def stats(self, request: Request) -> Any:
