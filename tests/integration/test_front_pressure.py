@@ -59,16 +59,21 @@ def threads_of(pid: int) -> int:
     return len(os.listdir(f"/proc/{pid}/task"))
 
 
-def hit_p99(stack, request: GenerationRequest, count: int = 200) -> float:
-    latencies = []
+def hit_p99(stack, request: GenerationRequest, count: int = 200, rounds: int = 3) -> float:
+    """A hit client's p99 latency: the median over `rounds` rounds of `count` hits, so one burst of
+    another engineer's load on this shared machine does not decide the test."""
+    p99s = []
     with socket.create_connection(("127.0.0.1", stack.gateway.socket_port), timeout=30) as conn:
-        for _ in range(count):
-            started = time.perf_counter()
-            reply = protocol.exchange(conn, request, token=TOKEN, timeout=30)
-            latencies.append(time.perf_counter() - started)
-            assert reply.statuses[0]["state"] == protocol.STATUS_CACHED
-    latencies.sort()
-    return latencies[int(count * 0.99) - 1]
+        for _ in range(rounds):
+            latencies = []
+            for _ in range(count):
+                started = time.perf_counter()
+                reply = protocol.exchange(conn, request, token=TOKEN, timeout=30)
+                latencies.append(time.perf_counter() - started)
+                assert reply.statuses[0]["state"] == protocol.STATUS_CACHED
+            latencies.sort()
+            p99s.append(latencies[int(count * 0.99) - 1])
+    return sorted(p99s)[rounds // 2]
 
 
 def send_only(stack, request: GenerationRequest) -> socket.socket:
