@@ -35,7 +35,7 @@ config_dataclass = dataclass(config=ConfigDict(extra="forbid", strict=True))
 Port = Annotated[int, Field(ge=0, le=65535)]
 # field -> variables that may carry it in the secrets file or the environment (first wins).
 SECRET_VARIABLES = {"redis_password": ("SDGATE_REDIS_PASSWORD",), "redis_username": ("SDGATE_REDIS_USERNAME",),
-                    "auth_token": ("SDGATE_AUTH_TOKEN", "SDGATE_TOKEN")}
+                    "auth_token": ("SDGATE_TOKEN",)}
 
 
 class ConfigError(ValueError):

@@ -15,6 +15,7 @@ import os
 import re
 import select
 import socket
+import ssl
 import sys
 import time
 import unicodedata
@@ -75,6 +76,8 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     parser.add_argument("--token", default=os.environ.get("SDGATE_TOKEN"), help="shared token (default $SDGATE_TOKEN)")
     parser.add_argument("--timeout", type=float, default=600.0, help="seconds to wait for one image (default 600)")
     parser.add_argument("--connect-timeout", type=float, default=10.0, help="seconds to connect (default 10)")
+    parser.add_argument("--tls", action="store_true", help="talk TLS (the server has tls_cert_file set)")
+    parser.add_argument("--cacert", help="PEM file of the CA (or self-signed certificate) to trust; implies --tls")
     args = parser.parse_args(argv)
     if not 0 < args.port < 65536:
         parser.error(f"--port {args.port} is outside 1..65535")
@@ -99,6 +102,7 @@ def build_request(prompt: str, args: argparse.Namespace) -> GenerationRequest:
 
 def explain(exc: ProtocolError, where: str) -> str:
     """One sentence for the user: what went wrong and what to do about it."""
+    exc = ProtocolError(clean_text(exc.code, 40), clean_text(exc.message), exc.field and clean_text(exc.field, 40))
     if exc.code == protocol.E_INVALID_REQUEST:
         hint = f" (set by {FLAGS[exc.field]})" if exc.field in FLAGS else ""
         named = exc.message if not exc.field or exc.message.startswith(exc.field) else f"{exc.field}: {exc.message}"
@@ -110,6 +114,16 @@ def explain(exc: ProtocolError, where: str) -> str:
         return f"{exc.code}: {exc.message}; is {where} an sdgate server of the same version as this client?"
     advice = ADVICE.get(exc.code)
     return f"{exc.code}: {exc.message}" + (f" ({advice})" if advice else "")
+
+
+_ESCAPES = re.compile(r"\x1b(?:\[[0-?]*[ -/]*[@-~]|\][^\x07\x1b]*(?:\x07|\x1b\\)?|[@-~])|\x9b[0-?]*[ -/]*[@-~]")
+
+
+def clean_text(text: Any, limit: int = 500) -> str:
+    """Server text made safe for a terminal: escape sequences and control characters removed
+    (they could recolour, retitle or rewrite the user's screen), and at most `limit` characters."""
+    text = _ESCAPES.sub("", str(text))
+    return "".join(c if c.isprintable() else " " for c in text if c not in "\x1b\x9b")[:limit]
 
 
 class Progress:
@@ -160,9 +174,14 @@ class BootClient:
     """One connection to an sdgate server, reused for requests in sequence and reopened when it drops."""
 
     def __init__(self, host: str = DEFAULT_HOST, port: int = DEFAULT_PORT, token: Optional[str] = None,
-                 timeout: float = 600.0, connect_timeout: float = 10.0):
+                 timeout: float = 600.0, connect_timeout: float = 10.0, tls: bool = False,
+                 cacert: Optional[str] = None):
         self.host, self.port, self.token = host, port, token
         self.timeout, self.connect_timeout = timeout, connect_timeout
+        self.tls = None
+        if tls or cacert:  # the server's certificate is always verified, against --cacert or the system CAs
+            self.tls = ssl.create_default_context(cafile=cacert)
+            self.tls.minimum_version = ssl.TLSVersion.TLSv1_2
         self._sock: Optional[socket.socket] = None
 
     @property
@@ -180,6 +199,13 @@ class BootClient:
                 raise ClientError(f"cannot reach the sdgate server at {self.where}: is it running? "
                                   f"start it with `sdgate up` ({exc.strerror or exc})") from None
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            if self.tls is not None:
+                try:
+                    sock = self.tls.wrap_socket(sock, server_hostname=self.host)
+                except (ssl.SSLError, OSError) as exc:
+                    sock.close()
+                    raise ClientError(f"TLS with {self.where} failed ({exc}); check --cacert, and that the server "
+                                      "has TLS on (drop --tls if it has not)") from None
             self._sock = sock
         return self._sock
 
@@ -334,7 +360,12 @@ def run_interactive(client: BootClient, args: argparse.Namespace) -> int:
 def main(argv: Optional[List[str]] = None) -> int:
     """Entry point; returns the exit status."""
     args = parse_args(argv)
-    client = BootClient(args.host, args.port, args.token, args.timeout, args.connect_timeout)
+    try:
+        client = BootClient(args.host, args.port, args.token, args.timeout, args.connect_timeout,
+                            tls=args.tls, cacert=args.cacert)
+    except (OSError, ssl.SSLError) as exc:
+        print(f"error: cannot read --cacert {args.cacert!r}: {exc}", file=sys.stderr)
+        return EXIT_INVALID
     try:
         if not args.prompt:
             build_request("flag check", args)  # refuse bad flags before the first prompt is typed

@@ -22,7 +22,7 @@ from ray import serve
 from ray.serve.api import RunTarget
 
 from celery_bridge import consumer
-from celery_bridge.config import load_celery_config
+from celery_bridge.config import load_celery_config, read_env_file, secrets_file
 from serve_app import gateway
 
 GATEWAY_APP, WORKERS_APP = "gateway", "workers"
@@ -64,6 +64,7 @@ def wait_running(names, timeout_s: float) -> Dict[str, str]:
         time.sleep(0.5)
 
 
+AUTH_SWITCH = "SDGATE_AUTH"  # `off` deploys without a token, on purpose
 _PLACEHOLDER = re.compile(r"\$\{([A-Z0-9_]+)\}")
 
 
@@ -76,8 +77,20 @@ def serve_config_env(environ: Optional[Mapping[str, str]] = None) -> Dict[str, s
     env.setdefault("SDGATE_REDIS_PASSWORD", celery.redis_password or "")
     env.setdefault("SDGATE_BROKER_URL", celery.broker_url())
     env.setdefault("SDGATE_BIND_HOST", "127.0.0.1")
-    env.setdefault("SDGATE_TOKEN", "")
+    if env.get(AUTH_SWITCH, "").lower() != "off" and not _deploy_token(env):  # "off": no token, on purpose
+        raise ValueError("SDGATE_TOKEN is unset or empty: anyone who reaches the gateway could use it. Set "
+                         f"SDGATE_TOKEN (configs/secrets.env), or set {AUTH_SWITCH}=off to deploy without auth")
+    if env.get("SDGATE_AUTH_TOKEN") is not None:
+        raise ValueError("SDGATE_AUTH_TOKEN is not read: the shared token is SDGATE_TOKEN everywhere")
     return env
+
+
+def _deploy_token(env: Mapping[str, str]) -> str:
+    """The token the replicas will read: from their environment, else configs/secrets.env (never the Serve config)."""
+    if env.get("SDGATE_TOKEN"):
+        return env["SDGATE_TOKEN"]
+    path = secrets_file()
+    return read_env_file(path).get("SDGATE_TOKEN", "") if path.exists() else ""
 
 
 def render_serve_config(path: Path, environ: Optional[Mapping[str, str]] = None) -> Dict[str, Any]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any, Literal, Optional
 
@@ -28,10 +29,22 @@ class GatewayConfig:
     rate_limit_per_s: float = 0.0  # per client address, 0 = off
     rate_limit_burst: int = 20
     stats_flush_s: float = 0.5
+    # -- front path under pressure (issue 12): waiters, per-client caps, claim leases, TLS --
+    max_waiters: int = 4096  # requests waiting on misses (leaders and joiners) per replica before `busy`
+    max_waiters_per_client: int = 512  # of those, from one client address
+    max_connections_per_client: int = 2048  # open connections from one client address
+    front_threads: int = 4  # each of the two small pools: cache reads, and claims/submits/cache writes
+    claim_lease_s: float = 5.0  # a claim lapses this long after its replica stops renewing it (died)
+    flight_timeout_s: float = 900.0  # a generation nobody answers for this long is given up
+    tls_cert_file: Optional[str] = None  # PEM certificate chain; TLS on the socket port when set
+    tls_key_file: Optional[str] = None  # PEM private key of tls_cert_file
 
     def resolved_cache_path(self) -> Path:
         return Path(self.cache_path).expanduser() if self.cache_path else sdgate_home() / "cache" / "images.db"
 
 
 def load_gateway_config(**overrides: Any) -> GatewayConfig:
+    # One name for the token everywhere: clients, `sdgate deploy` and the gateway read SDGATE_TOKEN.
+    if os.environ.get("SDGATE_AUTH_TOKEN") is not None:
+        raise ValueError("SDGATE_AUTH_TOKEN is not read: set the shared token in SDGATE_TOKEN")
     return load_config(GatewayConfig, "gateway", overrides)

@@ -1,26 +1,37 @@
 """The front service: cache lookup, single-flight, admission and deadlines for one replica.
 
-Both the socket server and the HTTP ingress call `FrontService.generate`; it never imports
-torch. A hit is answered from the store in-process; a miss becomes one Celery task per key
-across the whole cluster: identical misses in this replica share a `Flight`, and replicas
-share a claim in Redis that names the task everyone waits on.
+Both the socket server and the HTTP ingress await `FrontService.generate_async` on their event
+loops; it never imports torch. A hit is read from the store on a small pool. A miss becomes one
+Celery task per key across the whole cluster: identical misses in this replica share a `Flight`,
+and replicas share a claim in Redis (a short lease, renewed while its flight lives) that names
+the task everyone waits on.
+
+Waiting costs no thread: a waiter is a coroutine awaiting the flight's future. The leader's work
+(claim, re-check the cache, watch, submit) runs briefly on a bounded pool, and the flight is
+finished from the producer future's done-callback (store the image, release the claim), on every
+exit path. A waiter that times out or goes away never cancels the flight: the image is still
+rendered and cached, and the claim stays alive so a retry joins instead of rendering again.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import threading
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, Optional
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import redis
+from kombu.transport.redis import Channel as KombuRedisChannel
 
 from client import protocol
 from client.protocol import GenerationRequest, InvalidRequest, ProtocolError
 from celery_bridge.contract import GenerationResult
-from celery_bridge.producer import GenerationProducer, new_task_id
+from celery_bridge.producer import KOMBU_UNACKED_KEY, GenerationProducer, new_task_id
 from serve_app import stats
+from serve_app.admission import Admission
 from serve_app.config import GatewayConfig
 from serve_app.store import ImageStore
 
@@ -31,6 +42,14 @@ StatusCallback = Callable[[str], None]
 # Deletes the claim only if it still names our task, so a late finisher never frees a newer claim.
 _RELEASE_CLAIM = """
 if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('del', KEYS[1]) end
+return 0
+"""
+# Extends our lease (ARGV[2] ms) if the claim still names our task; takes it back if it lapsed.
+# Returns 1 when the claim is ours afterwards, 0 when another task holds it.
+_RENEW_CLAIM = """
+local current = redis.call('get', KEYS[1])
+if current == ARGV[1] then redis.call('pexpire', KEYS[1], ARGV[2]) return 1 end
+if not current then redis.call('set', KEYS[1], ARGV[1], 'PX', ARGV[2]) return 1 end
 return 0
 """
 
@@ -44,96 +63,120 @@ class Answer:
     cached: bool
 
 
-class Flight:
-    """One generation in this replica that every identical request waits on."""
+class Hooks:
+    """Test seams at the race windows; each is called on a pool thread and may block."""
 
-    def __init__(self) -> None:
-        self._cond = threading.Condition()
+    def after_cache_miss(self, key: str) -> None:
+        """A request read the cache and found nothing; it has not joined or led a flight yet."""
+
+    def after_claim(self, key: str, task_id: str, claimed: bool) -> None:
+        """The leader learned the cluster claim (won it, or joined another replica's task)."""
+
+    def after_submit(self, key: str, task_id: str) -> None:
+        """The leader queued the task."""
+
+
+class Flight:
+    """One generation in this replica that every identical request waits on, as a future."""
+
+    def __init__(self, key: str, request: GenerationRequest, leader_status: Optional[StatusCallback] = None):
+        self.key, self.request = key, request
+        self.future: "Future[Answer]" = Future()
+        self.born = time.monotonic()
+        self.task_id: Optional[str] = None  # set once the claim is known
+        self.owner = False  # this replica holds the cluster claim and renews it
+        self.leader_status = leader_status
+        self._lock = threading.Lock()
         self._started = False
-        self._outcome: Optional[object] = None  # Answer or ProtocolError
+        self._listeners: List[Callable[[], None]] = []
+
+    def on_started(self, listener: Callable[[], None]) -> None:
+        """Call `listener` once when a worker picks the task up (at once if it already has)."""
+        with self._lock:
+            if not self._started:
+                self._listeners.append(listener)
+                return
+        listener()
 
     def mark_started(self) -> None:
-        with self._cond:
-            self._started = True
-            self._cond.notify_all()
+        with self._lock:
+            self._started, listeners, self._listeners = True, self._listeners, []
+        for listener in listeners:
+            _quietly(listener)
 
-    def poke(self) -> None:
-        with self._cond:
-            self._cond.notify_all()
-
-    def finish(self, outcome: object) -> None:
-        with self._cond:
-            self._outcome = outcome
-            self._cond.notify_all()
-
-    def wait(self, deadline: float, on_status: Optional[StatusCallback]) -> Answer:
-        """A joiner's wait: the leader's outcome, or `timeout` at the deadline."""
-        self.wait_until(lambda: self._outcome is not None, deadline, on_status)
-        if isinstance(self._outcome, ProtocolError):
-            raise self._outcome
-        return self._outcome  # type: ignore[return-value]
-
-    def wait_until(self, done: Callable[[], bool], deadline: float, on_status: Optional[StatusCallback]) -> None:
-        """Block until done() or the deadline, reporting `generating` once when a worker starts.
-
-        Statuses are sent from the waiting thread itself, so a slow client only slows itself.
-        """
-        reported = False
-        while True:
-            with self._cond:
-                if not done() and not (self._started and not reported):
-                    self._cond.wait(max(0.0, min(deadline - time.monotonic(), 1.0)))
-                started = self._started
-            if done():
-                return
-            if started and not reported:
-                reported = True
-                if on_status:
-                    on_status(protocol.STATUS_GENERATING)
-            if time.monotonic() >= deadline:
-                raise ProtocolError(protocol.E_TIMEOUT, "no image within the request deadline; try again later")
+    def finish(self, outcome: object) -> bool:
+        """Complete the flight with an Answer or a ProtocolError; False if it was already complete."""
+        with self._lock:
+            if self.future.done():
+                return False
+            if isinstance(outcome, BaseException):
+                self.future.set_exception(outcome)
+            else:
+                self.future.set_result(outcome)  # type: ignore[arg-type]
+            self._listeners = []
+        return True
 
 
 class FrontService:
     """Answers generation requests for one gateway replica."""
 
     def __init__(self, config: GatewayConfig, producer: GenerationProducer, store: ImageStore,
-                 counters: stats.Counters, on_generated: Optional[Callable[[float, float], None]] = None):
+                 counters: stats.Counters, on_generated: Optional[Callable[[float, float], None]] = None,
+                 admission: Optional[Admission] = None):
         """on_generated(pipeline_ms, miss_ms) is called after each generation this replica led."""
         self.config = config
         self.on_generated = on_generated
         self.producer = producer
         self.store = store
         self.counters = counters
+        self.admission = admission or Admission(config)
+        self.hooks = Hooks()
         self._redis: redis.Redis = producer.redis
         self._release_claim = self._redis.register_script(_RELEASE_CLAIM)
+        self._renew_claim = self._redis.register_script(_RENEW_CLAIM)
         self._flights: Dict[str, Flight] = {}
         self._flights_lock = threading.Lock()
+        # Two small pools: cache reads (hits) never queue behind claims, submits and cache writes.
+        self._reads = ThreadPoolExecutor(config.front_threads, thread_name_prefix="sdgate-read")
+        self._work = ThreadPoolExecutor(config.front_threads, thread_name_prefix="sdgate-work")
+        self._stop = threading.Event()
+        self._keeper = threading.Thread(target=self._keep_claims, name="sdgate-claims", daemon=True)
+        self._keeper.start()
 
     @property
     def pending_misses(self) -> int:
         return len(self._flights)
 
-    def generate(self, request: GenerationRequest, on_status: Optional[StatusCallback] = None) -> Answer:
-        """The image for `request`, from the cache or a worker; raises ProtocolError with a code."""
+    def close(self) -> None:
+        self._stop.set()
+        self._reads.shutdown(wait=False, cancel_futures=True)
+        self._work.shutdown(wait=False, cancel_futures=True)
+
+    async def generate_async(self, request: GenerationRequest, on_status: Optional[StatusCallback] = None,
+                             client: str = "?") -> Answer:
+        """The image for `request`, from the cache or a worker; raises ProtocolError with a code.
+
+        Call it on an event loop; `on_status` is always called on that loop, and never raises
+        into the generation (a vanished client only loses its own statuses).
+        """
         try:
-            answer = self._generate(request, _never_raises(on_status))
+            return await self._generate(request, _never_raises(on_status), client)
         except ProtocolError as exc:
             self.counters.error(exc.code)
             raise
-        return answer
 
-    def _generate(self, request: GenerationRequest, on_status: Optional[StatusCallback]) -> Answer:
+    async def _generate(self, request: GenerationRequest, on_status: Optional[StatusCallback], client: str) -> Answer:
+        loop = asyncio.get_running_loop()
         # 1. Normalise and key.
         try:
             normalized = request.normalized()
         except InvalidRequest as exc:
             raise ProtocolError(protocol.E_INVALID_REQUEST, str(exc), field=exc.field) from None
         key = normalized.cache_key()
-        deadline = time.monotonic() + self.config.request_timeout_s
+        deadline = loop.time() + self.config.request_timeout_s
 
-        # 2. Cache hit: straight from the store.
-        cached = self._cache_get(key)
+        # 2. Cache hit: straight from the store, on the read pool.
+        cached = await loop.run_in_executor(self._reads, self._lookup, key)
         if cached is not None:
             self.counters.incr(stats.CACHE_HITS)
             if on_status:
@@ -141,86 +184,152 @@ class FrontService:
             return cached
         self.counters.incr(stats.CACHE_MISSES)
 
-        # 3. Miss: join this replica's flight for the key, or lead a new one.
+        # 3. Miss: count the waiter, then join this replica's flight for the key or lead a new one.
+        self.admission.enter_wait(client)
+        try:
+            threadsafe = _on_loop(loop, on_status)
+            flight, leading = self._join_or_lead(key, normalized, threadsafe)
+            if leading:
+                self._work.submit(self._lead, flight)
+            else:
+                self.counters.incr(stats.SINGLEFLIGHT_JOINS)
+                if on_status:
+                    on_status(protocol.STATUS_JOINED)
+            if threadsafe:
+                flight.on_started(lambda: threadsafe(protocol.STATUS_GENERATING))
+            # 4. Wait as a coroutine; shield: our deadline or disconnect must not cancel the flight.
+            try:
+                return await asyncio.wait_for(asyncio.shield(asyncio.wrap_future(flight.future)),
+                                              max(0.0, deadline - loop.time()))
+            except asyncio.TimeoutError:
+                raise ProtocolError(protocol.E_TIMEOUT, "no image within the request deadline "
+                                    f"({self.config.request_timeout_s:.0f} s); it is still being made: retry "
+                                    "later and it will come from the cache") from None
+        finally:
+            self.admission.leave_wait(client)
+
+    def _lookup(self, key: str) -> Optional[Answer]:
+        cached = self._cache_get(key)
+        if cached is None:
+            self.hooks.after_cache_miss(key)
+        return cached
+
+    def _join_or_lead(self, key: str, request: GenerationRequest,
+                      leader_status: Optional[StatusCallback]) -> Tuple[Flight, bool]:
         with self._flights_lock:
             flight = self._flights.get(key)
-            leading = flight is None
-            if leading:
-                if len(self._flights) >= self.config.max_pending_misses:
-                    raise ProtocolError(
-                        protocol.E_BUSY,
-                        f"{len(self._flights)} generations are already pending here (limit "
-                        f"{self.config.max_pending_misses}); retry in a few seconds",
-                    )
-                flight = self._flights[key] = Flight()
-        if not leading:
-            self.counters.incr(stats.SINGLEFLIGHT_JOINS)
-            if on_status:
-                on_status(protocol.STATUS_JOINED)
-            return flight.wait(deadline, on_status)
-        try:
-            outcome: object = self._lead(normalized, key, flight, deadline, on_status)
-        except ProtocolError as exc:
-            outcome = exc
-        finally:
-            with self._flights_lock:
-                self._flights.pop(key, None)
-        flight.finish(outcome)
-        if isinstance(outcome, ProtocolError):
-            raise outcome
-        return outcome  # type: ignore[return-value]
+            if flight is not None:
+                return flight, False
+            if len(self._flights) >= self.config.max_pending_misses:
+                raise ProtocolError(protocol.E_BUSY, f"{len(self._flights)} generations are already pending here "
+                                    f"(limit {self.config.max_pending_misses}); cache hits are still served, "
+                                    "retry in a few seconds")
+            flight = self._flights[key] = Flight(key, request, leader_status)
+            return flight, True
 
-    def _lead(self, request: GenerationRequest, key: str, flight: Flight, deadline: float,
-              on_status: Optional[StatusCallback]) -> Answer:
-        started = time.monotonic()
+    # -- the leader's work, on the work pool --------------------------------------------------------
+
+    def _lead(self, flight: Flight) -> None:
+        """Claim, re-check, watch, submit; any failure finishes the flight so no joiner is stranded."""
+        try:
+            self._start(flight)
+        except ProtocolError as exc:
+            self._finish(flight, exc)
+        except Exception:  # noqa: BLE001 - whatever it was, the joiners get an answer now
+            log.exception("starting the generation for %s failed", flight.key[:12])
+            self._finish(flight, ProtocolError(protocol.E_INTERNAL, "the gateway failed to start this generation; "
+                                               "retry, and tell the operator if it persists"))
+
+    def _start(self, flight: Flight) -> None:
+        key = flight.key
         # 1. Claim the key cluster-wide, or learn which task already renders it.
         try:
             task_id, claimed = self._claim(key)
         except redis.RedisError as exc:
-            raise ProtocolError(protocol.E_UNAVAILABLE, f"the task queue (Redis) is unreachable: {exc}; "
+            log.warning("claim for %s failed: %s", key[:12], exc)
+            raise ProtocolError(protocol.E_UNAVAILABLE, "the task queue (Redis) is unreachable; "
                                 "retry in a few seconds") from None
-        if not claimed:
+        flight.task_id, flight.owner = task_id, claimed
+        self.hooks.after_claim(key, task_id, claimed)
+
+        # 2. Whoever stored the image may have released the claim we just won: look again.
+        if claimed:
+            cached = self._cache_get(key)
+            if cached is not None:
+                self._finish(flight, cached)
+                return
+        else:
             self.counters.incr(stats.SINGLEFLIGHT_JOINS)
 
-        # 2. Watch before submitting so the result cannot slip past.
-        future = self.producer.watch(task_id, on_started=flight.mark_started)
-        future.add_done_callback(lambda _: flight.poke())
+        # 3. Watch before submitting so the result cannot slip past; finish from its callback.
+        self._watch(flight)
+        if flight.leader_status:  # before submitting, so it always precedes `generating`
+            flight.leader_status(protocol.STATUS_QUEUED if claimed else protocol.STATUS_JOINED)
         if claimed:
+            self._submit(flight)
+
+    def _watch(self, flight: Flight) -> None:
+        started = time.monotonic()
+        future = self.producer.watch(flight.task_id, on_started=flight.mark_started)
+
+        def done(result: "Future[GenerationResult]") -> None:
             try:
-                self.producer.submit(request, task_id)
-            except Exception as exc:  # noqa: BLE001 - kombu raises several families on a dead broker
-                self.producer.unwatch(task_id)
-                self._release(key, task_id)
-                raise ProtocolError(protocol.E_UNAVAILABLE, f"could not queue the generation: {exc}; "
-                                    "retry in a few seconds") from None
-            self.counters.incr(stats.GENERATIONS)
-        if on_status:
-            on_status(protocol.STATUS_QUEUED if claimed else protocol.STATUS_JOINED)
+                self._work.submit(self._complete, flight, result, started)
+            except RuntimeError:  # the pool is shut down: finish here rather than strand anyone
+                self._complete(flight, result, started)
 
-        # 3. Wait, bounded by the request deadline.
+        future.add_done_callback(done)
+
+    def _submit(self, flight: Flight) -> None:
         try:
-            flight.wait_until(future.done, deadline, on_status)
-        except ProtocolError:
-            self.producer.unwatch(task_id)  # the task may still finish; its result stays claimable
-            raise
-        result = future.result()
-        if not result.ok:
-            self._release(key, task_id)
-            raise ProtocolError(result.error_code or protocol.E_INTERNAL, result.error_message, result.error_field)
+            self.producer.submit(flight.request, flight.task_id)
+        except Exception as exc:  # noqa: BLE001 - kombu raises several families on a dead broker
+            log.warning("could not queue %s: %s", flight.task_id, exc)
+            raise ProtocolError(protocol.E_UNAVAILABLE, "could not queue the generation; retry in a few "
+                                "seconds") from None
+        self.counters.incr(stats.GENERATIONS)
+        self.hooks.after_submit(flight.key, flight.task_id)
 
-        # 4. Store, then let the next miss of this key start afresh.
-        answer = self._store(key, result)
-        self._release(key, task_id)
-        if self.on_generated:
-            self.on_generated(result.pipeline_ms, (time.monotonic() - started) * 1000)
-        return answer
+    def _complete(self, flight: Flight, future: "Future[GenerationResult]", started: float) -> None:
+        """The task's result arrived: store the image, then finish the flight (always)."""
+        outcome: object = ProtocolError(protocol.E_INTERNAL, "the gateway failed while storing the image; retry")
+        try:
+            result = future.result()
+            if not result.ok:
+                outcome = ProtocolError(result.error_code or protocol.E_INTERNAL, _public_message(result, flight),
+                                        result.error_field)
+            else:
+                outcome = self._store(flight.key, result)
+                if self.on_generated and flight.owner:
+                    self.on_generated(result.pipeline_ms, (time.monotonic() - started) * 1000)
+        except ProtocolError as exc:
+            outcome = exc
+        except Exception:  # noqa: BLE001 - logged; the flight is finished below whatever happened
+            log.exception("completing the generation for %s failed", flight.key[:12])
+        finally:
+            self._finish(flight, outcome)
 
-    def _claim(self, key: str):
+    def _finish(self, flight: Flight, outcome: object) -> None:
+        """Every end of a flight: forget it, stop watching, free the claim, wake every waiter."""
+        try:
+            with self._flights_lock:
+                if self._flights.get(flight.key) is flight:
+                    del self._flights[flight.key]
+            if flight.task_id and not isinstance(outcome, Answer):
+                self.producer.unwatch(flight.task_id)
+            if flight.owner and flight.task_id:
+                self._release(flight.key, flight.task_id)
+        finally:
+            flight.finish(outcome)
+
+    # -- claims ------------------------------------------------------------------------------------
+
+    def _claim(self, key: str) -> Tuple[str, bool]:
         claim_key = CLAIM_PREFIX + key
-        ttl = max(1, int(self.config.request_timeout_s))
+        lease_ms = int(self.config.claim_lease_s * 1000)
         for _ in range(5):
             task_id = new_task_id(key)
-            if self._redis.set(claim_key, task_id, nx=True, ex=ttl):
+            if self._redis.set(claim_key, task_id, nx=True, px=lease_ms):
                 return task_id, True
             existing = self._redis.get(claim_key)
             if existing is not None:
@@ -233,6 +342,78 @@ class FrontService:
         except redis.RedisError as exc:
             log.warning("could not release claim %s (%s); it expires by itself", key[:12], exc)
 
+    def _keep_claims(self) -> None:
+        """Renew the leases this replica owns; take over those whose owner stopped renewing (died)."""
+        period = max(0.05, min(1.0, self.config.claim_lease_s / 3))
+        while not self._stop.wait(period):
+            try:
+                self.keep_claims_once()
+            except redis.RedisError as exc:
+                log.warning("renewing claims failed (%s); retrying in %.1f s", exc, period)
+            except Exception:  # noqa: BLE001 - the keeper must outlive any one bad round
+                log.exception("renewing claims failed")
+
+    def keep_claims_once(self) -> None:
+        """One round of the keeper: time out overdue flights, renew owned claims, watch the others."""
+        now = time.monotonic()
+        with self._flights_lock:
+            flights = [f for f in self._flights.values() if f.task_id and not f.future.done()]
+        lease_ms = int(self.config.claim_lease_s * 1000)
+        live = []
+        for flight in flights:
+            if now - flight.born > self.config.flight_timeout_s:
+                self._finish(flight, ProtocolError(protocol.E_TIMEOUT, "the generation took longer than "
+                                                   f"{self.config.flight_timeout_s:.0f} s; retry later"))
+            else:
+                live.append(flight)
+        if not live:
+            return
+        pipe = self._redis.pipeline(transaction=False)
+        for flight in live:
+            if flight.owner:
+                self._renew_claim(keys=[CLAIM_PREFIX + flight.key], args=[flight.task_id, lease_ms], client=pipe)
+            else:
+                pipe.get(CLAIM_PREFIX + flight.key)
+        for flight, reply in zip(live, pipe.execute()):
+            if flight.owner:
+                if not reply:
+                    log.warning("claim for %s was taken over by another replica", flight.key[:12])
+                    flight.owner = False
+            elif reply is None and not flight.future.done():
+                self._take_over(flight, lease_ms)
+
+    def _take_over(self, flight: Flight, lease_ms: int) -> None:
+        """The claimer stopped renewing (it died): claim the same task, and queue it if it never was."""
+        if not self._redis.set(CLAIM_PREFIX + flight.key, flight.task_id, nx=True, px=lease_ms):
+            return  # another replica took over first; we keep waiting on the same task
+        flight.owner = True
+        if self._task_known(flight.task_id):
+            log.warning("took over the claim for %s from a replica that stopped renewing it; task %s is "
+                        "queued or running", flight.key[:12], flight.task_id)
+            return
+        log.warning("took over the claim for %s from a replica that stopped renewing it; its task %s was "
+                    "never queued, queueing it now", flight.key[:12], flight.task_id)
+        try:
+            self._submit(flight)
+        except ProtocolError as exc:
+            self._finish(flight, exc)
+
+    def _task_known(self, task_id: str) -> bool:
+        """Whether the task has a state, sits in a queue list, or is held by a worker."""
+        prefix = self.producer.app.backend.task_keyprefix
+        prefix = prefix.decode() if isinstance(prefix, bytes) else prefix
+        if self._redis.exists(prefix + task_id):
+            return True
+        queue = self.producer.config.queue
+        lists = [queue] + [f"{queue}{KombuRedisChannel.sep}{step}" for step in KombuRedisChannel.priority_steps if step]
+        needle = task_id.encode()
+        for name in lists:
+            if any(needle in raw for raw in self._redis.lrange(name, 0, -1)):
+                return True
+        return any(needle in raw for raw in self._redis.hvals(KOMBU_UNACKED_KEY))
+
+    # -- the cache -----------------------------------------------------------------------------------
+
     def _cache_get(self, key: str) -> Optional[Answer]:
         try:
             cached = self.store.get(key)
@@ -244,12 +425,44 @@ class FrontService:
     def _store(self, key: str, result: GenerationResult) -> Answer:
         png, meta = result.png, result.meta()
         if result.key != key:
-            raise ProtocolError(protocol.E_INTERNAL, f"worker answered key {result.key[:12]} for {key[:12]}")
+            log.error("worker answered key %s for %s", result.key[:12], key[:12])
+            raise ProtocolError(protocol.E_INTERNAL, "the worker answered for another request; retry")
         try:
             self.store.put(key, png, meta)
         except Exception:  # noqa: BLE001 - the client still gets its image
             log.exception("cache write failed for %s", key[:12])
         return Answer(meta, png, cached=False)
+
+
+def _public_message(result: GenerationResult, flight: Flight) -> str:
+    """What a client may read about a failed task: the worker's own words for request errors, and
+    for internal failures only the task id (exception texts and host names stay in the log)."""
+    if result.error_code and result.error_code != protocol.E_INTERNAL:
+        return result.error_message
+    log.warning("task %s failed: %s", flight.task_id, result.error_message)
+    return (f"the worker failed on this image (task {flight.task_id}); retry, and give the operator the task "
+            "id if it persists")
+
+
+def _on_loop(loop: asyncio.AbstractEventLoop, on_status: Optional[StatusCallback]) -> Optional[StatusCallback]:
+    """`on_status` callable from any thread: it runs on `loop`, or not at all once the loop closed."""
+    if on_status is None:
+        return None
+
+    def call(state: str) -> None:
+        try:
+            loop.call_soon_threadsafe(on_status, state)
+        except RuntimeError:  # the loop is closed: nobody is listening any more
+            pass
+
+    return call
+
+
+def _quietly(callback: Callable[[], None]) -> None:
+    try:
+        callback()
+    except Exception:  # noqa: BLE001 - one listener must not stop the others
+        log.exception("a flight listener failed")
 
 
 def _never_raises(on_status: Optional[StatusCallback]) -> Optional[StatusCallback]:

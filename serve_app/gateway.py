@@ -1,4 +1,4 @@
-"""The gateway: a Ray Serve deployment that is the threaded caching front server.
+"""The gateway: a Ray Serve deployment that is the caching front server (asyncio, no thread per waiter).
 
 Each replica answers the boot client's framed TCP protocol on a port shared by the replicas of
 its node (SO_REUSEPORT) and HTTP through Serve's proxy; both call one FrontService, so both
@@ -6,13 +6,11 @@ return the same bytes for the same parameters.
 """
 
 
-import asyncio
 import base64
 import json
 import logging
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Dict, Optional
 
 from fastapi import FastAPI, Request
@@ -25,16 +23,18 @@ from celery_bridge.config import load_celery_config
 from celery_bridge.producer import GenerationProducer
 from celery_bridge.redis_check import require_redis_version
 from serve_app import stats
+from serve_app.admission import MAX_REQUEST_BYTES, Admission, check_json_depth
 from serve_app.autoscaling import SOCKET_LOAD_METRIC
 from serve_app.config import load_gateway_config
 from serve_app.front import FrontService
 from serve_app.metrics import RayMetrics
 from serve_app.placement import ingress_actor_options
-from serve_app.socket_server import SocketFrontServer, check_token
+from serve_app.socket_server import SocketFrontServer
 from serve_app.store import open_store
 
 log = logging.getLogger(__name__)
-MAX_HTTP_BODY = protocol.MAX_PAYLOAD[protocol.REQUEST]
+MAX_HTTP_BODY = MAX_REQUEST_BYTES
+PRIVATE_META = ("worker",)  # host names stay inside the cluster
 QUEUE_DEPTH_PERIOD_S = 2.0
 HTTP_STATUS = {
     protocol.E_INVALID_REQUEST: 400, protocol.E_BAD_FRAME: 400, protocol.E_FRAME_TOO_LARGE: 413,
@@ -81,13 +81,12 @@ def _bearer(request: Request) -> Optional[str]:
 
 async def _bounded_body(request: Request) -> bytes:
     declared = request.headers.get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > MAX_HTTP_BODY:
-        raise ProtocolError(protocol.E_FRAME_TOO_LARGE, f"body over {MAX_HTTP_BODY} bytes")
+    if declared is not None and declared.isdigit():
+        Admission.check_size(int(declared))
     body = bytearray()
     async for chunk in request.stream():
         body += chunk
-        if len(body) > MAX_HTTP_BODY:
-            raise ProtocolError(protocol.E_FRAME_TOO_LARGE, f"body over {MAX_HTTP_BODY} bytes")
+        Admission.check_size(len(body))
     return bytes(body)
 
 
@@ -110,21 +109,27 @@ class Gateway:
         counters = stats.Counters(producer.redis, self.config.stats_flush_s)
         self.metrics = RayMetrics()
         counters.listeners.append(self.metrics.on_count)
-        self.front = FrontService(self.config, producer, store, counters, on_generated=self._observe_generation)
+        self.admission = Admission(self.config)
+        self.front = FrontService(self.config, producer, store, counters, on_generated=self._observe_generation,
+                                  admission=self.admission)
         self.socket_server = SocketFrontServer(self.front, self.config).start()
         self._stopped = threading.Event()
         threading.Thread(target=self._watch_queue, name="sdgate-queue-depth", daemon=True).start()
-        self._http_pool = ThreadPoolExecutor(self.config.handler_threads, thread_name_prefix="sdgate-http")
         log.info("gateway replica serving sockets on %s:%s", self.config.host, self.socket_server.port)
 
     @api.post("/v1/images/generations")
     async def generations(self, request: Request) -> JSONResponse:
         """OpenAI Images API: returns data[0].b64_json, plus sdgate's metadata."""
+        client = request.client.host if request.client else "?"
         try:
-            check_token(self.config.auth_token, _bearer(request))
+            self.admission.check_token(_bearer(request))
+            self.admission.check_rate(client)
             body = await _bounded_body(request)
             try:
+                check_json_depth(body)
                 generation = request_from_openai(json.loads(body))
+            except RecursionError:
+                raise ProtocolError(protocol.E_INVALID_REQUEST, "body nests too deep; send a flat JSON object") from None
             except (ValueError, UnicodeDecodeError) as exc:
                 if isinstance(exc, InvalidRequest):
                     raise ProtocolError(protocol.E_INVALID_REQUEST, str(exc), field=exc.field) from None
@@ -134,24 +139,29 @@ class Gateway:
         except ProtocolError as exc:
             self.front.counters.error(exc.code)
             return http_error(exc)
-        loop = asyncio.get_running_loop()
         try:
-            answer = await loop.run_in_executor(self._http_pool, self.front.generate, generation)
+            answer = await self.front.generate_async(generation, client=client)
         except ProtocolError as exc:
             return http_error(exc)
+        meta = {k: v for k, v in answer.meta.items() if k not in PRIVATE_META}
         return JSONResponse({
             "created": int(time.time()),
             "data": [{"b64_json": base64.b64encode(answer.png).decode("ascii"), "revised_prompt": generation.normalized().prompt}],
-            "sdgate": dict(answer.meta, cached=answer.cached),
+            "sdgate": dict(meta, cached=answer.cached),
         })
 
     @api.get("/healthz")
     def healthz(self) -> Dict[str, Any]:
         return {"ok": self.socket_server.alive(), "socket_port": self.socket_server.port,
-                "pending_misses": self.front.pending_misses, "open_connections": self.socket_server.open_connections}
+                "pending_misses": self.front.pending_misses, "open_connections": self.socket_server.open_connections,
+                "waiting": self.admission.waiting}
 
     @api.get("/v1/stats")
-    def stats(self) -> Dict[str, Any]:
+    def stats(self, request: Request) -> Any:
+        try:
+            self.admission.check_token(_bearer(request))
+        except ProtocolError as exc:
+            return http_error(exc)
         return stats.read_stats(self.front.producer.redis)
 
     def record_autoscaling_stats(self) -> Dict[str, float]:
@@ -178,6 +188,7 @@ class Gateway:
         if server is not None:
             self._stopped.set()
             server.stop()
+            self.front.close()
             self.front.counters.close()
 
 

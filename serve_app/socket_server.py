@@ -1,59 +1,30 @@
-"""The threaded front server for the boot client's framed TCP protocol.
+"""The asyncio front server for the boot client's framed TCP protocol (optionally over TLS).
 
-One selector thread owns every idle connection and the listening socket; a connection with
-bytes waiting is handed to the handler pool for exactly one request, then comes back. So a
-thousand idle clients cost a thousand sockets, not a thousand threads. Several replicas on
-one node share the port with SO_REUSEPORT and the kernel spreads connections among them.
+One event-loop thread per replica owns every connection: reading frames, the token check,
+statuses and image sends are coroutines, and a request waiting on a miss awaits its flight's
+future. So a slow peer or a waiting client costs a coroutine and a few KB, never a thread, and
+cache hits are served however many clients wait. Several replicas on one node share the port
+with SO_REUSEPORT and the kernel spreads connections among them.
 """
 
 from __future__ import annotations
 
-import hmac
+import asyncio
 import logging
-import queue
-import selectors
-import socket
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
-from typing import Dict, Optional
+from typing import Optional
 
 from client import protocol
-from client.protocol import ConnectionClosed, ProtocolError
+from client.protocol import ProtocolError
+from serve_app.admission import Admission, check_token, insecure_auth_warning, server_ssl_context
 from serve_app.config import GatewayConfig
 from serve_app.front import FrontService
 
+__all__ = ["SocketFrontServer", "check_token"]
 log = logging.getLogger(__name__)
 ACCEPTED_PAYLOADS = {protocol.REQUEST: protocol.MAX_PAYLOAD[protocol.REQUEST]}  # clients send only requests
 SEND_TIMEOUT_S = 30.0
-
-
-class RateLimiter:
-    """Token bucket per client address; `allow` is False once the bucket is empty."""
-
-    def __init__(self, per_s: float, burst: int):
-        self.per_s, self.burst = per_s, burst
-        self._buckets: Dict[str, list] = {}
-        self._lock = threading.Lock()
-
-    def allow(self, client: str) -> bool:
-        if self.per_s <= 0:
-            return True
-        now = time.monotonic()
-        with self._lock:
-            tokens, last = self._buckets.get(client, (self.burst, now))
-            tokens = min(self.burst, tokens + (now - last) * self.per_s)
-            if len(self._buckets) > 100_000:  # bounded memory under address churn
-                self._buckets.clear()
-            allowed = tokens >= 1
-            self._buckets[client] = [tokens - 1 if allowed else tokens, now]
-            return allowed
-
-
-def check_token(expected: Optional[str], given: Optional[str]) -> None:
-    """Constant-time shared-token check; raises `unauthorized`."""
-    if expected and not hmac.compare_digest((given or "").encode(), expected.encode()):
-        raise ProtocolError(protocol.E_UNAUTHORIZED, "missing or wrong token; pass --token or set SDGATE_TOKEN")
 
 
 class SocketFrontServer:
@@ -62,32 +33,22 @@ class SocketFrontServer:
     def __init__(self, front: FrontService, config: GatewayConfig):
         self.front = front
         self.config = config
-        self.rate_limiter = RateLimiter(config.rate_limit_per_s, config.rate_limit_burst)
-        self._listener = self._bind(config.host, config.socket_port)
-        self.port = self._listener.getsockname()[1]
-        self._selector = selectors.DefaultSelector()
-        self._pool = ThreadPoolExecutor(config.handler_threads, thread_name_prefix="sdgate-conn")
-        self._returned: "queue.SimpleQueue[socket.socket]" = queue.SimpleQueue()
-        self._wake_r, self._wake_w = socket.socketpair()
-        self._idle_since: Dict[socket.socket, float] = {}
-        self._open = 0
+        self.admission: Admission = front.admission
+        self.ssl_context = server_ssl_context(config)
+        warning = insecure_auth_warning(config)
+        if warning:
+            log.warning(warning)
+        self.port: Optional[int] = None
+        self._loop = asyncio.new_event_loop()
+        self._server: Optional[asyncio.AbstractServer] = None
+        self._ready = threading.Event()
+        self._error: Optional[BaseException] = None
         self._active = 0
         self._count_lock = threading.Lock()
         # Integral of requests-in-flight over time, for a time-averaged load between reports.
         self._load_integral, self._load_since = 0.0, time.monotonic()
         self._last_report = (self._load_since, 0.0)
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._loop, name="sdgate-socket", daemon=True)
-
-    @staticmethod
-    def _bind(host: str, port: int) -> socket.socket:
-        listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-        listener.bind((host, port))
-        listener.listen(1024)
-        listener.setblocking(False)
-        return listener
+        self._thread = threading.Thread(target=self._run, name="sdgate-socket", daemon=True)
 
     @property
     def active_requests(self) -> int:
@@ -96,7 +57,7 @@ class SocketFrontServer:
 
     @property
     def open_connections(self) -> int:
-        return self._open
+        return self.admission.open_connections
 
     def average_load(self) -> float:
         """Mean requests in flight since the previous call (what autoscaling should see)."""
@@ -113,173 +74,144 @@ class SocketFrontServer:
         self._load_since = now
 
     def start(self) -> "SocketFrontServer":
-        self._selector.register(self._listener, selectors.EVENT_READ, "accept")
-        self._selector.register(self._wake_r, selectors.EVENT_READ, "wake")
+        """Bind (so `port` is known on return) and serve on the loop thread."""
         self._thread.start()
+        self._ready.wait(30)
+        if self._error is not None:
+            raise self._error
         return self
 
     def alive(self) -> bool:
-        return self._thread.is_alive()
+        return self._thread.is_alive() and self._loop.is_running()
 
     def stop(self) -> None:
-        self._stop.set()
-        self._wake()
+        if self._loop.is_running():
+            asyncio.run_coroutine_threadsafe(self._shutdown(), self._loop)
         self._thread.join(5)
-        self._pool.shutdown(wait=False, cancel_futures=True)
 
-    # -- selector thread -------------------------------------------------------------------------
+    async def _shutdown(self) -> None:
+        self._server.close()
+        tasks = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        asyncio.get_running_loop().stop()
 
-    def _loop(self) -> None:
-        last_sweep = time.monotonic()
-        while not self._stop.is_set():
-            for key, _ in self._selector.select(timeout=1.0):
-                if key.data == "accept":
-                    self._accept()
-                elif key.data == "wake":
-                    self._wake_r.recv(4096)
-                else:
-                    conn = key.fileobj
-                    self._unwatch(conn)
-                    self._pool.submit(self._serve_one, conn)
-            while True:
-                try:
-                    conn = self._returned.get_nowait()
-                except queue.Empty:
-                    break
-                self._watch(conn)
-            if time.monotonic() - last_sweep >= 1.0:
-                last_sweep = time.monotonic()
-                self._close_idle()
-        for conn in list(self._idle_since):
-            self._close(conn)
-        self._listener.close()
+    # -- the loop thread ---------------------------------------------------------------------------
 
-    def _accept(self) -> None:
-        while True:
-            try:
-                conn, _ = self._listener.accept()
-            except (BlockingIOError, InterruptedError):
-                return
-            except OSError as exc:  # e.g. EMFILE: keep serving the connections we have
-                log.warning("accept failed: %s", exc)
-                return
-            conn.setblocking(True)
-            conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            if self._open >= self.config.max_connections:
-                self._reject(conn, protocol.E_BUSY, f"too many connections (limit {self.config.max_connections})")
-                continue
-            with self._count_lock:
-                self._open += 1
-            self._watch(conn)
-
-    def _close_idle(self) -> None:
-        cutoff = time.monotonic() - self.config.idle_timeout_s
-        for conn, since in list(self._idle_since.items()):
-            if since < cutoff:
-                self._unwatch(conn)
-                self._close(conn)
-
-    def _watch(self, conn: socket.socket) -> None:
-        """Wait for `conn`'s next request in the selector, idle from now on."""
-        self._idle_since[conn] = time.monotonic()
-        self._selector.register(conn, selectors.EVENT_READ, "conn")
-
-    def _unwatch(self, conn: socket.socket) -> None:
-        """Stop waiting for `conn`, in the selector and in the idle table alike: a socket left in
-        either after it is closed (fd -1) would make the next select or sweep raise and end the
-        selector thread, and with it every socket client of the replica."""
-        self._selector.unregister(conn)
-        self._idle_since.pop(conn, None)
-
-    def _wake(self) -> None:
+    def _run(self) -> None:
+        asyncio.set_event_loop(self._loop)
         try:
-            self._wake_w.send(b"\0")
-        except OSError:
-            pass
+            self._server = self._loop.run_until_complete(asyncio.start_server(
+                self._handle, self.config.host, self.config.socket_port, reuse_address=True, reuse_port=True,
+                backlog=1024, ssl=self.ssl_context,
+                ssl_handshake_timeout=self.config.frame_timeout_s if self.ssl_context else None))
+            self.port = self._server.sockets[0].getsockname()[1]
+        except BaseException as exc:  # noqa: BLE001 - handed to start()
+            self._error = exc
+            self._ready.set()
+            return
+        self._ready.set()
+        try:
+            self._loop.run_forever()
+        finally:
+            self._server.close()
+            self._loop.close()
 
-    # -- handler threads -------------------------------------------------------------------------
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        """One connection, start to end. Nothing raised here may reach the server: one bad
+        connection (or a bug on the registration path) must never end socket service."""
+        client = "?"
+        counted = False
+        try:
+            peer = writer.get_extra_info("peername")
+            client = peer[0] if peer else "?"
+            try:
+                self.admission.open_connection(client)
+                counted = True
+            except ProtocolError as exc:
+                self.front.counters.error(exc.code)
+                await self._send(writer, protocol.encode_error(exc.code, exc.message), timeout=1.0)
+                return
+            await self._serve(reader, writer, client)
+        except Exception:  # noqa: BLE001 - logged; this connection ends, the server goes on
+            log.exception("unexpected error on a client connection from %s", client)
+        finally:
+            if counted:
+                self.admission.close_connection(client)
+            try:
+                writer.close()
+            except Exception:  # noqa: BLE001 - closing a broken transport
+                pass
 
-    def _serve_one(self, conn: socket.socket) -> None:
-        """Read and answer one request, then give the connection back to the selector."""
-        keep = False
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, client: str) -> None:
+        """Requests one after another until the peer closes, idles too long, or breaks the framing."""
+        while True:
+            # 1. Wait for the first byte of a frame (idle between requests: no error frame).
+            try:
+                first = await asyncio.wait_for(reader.readexactly(1), self.config.idle_timeout_s)
+            except (asyncio.IncompleteReadError, asyncio.TimeoutError, ConnectionError, OSError):
+                return
+            # 2. The whole frame within the frame timeout, checked before any payload is read.
+            try:
+                async with asyncio.timeout(self.config.frame_timeout_s):
+                    kind, length = protocol.decode_header(first + await reader.readexactly(protocol.HEADER.size - 1))
+                    if length > ACCEPTED_PAYLOADS.get(kind, 0):
+                        if not length:
+                            raise ProtocolError(protocol.E_BAD_FRAME, "expected a REQUEST frame, got "
+                                                f"{protocol.FRAME_NAMES[kind]}")
+                        raise ProtocolError(protocol.E_FRAME_TOO_LARGE,
+                                            f"{protocol.FRAME_NAMES[kind]} frame of {length} bytes is not accepted here")
+                    frame = protocol.Frame(kind, await reader.readexactly(length))
+            except TimeoutError:
+                await self._send_error(writer, ProtocolError(
+                    protocol.E_TIMEOUT, f"a frame must arrive within {self.config.frame_timeout_s:.0f} s"))
+                return
+            except asyncio.IncompleteReadError:
+                await self._send_error(writer, ProtocolError(protocol.E_BAD_FRAME, "the connection closed mid-frame"))
+                return
+            except ProtocolError as exc:
+                await self._send_error(writer, exc)
+                return  # the byte stream can no longer be trusted
+            except (ConnectionError, OSError):
+                return
+            # 3. Answer it; the connection stays usable unless sending failed.
+            if not await self._answer(frame, writer, client):
+                return
+
+    async def _answer(self, frame: protocol.Frame, writer: asyncio.StreamWriter, client: str) -> bool:
+        """Returns True when the connection may carry another request."""
+        try:
+            if self.config.auth_token:  # before validation, so strangers learn nothing about the fields
+                body = frame.json()
+                self.admission.check_token(body.get("token") if isinstance(body, dict) else None)
+            request, _ = protocol.decode_request(frame)
+            self.admission.check_rate(client)
+        except ProtocolError as exc:
+            return await self._send_error(writer, exc)
         with self._count_lock:
             self._account_load()
             self._active += 1
         try:
-            keep = self._answer(conn)
-        except Exception:  # noqa: BLE001 - one broken connection must not take the server down
-            log.exception("unexpected error on a client connection")
+            answer = await self.front.generate_async(
+                request, on_status=lambda state: writer.write(protocol.encode_status(state)), client=client)
+        except ProtocolError as exc:  # counted by FrontService
+            return await self._send(writer, protocol.encode_error(exc.code, exc.message, exc.field))
         finally:
             with self._count_lock:
                 self._account_load()
                 self._active -= 1
-        if keep and not self._stop.is_set():
-            self._returned.put(conn)
-            self._wake()
-        else:
-            self._close(conn)
+        return await self._send(writer, protocol.encode_image(answer.meta, answer.png))
 
-    def _answer(self, conn: socket.socket) -> bool:
-        """Returns True when the connection may carry another request."""
+    async def _send_error(self, writer: asyncio.StreamWriter, exc: ProtocolError) -> bool:
+        self.front.counters.error(exc.code)
+        return await self._send(writer, protocol.encode_error(exc.code, exc.message, exc.field))
+
+    @staticmethod
+    async def _send(writer: asyncio.StreamWriter, data: bytes, timeout: float = SEND_TIMEOUT_S) -> bool:
         try:
-            frame = protocol.read_frame(conn, self.config.frame_timeout_s, idle_timeout=self.config.frame_timeout_s,
-                                        max_payload=ACCEPTED_PAYLOADS)
-        except ConnectionClosed:
-            return False
-        except (socket.timeout, TimeoutError):
-            self._send_quietly(conn, protocol.encode_error(
-                protocol.E_TIMEOUT, f"a frame must arrive within {self.config.frame_timeout_s:.0f} s"))
-            return False
-        except ProtocolError as exc:
-            self.front.counters.error(exc.code)
-            self._send_quietly(conn, protocol.encode_error(exc.code, exc.message, exc.field))
-            return False  # the byte stream can no longer be trusted
-        except OSError:
-            return False
-        conn.settimeout(SEND_TIMEOUT_S)
-        try:
-            if self.config.auth_token:  # before validation, so strangers learn nothing about the fields
-                body = frame.json()
-                check_token(self.config.auth_token, body.get("token") if isinstance(body, dict) else None)
-            request, _ = protocol.decode_request(frame)
-            if not self.rate_limiter.allow(_peer(conn)):
-                raise ProtocolError(protocol.E_RATE_LIMITED, "too many requests from this address; slow down")
-        except ProtocolError as exc:
-            self.front.counters.error(exc.code)
-            return self._send_quietly(conn, protocol.encode_error(exc.code, exc.message, exc.field))
-        try:
-            answer = self.front.generate(request, on_status=lambda state: conn.sendall(protocol.encode_status(state)))
-            conn.sendall(protocol.encode_image(answer.meta, answer.png))
+            writer.write(data)
+            await asyncio.wait_for(writer.drain(), timeout)
             return True
-        except ProtocolError as exc:  # counted by FrontService
-            return self._send_quietly(conn, protocol.encode_error(exc.code, exc.message, exc.field))
-        except OSError:
-            return False  # the client went away; a generation it started still completes and is cached
-
-    def _send_quietly(self, conn: socket.socket, data: bytes) -> bool:
-        try:
-            conn.settimeout(SEND_TIMEOUT_S)
-            conn.sendall(data)
-            return True
-        except OSError:
+        except (asyncio.TimeoutError, ConnectionError, OSError, RuntimeError):
             return False
-
-    def _reject(self, conn: socket.socket, code: str, message: str) -> None:
-        conn.settimeout(1.0)
-        self._send_quietly(conn, protocol.encode_error(code, message))
-        conn.close()
-
-    def _close(self, conn: socket.socket) -> None:
-        with self._count_lock:
-            self._open -= 1
-        try:
-            conn.close()
-        except OSError:
-            pass
-
-
-def _peer(conn: socket.socket) -> str:
-    try:
-        return conn.getpeername()[0]
-    except OSError:
-        return "?"

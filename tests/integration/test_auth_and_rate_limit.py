@@ -73,3 +73,42 @@ def test_rate_limit_per_client(stack):
             except ProtocolError as exc:
                 codes.append(exc.code)
     assert "ok" in codes and protocol.E_RATE_LIMITED in codes
+
+
+def get(stack, path: str, token=TOKEN):
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    request = urllib.request.Request(f"http://127.0.0.1:{stack.gateway.http_port}{path}", headers=headers)
+    try:
+        with urllib.request.urlopen(request, timeout=60) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as error:
+        return error.code, json.loads(error.read())
+
+
+def test_http_stats_need_the_token(stack):
+    """Item 7: /v1/stats is not open to strangers."""
+    assert get(stack, "/v1/stats", token=None)[0] == 401
+    assert get(stack, "/v1/stats", token="guess")[0] == 401
+    status, payload = get(stack, "/v1/stats")
+    assert status == 200 and "cache_hits" in payload
+
+
+def test_http_deeply_nested_body_is_a_400_not_a_500(stack):
+    """Item 7: a body nested thousands deep is refused as a bad request, without a traceback."""
+    for body in (b"[" * 16000, b'{"prompt": ' + b"[" * 5000 + b"]" * 5000 + b"}"):
+        status, payload = post(stack, body)
+        assert status == 400, payload
+        assert payload["error"]["code"] == protocol.E_INVALID_REQUEST and "Traceback" not in json.dumps(payload)
+
+
+def test_http_answers_carry_no_worker_host_name(stack):
+    """Item 7: the worker's name (its host) stays inside the cluster."""
+    status, payload = post(stack, json.dumps({"prompt": "where was I made", "seed": 5}).encode())
+    assert status == 200 and "worker" not in payload["sdgate"] and payload["sdgate"]["key"]
+
+
+def test_http_is_rate_limited_too(stack):
+    """Item 7: HTTP goes through the same per-address limiter as the socket (keep this test last)."""
+    body = json.dumps({"prompt": "http rate limited", "seed": 1}).encode()
+    statuses = [post(stack, body)[0] for _ in range(40)]
+    assert 200 in statuses and 429 in statuses, statuses

@@ -57,8 +57,9 @@ def answer(conn, request, token, n):
 class FakeServer:
     """A tiny sdgate server on a free port that answers each REQUEST with `handler`."""
 
-    def __init__(self, handler: Handler = answer):
+    def __init__(self, handler: Handler = answer, tls=None):
         self.handler = handler
+        self.tls = tls  # an ssl.SSLContext: accepted connections speak TLS
         self.requests: List[Tuple[GenerationRequest, Optional[str]]] = []
         self.connections = 0
         self.stopped = threading.Event()
@@ -80,6 +81,13 @@ class FakeServer:
             threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
 
     def _serve(self, conn: socket.socket) -> None:
+        if self.tls is not None:
+            try:
+                conn.settimeout(5)
+                conn = self.tls.wrap_socket(conn, server_side=True)
+            except OSError:
+                conn.close()
+                return
         with conn:
             while not self.stopped.is_set():
                 try:
@@ -102,8 +110,8 @@ class FakeServer:
 def serve():
     servers = []
 
-    def start(handler: Handler = answer) -> FakeServer:
-        servers.append(FakeServer(handler))
+    def start(handler: Handler = answer, tls=None) -> FakeServer:
+        servers.append(FakeServer(handler, tls))
         return servers[-1]
 
     yield start
@@ -422,3 +430,31 @@ def test_progress_on_a_tty_redraws_one_line():
     progress.finish(ok=True)
     assert stream.text.count("\n") == 1 and stream.text.count("\r") >= 4 and "\x1b" not in stream.text
     assert "queued > gen[2Jerating" in stream.text
+
+
+def test_server_text_cannot_drive_the_terminal(serve, tmp_path):
+    """Item 9: escape codes and control characters in an error from the server are not printed."""
+    evil = "bad \x1b[2J\x1b]0;owned\x07\x1b[31mred\x1b[0m\r\x08\x9b1m end"
+    server = serve(lambda conn, request, token, n: conn.sendall(protocol.encode_error(protocol.E_BUSY, evil)))
+    result = run_boot("a red fox", port=server.port, out=tmp_path / "out")
+    assert result.returncode == boot.EXIT_FAILED
+    assert "bad" in result.stderr and "red" in result.stderr and "end" in result.stderr
+    assert not any(c in result.stderr for c in "\x1b\x9b\x07\x08\r"), repr(result.stderr)
+    assert "owned" not in result.stderr
+
+
+def test_tls_with_cacert_and_refusal_of_an_unknown_certificate(serve, tmp_path):
+    import ssl
+
+    from tests.tls import make_certificate
+
+    cert, key = make_certificate(tmp_path)
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(cert, key)
+    server = serve(tls=context)
+    result = run_boot("a red fox", "--tls", "--cacert", str(cert), port=server.port, out=tmp_path / "out")
+    assert result.returncode == boot.EXIT_OK, result.stderr
+    assert Path(result.stdout.strip()).read_bytes() == PNG
+    # Without the CA the self-signed certificate is refused, and the message says what to do.
+    result = run_boot("a red fox", "--tls", port=server.port, out=tmp_path / "out")
+    assert result.returncode == boot.EXIT_FAILED and "--cacert" in result.stderr

@@ -51,7 +51,25 @@ def test_serve_yaml_with_an_unset_variable_is_refused(tmp_path):
     broken = tmp_path / "serve.yaml"
     broken.write_text((CONFIGS / "serve.yaml").read_text().replace("${SDGATE_REDIS_URL}", "${SDGATE_NO_SUCH}"))
     with pytest.raises(KeyError, match="SDGATE_NO_SUCH"):
-        render_serve_config(broken, {})
+        render_serve_config(broken, {"SDGATE_TOKEN": "secret"})
+
+
+@pytest.mark.parametrize("env", [{}, {"SDGATE_TOKEN": ""}])
+def test_deploy_refuses_an_unset_or_empty_token(env):
+    """Item 8: auth is never silently off."""
+    with pytest.raises(ValueError, match="SDGATE_TOKEN"):
+        render_serve_config(CONFIGS / "serve.yaml", env)
+
+
+def test_deploy_without_auth_only_when_asked_for():
+    config = render_serve_config(CONFIGS / "serve.yaml", {"SDGATE_AUTH": "off"})
+    gateway = next(app for app in config["applications"] if app["name"] == "gateway")
+    assert not gateway["args"]["gateway"]["auth_token"]
+
+
+def test_deploy_refuses_the_old_token_variable():
+    with pytest.raises(ValueError, match="SDGATE_TOKEN everywhere"):
+        render_serve_config(CONFIGS / "serve.yaml", {"SDGATE_TOKEN": "x", "SDGATE_AUTH_TOKEN": "y"})
 
 
 def test_environment_overrides_yaml(monkeypatch):

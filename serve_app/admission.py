@@ -1,0 +1,176 @@
+"""One admission path for the socket front and HTTP: token, rate limit, size limits, caps.
+
+Everything here is cheap and non-blocking, so it runs on the event loop before a request costs
+a thread: a stranger or a slow peer costs a coroutine and a few counters, nothing more.
+"""
+
+from __future__ import annotations
+
+import hmac
+import ipaddress
+import logging
+import ssl
+import threading
+import time
+from typing import Dict, Optional
+
+from client import protocol
+from client.protocol import ProtocolError
+from serve_app.config import GatewayConfig
+
+log = logging.getLogger(__name__)
+MAX_REQUEST_BYTES = protocol.MAX_PAYLOAD[protocol.REQUEST]  # a REQUEST frame and an HTTP body alike
+MAX_JSON_DEPTH = 32  # deeper bodies are refused before json.loads can recurse
+
+
+class RateLimiter:
+    """Token bucket per client address; `allow` is False once the bucket is empty."""
+
+    def __init__(self, per_s: float, burst: int):
+        self.per_s, self.burst = per_s, burst
+        self._buckets: Dict[str, list] = {}
+        self._lock = threading.Lock()
+
+    def allow(self, client: str) -> bool:
+        if self.per_s <= 0:
+            return True
+        now = time.monotonic()
+        with self._lock:
+            tokens, last = self._buckets.get(client, (self.burst, now))
+            tokens = min(self.burst, tokens + (now - last) * self.per_s)
+            if len(self._buckets) > 100_000:  # bounded memory under address churn
+                self._buckets.clear()
+            allowed = tokens >= 1
+            self._buckets[client] = [tokens - 1 if allowed else tokens, now]
+            return allowed
+
+
+def check_token(expected: Optional[str], given: Optional[str]) -> None:
+    """Constant-time shared-token check; raises `unauthorized`."""
+    if expected and not hmac.compare_digest((given or "").encode(), expected.encode()):
+        raise ProtocolError(protocol.E_UNAUTHORIZED, "missing or wrong token; pass --token or set SDGATE_TOKEN")
+
+
+def check_json_depth(body: bytes, limit: int = MAX_JSON_DEPTH) -> None:
+    """Refuse JSON nested deeper than `limit` (brackets outside strings), in one linear pass."""
+    depth, in_string, escaped = 0, False, False
+    for byte in body:
+        if in_string:
+            if escaped:
+                escaped = False
+            elif byte == 0x5C:  # backslash
+                escaped = True
+            elif byte == 0x22:
+                in_string = False
+        elif byte == 0x22:
+            in_string = True
+        elif byte in (0x5B, 0x7B):
+            depth += 1
+            if depth > limit:
+                raise ProtocolError(protocol.E_INVALID_REQUEST,
+                                    f"body nests deeper than {limit} levels; send a flat JSON object")
+        elif byte in (0x5D, 0x7D):
+            depth -= 1
+
+
+class Admission:
+    """The replica's gatekeeper: who may talk (token), how often (rate), how much (sizes), and how
+    many may wait at once (connections and waiters, per replica and per client address)."""
+
+    def __init__(self, config: GatewayConfig):
+        self.config = config
+        self.rate_limiter = RateLimiter(config.rate_limit_per_s, config.rate_limit_burst)
+        self._lock = threading.Lock()
+        self._connections: Dict[str, int] = {}
+        self._waiters: Dict[str, int] = {}
+        self.open_connections = 0
+        self.waiting = 0
+
+    # -- per request ------------------------------------------------------------------------------
+
+    def check_token(self, given: Optional[str]) -> None:
+        check_token(self.config.auth_token, given)
+
+    def check_rate(self, client: str) -> None:
+        if not self.rate_limiter.allow(client):
+            raise ProtocolError(protocol.E_RATE_LIMITED, "too many requests from this address "
+                                f"(limit {self.config.rate_limit_per_s:g}/s); slow down")
+
+    @staticmethod
+    def check_size(length: int) -> None:
+        if length > MAX_REQUEST_BYTES:
+            raise ProtocolError(protocol.E_FRAME_TOO_LARGE, f"request body of {length} bytes is over the "
+                                f"{MAX_REQUEST_BYTES}-byte limit; shorten the prompt")
+
+    # -- connections ------------------------------------------------------------------------------
+
+    def open_connection(self, client: str) -> None:
+        """Count a new connection from `client`; raises `busy` over the replica or per-address cap."""
+        with self._lock:
+            if self.open_connections >= self.config.max_connections:
+                raise ProtocolError(protocol.E_BUSY, f"too many connections (limit {self.config.max_connections})"
+                                    "; retry in a few seconds")
+            if self._connections.get(client, 0) >= self.config.max_connections_per_client:
+                raise ProtocolError(protocol.E_BUSY, "too many connections from this address (limit "
+                                    f"{self.config.max_connections_per_client}); reuse one connection")
+            self.open_connections += 1
+            self._connections[client] = self._connections.get(client, 0) + 1
+
+    def close_connection(self, client: str) -> None:
+        with self._lock:
+            self.open_connections -= 1
+            _decrement(self._connections, client)
+
+    # -- waiters (every request waiting on a miss, leader or joiner) -----------------------------
+
+    def enter_wait(self, client: str) -> None:
+        """Count one more waiter on a miss; raises `busy` over the replica or per-address cap."""
+        with self._lock:
+            if self.waiting >= self.config.max_waiters:
+                raise ProtocolError(protocol.E_BUSY, f"{self.waiting} requests already wait for new images here "
+                                    f"(limit {self.config.max_waiters}); cache hits are still served, retry "
+                                    "in a few seconds")
+            if self._waiters.get(client, 0) >= self.config.max_waiters_per_client:
+                raise ProtocolError(protocol.E_BUSY, "too many requests from this address wait for new images "
+                                    f"(limit {self.config.max_waiters_per_client}); retry in a few seconds")
+            self.waiting += 1
+            self._waiters[client] = self._waiters.get(client, 0) + 1
+
+    def leave_wait(self, client: str) -> None:
+        with self._lock:
+            self.waiting -= 1
+            _decrement(self._waiters, client)
+
+
+def _decrement(counts: Dict[str, int], client: str) -> None:
+    left = counts.get(client, 0) - 1
+    if left > 0:
+        counts[client] = left
+    else:
+        counts.pop(client, None)
+
+
+def server_ssl_context(config: GatewayConfig) -> Optional[ssl.SSLContext]:
+    """A TLS server context from tls_cert_file/tls_key_file, or None when TLS is not configured."""
+    if not config.tls_cert_file:
+        return None
+    if not config.tls_key_file:
+        raise ValueError("tls_cert_file is set but tls_key_file is not; set both (PEM files) or neither")
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    context.load_cert_chain(config.tls_cert_file, config.tls_key_file)
+    return context
+
+
+def insecure_auth_warning(config: GatewayConfig) -> Optional[str]:
+    """The warning an operator needs when the token would cross a network in clear text, else None."""
+    if not config.auth_token or config.tls_cert_file:
+        return None
+    try:
+        loopback = ipaddress.ip_address(config.host).is_loopback
+    except ValueError:
+        loopback = config.host == "localhost"
+    if loopback:
+        return None
+    return (f"auth is on but TLS is off while listening on {config.host}: the shared token crosses the network "
+            "in clear text; set tls_cert_file and tls_key_file (SDGATE_TLS_CERT_FILE, SDGATE_TLS_KEY_FILE)")

@@ -1,0 +1,223 @@
+"""The front service's races, forced with its hooks: real Redis, the real producer (real Celery
+`send_task` into kombu's Redis queue), a real SQLite cache. The test plays the worker by
+publishing task states exactly as Celery's Redis result backend does, so it decides when a
+task starts and finishes, and each bad interleaving happens every run."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import threading
+import time
+import uuid
+from typing import List
+
+import pytest
+import redis
+
+from celery_bridge.config import CeleryConfig
+from celery_bridge.contract import GenerationResult
+from celery_bridge.producer import GenerationProducer
+from client import protocol
+from client.protocol import GenerationRequest, ProtocolError
+from serve_app import stats
+from serve_app.config import GatewayConfig
+from serve_app.front import CLAIM_PREFIX, FrontService
+from serve_app.store import SQLiteImageStore
+
+pytestmark = pytest.mark.integration
+PNG = b"\x89PNG\r\n\x1a\n" + b"test image"
+RESULT_PREFIX = "celery-task-meta-"
+
+
+class Cluster:
+    """Gateway replicas (FrontServices) sharing one Redis, one queue and one cache file."""
+
+    def __init__(self, redis_server, tmp_path, **gateway):
+        self.queue = f"q-{uuid.uuid4().hex[:8]}"
+        self.redis = redis.Redis.from_url(redis_server.url)
+        self.celery = CeleryConfig(redis_url=redis_server.url, queue=self.queue)
+        self.config = GatewayConfig(**dict({"request_timeout_s": 20, "claim_lease_s": 0.6}, **gateway))
+        self.cache = tmp_path / "images.db"
+        self.fronts: List[FrontService] = []
+
+    def replica(self) -> FrontService:
+        producer = GenerationProducer(self.celery)
+        front = FrontService(self.config, producer, SQLiteImageStore(self.cache, 1 << 26),
+                             stats.Counters(producer.redis, 0.1))
+        self.fronts.append(front)
+        return front
+
+    def queued(self) -> List[str]:
+        """Task ids in the queue list, oldest first."""
+        return [json.loads(raw)["headers"]["id"] for raw in reversed(self.redis.lrange(self.queue, 0, -1))]
+
+    def publish(self, task_id: str, status: str, result=None) -> None:
+        """What Celery's Redis backend does for a task state: store it and publish it."""
+        body = json.dumps({"status": status, "result": result, "task_id": task_id})
+        self.redis.set(RESULT_PREFIX + task_id, body)
+        self.redis.publish(RESULT_PREFIX + task_id, body)
+
+    def render(self, task_id: str, request: GenerationRequest) -> None:
+        self.publish(task_id, "STARTED", {"pid": 1})
+        result = GenerationResult.success(request.normalized(), PNG, 1.0, "worker@secret-host")
+        self.publish(task_id, "SUCCESS", result.to_json())
+
+    def close(self) -> None:
+        for front in self.fronts:
+            front.close()
+            front.producer.close()
+            front.counters.close()
+
+
+@pytest.fixture
+def cluster(redis_server, tmp_path):
+    cluster = Cluster(redis_server, tmp_path)
+    yield cluster
+    cluster.close()
+
+
+def wait_for(check, timeout=15.0, what="condition"):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = check()
+        if value:
+            return value
+        time.sleep(0.02)
+    raise AssertionError(f"{what}: not within {timeout} s")
+
+
+def in_loop(coroutine_factory):
+    """Run coroutines on a fresh loop in a thread; returns (thread, outcome dict)."""
+    outcome = {}
+
+    def run():
+        try:
+            outcome["value"] = asyncio.run(coroutine_factory())
+        except BaseException as exc:  # noqa: BLE001 - inspected by the test
+            outcome["error"] = exc
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    return thread, outcome
+
+
+def test_a_miss_that_wins_a_just_released_claim_reads_the_cache_again(cluster):
+    """Item 3: B misses the cache, A stores the image and frees the claim, then B wins the claim.
+    B must find the image in the cache instead of rendering it a second time."""
+    front = cluster.replica()
+    request = GenerationRequest("double render race", seed=1)
+    misses, b_may_go, submitted = [], threading.Event(), []
+    front.hooks.after_submit = lambda key, task_id: submitted.append(task_id)
+
+    def after_cache_miss(key):
+        misses.append(key)
+        if len(misses) == 2:  # B: hold it between its cache read and its flight/claim
+            assert b_may_go.wait(20)
+
+    front.hooks.after_cache_miss = after_cache_miss
+    a_thread, a = in_loop(lambda: front.generate_async(request))
+    task_id = wait_for(lambda: cluster.queued() and cluster.queued()[0], what="A's task queued")
+    b_thread, b = in_loop(lambda: front.generate_async(request))
+    wait_for(lambda: len(misses) == 2, what="B missed the cache")
+    cluster.render(task_id, request)
+    a_thread.join(10)
+    assert a["value"].png == PNG and not a["value"].cached
+    assert cluster.redis.get(CLAIM_PREFIX + request.cache_key()) is None, "A released its claim"
+    b_may_go.set()
+    b_thread.join(10)
+    assert not b_thread.is_alive(), "B rendered again and waits for a second task"
+    assert b["value"].png == PNG and b["value"].cached, b
+    assert submitted == [task_id], "one render for the key"
+
+
+def test_an_unexpected_error_in_the_leader_finishes_every_joiner_and_frees_the_claim(cluster):
+    """Item 4: a bug on the leader's path must answer the joiners at once, not at their deadline."""
+    front = cluster.replica()
+    request = GenerationRequest("leader blows up", seed=2)
+    go = threading.Event()
+
+    def after_claim(key, task_id, claimed):
+        assert go.wait(20)
+        raise RuntimeError("a bug between the claim and the submit")
+
+    front.hooks.after_claim = after_claim
+
+    async def five():
+        return await asyncio.gather(*(front.generate_async(request) for _ in range(5)), return_exceptions=True)
+
+    thread, outcome = in_loop(five)
+    wait_for(lambda: front.admission.waiting == 5, what="five waiters")
+    started = time.monotonic()
+    go.set()
+    thread.join(10)
+    assert time.monotonic() - started < 5, "joiners waited for their deadline"
+    assert [getattr(e, "code", e) for e in outcome["value"]] == [protocol.E_INTERNAL] * 5
+    assert all("a bug" not in e.message for e in outcome["value"]), "exception texts stay in the log"
+    assert cluster.redis.get(CLAIM_PREFIX + request.cache_key()) is None
+    assert front.pending_misses == 0 and front.admission.waiting == 0
+
+
+def test_a_waiter_that_times_out_never_cancels_the_flight(redis_server, tmp_path):
+    cluster = Cluster(redis_server, tmp_path, request_timeout_s=0.5)
+    try:
+        front = cluster.replica()
+        request = GenerationRequest("impatient client", seed=3)
+        thread, outcome = in_loop(lambda: front.generate_async(request))
+        task_id = wait_for(lambda: cluster.queued() and cluster.queued()[0], what="task queued")
+        thread.join(10)
+        assert outcome["error"].code == protocol.E_TIMEOUT
+        assert front.pending_misses == 1, "the flight outlives its waiter"
+        assert cluster.redis.get(CLAIM_PREFIX + request.cache_key()) == task_id.encode(), "claim kept alive"
+        time.sleep(cluster.config.claim_lease_s * 2)  # longer than the lease: it must have been renewed
+        assert cluster.redis.get(CLAIM_PREFIX + request.cache_key()) == task_id.encode()
+        cluster.render(task_id, request)
+        wait_for(lambda: front.pending_misses == 0, what="flight finished")
+        thread, outcome = in_loop(lambda: front.generate_async(request))
+        thread.join(10)
+        assert outcome["value"].cached, "the retry is a hit"
+    finally:
+        cluster.close()
+
+
+@pytest.mark.parametrize("dies", ["after_claim", "after_submit"])
+def test_joiners_on_another_replica_take_over_a_dead_claimers_task(cluster, dies):
+    """Item 5: replica A claims, then dies (stops renewing) before or after queueing the task.
+    B's joiners take over the lapsed claim with the same task id, queue it only if it never was,
+    and are answered."""
+    a, b = cluster.replica(), cluster.replica()
+    request = GenerationRequest(f"claimer dies {dies}", seed=4)
+    dead = threading.Event()
+
+    def die(*_):
+        a.close()  # its keeper stops: nobody renews the lease any more
+        dead.set()
+        threading.Event().wait(60)  # and it never goes on
+
+    setattr(a.hooks, dies, die)
+    in_loop(lambda: a.generate_async(request))
+    assert dead.wait(10)
+    task_ids = cluster.queued()
+    assert len(task_ids) == (1 if dies == "after_submit" else 0)
+    async def three():
+        return await asyncio.gather(*(b.generate_async(request) for _ in range(3)))
+
+    b_thread, b_out = in_loop(three)
+    task_id = wait_for(lambda: cluster.queued() and cluster.queued()[0], what="the task queued (once)")
+    assert len(cluster.queued()) == 1, "the task is queued once"
+    assert wait_for(lambda: cluster.redis.get(CLAIM_PREFIX + request.cache_key()), what="claim") == task_id.encode()
+    cluster.render(task_id, request)
+    b_thread.join(10)
+    assert [r.png for r in b_out["value"]] == [PNG] * 3
+
+
+def test_http_meta_and_internal_errors_hide_hosts_and_exception_texts(cluster):
+    front = cluster.replica()
+    request = GenerationRequest("worker fails", seed=5)
+    thread, outcome = in_loop(lambda: front.generate_async(request))
+    task_id = wait_for(lambda: cluster.queued() and cluster.queued()[0], what="task queued")
+    cluster.publish(task_id, "FAILURE", {"exc_type": "RuntimeError", "exc_message": "CUDA oom on gpu-node-7.internal"})
+    thread.join(10)
+    error = outcome["error"]
+    assert isinstance(error, ProtocolError) and error.code == protocol.E_INTERNAL
+    assert "gpu-node-7" not in error.message and task_id in error.message
