@@ -1,5 +1,6 @@
 """The config files: Ray's own validators accept them; sdgate's loader rejects what it can't use."""
 
+import json
 from pathlib import Path
 
 import pytest
@@ -61,10 +62,22 @@ def test_deploy_refuses_an_unset_or_empty_token(env):
         render_serve_config(CONFIGS / "serve.yaml", env)
 
 
-def test_deploy_without_auth_only_when_asked_for():
+def test_deploy_without_auth_only_when_asked_for(monkeypatch, tmp_path):
+    monkeypatch.setenv("SDGATE_SECRETS_FILE", str(tmp_path / "absent.env"))
+    with pytest.raises(ValueError, match="SDGATE_TOKEN is unset or empty"):
+        render_serve_config(CONFIGS / "serve.yaml", {})
     config = render_serve_config(CONFIGS / "serve.yaml", {"SDGATE_AUTH": "off"})
     gateway = next(app for app in config["applications"] if app["name"] == "gateway")
-    assert not gateway["args"]["gateway"]["auth_token"]
+    assert "auth_token" not in gateway["args"]["gateway"]
+
+
+def test_deploy_finds_the_token_in_the_secrets_file(monkeypatch, tmp_path):
+    secrets = tmp_path / "secrets.env"
+    secrets.write_text("SDGATE_TOKEN=a-real-token-from-the-file\n")
+    secrets.chmod(0o600)
+    monkeypatch.setenv("SDGATE_SECRETS_FILE", str(secrets))
+    config = render_serve_config(CONFIGS / "serve.yaml", {})
+    assert "a-real-token-from-the-file" not in json.dumps(config)  # replicas read it themselves
 
 
 def test_deploy_refuses_the_old_token_variable():
