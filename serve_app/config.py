@@ -29,6 +29,9 @@ class GatewayConfig:
     rate_limit_per_s: float = 0.0  # per client address, 0 = off
     rate_limit_burst: int = 20
     stats_flush_s: float = 0.5
+    fast_http_port: int = 8001  # HTTP served by each replica itself (SO_REUSEPORT), no Serve proxy hop
+    tls_certfile: Optional[str] = None  # PEM certificate chain; with tls_keyfile, TLS is on
+    tls_keyfile: Optional[str] = None  # PEM private key of tls_certfile
 
     def resolved_cache_path(self) -> Path:
         return Path(self.cache_path).expanduser() if self.cache_path else sdgate_home() / "cache" / "images.db"

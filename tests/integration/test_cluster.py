@@ -150,7 +150,7 @@ def gateway_port(cluster, redis_server) -> int:
     socket_port = free_port()
     app = gateway.build_app({
         "gateway": {"socket_port": socket_port, "cache_path": os.path.join(os.environ["SDGATE_HOME"], "cache.db"),
-                    "stats_flush_s": 0.2},
+                    "stats_flush_s": 0.2, "fast_http_port": free_port()},
         "celery": {"redis_url": redis_server.url, "queue": QUEUE},
         "autoscaling_config": {"min_replicas": 1, "max_replicas": 2, "target_ongoing_requests": 2,
                                "upscale_delay_s": 2, "downscale_delay_s": 6, "look_back_period_s": 4,
