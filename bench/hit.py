@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -227,6 +228,8 @@ def measure_candidate(name: str, args: argparse.Namespace) -> Dict[str, Any]:
     finally:
         os.environ.clear()
         os.environ.update(saved)
+        if "RAY_SERVE_HAPROXY_SERVER_STATE_BASE" in env:
+            shutil.rmtree(env["RAY_SERVE_HAPROXY_SERVER_STATE_BASE"], ignore_errors=True)
     return {"env": env, "port": port, "serving_processes": sorted(serving), **results,
             "ratios": _http_ratios(results, [name], levels)}
 
