@@ -155,7 +155,7 @@ class Gateway:
         return stats.read_stats(self.front.producer.redis)
 
     def record_autoscaling_stats(self) -> Dict[str, float]:
-        """Socket load for serve_app.autoscaling.gateway_load_policy (Serve cannot see it)."""
+        """Socket and fast-HTTP load for serve_app.autoscaling.gateway_load_policy (Serve sees neither)."""
         return {SOCKET_LOAD_METRIC: self.socket_server.average_load() + self.http_front.average_load()}
 
     def _observe_generation(self, pipeline_ms: float, miss_ms: float) -> None:
