@@ -11,6 +11,7 @@ own Serve route methods, so both ports give the same answers, auth and limits in
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import logging
 import socket
 import threading
@@ -49,6 +50,16 @@ def tls_files(config: GatewayConfig) -> "tuple[Optional[str], Optional[str]]":
         raise ValueError("TLS needs both tls_certfile and tls_keyfile (PEM files); set both, or neither for "
                          "plain HTTP")
     return certfile, keyfile
+
+
+def is_loopback(host: str) -> bool:
+    """True for addresses only this machine can reach (127.0.0.0/8, ::1, localhost)."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 class HttpFrontServer:
@@ -116,6 +127,9 @@ class HttpFrontServer:
                                    f"{START_TIMEOUT_S:.0f} s; see the replica's log")
             time.sleep(0.01)
         log.info("fast HTTP%s on %s:%s", "S" if self.tls else "", self.config.host, self.port)
+        if self.config.auth_token and not self.tls and not is_loopback(self.config.host):
+            log.warning("auth is on but HTTP on %s:%s is plain text: the token crosses the network in clear; set "
+                        "tls_certfile and tls_keyfile", self.config.host, self.port)
         return self
 
     def _run(self) -> None:

@@ -110,3 +110,14 @@ def test_requests_in_flight_are_reported_for_autoscaling():
     finally:
         release.set()
         server.stop()
+
+
+def test_auth_without_tls_off_loopback_is_warned_about(caplog):
+    port = free_port()
+    server = _server(GatewayConfig(host="0.0.0.0", fast_http_port=port, auth_token="secret")).start()
+    server.stop()
+    assert any("plain text" in record.getMessage() for record in caplog.records)
+    caplog.clear()
+    server = _server(GatewayConfig(fast_http_port=free_port(), auth_token="secret")).start()
+    server.stop()
+    assert not any("plain text" in record.getMessage() for record in caplog.records), "loopback needs no TLS"
