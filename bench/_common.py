@@ -88,7 +88,8 @@ def new_stack(home: Path, worker_mode: str = "celery", stats_flush_s: float = 0.
         home=home,
         stack=StackConfig(redis_port=free_port(), ray_port=free_port(), dashboard_port=free_port(),
                           worker_mode=worker_mode),
-        gateway=GatewayConfig(socket_port=free_port(), http_port=free_port(), stats_flush_s=stats_flush_s),
+        gateway=GatewayConfig(socket_port=free_port(), http_port=free_port(), fast_http_port=free_port(),
+                              stats_flush_s=stats_flush_s),
     )
 
 

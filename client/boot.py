@@ -76,7 +76,7 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     parser.add_argument("--token", default=os.environ.get("SDGATE_TOKEN"), help="shared token (default $SDGATE_TOKEN)")
     parser.add_argument("--timeout", type=float, default=600.0, help="seconds to wait for one image (default 600)")
     parser.add_argument("--connect-timeout", type=float, default=10.0, help="seconds to connect (default 10)")
-    parser.add_argument("--tls", action="store_true", help="talk TLS (the server has tls_cert_file set)")
+    parser.add_argument("--tls", action="store_true", help="talk TLS (the server has tls_certfile set)")
     parser.add_argument("--cacert", help="PEM file of the CA (or self-signed certificate) to trust; implies --tls")
     args = parser.parse_args(argv)
     if not 0 < args.port < 65536:

@@ -45,7 +45,8 @@ def _up(args: argparse.Namespace) -> int:
         return 1
     print(f"sdgate is up in {addresses['startup_s']} s\n"
           f"  socket:    {addresses['socket']}   (python client/boot.py \"a red fox\")\n"
-          f"  http:      {addresses['http']}/v1/images/generations\n"
+          f"  http:      {addresses['http_fast']}/v1/images/generations   (fast: served by the gateway replicas)\n"
+          f"             {addresses['http']}/v1/images/generations   (through Serve's proxy)\n"
           f"  dashboard: {addresses['dashboard']}\n"
           f"  data:      {addresses['home']}\n"
           f"stop it with `sdgate down`")

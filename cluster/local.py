@@ -157,11 +157,16 @@ class LocalStack:
     def addresses(self) -> Dict[str, str]:
         return {
             "socket": f"{self.gateway.host}:{self.gateway.socket_port}",
-            "http": f"http://{self.gateway.host}:{self.gateway.http_port}",
+            "http": f"{self._scheme}://{self.gateway.host}:{self.gateway.http_port}",
+            "http_fast": f"{self._scheme}://{self.gateway.host}:{self.gateway.fast_http_port}",
             "dashboard": f"http://127.0.0.1:{self.stack.dashboard_port}",
             "redis": self.redis_url,
             "home": str(self.paths.home),
         }
+
+    @property
+    def _scheme(self) -> str:
+        return "https" if self.gateway.tls_certfile else "http"
 
     def child_env(self) -> Dict[str, str]:
         env = dict(os.environ, SDGATE_HOME=str(self.paths.home), SDGATE_REDIS_URL=self.redis_url,
@@ -204,7 +209,8 @@ class LocalStack:
                                      ("ray head", self.stack.ray_port, "SDGATE_RAY_PORT"),
                                      ("ray dashboard", self.stack.dashboard_port, "SDGATE_DASHBOARD_PORT"),
                                      ("socket", self.gateway.socket_port, "SDGATE_SOCKET_PORT"),
-                                     ("http", self.gateway.http_port, "SDGATE_HTTP_PORT")):
+                                     ("http", self.gateway.http_port, "SDGATE_HTTP_PORT"),
+                                     ("fast http", self.gateway.fast_http_port, "SDGATE_FAST_HTTP_PORT")):
             if port_in_use(port):
                 hint = ""
                 if name == "redis" and _speaks_redis(port):
@@ -300,7 +306,9 @@ class LocalStack:
         """Deploy the gateway (and Ray-managed workers) from a short-lived driver process."""
         spec = {
             "ray_address": self.ray_address,
-            "http": {"host": self.gateway.host, "port": self.gateway.http_port},
+            "http": {"host": self.gateway.host, "port": self.gateway.http_port,
+                     **({"ssl_certfile": self.gateway.tls_certfile, "ssl_keyfile": self.gateway.tls_keyfile}
+                        if self.gateway.tls_certfile else {})},
             "gateway": dict(dataclasses.asdict(self.gateway), cache_path=str(self.paths.cache_db)),
             "celery": {"redis_url": self.redis_url},
             "workers": self.stack.workers if self.stack.worker_mode == "ray" else 0,

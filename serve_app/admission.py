@@ -12,7 +12,7 @@ import logging
 import ssl
 import threading
 import time
-from typing import Dict, Optional
+from typing import Dict, Optional, Tuple
 
 from client import protocol
 from client.protocol import ProtocolError
@@ -150,21 +150,28 @@ def _decrement(counts: Dict[str, int], client: str) -> None:
         counts.pop(client, None)
 
 
+def tls_files(config: GatewayConfig) -> Tuple[Optional[str], Optional[str]]:
+    """(certfile, keyfile), or (None, None) without TLS; one without the other is a config error."""
+    certfile, keyfile = config.tls_certfile or None, config.tls_keyfile or None
+    if bool(certfile) != bool(keyfile):
+        raise ValueError("TLS needs both tls_certfile and tls_keyfile (PEM files); set both, or neither")
+    return certfile, keyfile
+
+
 def server_ssl_context(config: GatewayConfig) -> Optional[ssl.SSLContext]:
-    """A TLS server context from tls_cert_file/tls_key_file, or None when TLS is not configured."""
-    if not config.tls_cert_file:
+    """A TLS server context from tls_certfile/tls_keyfile, or None when TLS is not configured."""
+    certfile, keyfile = tls_files(config)
+    if certfile is None:
         return None
-    if not config.tls_key_file:
-        raise ValueError("tls_cert_file is set but tls_key_file is not; set both (PEM files) or neither")
     context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     context.minimum_version = ssl.TLSVersion.TLSv1_2
-    context.load_cert_chain(config.tls_cert_file, config.tls_key_file)
+    context.load_cert_chain(certfile, keyfile)
     return context
 
 
 def insecure_auth_warning(config: GatewayConfig) -> Optional[str]:
     """The warning an operator needs when the token would cross a network in clear text, else None."""
-    if not config.auth_token or config.tls_cert_file:
+    if not config.auth_token or config.tls_certfile:
         return None
     try:
         loopback = ipaddress.ip_address(config.host).is_loopback
@@ -173,4 +180,4 @@ def insecure_auth_warning(config: GatewayConfig) -> Optional[str]:
     if loopback:
         return None
     return (f"auth is on but TLS is off while listening on {config.host}: the shared token crosses the network "
-            "in clear text; set tls_cert_file and tls_key_file (SDGATE_TLS_CERT_FILE, SDGATE_TLS_KEY_FILE)")
+            "in clear text; set tls_certfile and tls_keyfile (SDGATE_TLS_CERTFILE, SDGATE_TLS_KEYFILE)")

@@ -36,8 +36,9 @@ class GatewayConfig:
     front_threads: int = 4  # each of the two small pools: cache reads, and claims/submits/cache writes
     claim_lease_s: float = 5.0  # a claim lapses this long after its replica stops renewing it (died)
     flight_timeout_s: float = 900.0  # a generation nobody answers for this long is given up
-    tls_cert_file: Optional[str] = None  # PEM certificate chain; TLS on the socket port when set
-    tls_key_file: Optional[str] = None  # PEM private key of tls_cert_file
+    fast_http_port: int = 8001  # HTTP served by each replica itself (SO_REUSEPORT), no Serve proxy hop
+    tls_certfile: Optional[str] = None  # PEM certificate chain; with tls_keyfile, TLS is on for the socket port and HTTP
+    tls_keyfile: Optional[str] = None  # PEM private key of tls_certfile
 
     def resolved_cache_path(self) -> Path:
         return Path(self.cache_path).expanduser() if self.cache_path else sdgate_home() / "cache" / "images.db"

@@ -27,6 +27,7 @@ from serve_app.admission import MAX_REQUEST_BYTES, Admission, check_json_depth
 from serve_app.autoscaling import SOCKET_LOAD_METRIC
 from serve_app.config import load_gateway_config
 from serve_app.front import FrontService
+from serve_app.http_front import HttpFrontServer
 from serve_app.metrics import RayMetrics
 from serve_app.placement import ingress_actor_options
 from serve_app.socket_server import SocketFrontServer
@@ -115,6 +116,7 @@ class Gateway:
         self.socket_server = SocketFrontServer(self.front, self.config).start()
         self._stopped = threading.Event()
         threading.Thread(target=self._watch_queue, name="sdgate-queue-depth", daemon=True).start()
+        self.http_front = HttpFrontServer(self.config, self.generations, self.healthz).start()
         log.info("gateway replica serving sockets on %s:%s", self.config.host, self.socket_server.port)
 
     @api.post("/v1/images/generations")
@@ -153,6 +155,7 @@ class Gateway:
     @api.get("/healthz")
     def healthz(self) -> Dict[str, Any]:
         return {"ok": self.socket_server.alive(), "socket_port": self.socket_server.port,
+                "fast_http_port": self.http_front.port,
                 "pending_misses": self.front.pending_misses, "open_connections": self.socket_server.open_connections,
                 "waiting": self.admission.waiting}
 
@@ -165,8 +168,8 @@ class Gateway:
         return stats.read_stats(self.front.producer.redis)
 
     def record_autoscaling_stats(self) -> Dict[str, float]:
-        """Socket load for serve_app.autoscaling.gateway_load_policy (Serve cannot see it)."""
-        return {SOCKET_LOAD_METRIC: self.socket_server.average_load()}
+        """Socket and fast-HTTP load for serve_app.autoscaling.gateway_load_policy (Serve sees neither)."""
+        return {SOCKET_LOAD_METRIC: self.socket_server.average_load() + self.http_front.average_load()}
 
     def _observe_generation(self, pipeline_ms: float, miss_ms: float) -> None:
         self.metrics.generation_ms.observe(pipeline_ms)
@@ -182,12 +185,16 @@ class Gateway:
     def check_health(self) -> None:
         if not self.socket_server.alive():
             raise RuntimeError("the socket front server thread of this replica has stopped")
+        if not self.http_front.alive():
+            raise RuntimeError("the fast HTTP listener thread of this replica has stopped")
 
     def __del__(self) -> None:
         server = getattr(self, "socket_server", None)
         if server is not None:
             self._stopped.set()
             server.stop()
+            if getattr(self, "http_front", None) is not None:
+                self.http_front.stop()
             self.front.close()
             self.front.counters.close()
 

@@ -42,7 +42,8 @@ def local_stack(mode: str = "celery", workers: int = 1, env: Optional[Dict[str, 
     home = Path(tempfile.mkdtemp(prefix="sdg-", dir="/tmp"))
     saved = dict(os.environ)
     os.environ.update(dict(env or {}, SDGATE_HOME=str(home)))
-    config = GatewayConfig(socket_port=free_port(), http_port=free_port(), **dict({"stats_flush_s": 0.1}, **gateway))
+    config = GatewayConfig(socket_port=free_port(), http_port=free_port(), fast_http_port=free_port(),
+                           **dict({"stats_flush_s": 0.1}, **gateway))
     stack = LocalStack(home=home, gateway=config,
                        stack=StackConfig(redis_port=free_port(), ray_port=free_port(), dashboard_port=free_port(),
                                          worker_mode=mode, workers=workers))

@@ -205,7 +205,7 @@ def gateway_port(cluster, redis_server) -> int:
     socket_port = free_port()
     app = gateway.build_app({
         "gateway": {"socket_port": socket_port, "cache_path": os.path.join(os.environ["SDGATE_HOME"], "cache.db"),
-                    "stats_flush_s": 0.2},
+                    "stats_flush_s": 0.2, "fast_http_port": free_port()},
         "celery": {"redis_url": redis_server.url, "queue": QUEUE},
         "on_ingress_node": True,  # only the head advertises the resource
         "autoscaling_config": {"min_replicas": 1, "max_replicas": 2, "target_ongoing_requests": 2,

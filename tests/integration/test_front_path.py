@@ -118,6 +118,21 @@ def test_http_returns_the_same_bytes_as_the_socket(stack):
         assert json.loads(response.read())["ok"] is True
 
 
+def test_fast_http_port_serves_a_cache_hit_with_the_socket_bytes(stack):
+    """The replica's own listener (the fast HTTP port, no Serve proxy) answers a real cache hit."""
+    request = GenerationRequest("fast http and socket agree", seed=6)
+    socket_png = ask(stack, request).png
+    body = json.dumps({"prompt": "fast http and socket agree", "size": "64x64", "seed": 6}).encode()
+    fast = urllib.request.Request(f"http://127.0.0.1:{stack.gateway.fast_http_port}/v1/images/generations",
+                                  data=body, headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(fast, timeout=60) as response:
+        payload = json.loads(response.read())
+    assert base64.b64decode(payload["data"][0]["b64_json"]) == socket_png
+    assert payload["sdgate"]["cached"] is True, "the socket request stored it; this is a hit"
+    with urllib.request.urlopen(f"http://127.0.0.1:{stack.gateway.http_port}/healthz", timeout=10) as response:
+        assert json.loads(response.read())["fast_http_port"] == stack.gateway.fast_http_port
+
+
 def test_http_invalid_request_names_the_field(stack):
     body = json.dumps({"prompt": "x", "size": "1000000x64"}).encode()
     http = urllib.request.Request(f"http://127.0.0.1:{stack.gateway.http_port}/v1/images/generations", data=body)

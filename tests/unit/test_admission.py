@@ -78,12 +78,12 @@ def test_warning_when_auth_is_on_without_tls_on_a_public_address(tmp_path):
     assert insecure_auth_warning(GatewayConfig(host="127.0.0.1", auth_token="t")) is None
     assert insecure_auth_warning(GatewayConfig(host="0.0.0.0")) is None
     cert, key = make_certificate(tmp_path)
-    assert insecure_auth_warning(GatewayConfig(host="0.0.0.0", auth_token="t", tls_cert_file=str(cert),
-                                               tls_key_file=str(key))) is None
-    assert server_ssl_context(GatewayConfig(tls_cert_file=str(cert), tls_key_file=str(key))) is not None
+    assert insecure_auth_warning(GatewayConfig(host="0.0.0.0", auth_token="t", tls_certfile=str(cert),
+                                               tls_keyfile=str(key))) is None
+    assert server_ssl_context(GatewayConfig(tls_certfile=str(cert), tls_keyfile=str(key))) is not None
     assert server_ssl_context(GatewayConfig()) is None
-    with pytest.raises(ValueError, match="tls_key_file"):
-        server_ssl_context(GatewayConfig(tls_cert_file=str(cert)))
+    with pytest.raises(ValueError, match="tls_keyfile"):
+        server_ssl_context(GatewayConfig(tls_certfile=str(cert)))
 
 
 def test_the_socket_server_logs_the_warning(caplog):

@@ -3,11 +3,14 @@ benchmark run through `python -m bench` prints one JSON object of figures."""
 
 from __future__ import annotations
 
+import base64
+import http.client
 import json
 import socket
 import subprocess
 import sys
 import threading
+import time
 
 import pytest
 
@@ -63,3 +66,34 @@ def test_gpu_bench_smoke_runs_the_worker_path_on_its_own_model(tmp_path):
     figures = json.loads(run.stdout.strip().splitlines()[-1])
     assert figures["smoke"] is True and figures["worker_images_per_s"] > 0
     assert set(figures["bare_by_batch"]) == {"1", "2"}
+
+
+def test_http_floor_server_sends_the_stored_png_in_the_images_api_shape(tmp_path):
+    """The HTTP floor answers a hit exactly as the gateway's HTTP route would, and refuses misses."""
+    store = SQLiteImageStore(tmp_path / "images.db", max_bytes=1 << 20)
+    hit = GenerationRequest("a stored image", seed=1)
+    png = b"\x89PNG\r\n\x1a\n" + bytes(range(256)) * 40
+    store.put(hit.cache_key(), png, {"key": hit.cache_key()})
+    store.close()
+    server = subprocess.Popen([sys.executable, "-m", "bench.http_floor_server", "--db", str(tmp_path / "images.db"),
+                               "--port", "0"], cwd=REPO, stdout=subprocess.PIPE, text=True)
+    try:
+        port = int(server.stdout.readline().split()[-1])
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+        for attempt in range(100):  # uvicorn starts serving the bound socket a moment after the line
+            try:
+                conn.request("POST", "/v1/images/generations", body=json.dumps({"prompt": "a stored image", "seed": 1}))
+                break
+            except ConnectionRefusedError:
+                time.sleep(0.05)
+        response = conn.getresponse()
+        assert response.status == 200
+        answer = json.loads(response.read())
+        assert base64.b64decode(answer["data"][0]["b64_json"]) == png
+        assert answer["sdgate"]["key"] == hit.cache_key()
+        conn.request("POST", "/v1/images/generations", body=json.dumps({"prompt": "never stored"}))
+        response = conn.getresponse()
+        assert response.status == 404 and "not cached" in json.loads(response.read())["error"]["message"]
+    finally:
+        server.terminate()
+        server.wait(10)

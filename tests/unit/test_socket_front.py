@@ -152,7 +152,7 @@ def test_connections_over_the_per_address_cap_get_busy(servers):
 
 def test_tls_on_the_socket_protocol(servers, tmp_path):
     cert, key = make_certificate(tmp_path)
-    server = servers(tls_cert_file=str(cert), tls_key_file=str(key))
+    server = servers(tls_certfile=str(cert), tls_keyfile=str(key))
     client = ssl.create_default_context(cafile=str(cert))
     reply = hit(server, wrap=lambda raw: client.wrap_socket(raw, server_hostname="127.0.0.1"))
     assert reply.png == PNG
@@ -165,7 +165,7 @@ def test_the_boot_client_over_tls(servers, tmp_path):
     from client.boot import BootClient
 
     cert, key = make_certificate(tmp_path)
-    server = servers(tls_cert_file=str(cert), tls_key_file=str(key), auth_token=TOKEN)
+    server = servers(tls_certfile=str(cert), tls_keyfile=str(key), auth_token=TOKEN)
     boot = BootClient(port=server.port, token=TOKEN, timeout=10, tls=True, cacert=str(cert))
     try:
         assert boot.generate(GenerationRequest("over tls", seed=2)).png == PNG
