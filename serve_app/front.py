@@ -21,6 +21,7 @@ from client.protocol import GenerationRequest, InvalidRequest, ProtocolError
 from celery_bridge.contract import GenerationResult
 from celery_bridge.producer import GenerationProducer, new_task_id
 from serve_app import stats
+from serve_app.catalogue import GatewayCatalogue
 from serve_app.config import GatewayConfig
 from serve_app.store import ImageStore
 
@@ -98,13 +99,16 @@ class FrontService:
     """Answers generation requests for one gateway replica."""
 
     def __init__(self, config: GatewayConfig, producer: GenerationProducer, store: ImageStore,
-                 counters: stats.Counters, on_generated: Optional[Callable[[float, float], None]] = None):
-        """on_generated(pipeline_ms, miss_ms) is called after each generation this replica led."""
+                 counters: stats.Counters, on_generated: Optional[Callable[[float, float], None]] = None,
+                 catalogue: Optional[GatewayCatalogue] = None):
+        """on_generated(pipeline_ms, miss_ms) is called after each generation this replica led;
+        `catalogue` defaults to configs/models.yaml ($SDGATE_MODELS_FILE)."""
         self.config = config
         self.on_generated = on_generated
         self.producer = producer
         self.store = store
         self.counters = counters
+        self.catalogue = catalogue or GatewayCatalogue.load(producer.redis, counters)
         self._redis: redis.Redis = producer.redis
         self._release_claim = self._redis.register_script(_RELEASE_CLAIM)
         self._flights: Dict[str, Flight] = {}
@@ -124,9 +128,9 @@ class FrontService:
         return answer
 
     def _generate(self, request: GenerationRequest, on_status: Optional[StatusCallback]) -> Answer:
-        # 1. Normalise and key.
+        # 1. Fill the model and its defaults from the catalogue, then normalise and key.
         try:
-            normalized = request.normalized()
+            normalized = self.catalogue.resolve(request).normalized()
         except InvalidRequest as exc:
             raise ProtocolError(protocol.E_INVALID_REQUEST, str(exc), field=exc.field) from None
         key = normalized.cache_key()
@@ -140,6 +144,7 @@ class FrontService:
                 on_status(protocol.STATUS_CACHED)
             return cached
         self.counters.incr(stats.CACHE_MISSES)
+        self.catalogue.check_served(normalized.model)  # fail fast: nobody would render it
 
         # 3. Miss: join this replica's flight for the key, or lead a new one.
         with self._flights_lock:
