@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, List, Optional
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -88,6 +88,11 @@ class ModelEntry(_Strict):
             raise ValueError(f"default size {d.width}x{d.height} must be multiples of 8")
         return self
 
+    def fill(self, request: protocol.GenerationRequest) -> protocol.GenerationRequest:
+        """`request` naming this model, with this model's defaults in every field it left out."""
+        d = self.defaults
+        return request.with_defaults(self.name, d.width, d.height, d.steps, d.guidance_scale, d.scheduler)
+
     @property
     def kind(self) -> str:
         """embedded | folder | single_file | hub."""
@@ -127,6 +132,14 @@ class Catalogue(_Strict):
         name = self.default if name is None else name
         return next((entry for entry in self.models if entry.name == name), None)
 
+    def fill(self, request: protocol.GenerationRequest) -> protocol.GenerationRequest:
+        """`request` filled from its model's entry (the default model if it names none); KeyError
+        for a model not catalogued. The gateway adds the limits check (serve_app/catalogue.py)."""
+        entry = self.get(request.model)
+        if entry is None:
+            raise KeyError(f"model {request.model!r} is not one of {self.names}")
+        return entry.fill(request)
+
 
 def models_file() -> Path:
     """$SDGATE_MODELS_FILE, else models.yaml in the config folder."""
@@ -159,5 +172,12 @@ def queue_for(base_queue: str, model: str) -> str:
     return f"{base_queue}.{model}"
 
 
-def entry_dict(entry: ModelEntry) -> Dict[str, Any]:
-    return entry.model_dump()
+# Per-model counters sit in the cluster-wide counter hash (serve_app/stats.py reads it) as
+# `models:<model>:<counter>`; model names cannot contain ':'.
+STATS_KEY = "sdgate:stats"
+MODEL_COUNTER_PREFIX = "models:"
+
+
+def model_counter(model: str, counter: str) -> str:
+    """The counter-hash field of `counter` for `model`."""
+    return f"{MODEL_COUNTER_PREFIX}{model}:{counter}"

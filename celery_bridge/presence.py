@@ -14,6 +14,8 @@ from typing import List
 
 import redis
 
+from celery_bridge.models import STATS_KEY, model_counter
+
 log = logging.getLogger(__name__)
 PRESENCE_PREFIX = "sdgate:workers:"
 PERIOD_S = 2.0
@@ -74,3 +76,14 @@ class Heartbeat:
     def _run(self) -> None:
         while not self._stop.wait(self.period_s):
             self.beat()
+
+
+RENDERED = "rendered"
+
+
+def count_rendered(client: redis.Redis, model: str) -> None:
+    """One more image rendered by a worker of `model` (per-model figures in `sdgate stats`)."""
+    try:
+        client.hincrby(STATS_KEY, model_counter(model, RENDERED), 1)
+    except redis.RedisError as exc:  # a lost count never fails a render
+        log.debug("could not count a render: %s", exc)

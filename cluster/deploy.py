@@ -23,24 +23,36 @@ from ray.serve.api import RunTarget
 
 from celery_bridge import consumer
 from celery_bridge.config import load_celery_config
+from celery_bridge.models import load_catalogue
 from serve_app import gateway
 
 GATEWAY_APP, WORKERS_APP = "gateway", "workers"
 
 
+def workers_app_name(model: str) -> str:
+    """The Serve application of `model`'s workers: `workers-<model>` ('/' is not allowed in app names)."""
+    return f"{WORKERS_APP}-{model.replace('/', '--')}"
+
+
 def deploy(spec: Dict[str, Any]) -> Dict[str, str]:
     """spec: ray_address, http {host, port}, gateway (overrides, or None for no gateway), celery,
-    workers (Ray-managed worker replicas), worker (WorkerConfig overrides), timeout_s."""
+    workers ({model: Ray-managed worker replicas}, one application per model), worker
+    (WorkerConfig overrides), timeout_s."""
     ray.init(address=spec["ray_address"], logging_level="ERROR", log_to_driver=False)
     serve.start(http_options=spec.get("http") or {})
     targets = []
     if spec.get("gateway") is not None:
         targets.append(RunTarget(gateway.build_app({"gateway": spec["gateway"], "celery": spec.get("celery")}),
                                  name=GATEWAY_APP, route_prefix="/"))
-    if spec.get("workers"):
-        workers = consumer.build_app({"celery": spec.get("celery") or {}, "worker": spec.get("worker") or {},
-                                      "num_replicas": spec["workers"]})
-        targets.append(RunTarget(workers, name=WORKERS_APP, route_prefix=None))
+    workers = spec.get("workers") or {}
+    if isinstance(workers, int):  # a bare count: that many for the worker config's (or the default) model
+        workers = {(spec.get("worker") or {}).get("model") or load_catalogue().default: workers}
+    for model, replicas in workers.items():
+        if not replicas:
+            continue
+        workers = consumer.build_app({"celery": spec.get("celery") or {},
+                                      "worker": dict(spec.get("worker") or {}, model=model), "num_replicas": replicas})
+        targets.append(RunTarget(workers, name=workers_app_name(model), route_prefix=None))
     serve.run_many(targets, wait_for_ingress_deployment_creation=False, wait_for_applications_running=False)
     return wait_running([t.name for t in targets], spec.get("timeout_s", 240))
 

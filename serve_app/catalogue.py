@@ -55,8 +55,7 @@ class GatewayCatalogue:
         # 1. Which model: the one named, or the default.
         entry = self.entry(request.model)
         # 2. Fill what the client left out from that model's defaults.
-        d = entry.defaults
-        resolved = request.with_defaults(entry.name, d.width, d.height, d.steps, d.guidance_scale, d.scheduler)
+        resolved = entry.fill(request)
         # 3. The model's own limits, tighter than the protocol's.
         for name in ("width", "height"):
             value = getattr(resolved, name)

@@ -24,7 +24,8 @@ from serve_app.config import GatewayConfig
 from serve_app.front import FrontService
 
 log = logging.getLogger(__name__)
-ACCEPTED_PAYLOADS = {protocol.REQUEST: protocol.MAX_PAYLOAD[protocol.REQUEST]}  # clients send only requests
+# Clients send requests and model listings only.
+ACCEPTED_PAYLOADS = {kind: protocol.MAX_PAYLOAD[kind] for kind in (protocol.REQUEST, protocol.LIST_MODELS)}
 SEND_TIMEOUT_S = 30.0
 
 
@@ -237,6 +238,8 @@ class SocketFrontServer:
         except OSError:
             return False
         conn.settimeout(SEND_TIMEOUT_S)
+        if frame.kind == protocol.LIST_MODELS:
+            return self._list_models(conn, frame)
         try:
             if self.config.auth_token:  # before validation, so strangers learn nothing about the fields
                 body = frame.json()
@@ -255,6 +258,17 @@ class SocketFrontServer:
             return self._send_quietly(conn, protocol.encode_error(exc.code, exc.message, exc.field))
         except OSError:
             return False  # the client went away; a generation it started still completes and is cached
+
+    def _list_models(self, conn: socket.socket, frame: protocol.Frame) -> bool:
+        """Answer LIST_MODELS with the catalogue listing (what GET /v1/models answers)."""
+        try:
+            body = frame.json()
+            check_token(self.config.auth_token, body.get("token") if isinstance(body, dict) else None)
+            listing = protocol.encode_models(self.front.catalogue.listing())
+        except ProtocolError as exc:
+            self.front.counters.error(exc.code)
+            return self._send_quietly(conn, protocol.encode_error(exc.code, exc.message, exc.field))
+        return self._send_quietly(conn, listing)
 
     def _send_quietly(self, conn: socket.socket, data: bytes) -> bool:
         try:

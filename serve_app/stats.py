@@ -13,21 +13,16 @@ from typing import Callable, Dict, List, Optional
 
 import redis
 
+from celery_bridge.models import MODEL_COUNTER_PREFIX as MODEL_PREFIX, STATS_KEY, model_counter  # noqa: F401
+
 log = logging.getLogger(__name__)
-STATS_KEY = "sdgate:stats"
 CACHE_HITS, CACHE_MISSES = "cache_hits", "cache_misses"
 GENERATIONS, SINGLEFLIGHT_JOINS, ERRORS = "generations", "singleflight_joins", "errors"
 COUNTER_NAMES = (CACHE_HITS, CACHE_MISSES, GENERATIONS, SINGLEFLIGHT_JOINS, ERRORS)
 # Per-model counters live in the same hash as `models:<model>:<counter>` (model names have no ':').
-MODEL_PREFIX = "models:"
 MODEL_REQUESTS = "requests"  # accepted by a gateway for this model (after the catalogue filled it)
 MODEL_UNAVAILABLE = "unavailable"  # refused: no worker serves the model
 MODEL_RENDERED = "rendered"  # images a worker of this model rendered (counted by the worker)
-
-
-def model_counter(model: str, counter: str) -> str:
-    """The counter name for `counter` of `model`."""
-    return f"{MODEL_PREFIX}{model}:{counter}"
 
 
 def split_model_counter(name: str):
