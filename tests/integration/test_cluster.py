@@ -23,7 +23,9 @@ from client.protocol import GenerationRequest
 from celery_bridge import consumer
 from celery_bridge.producer import GenerationProducer, new_task_id
 from serve_app import gateway
+from celery_bridge.models import queue_for
 from tests.integration import harness
+from tests.resolve import resolved
 from tests.integration.conftest import celery_config
 from tests.services import REPO, free_port
 
@@ -98,7 +100,7 @@ def deploy_workers(redis_url: str, **deployment_args):
 def submit_many(producer: GenerationProducer, count: int, tag: str, **params):
     futures = []
     for i in range(count):
-        request = GenerationRequest(f"{tag} {i}", **params).normalized()
+        request = resolved(GenerationRequest(f"{tag} {i}", **params)).normalized()
         task_id = new_task_id(request.cache_key())
         futures.append(producer.watch(task_id))
         producer.submit(request, task_id)
@@ -121,7 +123,8 @@ def test_worker_replicas_scale_on_queue_depth(cluster, redis_server, producer):
         "upscale_delay_s": 1, "downscale_delay_s": 4,
         "policy": {"policy_function":
                    "ray.serve.async_inference_autoscaling_policy:AsyncInferenceAutoscalingPolicy",
-                   "policy_kwargs": {"broker_url": redis_server.url, "queue_name": QUEUE, "poll_interval_s": 1}},
+                   "policy_kwargs": {"broker_url": redis_server.url, "queue_name": queue_for(QUEUE, "tiny"),
+                                     "poll_interval_s": 1}},
     })
     wait_for(lambda: running_worker_count() == 1, 240, "scaled down to one worker replica when idle")
     started = time.monotonic()
