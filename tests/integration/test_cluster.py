@@ -17,11 +17,13 @@ import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
+import yaml
 
 from client import protocol
 from client.protocol import GenerationRequest
 from celery_bridge import consumer
 from celery_bridge.producer import GenerationProducer, new_task_id
+from celery_bridge.tiny_model import save_tiny_variant
 from serve_app import gateway
 from celery_bridge.models import queue_for
 from tests.integration import harness
@@ -31,6 +33,7 @@ from tests.services import REPO, free_port
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 QUEUE = "cluster-q"
+MODEL_B = "tiny-b"
 WORKER_DEPLOYMENT = "GenerationConsumer"
 
 
@@ -45,8 +48,14 @@ def cluster(redis_server, tmp_path_factory):
 
     home = tmp_path_factory.mktemp("cluster-home")
     saved = dict(os.environ)
+    # Two models: `tiny` (the default) and MODEL_B, another tiny model; every node reads this catalogue.
+    catalogue = home / "models.yaml"
+    catalogue.write_text(yaml.safe_dump({"default": "tiny", "models": [
+        {"name": "tiny", "source": "tiny", "defaults": {"width": 64, "height": 64, "steps": 2},
+         "limits": {"max_side": 2048, "max_steps": 150}},
+        {"name": MODEL_B, "source": str(save_tiny_variant(home / MODEL_B, seed=7)), "scale_from_zero": True}]}))
     os.environ.update(SDGATE_HOME=str(home), PYTHONPATH=str(REPO), RAY_USAGE_STATS_ENABLED="0",
-                      RAY_metrics_report_interval_ms="1000")
+                      RAY_metrics_report_interval_ms="1000", SDGATE_MODELS_FILE=str(catalogue))
     ray_cluster = Cluster(initialize_head=True, head_node_args={
         "num_cpus": 2, "num_gpus": 0, "gcs_server_port": free_port(),
         "include_dashboard": True, "dashboard_port": free_port(), "dashboard_host": "127.0.0.1"})
@@ -77,24 +86,34 @@ def worker_replicas():
     return [(a.node_id, a.state) for a in actors if a.state in ("ALIVE", "PENDING_CREATION")]
 
 
-def running_worker_count() -> int:
+def running_worker_count(app_name: str = "workers") -> int:
     """Worker replicas Serve reports RUNNING (initialised: pipeline loaded, consumer started)."""
     from ray import serve
 
-    app = serve.status().applications.get("workers")
+    app = serve.status().applications.get(app_name)
     if app is None or WORKER_DEPLOYMENT not in app.deployments:
         return 0
     return app.deployments[WORKER_DEPLOYMENT].replica_states.get("RUNNING", 0)
 
 
-def deploy_workers(redis_url: str, **deployment_args):
+def deploy_workers(redis_url: str, app_name: str = "workers", model: str = "tiny", **deployment_args):
     from ray import serve
     from ray.serve.api import RunTarget
 
-    app = consumer.build_app({"celery": {"redis_url": redis_url, "queue": QUEUE}, "worker": {"num_gpus": 1},
-                              **deployment_args})
-    serve.run_many([RunTarget(app, name="workers", route_prefix=None)], wait_for_applications_running=False,
+    app = consumer.build_app({"celery": {"redis_url": redis_url, "queue": QUEUE},
+                              "worker": {"num_gpus": 1, "model": model}, **deployment_args})
+    serve.run_many([RunTarget(app, name=app_name, route_prefix=None)], wait_for_applications_running=False,
                    wait_for_ingress_deployment_creation=False)
+
+
+def queue_scaling(redis_url: str, model: str, min_replicas: int, max_replicas: int) -> dict:
+    """Serve's queue-depth policy on `model`'s own queue."""
+    return {"min_replicas": min_replicas, "max_replicas": max_replicas, "target_ongoing_requests": 1,
+            "upscale_delay_s": 1, "downscale_delay_s": 4,
+            "policy": {"policy_function":
+                       "ray.serve.async_inference_autoscaling_policy:AsyncInferenceAutoscalingPolicy",
+                       "policy_kwargs": {"broker_url": redis_url, "queue_name": queue_for(QUEUE, model),
+                                         "poll_interval_s": 1}}}
 
 
 def submit_many(producer: GenerationProducer, count: int, tag: str, **params):
@@ -118,14 +137,7 @@ def test_worker_replicas_land_one_per_gpu_node_never_on_the_head(cluster, redis_
 
 
 def test_worker_replicas_scale_on_queue_depth(cluster, redis_server, producer):
-    deploy_workers(redis_server.url, autoscaling_config={
-        "min_replicas": 1, "max_replicas": 4, "target_ongoing_requests": 1,
-        "upscale_delay_s": 1, "downscale_delay_s": 4,
-        "policy": {"policy_function":
-                   "ray.serve.async_inference_autoscaling_policy:AsyncInferenceAutoscalingPolicy",
-                   "policy_kwargs": {"broker_url": redis_server.url, "queue_name": queue_for(QUEUE, "tiny"),
-                                     "poll_interval_s": 1}},
-    })
+    deploy_workers(redis_server.url, autoscaling_config=queue_scaling(redis_server.url, "tiny", 1, 4))
     wait_for(lambda: running_worker_count() == 1, 240, "scaled down to one worker replica when idle")
     started = time.monotonic()
     futures = submit_many(producer, 40, "queue depth", width=256, height=256, steps=8)
@@ -142,6 +154,25 @@ def test_worker_replicas_scale_on_queue_depth(cluster, redis_server, producer):
     wait_for(lambda: running_worker_count() == 1, 240, "scale down after the queue drained")
     print(f"\nworker scale-up reaction {scale_up_s:.1f} s; new replica's first task after "
           f"{new_replica_first_task_s:.1f} s; scale-down {time.monotonic() - drained:.1f} s")
+
+
+def test_misses_for_one_model_add_only_that_models_workers(cluster, redis_server, producer):
+    """Model B scales from zero on its own queue; model A (autoscaled on its queue) never grows."""
+    from ray import serve
+
+    deploy_workers(redis_server.url, autoscaling_config=queue_scaling(redis_server.url, "tiny", 1, 2))
+    deploy_workers(redis_server.url, app_name="workers-b", model=MODEL_B,
+                   autoscaling_config=queue_scaling(redis_server.url, MODEL_B, 0, 2))
+    wait_for(lambda: running_worker_count() == 1, 240, "one worker of model A")
+    a_counts = []
+    futures = submit_many(producer, 12, "model b load", model=MODEL_B, width=128, height=128, steps=8)
+    wait_for(lambda: a_counts.append(running_worker_count()) or running_worker_count("workers-b") >= 1, 240,
+             "a worker of model B, from zero, for B's queue")
+    results = [f.result(timeout=600) for f in futures]
+    a_counts.append(running_worker_count())
+    assert all(r.ok and r.model == MODEL_B for r in results), [r.error_message for r in results if not r.ok]
+    assert set(a_counts) == {1}, "misses for model B never add a worker of model A"
+    serve.delete("workers-b")  # give its GPU back to the tests after this one
 
 
 @pytest.fixture(scope="module")
