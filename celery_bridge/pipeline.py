@@ -116,7 +116,6 @@ class PipelineRunner:
         # 1. Find the weights: the embedded model is built into the cache on first use.
         model, source = self.config.model, str(Path(self.entry.source).expanduser())
         if self.entry.kind == "embedded":
-            source = self.entry.source
             cache_dir = self.config.resolved_model_cache_dir()
             try:
                 source = str(ensure_tiny_model(cache_dir))

@@ -50,6 +50,7 @@ def http_json(stack, path: str) -> dict:
 
 def test_each_model_renders_its_own_image_and_the_default_needs_no_name(two_models):
     stack = two_models
+    before = per_model(counters(stack))  # `sdgate up`'s start-up probe rendered one `tiny` image
     default = ask(stack, GenerationRequest("a lighthouse at dusk", seed=3))
     named = ask(stack, GenerationRequest("a lighthouse at dusk", seed=3, model="tiny"))
     other = ask(stack, GenerationRequest("a lighthouse at dusk", seed=3, model="tiny-b"))
@@ -63,10 +64,15 @@ def test_each_model_renders_its_own_image_and_the_default_needs_no_name(two_mode
     assert default.meta["worker"] in live_workers(client, "tiny")
     assert other.meta["worker"] in live_workers(client, "tiny-b")
     assert set(live_workers(client, "tiny")).isdisjoint(live_workers(client, "tiny-b"))
-    figures = wait_for(lambda: (lambda c: c["models"].get("tiny-b", {}).get("rendered") == 1
-                                and c["models"].get("tiny", {}).get("rendered") == 1 and c)(counters(stack)),
-                       30, "per-model counters")
-    assert figures["models"]["tiny"]["requests"] == 2 and figures["models"]["tiny-b"]["requests"] == 1
+    expected = {("tiny", "rendered"): 1, ("tiny-b", "rendered"): 1, ("tiny", "requests"): 2, ("tiny-b", "requests"): 1}
+    wait_for(lambda: {k: per_model(counters(stack))[k] - before[k] for k in expected} == expected, 30,
+             "per-model counters: each model rendered its one image")
+
+
+def per_model(figures: dict) -> dict:
+    """{(model, counter): value} from `sdgate stats`' `models`, 0 where absent."""
+    return {(model, counter): figures["models"].get(model, {}).get(counter, 0)
+            for model in ("tiny", "tiny-b", "ghost") for counter in ("requests", "rendered", "unavailable")}
 
 
 def test_the_model_listing_has_defaults_limits_and_live_workers(two_models):
