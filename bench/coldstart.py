@@ -91,7 +91,9 @@ def worker_to_first_task(redis_url: str, home: Path) -> Dict[str, Any]:
 
     model_cached = (home / "models" / TINY_MODEL_DIR / "model_index.json").exists()
     producer = GenerationProducer(CeleryConfig(redis_url=redis_url))
-    request = GenerationRequest(f"coldstart worker {uuid.uuid4().hex[:8]}").normalized()
+    from celery_bridge.models import load_catalogue
+
+    request = load_catalogue().fill(GenerationRequest(f"coldstart worker {uuid.uuid4().hex[:8]}")).normalized()
     task_id = new_task_id(request.cache_key())
     log_path = home / "worker.log"
     env = dict(os.environ, SDGATE_HOME=str(home), PYTHONUNBUFFERED="1")

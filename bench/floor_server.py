@@ -32,7 +32,7 @@ class _Handler(socketserver.BaseRequestHandler):
             try:
                 frame = protocol.read_frame(conn, 10.0, idle_timeout=300.0, max_payload=ACCEPTED)
                 request, _ = protocol.decode_request(frame)
-                cached = store.get(request.cache_key())
+                cached = store.get(self.server.catalogue.fill(request).cache_key())  # type: ignore[attr-defined]
                 if cached is None:
                     conn.sendall(protocol.encode_error(protocol.E_INTERNAL, "not cached: the floor only serves hits"))
                     continue
@@ -49,8 +49,11 @@ class FloorServer(socketserver.ThreadingTCPServer):
     request_queue_size = 1024
 
     def __init__(self, port: int, store: SQLiteImageStore):
+        from celery_bridge.models import load_catalogue
+
         super().__init__(("127.0.0.1", port), _Handler)
         self.store = store
+        self.catalogue = load_catalogue()  # keys requests as the gateway does
 
 
 def main(argv=None) -> None:

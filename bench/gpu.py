@@ -205,7 +205,7 @@ def measure(args: argparse.Namespace) -> Dict[str, Any]:
 
         # 5. What PNG encoding alone costs at this size (part of the worker path).
         image = pipe(prompt="png probe", height=size, width=size, num_inference_steps=1).images[0]
-        probe = GenerationRequest("png probe", width=size, height=size, steps=steps).normalized()
+        probe = runner.resolve(GenerationRequest("png probe", width=size, height=size, steps=steps))
         png_ms = []
         for _ in range(5):
             t0 = time.perf_counter()

@@ -87,18 +87,19 @@ class WorkerLoadPolicy:
     Use it in a Serve config as
         policy: {policy_function: celery_bridge.autoscaling:WorkerLoadPolicy,
                  policy_kwargs: {queue_name: sdgate, poll_interval_s: 2}}
-    broker_url defaults to sdgate's Celery config (configs/celery.yaml, SDGATE_* variables).
+    Without broker_url it connects as sdgate's Celery config says (configs/celery.yaml, secrets.env,
+    SDGATE_* variables), so no password has to be in the Serve config.
     """
 
     def __init__(self, queue_name: Optional[str] = None, broker_url: Optional[str] = None,
                  poll_interval_s: float = DEFAULT_POLL_INTERVAL_S,
                  counter: Optional[Callable[[], QueueWork]] = None, clock: Callable[[], float] = time.monotonic):
+        self._celery = None
         if queue_name is None or (broker_url is None and counter is None):
             from celery_bridge.config import load_celery_config
 
-            celery = load_celery_config()
-            queue_name = queue_name or celery.queue
-            broker_url = broker_url or celery.broker_url()
+            self._celery = load_celery_config()  # the password comes from secrets.env, never the Serve config
+            queue_name = queue_name or self._celery.queue
         self.queue_name = queue_name
         self.poll_interval_s = float(poll_interval_s)
         self._broker_url = broker_url
@@ -114,7 +115,8 @@ class WorkerLoadPolicy:
 
     def _count(self) -> QueueWork:
         if self._client is None:
-            self._client = redis.Redis.from_url(self._broker_url, socket_timeout=3, socket_connect_timeout=3)
+            self._client = (redis.Redis.from_url(self._broker_url, socket_timeout=3, socket_connect_timeout=3)
+                            if self._broker_url else self._celery.redis_client(socket_timeout=3, socket_connect_timeout=3))
         return count_queue_work(self._client, self.queue_name)
 
     def refresh(self) -> None:

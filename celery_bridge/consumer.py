@@ -23,6 +23,7 @@ from ray.serve.task_consumer import task_consumer, task_handler
 from celery_bridge.app import SERVE_MANAGED_KEYS, celery_settings
 from celery_bridge.config import CeleryConfig, WorkerConfig, load_celery_config, load_worker_config
 from celery_bridge.contract import TASK_NAME
+from celery_bridge.models import queue_for
 
 log = logging.getLogger(__name__)
 DRAIN_MARGIN_S = 30  # beyond the task time limit: the ack, the consumer's exit, Serve's own steps
@@ -63,12 +64,12 @@ def drain(adapter: Any, timeout_s: float, resend_every_s: float = 2.0) -> bool:
     return True
 
 
-def task_processor_config(config: CeleryConfig) -> TaskProcessorConfig:
-    """Serve's Celery adapter configured with sdgate's settings (JSON only, leases, limits)."""
+def task_processor_config(config: CeleryConfig, model: str) -> TaskProcessorConfig:
+    """Serve's Celery adapter on `model`'s queue, with sdgate's settings (JSON only, leases, limits)."""
     settings = {k: v for k, v in celery_settings(config).items() if k not in SERVE_MANAGED_KEYS}
     transport_options = settings.pop("broker_transport_options")
     return TaskProcessorConfig(
-        queue_name=config.queue,
+        queue_name=queue_for(config.queue, model),
         max_retries=0,  # the task body reports errors as results; nothing to retry blindly
         adapter_config=CeleryAdapterConfig(
             broker_url=config.broker_url(),
@@ -80,28 +81,36 @@ def task_processor_config(config: CeleryConfig) -> TaskProcessorConfig:
     )
 
 
-def consumer_class(celery_config: CeleryConfig):
-    """The task-consumer class for `celery_config`'s broker and queue (not yet a deployment)."""
+def consumer_class(celery_config: CeleryConfig, model: str):
+    """The task-consumer class for `celery_config`'s broker and `model`'s queue (not yet a deployment)."""
 
-    @task_consumer(task_processor_config=task_processor_config(celery_config))
+    @task_consumer(task_processor_config=task_processor_config(celery_config, model))
     class GenerationConsumer:
         """One Ray-managed worker: the resident pipeline behind Serve's Celery consumer thread."""
 
         def __init__(self, worker_config: Dict[str, Any]):
             from celery_bridge.lease import LeaseKeeper
+            from celery_bridge.presence import Heartbeat, count_rendered
             from celery_bridge.worker import GenerationService
 
-            self.service = GenerationService(WorkerConfig(**worker_config),
-                                             time_limit_s=celery_config.soft_time_limit_s)
             from celery_bridge.redis_check import require_redis_version
 
             client = celery_config.redis_client(socket_timeout=5, socket_connect_timeout=5)
             require_redis_version(client, "the Ray worker replica")
+            self.service = GenerationService(WorkerConfig(**worker_config),
+                                             time_limit_s=celery_config.soft_time_limit_s,
+                                             on_rendered=lambda name: count_rendered(client, name))
             self.leases = LeaseKeeper(client, celery_config.lease_renew_s).start()
+            self.presence = Heartbeat(client, model, self.service.name).start()
 
         @task_handler(name=TASK_NAME)
         def generate(self, payload: Any) -> Dict[str, Any]:
             return self.service.handle(payload)
+
+        def __del__(self) -> None:
+            presence = getattr(self, "presence", None)
+            if presence is not None:
+                presence.stop()
 
         def check_health(self) -> None:
             thread = getattr(getattr(self, "_adapter", None), "_worker_thread", None)
@@ -128,14 +137,15 @@ def consumer_class(celery_config: CeleryConfig):
 def build_app(args: Optional[Dict[str, Any]] = None) -> serve.Application:
     """Serve application builder (`import_path: celery_bridge.consumer:build_app`).
 
-    args: {"celery": {CeleryConfig overrides}, "worker": {WorkerConfig overrides}, "num_replicas": n
-    or "autoscaling_config": {...}}; a Serve config file may override the deployment options.
+    args: {"celery": {CeleryConfig overrides}, "worker": {WorkerConfig overrides, `model` naming a
+    catalogued model}, "num_replicas": n or "autoscaling_config": {...}}; a Serve config file may
+    override the deployment options. One application serves one model, from that model's queue.
     """
     args = args or {}
     celery_config = load_celery_config(**args.get("celery", {}))
     worker_config = load_worker_config(**args.get("worker", {}))
     deployment = serve.deployment(
-        consumer_class(celery_config),
+        consumer_class(celery_config, worker_config.model),
         name="GenerationConsumer",
         max_ongoing_requests=1,  # also the consumer thread count: one pipeline, one thread
         **({"autoscaling_config": args["autoscaling_config"]} if args.get("autoscaling_config")

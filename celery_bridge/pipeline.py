@@ -7,6 +7,7 @@ so one lock serialises every use of the pipeline object.
 from __future__ import annotations
 
 import io
+import json
 import logging
 import os
 import threading
@@ -19,6 +20,7 @@ from PIL import Image, PngImagePlugin
 
 from client.protocol import GenerationRequest
 from celery_bridge.config import WorkerConfig
+from celery_bridge.models import CatalogueError, ModelEntry, load_catalogue
 from celery_bridge.tiny_model import ensure_tiny_model
 
 log = logging.getLogger(__name__)
@@ -31,9 +33,10 @@ SCHEDULER_CLASSES = {
     "lms": "LMSDiscreteScheduler",
 }
 DEVICES = ("auto", "cuda", "cpu")
-_FIX = ("Set `model` in configs/worker.yaml, SDGATE_MODEL or `sdgate worker --model` to a local folder "
-        "saved with save_pretrained (it holds model_index.json), to 'tiny' (the embedded test model), or "
-        "to a hub id with network access and HF_HUB_OFFLINE=0.")
+_FIX = ("Set `model` in configs/worker.yaml, SDGATE_MODEL or `sdgate worker --model` to a model of the catalogue "
+        "(configs/models.yaml) whose `source` is a local folder saved with save_pretrained (it holds "
+        "model_index.json), a single .safetensors/.ckpt file with `config:` a local folder of its pipeline's "
+        "configs, 'tiny' (the embedded test model), or a hub id with network access and HF_HUB_OFFLINE=0.")
 
 
 class ModelLoadError(RuntimeError):
@@ -81,7 +84,9 @@ class PipelineRunner:
 
     loads = 0  # pipeline loads in this process; one per worker is the contract
 
-    def __init__(self, config: WorkerConfig):
+    def __init__(self, config: WorkerConfig, entry: Optional[ModelEntry] = None):
+        """`entry` defaults to config.model's entry in the catalogue; a name the catalogue does not
+        list is read as a source itself (a folder, a single file or a hub id) with default settings."""
         import diffusers
         import transformers
 
@@ -89,6 +94,7 @@ class PipelineRunner:
         diffusers.utils.logging.disable_progress_bar()
         transformers.utils.logging.disable_progress_bar()
         self.config = config
+        self.entry = entry or catalogue_entry(config.model)
         self.device = _resolve_device(config.device)
         self.dtype = torch.float16 if self.device == "cuda" and config.fp16 else torch.float32
         if self.device == "cpu" and config.cpu_threads > 0:
@@ -108,8 +114,8 @@ class PipelineRunner:
 
     def _load(self, diffusers):
         # 1. Find the weights: the embedded model is built into the cache on first use.
-        model = source = self.config.model
-        if model == "tiny":
+        model, source = self.config.model, str(Path(self.entry.source).expanduser())
+        if self.entry.kind == "embedded":
             cache_dir = self.config.resolved_model_cache_dir()
             try:
                 source = str(ensure_tiny_model(cache_dir))
@@ -118,10 +124,16 @@ class PipelineRunner:
                     f"could not build the embedded model 'tiny' under {str(cache_dir)!r} ({exc}). Point "
                     "`model_cache_dir` in configs/worker.yaml or SDGATE_MODEL_CACHE_DIR at a writable folder."
                 ) from exc
-        # 2. Read them (diffusers 0.42 takes `dtype`; `torch_dtype` is deprecated).
-        cls = diffusers.StableDiffusionPipeline if model == "tiny" else diffusers.DiffusionPipeline
+        # 2. Read them (diffusers 0.42 takes `dtype`; `torch_dtype` is deprecated). A single file
+        #    gets its pipeline's configs from a local folder: nothing is downloaded.
         try:
-            pipe = cls.from_pretrained(source, dtype=self.dtype)
+            if self.entry.kind == "single_file":
+                pipe = self._load_single_file(diffusers, source)
+            else:
+                cls = diffusers.StableDiffusionPipeline if self.entry.kind == "embedded" else diffusers.DiffusionPipeline
+                pipe = cls.from_pretrained(source, dtype=self.dtype)
+        except ModelLoadError:
+            raise
         except Exception as exc:  # noqa: BLE001 - every failure gets the same advice
             raise ModelLoadError(f"could not load model {model!r}: {_why(model, source, exc)} {_FIX}") from exc
         # 3. Fit them onto the device.
@@ -137,6 +149,22 @@ class PipelineRunner:
                 log.info("cpu_offload ignored: the pipeline already runs on the CPU")
             pipe.to(self.device)
         return pipe
+
+    def _load_single_file(self, diffusers, source: str):
+        config = self.entry.config
+        if not config or not (Path(config).expanduser() / "model_index.json").is_file():
+            raise ModelLoadError(
+                f"model {self.config.model!r} is the single file {source!r}, and its `config` ({config!r}) is not a "
+                "local folder holding model_index.json. Set `config` in its configs/models.yaml entry to a folder "
+                "with the configs of its pipeline (e.g. a diffusers copy of the base model, weights not needed): "
+                "sdgate never downloads them.")
+        config = str(Path(config).expanduser())
+        index = json.loads((Path(config) / "model_index.json").read_text())
+        cls = getattr(diffusers, str(index.get("_class_name")), None)
+        if cls is None or not hasattr(cls, "from_single_file"):
+            raise ModelLoadError(f"{config}/model_index.json names pipeline class {index.get('_class_name')!r}, which "
+                                 "cannot load single-file checkpoints; use a StableDiffusion(XL)Pipeline config folder")
+        return cls.from_single_file(source, config=config, local_files_only=True, dtype=self.dtype)
 
     def _scheduler(self, name: str):
         if name not in self._schedulers:
@@ -173,9 +201,9 @@ class PipelineRunner:
         ).images[0]
 
     def render(self, request: GenerationRequest, time_limit_s: Optional[float] = None) -> bytes:
-        """PNG bytes for `request` (normalized first), with the `parameters` chunk; raises
-        GenerationTimeout when the pipeline runs past `time_limit_s`."""
-        request = request.normalized()
+        """PNG bytes for `request` (filled from this model's defaults and normalized first), with the
+        `parameters` chunk; raises GenerationTimeout when the pipeline runs past `time_limit_s`."""
+        request = self.resolve(request)
         with self._lock:
             started = time.perf_counter()
             image = self._call(request, time_limit_s)
@@ -189,20 +217,35 @@ class PipelineRunner:
         benchmark thread could corrupt a concurrent render's scheduler state.
         """
         with self._lock:
-            return self._call(request.normalized())
+            return self._call(self.resolve(request))
+
+    def resolve(self, request: GenerationRequest) -> GenerationRequest:
+        """`request` with this model's name and defaults in the fields it left out, normalised."""
+        return self.entry.fill(request).normalized()
+
+
+def catalogue_entry(model: str) -> ModelEntry:
+    """`model`'s catalogue entry; a name the catalogue lacks is taken as its own source."""
+    try:
+        entry = load_catalogue().get(model)
+    except CatalogueError as exc:
+        raise ModelLoadError(str(exc)) from None
+    return entry if entry is not None else ModelEntry(name=model, source=model)
 
 
 def _why(model: str, source: str, exc: Exception) -> str:
     """The cause of a failed load in words, with the library's own message (shortened)."""
     detail = f"({type(exc).__name__}: {' '.join(str(exc).split())[:400]})"
-    path = Path(model).expanduser()
-    if model == "tiny":
+    path = Path(source).expanduser()
+    if model == "tiny" and source != model:
         return f"its folder {source!r} is broken; delete it to have it rebuilt {detail}."
     if path.is_dir():
         return f"the folder exists but is not a diffusers pipeline, or a component in it is broken {detail}."
     if path.exists():
+        if source.lower().endswith((".safetensors", ".ckpt")):
+            return f"the single-file checkpoint is not a Stable Diffusion checkpoint its config folder fits {detail}."
         return f"it is a file, not a folder {detail}."
-    if model.startswith(("/", ".", "~")) or model.count("/") > 1:  # hub ids are `owner/name`
+    if source.startswith(("/", ".", "~")) or source.count("/") > 1:  # hub ids are `owner/name`
         return f"there is no folder at that path {detail}."
     if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on"):
         return f"it is not a local folder, and HF_HUB_OFFLINE forbids asking the hub for it {detail}."

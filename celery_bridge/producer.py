@@ -23,6 +23,7 @@ from client.protocol import E_INTERNAL, GenerationRequest
 from celery_bridge.app import make_celery_app
 from celery_bridge.config import CeleryConfig
 from celery_bridge.contract import TASK_NAME, GenerationResult, task_payload
+from celery_bridge.models import queue_for
 
 log = logging.getLogger(__name__)
 TASK_ID_PREFIX = "sdgate-"
@@ -88,11 +89,12 @@ class GenerationProducer:
         While the task is watched it is queued again if the broker loses it (see _requeue_lost).
         """
         payload = task_payload(request)
-        self.app.send_task(TASK_NAME, args=[payload], task_id=task_id, queue=self.config.queue)
+        queue = queue_for(self.config.queue, payload["model"])  # only workers of that model consume it
+        self.app.send_task(TASK_NAME, args=[payload], task_id=task_id, queue=queue)
         with self._lock:
             watch = self._watches.get(task_id)
             if watch is not None:
-                watch.payload = payload
+                watch.payload, watch.queue = payload, queue
 
     def watch(self, task_id: str, on_started: Optional[Callable[[], None]] = None) -> "Future[GenerationResult]":
         """A future for `task_id`'s result; `on_started` runs once when a worker picks it up."""
@@ -112,8 +114,14 @@ class GenerationProducer:
             self._watches.pop(task_id, None)
         self._subscriptions_stale.set()
 
-    def queue_length(self) -> int:
-        return int(self.redis.llen(self.config.queue))
+    def task_known(self, task_id: str, model: str) -> bool:
+        """Whether `task_id` has a state or result, waits in `model`'s queue, or is held by a worker."""
+        keys = [self._result_prefix + task_id, *_queue_lists(queue_for(self.config.queue, model)), KOMBU_UNACKED_KEY]
+        return not self._find_lost(keys=keys, args=[task_id])
+
+    def queue_length(self, model: Optional[str] = None) -> int:
+        """Tasks waiting for `model`'s workers (None: the base queue, which no worker consumes)."""
+        return int(self.redis.llen(queue_for(self.config.queue, model) if model else self.config.queue))
 
     def close(self) -> None:
         self._stop.set()
@@ -241,8 +249,7 @@ class GenerationProducer:
         if not submitted:
             return
         ids = list(submitted)
-        queues = [self.config.queue] + [f"{self.config.queue}{KombuRedisChannel.sep}{step}"
-                                        for step in KombuRedisChannel.priority_steps if step]
+        queues = [name for queue in sorted({watch.queue for watch in submitted.values()}) for name in _queue_lists(queue)]
         keys = [self._result_prefix + task_id for task_id in ids] + queues + [KOMBU_UNACKED_KEY]
         lost = {raw.decode() if isinstance(raw, bytes) else raw for raw in self._find_lost(keys=keys, args=ids)}
         for task_id, watch in submitted.items():
@@ -253,8 +260,13 @@ class GenerationProducer:
             if watch.missing >= 2 and not watch.future.done():
                 log.warning("task %s is no longer queued, held by a worker or finished: the broker lost it "
                             "(e.g. across a Redis restart); queueing it again", task_id)
-                self.app.send_task(TASK_NAME, args=[watch.payload], task_id=task_id, queue=self.config.queue)
+                self.app.send_task(TASK_NAME, args=[watch.payload], task_id=task_id, queue=watch.queue)
                 watch.missing = 0
+
+
+def _queue_lists(queue: str) -> List[str]:
+    """The Redis lists kombu keeps `queue` in: one per priority step."""
+    return [f"{queue}{KombuRedisChannel.sep}{step}" if step else queue for step in KombuRedisChannel.priority_steps]
 
 
 class _Watch:
@@ -262,6 +274,7 @@ class _Watch:
         self.future: "Future[GenerationResult]" = Future()
         self.on_started: List[Callable[[], None]] = []
         self.payload: Optional[Dict[str, Any]] = None  # set when this process submitted the task
+        self.queue = ""  # the model's queue it was sent to
         self.missing = 0  # consecutive checks that found the task nowhere
 
 

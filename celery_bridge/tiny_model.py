@@ -88,8 +88,11 @@ def _bytes_to_unicode() -> dict:
     return dict(zip(printable, map(chr, codes)))
 
 
-def build_tiny_pipeline(tokenizer_dir: Path):
-    """Construct the tiny pipeline in memory from fixed seeds (no files but the tokenizer's)."""
+def build_tiny_pipeline(tokenizer_dir: Path, seed: int = SEED):
+    """Construct the tiny pipeline in memory from fixed seeds (no files but the tokenizer's).
+
+    Another `seed` gives another model of the same shape (tests serve two side by side).
+    """
     import torch
     from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
@@ -101,21 +104,21 @@ def build_tiny_pipeline(tokenizer_dir: Path):
     # Seeding the global RNG is the only way to fix module initialisation; fork_rng gives the
     # caller its CPU RNG state back afterwards.
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(SEED)
+        torch.manual_seed(seed)
         unet = UNet2DConditionModel(
             block_out_channels=(32, 64), layers_per_block=1, sample_size=8, in_channels=4, out_channels=4,
             down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
             up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
             cross_attention_dim=32, attention_head_dim=4, norm_num_groups=8,
         )
-        torch.manual_seed(SEED + 1)
+        torch.manual_seed(seed + 1)
         # Four blocks downsample three times: 64x64 images have 8x8 latents, as in SD 1.x.
         vae = AutoencoderKL(
             block_out_channels=(8, 16, 16, 16), in_channels=3, out_channels=3, latent_channels=4,
             norm_num_groups=8, down_block_types=("DownEncoderBlock2D",) * 4,
             up_block_types=("UpDecoderBlock2D",) * 4, layers_per_block=1, sample_size=64,
         )
-        torch.manual_seed(SEED + 2)
+        torch.manual_seed(seed + 2)
         text_encoder = CLIPTextModel(CLIPTextConfig(
             vocab_size=len(tokenizer), hidden_size=32, intermediate_size=37, num_attention_heads=4,
             num_hidden_layers=2, max_position_embeddings=77, bos_token_id=tokenizer.bos_token_id,
@@ -128,3 +131,11 @@ def build_tiny_pipeline(tokenizer_dir: Path):
     return StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
                                    scheduler=scheduler, safety_checker=None, feature_extractor=None,
                                    requires_safety_checker=False)
+
+
+def save_tiny_variant(folder: Path, seed: int) -> Path:
+    """A tiny pipeline from `seed`, saved as a diffusers folder (a stand-in for an operator's model)."""
+    folder = Path(folder)
+    with tempfile.TemporaryDirectory() as scratch:
+        build_tiny_pipeline(Path(scratch), seed=seed).save_pretrained(folder, safe_serialization=True)
+    return folder

@@ -11,13 +11,14 @@ import logging
 import os
 import socket
 import time
-from typing import Any, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional
 
 from celery.worker.consumer import Consumer
 
-from client.protocol import E_INTERNAL, E_TIMEOUT, InvalidRequest
+from client.protocol import E_INTERNAL, E_TIMEOUT, GenerationRequest, InvalidRequest
 from celery_bridge.config import CeleryConfig, WorkerConfig, load_celery_config, load_worker_config
-from celery_bridge.contract import TASK_NAME, GenerationResult, request_from_payload
+from celery_bridge.contract import TASK_NAME, GenerationResult
+from celery_bridge.models import queue_for
 
 log = logging.getLogger(__name__)
 RECONNECT_INTERVAL_MAX_S = 2.0  # Celery's own backoff grows to 30 s between broker reconnect attempts
@@ -43,7 +44,9 @@ class QuickReconnectConsumer(Consumer):
 class GenerationService:
     """Owns the resident pipeline of one worker process and turns task payloads into results."""
 
-    def __init__(self, config: WorkerConfig, name: Optional[str] = None, time_limit_s: Optional[float] = None):
+    def __init__(self, config: WorkerConfig, name: Optional[str] = None, time_limit_s: Optional[float] = None,
+                 on_rendered: Optional[Callable[[str], None]] = None):
+        """on_rendered(model) is called after each image rendered (the per-model counter)."""
         from celery_bridge.pipeline import PipelineRunner  # torch loads here, on worker hosts only
 
         self.time_limit_s = time_limit_s
@@ -52,16 +55,18 @@ class GenerationService:
         self.load_seconds = time.monotonic() - started
         self.name = name or f"{socket.gethostname()}:{os.getpid()}"
         self.tasks_done = 0
+        self.on_rendered = on_rendered
 
     def handle(self, payload: Any) -> Dict[str, Any]:
         """Render one request; never raises, so both worker modes report errors the same way."""
         from celery_bridge.pipeline import GenerationTimeout
 
         try:
-            request = request_from_payload(payload)
-            if request.model != self.runner.config.model:  # never cache another model's image under this key
-                raise InvalidRequest("model", f"{request.model!r} is not served here; the workers run "
+            request = GenerationRequest.from_dict(payload)
+            if request.model not in (None, self.runner.config.model):  # never cache another model's image
+                raise InvalidRequest("model", f"{request.model!r} is not served here; this worker runs "
                                               f"{self.runner.config.model!r}")
+            request = self.runner.resolve(request)  # gateways send it filled; direct senders may not
         except (InvalidRequest, TypeError) as exc:
             error = exc if isinstance(exc, InvalidRequest) else InvalidRequest("request", str(exc))
             log.info("rejected invalid task payload: %s", error)
@@ -75,9 +80,25 @@ class GenerationService:
             log.exception("generation failed for %s", request.cache_key()[:12])
             return GenerationResult.failure(E_INTERNAL, f"generation failed on worker {self.name}: {exc}").to_json()
         self.tasks_done += 1
+        if self.on_rendered:
+            self.on_rendered(request.model)
         result = GenerationResult.success(request, png, self.runner.last_pipeline_ms, self.name)
         result.pipeline_loads = type(self.runner).loads
         return result.to_json()
+
+
+def require_catalogued(model: str) -> None:
+    """Raise ModelLoadError unless the catalogue lists `model`: no gateway routes work to other names."""
+    from celery_bridge.models import CatalogueError, load_catalogue, models_file
+    from celery_bridge.pipeline import ModelLoadError
+
+    try:
+        catalogue = load_catalogue()
+    except CatalogueError as exc:
+        raise ModelLoadError(str(exc)) from None
+    if catalogue.get(model) is None:
+        raise ModelLoadError(f"model {model!r} is not in the catalogue {models_file()} (it lists "
+                             f"{', '.join(catalogue.names)}); add an entry for it, or pass --model with one of those")
 
 
 def pin_gpu(gpu: Optional[str]) -> None:
@@ -86,30 +107,41 @@ def pin_gpu(gpu: Optional[str]) -> None:
         os.environ["CUDA_VISIBLE_DEVICES"] = str(gpu)
 
 
-def worker_argv(celery_config: CeleryConfig, hostname: str, loglevel: str) -> List[str]:
-    return ["worker", "--pool=solo", "--concurrency=1", "-Q", celery_config.queue, f"--hostname={hostname}",
+def worker_argv(celery_config: CeleryConfig, hostname: str, loglevel: str, model: str) -> List[str]:
+    """Celery's worker command line: solo pool, and only `model`'s queue."""
+    return ["worker", "--pool=solo", "--concurrency=1", "-Q", queue_for(celery_config.queue, model),
+            f"--hostname={hostname}",
             f"--loglevel={loglevel}", "--without-gossip", "--without-mingle"]
 
 
 def run_worker(celery_overrides: Dict[str, Any], worker_overrides: Dict[str, Any], gpu: Optional[str] = None,
                loglevel: str = "INFO") -> None:
-    """`sdgate worker`: load the pipeline, then consume the queue until stopped (blocks)."""
+    """`sdgate worker`: load the pipeline of one catalogued model, then consume that model's queue
+    until stopped (blocks)."""
     from celery_bridge.app import make_celery_app
     from celery_bridge.lease import LeaseKeeper
     from celery_bridge.redis_check import require_redis_version
+    from celery_bridge.presence import Heartbeat, count_rendered
 
     # 1. Pin the GPU before anything imports torch.
     pin_gpu(gpu)
     celery_config = load_celery_config(**celery_overrides)
     worker_config = load_worker_config(**worker_overrides)
     require_redis_version(celery_config.redis_client(socket_timeout=5, socket_connect_timeout=5), "sdgate worker")
+    require_catalogued(worker_config.model)
     # 2. Load the pipeline once, before taking any task; a model that cannot load fails here.
-    service = GenerationService(worker_config, time_limit_s=celery_config.soft_time_limit_s)
+    client = celery_config.redis_client(socket_timeout=5, socket_connect_timeout=5)
+    service = GenerationService(worker_config, time_limit_s=celery_config.soft_time_limit_s,
+                                on_rendered=lambda model: count_rendered(client, model))
     print(f"sdgate worker: model {worker_config.model!r} loaded in {service.load_seconds:.1f} s", flush=True)
-    # 3. Register the task body and renew the leases of held tasks.
+    # 3. Register the task body, renew the leases of held tasks, and tell gateways we serve the model.
     app = make_celery_app(celery_config, name="sdgate-worker")
     app.task(name=TASK_NAME)(service.handle)
-    LeaseKeeper(celery_config.redis_client(socket_timeout=5, socket_connect_timeout=5),
-                celery_config.lease_renew_s).start()
+    LeaseKeeper(client, celery_config.lease_renew_s).start()
+    presence = Heartbeat(client, worker_config.model, service.name).start()
     # 4. Consume: solo pool, one task at a time, so one pipeline is never used by two threads.
-    app.worker_main(worker_argv(celery_config, f"sdgate-{os.getpid()}@{socket.gethostname()}", loglevel))
+    try:
+        app.worker_main(worker_argv(celery_config, f"sdgate-{os.getpid()}@{socket.gethostname()}", loglevel,
+                                    worker_config.model))
+    finally:
+        presence.stop()

@@ -10,4 +10,5 @@ from client.protocol import (  # noqa: F401
     InvalidRequest,
     ProtocolError,
     exchange,
+    list_models,
 )

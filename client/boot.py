@@ -69,10 +69,11 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     parser.add_argument("--height", type=int, help="multiple of 8 (default: the model's)")
     parser.add_argument("--steps", type=int, help="denoising steps (default: the model's)")
     parser.add_argument("--seed", type=int, help="default: derived from the prompt and settings")
-    parser.add_argument("--guidance", type=float, default=7.5, help="guidance scale (default 7.5)")
+    parser.add_argument("--guidance", type=float, help="guidance scale (default: the model's)")
     parser.add_argument("--negative", default="", help="negative prompt")
-    parser.add_argument("--scheduler", default="default", help=", ".join(protocol.SCHEDULERS))
-    parser.add_argument("--model", default=protocol.DEFAULT_MODEL, help=f"default {protocol.DEFAULT_MODEL}")
+    parser.add_argument("--scheduler", help=", ".join(protocol.SCHEDULERS) + " (default: the model's)")
+    parser.add_argument("--model", help="a model the server offers (default: the server's default; see --models)")
+    parser.add_argument("--models", action="store_true", help="list the server's models and exit")
     parser.add_argument("--token", default=os.environ.get("SDGATE_TOKEN"), help="shared token (default $SDGATE_TOKEN)")
     parser.add_argument("--timeout", type=float, default=600.0, help="seconds to wait for one image (default 600)")
     parser.add_argument("--connect-timeout", type=float, default=10.0, help="seconds to connect (default 10)")
@@ -216,6 +217,17 @@ class BootClient:
             finally:
                 self._sock = None
 
+    def list_models(self) -> dict:
+        """The server's model listing (OpenAI list shape with sdgate's defaults, limits, live workers)."""
+        try:
+            return protocol.list_models(self.connect(), token=self.token, timeout=self.timeout)
+        except ProtocolError as exc:
+            self.close()
+            raise ClientError(explain(exc, self.where), exc.code) from None
+        except OSError as exc:
+            self.close()
+            raise ClientError(f"lost the connection to the sdgate server at {self.where} ({exc})") from None
+
     def generate(self, request: GenerationRequest) -> ImageReply:
         """The image for `request`; on a lost connection, reconnects and sends it once more.
 
@@ -316,6 +328,28 @@ def run_once(client: BootClient, prompt: str, args: argparse.Namespace) -> str:
     return path
 
 
+def format_models(listing: dict) -> str:
+    """One line per model: name, default marker, live workers, default size and steps, limits."""
+    lines = []
+    for model in listing.get("data", []):
+        if not isinstance(model, dict):
+            continue
+        d, lim = model.get("defaults") or {}, model.get("limits") or {}
+        live = model.get("live_workers")
+        text = (f"{_printable(model.get('id'))}{' (default)' if model.get('default') else ''}: "
+                f"{'?' if live is None else _printable(live)} live worker(s); defaults "
+                f"{_printable(d.get('width'))}x{_printable(d.get('height'))}, {_printable(d.get('steps'))} steps, "
+                f"{_printable(d.get('scheduler'))}, guidance {_printable(d.get('guidance_scale'))}; limits "
+                f"side <= {_printable(lim.get('max_side'))}, steps <= {_printable(lim.get('max_steps'))}")
+        lines.append(text)
+    return "\n".join(lines) if lines else "the server lists no models"
+
+
+def _printable(value: Any) -> str:
+    """Network text made safe for a terminal: printable and short."""
+    return "".join(c for c in str(value) if c.isprintable())[:80]
+
+
 def read_prompt() -> str:
     """The next line typed or piped in; EOFError at the end of input."""
     if sys.stdin.isatty() and sys.stdout.isatty():
@@ -367,6 +401,9 @@ def main(argv: Optional[List[str]] = None) -> int:
         print(f"error: cannot read --cacert {args.cacert!r}: {exc}", file=sys.stderr)
         return EXIT_INVALID
     try:
+        if args.models:
+            print(format_models(client.list_models()), flush=True)
+            return EXIT_OK
         if not args.prompt:
             build_request("flag check", args)  # refuse bad flags before the first prompt is typed
             return run_interactive(client, args)

@@ -20,12 +20,9 @@ from typing import Any, Callable, Dict, Optional, Tuple
 # Request model
 # ---------------------------------------------------------------------------------------------
 
-DEFAULT_MODEL = "tiny"
-# Sizes and step counts a model renders when the request leaves them out. The embedded `tiny`
-# model is random weights on a CPU, so its defaults are as small as a real pipeline allows.
-MODEL_DEFAULTS: Dict[str, Tuple[int, int]] = {"tiny": (64, 2)}  # model -> (side, steps)
-FALLBACK_SIDE, FALLBACK_STEPS = 512, 25
-
+# No model and no per-model defaults here: the server's model catalogue (configs/models.yaml) owns
+# them. A client sends only what its user chose; the gateway fills in the default model and that
+# model's defaults before it computes the cache key (see `with_defaults`).
 SCHEDULERS = ("default", "ddim", "pndm", "euler", "euler_a", "dpm++", "lms")
 
 MAX_PROMPT_CHARS = 1000
@@ -49,17 +46,18 @@ class InvalidRequest(ValueError):
 
 @dataclass(frozen=True)
 class GenerationRequest:
-    """What to render. Fields left as None take the model's defaults in `normalized()`."""
+    """What to render. Fields left as None are filled by the gateway from its model catalogue
+    (`with_defaults`) before the request is normalised and keyed."""
 
     prompt: str
     negative_prompt: str = ""
     width: Optional[int] = None
     height: Optional[int] = None
     steps: Optional[int] = None
-    guidance_scale: float = 7.5
+    guidance_scale: Optional[float] = None
     seed: Optional[int] = None
-    scheduler: str = "default"
-    model: str = DEFAULT_MODEL
+    scheduler: Optional[str] = None
+    model: Optional[str] = None
 
     @classmethod
     def from_dict(cls, data: Any) -> "GenerationRequest":
@@ -93,22 +91,34 @@ class GenerationRequest:
                 raise InvalidRequest(name, f"{value} is not a multiple of 8; use e.g. {value - value % 8 or 64}")
         if self.steps is not None:
             _check_int("steps", self.steps, MIN_STEPS, MAX_STEPS)
-        if isinstance(self.guidance_scale, bool) or not isinstance(self.guidance_scale, (int, float)):
-            raise InvalidRequest("guidance_scale", f"must be a number, got {self.guidance_scale!r}")
-        if not (MIN_GUIDANCE <= self.guidance_scale <= MAX_GUIDANCE):  # NaN fails this too
-            raise InvalidRequest(
-                "guidance_scale", f"{self.guidance_scale} is outside {MIN_GUIDANCE}..{MAX_GUIDANCE}"
-            )
+        if self.guidance_scale is not None:
+            if isinstance(self.guidance_scale, bool) or not isinstance(self.guidance_scale, (int, float)):
+                raise InvalidRequest("guidance_scale", f"must be a number, got {self.guidance_scale!r}")
+            if not (MIN_GUIDANCE <= self.guidance_scale <= MAX_GUIDANCE):  # NaN fails this too
+                raise InvalidRequest(
+                    "guidance_scale", f"{self.guidance_scale} is outside {MIN_GUIDANCE}..{MAX_GUIDANCE}"
+                )
         if self.seed is not None:
             _check_int("seed", self.seed, 0, MAX_SEED)
-        if self.scheduler not in SCHEDULERS:
+        if self.scheduler is not None and self.scheduler not in SCHEDULERS:
             raise InvalidRequest("scheduler", f"{self.scheduler!r} is not one of {', '.join(SCHEDULERS)}")
-        if not isinstance(self.model, str) or not self.model:
-            raise InvalidRequest("model", "must be a non-empty string such as 'tiny' or a hub id")
-        if len(self.model) > MAX_MODEL_CHARS or not _MODEL_PATTERN.match(self.model):
-            raise InvalidRequest(
-                "model", f"{self.model[:40]!r} must be at most {MAX_MODEL_CHARS} of A-Z a-z 0-9 . _ / -"
-            )
+        if self.model is not None:
+            check_model_name(self.model)
+
+    def with_defaults(self, model: str, width: int, height: int, steps: int, guidance_scale: float,
+                      scheduler: str) -> "GenerationRequest":
+        """This request with `model` named and each field it left out (None) set to the value given.
+
+        The gateway calls it with its catalogue's default model and that model's defaults; the
+        result, not the request as sent, is what gets normalised and keyed.
+        """
+        def pick(mine: Any, default: Any) -> Any:
+            return default if mine is None else mine
+
+        return dataclasses.replace(
+            self, model=pick(self.model, model), width=pick(self.width, width), height=pick(self.height, height),
+            steps=pick(self.steps, steps), guidance_scale=pick(self.guidance_scale, guidance_scale),
+            scheduler=pick(self.scheduler, scheduler))
 
     def normalized(self) -> "GenerationRequest":
         """The canonical form: validated, defaults filled, prompt normalised, seed resolved.
@@ -117,14 +127,14 @@ class GenerationRequest:
         renders exactly this form, so a cached image is the image a regeneration would give.
         """
         self.validate()
-        side, steps = MODEL_DEFAULTS.get(self.model, (FALLBACK_SIDE, FALLBACK_STEPS))
+        unfilled = [name for name in RESOLVED_FIELDS if getattr(self, name) is None]
+        if unfilled:
+            raise InvalidRequest(unfilled[0], "was left for the server to fill, and nothing filled it: the gateway "
+                                 "applies its model catalogue's defaults (with_defaults) before keying a request")
         resolved = dataclasses.replace(
             self,
             prompt=normalize_prompt(self.prompt),
             negative_prompt=normalize_prompt(self.negative_prompt),
-            width=self.width if self.width is not None else side,
-            height=self.height if self.height is not None else side,
-            steps=self.steps if self.steps is not None else steps,
             guidance_scale=float(self.guidance_scale) + 0.0,  # + 0.0 turns -0.0 into 0.0
         )
         if resolved.seed is None:
@@ -135,6 +145,18 @@ class GenerationRequest:
     def cache_key(self) -> str:
         """sha256 over every field that changes the image, after normalisation (64 hex chars)."""
         return hashlib.sha256(_canonical_bytes(self.normalized(), include_seed=True)).hexdigest()
+
+
+# Fields a request may leave out for the server's catalogue to fill (the seed is derived instead).
+RESOLVED_FIELDS = ("model", "width", "height", "steps", "guidance_scale", "scheduler")
+
+
+def check_model_name(name: Any) -> None:
+    """Raise InvalidRequest unless `name` can be a model name on the wire."""
+    if not isinstance(name, str) or not name:
+        raise InvalidRequest("model", "must be a non-empty string naming a model the server lists")
+    if len(name) > MAX_MODEL_CHARS or not _MODEL_PATTERN.match(name):
+        raise InvalidRequest("model", f"{name[:40]!r} must be at most {MAX_MODEL_CHARS} of A-Z a-z 0-9 . _ / -")
 
 
 def normalize_prompt(text: str) -> str:
@@ -176,9 +198,14 @@ PROTOCOL_VERSION = 1
 HEADER = struct.Struct(">3sBBI")  # magic, version, frame type, payload length
 
 REQUEST, STATUS, IMAGE, ERROR = 1, 2, 3, 4
-FRAME_NAMES = {REQUEST: "REQUEST", STATUS: "STATUS", IMAGE: "IMAGE", ERROR: "ERROR"}
+# The model listing: the client sends LIST_MODELS ({"token": optional}), the server answers MODELS
+# (the JSON of GET /v1/models) or ERROR. Added later; clients that never send it are unaffected.
+LIST_MODELS, MODELS = 5, 6
+FRAME_NAMES = {REQUEST: "REQUEST", STATUS: "STATUS", IMAGE: "IMAGE", ERROR: "ERROR", LIST_MODELS: "LIST_MODELS",
+               MODELS: "MODELS"}
 # Checked against the header before a single payload byte is read or allocated.
-MAX_PAYLOAD = {REQUEST: 16 * 1024, STATUS: 4 * 1024, IMAGE: 32 * 1024 * 1024, ERROR: 16 * 1024}
+MAX_PAYLOAD = {REQUEST: 16 * 1024, STATUS: 4 * 1024, IMAGE: 32 * 1024 * 1024, ERROR: 16 * 1024,
+               LIST_MODELS: 1024, MODELS: 256 * 1024}
 IMAGE_META_LEN = struct.Struct(">I")
 
 # STATUS states the server may send before the final IMAGE or ERROR frame.
@@ -260,6 +287,14 @@ def encode_request(request: GenerationRequest, token: Optional[str] = None) -> b
     if token:
         body["token"] = token
     return encode_frame(REQUEST, _json_bytes(body))
+
+
+def encode_list_models(token: Optional[str] = None) -> bytes:
+    return encode_frame(LIST_MODELS, _json_bytes({"token": token} if token else {}))
+
+
+def encode_models(listing: Dict[str, Any]) -> bytes:
+    return encode_frame(MODELS, _json_bytes(listing))
 
 
 def encode_status(state: str, **details: Any) -> bytes:
@@ -414,3 +449,20 @@ def exchange(sock: socket.socket, request: GenerationRequest, token: Optional[st
             raise decode_error(frame)
         else:
             raise ProtocolError(E_BAD_FRAME, f"unexpected {FRAME_NAMES[frame.kind]} frame from server")
+
+
+def list_models(sock: socket.socket, token: Optional[str] = None, timeout: float = 30.0) -> Dict[str, Any]:
+    """Ask the server which models it offers: {"object": "list", "data": [{"id": ..., ...}]}."""
+    sock.sendall(encode_list_models(token))
+    try:
+        frame = read_frame(sock, frame_timeout=timeout)
+    except ConnectionClosed:
+        raise ConnectionError("the server closed the connection before answering")
+    if frame.kind == ERROR:
+        raise decode_error(frame)
+    if frame.kind != MODELS:
+        raise ProtocolError(E_BAD_FRAME, f"expected MODELS, got {FRAME_NAMES[frame.kind]} from server")
+    listing = frame.json()
+    if not isinstance(listing, dict) or not isinstance(listing.get("data"), list):
+        raise ProtocolError(E_BAD_FRAME, "MODELS payload is not a model list")
+    return listing

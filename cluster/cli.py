@@ -27,7 +27,7 @@ def _stack(args: argparse.Namespace):
     from cluster.local import LocalStack, load_stack_config
     from serve_app.config import load_gateway_config
 
-    stack = load_stack_config(worker_mode=getattr(args, "worker_mode", None))
+    stack = load_stack_config(worker_mode=getattr(args, "worker_mode", None), workers=getattr(args, "workers", None))
     return LocalStack(stack=stack, gateway=load_gateway_config())
 
 
@@ -40,7 +40,7 @@ def _up(args: argparse.Namespace) -> int:
         return 0
     try:
         addresses = stack.up(log=lambda line: print(f"  {line}", flush=True))
-    except StackError as exc:
+    except (StackError, ValueError) as exc:  # ValueError: the model catalogue is invalid
         print(f"sdgate up failed: {exc}\nlogs: {stack.paths.logs}", file=sys.stderr)
         return 1
     print(f"sdgate is up in {addresses['startup_s']} s\n"
@@ -104,7 +104,8 @@ def build_parser() -> argparse.ArgumentParser:
     worker.add_argument("--broker", help="Redis URL of the broker (default: configs/celery.yaml, SDGATE_REDIS_URL); "
                                          "the password may come from SDGATE_REDIS_PASSWORD")
     worker.add_argument("--queue", help="queue to consume (default: configs/celery.yaml)")
-    worker.add_argument("--model", help="'tiny', a local diffusers folder, or a hub id (default: configs/worker.yaml)")
+    worker.add_argument("--model", help="the catalogued model to serve (configs/models.yaml; default: "
+                                        "configs/worker.yaml's `model`); the worker consumes only its queue")
     worker.add_argument("--device", choices=["auto", "cuda", "cpu"])
     worker.add_argument("--gpu", help="pin this worker to one GPU (sets CUDA_VISIBLE_DEVICES)")
     worker.add_argument("--loglevel", default="INFO")
@@ -112,6 +113,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     up = commands.add_parser("up", help="start redis, Ray, the gateway and a worker on this machine")
     up.add_argument("--worker-mode", choices=["celery", "ray"], help="plain worker process or Ray task consumer")
+    up.add_argument("--workers", type=int, help="workers per catalogued model (default: configs/local.yaml); "
+                                                "a model's own `workers` in configs/models.yaml wins")
     up.set_defaults(run=_up)
     commands.add_parser("down", help="stop exactly what `sdgate up` started").set_defaults(run=_down)
     deploy = commands.add_parser("deploy", help="deploy configs/serve.yaml onto a running Ray cluster")

@@ -23,15 +23,22 @@ from ray.serve.api import RunTarget
 
 from celery_bridge import consumer
 from celery_bridge.config import load_celery_config, read_env_file, secrets_file
+from celery_bridge.models import load_catalogue
 from serve_app import gateway
 
 GATEWAY_APP, WORKERS_APP = "gateway", "workers"
 
 
+def workers_app_name(model: str) -> str:
+    """The Serve application of `model`'s workers: `workers-<model>` ('/' is not allowed in app names)."""
+    return f"{WORKERS_APP}-{model.replace('/', '--')}"
+
+
 def deploy(spec: Dict[str, Any]) -> Dict[str, str]:
     """spec: ray_address, http {host, port}, gateway (overrides, or None for no gateway), celery,
-    workers (Ray-managed worker replicas), worker (WorkerConfig overrides), timeout_s,
-    on_ingress_node (gateway replicas only on nodes with serve_app.placement's resource)."""
+    workers ({model: Ray-managed worker replicas}, one application per model), worker
+    (WorkerConfig overrides), timeout_s, on_ingress_node (gateway replicas only on nodes with
+    serve_app.placement's resource)."""
     ray.init(address=spec["ray_address"], logging_level="ERROR", log_to_driver=False)
     serve.start(http_options=spec.get("http") or {})
     targets = []
@@ -39,10 +46,15 @@ def deploy(spec: Dict[str, Any]) -> Dict[str, str]:
         targets.append(RunTarget(gateway.build_app({"gateway": spec["gateway"], "celery": spec.get("celery"),
                                                     "on_ingress_node": spec.get("on_ingress_node", False)}),
                                  name=GATEWAY_APP, route_prefix="/"))
-    if spec.get("workers"):
-        workers = consumer.build_app({"celery": spec.get("celery") or {}, "worker": spec.get("worker") or {},
-                                      "num_replicas": spec["workers"]})
-        targets.append(RunTarget(workers, name=WORKERS_APP, route_prefix=None))
+    workers = spec.get("workers") or {}
+    if isinstance(workers, int):  # a bare count: that many for the worker config's (or the default) model
+        workers = {(spec.get("worker") or {}).get("model") or load_catalogue().default: workers}
+    for model, replicas in workers.items():
+        if not replicas:
+            continue
+        app = consumer.build_app({"celery": spec.get("celery") or {},
+                                  "worker": dict(spec.get("worker") or {}, model=model), "num_replicas": replicas})
+        targets.append(RunTarget(app, name=workers_app_name(model), route_prefix=None))
     serve.run_many(targets, wait_for_ingress_deployment_creation=False, wait_for_applications_running=False)
     return wait_running([t.name for t in targets], spec.get("timeout_s", 240))
 
@@ -71,11 +83,8 @@ _PLACEHOLDER = re.compile(r"\$\{([A-Z0-9_]+)\}")
 def serve_config_env(environ: Optional[Mapping[str, str]] = None) -> Dict[str, str]:
     """The variables configs/serve.yaml may use, with sdgate's defaults filled in."""
     env = dict(environ if environ is not None else os.environ)
-    celery = load_celery_config(redis_url=env.get("SDGATE_REDIS_URL"),
-                                redis_password=env.get("SDGATE_REDIS_PASSWORD") or None)
+    celery = load_celery_config(redis_url=env.get("SDGATE_REDIS_URL"))
     env.setdefault("SDGATE_REDIS_URL", celery.redis_url)
-    env.setdefault("SDGATE_REDIS_PASSWORD", celery.redis_password or "")
-    env.setdefault("SDGATE_BROKER_URL", celery.broker_url())
     env.setdefault("SDGATE_BIND_HOST", "127.0.0.1")
     if env.get(AUTH_SWITCH, "").lower() != "off" and not _deploy_token(env):  # "off": no token, on purpose
         raise ValueError("SDGATE_TOKEN is unset or empty: anyone who reaches the gateway could use it. Set "

@@ -25,6 +25,7 @@ from client import protocol
 from client.protocol import GenerationRequest
 from celery_bridge.config import Port, config_dataclass, load_celery_config, load_config, sdgate_home
 from celery_bridge.redis_check import require_redis_version
+from celery_bridge.models import load_catalogue
 from serve_app.config import GatewayConfig, load_gateway_config
 from serve_app.placement import ray_start_resources_flag
 
@@ -39,7 +40,7 @@ class StackConfig:
     ray_port: Port = 6380  # Ray's GCS; never Redis's 6379
     dashboard_port: Port = 8265
     worker_mode: Literal["celery", "ray"] = "celery"  # celery: `sdgate worker` process | ray: Serve task consumer
-    workers: int = 1
+    workers: int = 1  # per catalogued model (configs/models.yaml); an entry's own `workers` wins
     ray_num_cpus: int = 4  # logical CPUs Ray may hand out on this machine
     start_timeout_s: float = 240.0
     redis_maxmemory_mb: int = 512  # broker queues, results, claims, counters; a Redis image cache's budget is added
@@ -288,19 +289,28 @@ class LocalStack:
 
         wait_until(head_listening, 60, "the Ray head")
 
+    def workers_per_model(self) -> Dict[str, int]:
+        """model -> workers to start: every catalogued model, `workers` each unless its entry says."""
+        return {entry.name: self.stack.workers if entry.workers is None else entry.workers
+                for entry in load_catalogue().models}
+
     def _start_workers_outside_ray(self) -> None:
         if self.stack.worker_mode == "ray":
             return
         if self.stack.worker_mode != "celery":
             raise StackError(f"worker_mode {self.stack.worker_mode!r} must be 'celery' or 'ray'")
-        for index in range(self.stack.workers):
-            self.spawn_worker(f"worker-{index}")
+        for model, count in self.workers_per_model().items():
+            for index in range(count):
+                self.spawn_worker(f"worker-{model}-{index}".replace("/", "_"), model)
 
-    def spawn_worker(self, name: str) -> subprocess.Popen:
-        """Start one plain `sdgate worker` of this stack, with its share of the machine's cores."""
-        threads = os.environ.get("SDGATE_CPU_THREADS") or str(cpu_threads_per_worker(self.stack.workers))
-        return self._spawn(name, [sys.executable, "-m", "cluster.cli", "worker", "--broker", self.redis_url],
-                           env={"SDGATE_CPU_THREADS": threads})
+    def spawn_worker(self, name: str, model: Optional[str] = None) -> subprocess.Popen:
+        """Start one plain `sdgate worker` of this stack for `model` (None: the catalogue's default),
+        with its share of the machine's cores."""
+        model = model or load_catalogue().default
+        total = sum(self.workers_per_model().values()) or 1
+        threads = os.environ.get("SDGATE_CPU_THREADS") or str(cpu_threads_per_worker(total))
+        return self._spawn(name, [sys.executable, "-m", "cluster.cli", "worker", "--broker", self.redis_url,
+                                  "--model", model], env={"SDGATE_CPU_THREADS": threads})
 
     def _deploy(self) -> None:
         """Deploy the gateway (and Ray-managed workers) from a short-lived driver process."""
@@ -311,7 +321,7 @@ class LocalStack:
                         if self.gateway.tls_certfile else {})},
             "gateway": dict(dataclasses.asdict(self.gateway), cache_path=str(self.paths.cache_db)),
             "celery": {"redis_url": self.redis_url},
-            "workers": self.stack.workers if self.stack.worker_mode == "ray" else 0,
+            "workers": self.workers_per_model() if self.stack.worker_mode == "ray" else {},
             "on_ingress_node": True,
             "timeout_s": self.stack.start_timeout_s,
         }
@@ -325,6 +335,7 @@ class LocalStack:
 
     def _render_probe(self) -> bool:
         with socket.create_connection(("127.0.0.1", self.gateway.socket_port), timeout=5) as conn:
+            # Names no model: the gateway fills in the catalogue's default, as it does for a plain client.
             reply = protocol.exchange(conn, GenerationRequest("sdgate startup probe"), token=self.gateway.auth_token,
                                       timeout=60)
         return bool(reply.png)

@@ -24,14 +24,14 @@ from dataclasses import dataclass
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import redis
-from kombu.transport.redis import Channel as KombuRedisChannel
 
 from client import protocol
 from client.protocol import GenerationRequest, InvalidRequest, ProtocolError
 from celery_bridge.contract import GenerationResult
-from celery_bridge.producer import KOMBU_UNACKED_KEY, GenerationProducer, new_task_id
+from celery_bridge.producer import GenerationProducer, new_task_id
 from serve_app import stats
 from serve_app.admission import Admission
+from serve_app.catalogue import GatewayCatalogue
 from serve_app.config import GatewayConfig
 from serve_app.store import ImageStore
 
@@ -122,8 +122,9 @@ class FrontService:
 
     def __init__(self, config: GatewayConfig, producer: GenerationProducer, store: ImageStore,
                  counters: stats.Counters, on_generated: Optional[Callable[[float, float], None]] = None,
-                 admission: Optional[Admission] = None):
-        """on_generated(pipeline_ms, miss_ms) is called after each generation this replica led."""
+                 admission: Optional[Admission] = None, catalogue: Optional[GatewayCatalogue] = None):
+        """on_generated(pipeline_ms, miss_ms) is called after each generation this replica led;
+        `catalogue` defaults to configs/models.yaml ($SDGATE_MODELS_FILE)."""
         self.config = config
         self.on_generated = on_generated
         self.producer = producer
@@ -131,6 +132,7 @@ class FrontService:
         self.counters = counters
         self.admission = admission or Admission(config)
         self.hooks = Hooks()
+        self.catalogue = catalogue or GatewayCatalogue.load(producer.redis, counters)
         self._redis: redis.Redis = producer.redis
         self._release_claim = self._redis.register_script(_RELEASE_CLAIM)
         self._renew_claim = self._redis.register_script(_RENEW_CLAIM)
@@ -167,9 +169,9 @@ class FrontService:
 
     async def _generate(self, request: GenerationRequest, on_status: Optional[StatusCallback], client: str) -> Answer:
         loop = asyncio.get_running_loop()
-        # 1. Normalise and key.
+        # 1. Fill the model and its defaults from the catalogue, then normalise and key.
         try:
-            normalized = request.normalized()
+            normalized = self.catalogue.resolve(request).normalized()
         except InvalidRequest as exc:
             raise ProtocolError(protocol.E_INVALID_REQUEST, str(exc), field=exc.field) from None
         key = normalized.cache_key()
@@ -183,6 +185,7 @@ class FrontService:
                 on_status(protocol.STATUS_CACHED)
             return cached
         self.counters.incr(stats.CACHE_MISSES)
+        self.catalogue.check_served(normalized.model)  # fail fast: nobody would render it
 
         # 3. Miss: count the waiter, then join this replica's flight for the key or lead a new one.
         self.admission.enter_wait(client)
@@ -387,7 +390,7 @@ class FrontService:
         if not self._redis.set(CLAIM_PREFIX + flight.key, flight.task_id, nx=True, px=lease_ms):
             return  # another replica took over first; we keep waiting on the same task
         flight.owner = True
-        if self._task_known(flight.task_id):
+        if self.producer.task_known(flight.task_id, flight.request.model):
             log.warning("took over the claim for %s from a replica that stopped renewing it; task %s is "
                         "queued or running", flight.key[:12], flight.task_id)
             return
@@ -397,20 +400,6 @@ class FrontService:
             self._submit(flight)
         except ProtocolError as exc:
             self._finish(flight, exc)
-
-    def _task_known(self, task_id: str) -> bool:
-        """Whether the task has a state, sits in a queue list, or is held by a worker."""
-        prefix = self.producer.app.backend.task_keyprefix
-        prefix = prefix.decode() if isinstance(prefix, bytes) else prefix
-        if self._redis.exists(prefix + task_id):
-            return True
-        queue = self.producer.config.queue
-        lists = [queue] + [f"{queue}{KombuRedisChannel.sep}{step}" for step in KombuRedisChannel.priority_steps if step]
-        needle = task_id.encode()
-        for name in lists:
-            if any(needle in raw for raw in self._redis.lrange(name, 0, -1)):
-                return True
-        return any(needle in raw for raw in self._redis.hvals(KOMBU_UNACKED_KEY))
 
     # -- the cache -----------------------------------------------------------------------------------
 

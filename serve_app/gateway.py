@@ -148,9 +148,16 @@ class Gateway:
         meta = {k: v for k, v in answer.meta.items() if k not in PRIVATE_META}
         return JSONResponse({
             "created": int(time.time()),
-            "data": [{"b64_json": base64.b64encode(answer.png).decode("ascii"), "revised_prompt": generation.normalized().prompt}],
+            "data": [{"b64_json": base64.b64encode(answer.png).decode("ascii"),
+                      "revised_prompt": protocol.normalize_prompt(generation.prompt)}],
             "sdgate": dict(meta, cached=answer.cached),
         })
+
+    @api.get("/v1/models")
+    def models(self, request: Request) -> JSONResponse:
+        """OpenAI's model list, each model with its defaults, limits and live worker count."""
+        refused = self._refused(request)
+        return refused or JSONResponse(self.front.catalogue.listing())
 
     @api.get("/healthz")
     def healthz(self) -> Dict[str, Any]:
@@ -161,11 +168,17 @@ class Gateway:
 
     @api.get("/v1/stats")
     def stats(self, request: Request) -> Any:
+        refused = self._refused(request)
+        return refused or stats.read_stats(self.front.producer.redis)
+
+    def _refused(self, request: Request) -> Optional[JSONResponse]:
+        """The error answer for a request without the right token, else None."""
         try:
             self.admission.check_token(_bearer(request))
         except ProtocolError as exc:
+            self.front.counters.error(exc.code)
             return http_error(exc)
-        return stats.read_stats(self.front.producer.redis)
+        return None
 
     def record_autoscaling_stats(self) -> Dict[str, float]:
         """Socket and fast-HTTP load for serve_app.autoscaling.gateway_load_policy (Serve sees neither)."""
@@ -177,10 +190,12 @@ class Gateway:
 
     def _watch_queue(self) -> None:
         while not self._stopped.wait(QUEUE_DEPTH_PERIOD_S):
-            try:
-                self.metrics.queue_depth.set(self.front.producer.queue_length())
-            except Exception:  # noqa: BLE001 - a missing gauge point is not worth a log line per second
-                pass
+            for model in self.front.catalogue.catalogue.names:
+                try:
+                    self.metrics.set_model_gauges(model, self.front.producer.queue_length(model),
+                                                  self.front.catalogue.live_count(model))
+                except Exception:  # noqa: BLE001 - a missing gauge point is not worth a log line per second
+                    pass
 
     def check_health(self) -> None:
         if not self.socket_server.alive():

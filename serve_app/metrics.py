@@ -35,11 +35,26 @@ class RayMetrics:
         self.miss_ms = metrics.Histogram(
             "sdgate_miss_latency_ms", description="time to answer a miss, end to end in the gateway (ms)",
             boundaries=GENERATION_MS_BOUNDARIES)
-        self.queue_depth = metrics.Gauge("sdgate_queue_depth", description="tasks waiting in the Celery queue")
+        self.queue_depth = metrics.Gauge("sdgate_queue_depth", description="tasks waiting in a model's Celery queue",
+                                         tag_keys=("model",))
+        self.live_workers = metrics.Gauge("sdgate_live_workers", description="workers serving a model now",
+                                          tag_keys=("model",))
+        self._model_counters = {
+            counter: metrics.Counter(f"sdgate_model_{counter}", description=text, tag_keys=("model",))
+            for counter, text in ((stats.MODEL_REQUESTS, "requests accepted for a model"),
+                                  (stats.MODEL_UNAVAILABLE, "requests refused: no worker serves the model"))
+        }
+
+    def set_model_gauges(self, model: str, queue_depth: int, live_workers: int) -> None:
+        self.queue_depth.set(queue_depth, tags={"model": model})
+        self.live_workers.set(live_workers, tags={"model": model})
 
     def on_count(self, name: str, amount: int) -> None:
         """A stats.Counters listener."""
-        if name.startswith(f"{stats.ERRORS}."):
+        split = stats.split_model_counter(name)
+        if split and split[1] in self._model_counters:
+            self._model_counters[split[1]].inc(amount, tags={"model": split[0]})
+        elif name.startswith(f"{stats.ERRORS}."):
             self._errors.inc(amount, tags={"code": name.split(".", 1)[1]})
         elif name in self._counters:
             self._counters[name].inc(amount)

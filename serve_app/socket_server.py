@@ -23,7 +23,8 @@ from serve_app.front import FrontService
 
 __all__ = ["SocketFrontServer", "check_token"]
 log = logging.getLogger(__name__)
-ACCEPTED_PAYLOADS = {protocol.REQUEST: protocol.MAX_PAYLOAD[protocol.REQUEST]}  # clients send only requests
+# Clients send requests and model listings only.
+ACCEPTED_PAYLOADS = {kind: protocol.MAX_PAYLOAD[kind] for kind in (protocol.REQUEST, protocol.LIST_MODELS)}
 SEND_TIMEOUT_S = 30.0
 
 
@@ -185,6 +186,10 @@ class SocketFrontServer:
             if self.config.auth_token:  # before validation, so strangers learn nothing about the fields
                 body = frame.json()
                 self.admission.check_token(body.get("token") if isinstance(body, dict) else None)
+            if frame.kind == protocol.LIST_MODELS:
+                self.admission.check_rate(client)
+                listing = await asyncio.to_thread(self.front.catalogue.listing)  # reads live workers in Redis
+                return await self._send(writer, protocol.encode_models(listing))
             request, _ = protocol.decode_request(frame)
             self.admission.check_rate(client)
         except ProtocolError as exc:

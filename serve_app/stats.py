@@ -13,11 +13,24 @@ from typing import Callable, Dict, List, Optional
 
 import redis
 
+from celery_bridge.models import MODEL_COUNTER_PREFIX as MODEL_PREFIX, STATS_KEY, model_counter  # noqa: F401
+
 log = logging.getLogger(__name__)
-STATS_KEY = "sdgate:stats"
 CACHE_HITS, CACHE_MISSES = "cache_hits", "cache_misses"
 GENERATIONS, SINGLEFLIGHT_JOINS, ERRORS = "generations", "singleflight_joins", "errors"
 COUNTER_NAMES = (CACHE_HITS, CACHE_MISSES, GENERATIONS, SINGLEFLIGHT_JOINS, ERRORS)
+# Per-model counters live in the same hash as `models:<model>:<counter>` (model names have no ':').
+MODEL_REQUESTS = "requests"  # accepted by a gateway for this model (after the catalogue filled it)
+MODEL_UNAVAILABLE = "unavailable"  # refused: no worker serves the model
+MODEL_RENDERED = "rendered"  # images a worker of this model rendered (counted by the worker)
+
+
+def split_model_counter(name: str):
+    """(model, counter) for a per-model counter name, else None."""
+    if not name.startswith(MODEL_PREFIX) or ":" not in name[len(MODEL_PREFIX):]:
+        return None
+    model, _, counter = name[len(MODEL_PREFIX):].rpartition(":")
+    return model, counter
 
 
 class Counters:
@@ -70,8 +83,16 @@ class Counters:
 
 
 def read_stats(client: redis.Redis) -> Dict[str, object]:
-    """The cluster-wide totals: the COUNTER_NAMES as ints plus `errors_by_code`."""
+    """The cluster-wide totals: the COUNTER_NAMES as ints, `errors_by_code`, and per model
+    `models: {model: {requests, unavailable, rendered}}`."""
     raw = {k.decode(): int(v) for k, v in client.hgetall(STATS_KEY).items()}
     stats: Dict[str, object] = {name: raw.get(name, 0) for name in COUNTER_NAMES}
     stats["errors_by_code"] = {k.split(".", 1)[1]: v for k, v in sorted(raw.items()) if k.startswith(f"{ERRORS}.")}
+    models: Dict[str, Dict[str, int]] = {}
+    for name, value in sorted(raw.items()):
+        split = split_model_counter(name)
+        if split:
+            counts = models.setdefault(split[0], {MODEL_REQUESTS: 0, MODEL_UNAVAILABLE: 0, MODEL_RENDERED: 0})
+            counts[split[1]] = value
+    stats["models"] = models
     return stats

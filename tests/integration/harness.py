@@ -28,7 +28,7 @@ from tests.services import free_port
 
 RESULT_PREFIX = "celery-task-meta-"  # Celery's Redis result backend: key and channel of each task's state
 GATEWAY_REPLICA = "ServeReplica:gateway:Gateway"
-WORKER_REPLICA = "ServeReplica:workers:GenerationConsumer"
+WORKER_REPLICA = "ServeReplica:workers-"  # workers-<model>:GenerationConsumer
 
 
 @contextmanager

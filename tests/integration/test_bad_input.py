@@ -17,6 +17,7 @@ import pytest
 
 from client import protocol
 from client.protocol import GenerationRequest, ProtocolError
+from tests.resolve import key_of
 from tests.integration.harness import GATEWAY_REPLICA, ask, cached_pngs, connect, healthz, local_stack, replica_pids, \
     rss_bytes, slow_request, wait_for
 
@@ -300,7 +301,7 @@ def test_a_client_gone_mid_generation_still_gets_its_image_cached(stack, good_cl
     assert healthz(stack)["pending_misses"] == 1
     for conn in leaving:
         conn.close()
-    wait_for(lambda: len(cached_pngs(stack, request.cache_key())) == 1, 90, "the image being cached")
+    wait_for(lambda: len(cached_pngs(stack, key_of(request))) == 1, 90, "the image being cached")
     health = wait_for(lambda: (lambda h: h if h["pending_misses"] == 0 else None)(healthz(stack)), 10,
                       "pending misses back to 0")
     wait_for(lambda: healthz(stack)["open_connections"] <= baseline, 10, "the dead connections released")

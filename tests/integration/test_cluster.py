@@ -19,19 +19,24 @@ import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
+import yaml
 
 from client import protocol
 from client.protocol import MAX_STEPS, GenerationRequest
 from celery_bridge import consumer
 from celery_bridge.producer import GenerationProducer, new_task_id
+from celery_bridge.tiny_model import save_tiny_variant
 from serve_app import gateway
 from serve_app.placement import ingress_node_resources
+from celery_bridge.models import queue_for
 from tests.integration import harness
+from tests.resolve import resolved
 from tests.integration.conftest import celery_config
 from tests.services import REPO, free_port
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 QUEUE = "cluster-q"
+MODEL_B = "tiny-b"
 WORKER_DEPLOYMENT = "GenerationConsumer"
 SECONDS_PER_STEP_512: list = []  # one 512x512 denoising step on this machine, measured by the first test
 
@@ -47,8 +52,14 @@ def cluster(redis_server, tmp_path_factory):
 
     home = tmp_path_factory.mktemp("cluster-home")
     saved = dict(os.environ)
+    # Two models: `tiny` (the default) and MODEL_B, another tiny model; every node reads this catalogue.
+    catalogue = home / "models.yaml"
+    catalogue.write_text(yaml.safe_dump({"default": "tiny", "models": [
+        {"name": "tiny", "source": "tiny", "defaults": {"width": 64, "height": 64, "steps": 2},
+         "limits": {"max_side": 2048, "max_steps": 150}},
+        {"name": MODEL_B, "source": str(save_tiny_variant(home / MODEL_B, seed=7)), "scale_from_zero": True}]}))
     os.environ.update(SDGATE_HOME=str(home), PYTHONPATH=str(REPO), RAY_USAGE_STATS_ENABLED="0",
-                      RAY_metrics_report_interval_ms="1000")
+                      RAY_metrics_report_interval_ms="1000", SDGATE_MODELS_FILE=str(catalogue))
     ray_cluster = Cluster(initialize_head=True, head_node_args={
         "num_cpus": 2, "num_gpus": 0, "gcs_server_port": free_port(), "resources": ingress_node_resources(),
         "include_dashboard": True, "dashboard_port": free_port(), "dashboard_host": "127.0.0.1"})
@@ -79,30 +90,40 @@ def worker_replicas():
     return [(a.node_id, a.state) for a in actors if a.state in ("ALIVE", "PENDING_CREATION")]
 
 
-def running_worker_count() -> int:
+def running_worker_count(app_name: str = "workers") -> int:
     """Worker replicas Serve reports RUNNING (initialised: pipeline loaded, consumer started)."""
     from ray import serve
 
-    app = serve.status().applications.get("workers")
+    app = serve.status().applications.get(app_name)
     if app is None or WORKER_DEPLOYMENT not in app.deployments:
         return 0
     return app.deployments[WORKER_DEPLOYMENT].replica_states.get("RUNNING", 0)
 
 
-def deploy_workers(redis_url: str, **deployment_args):
+def deploy_workers(redis_url: str, app_name: str = "workers", model: str = "tiny", **deployment_args):
     from ray import serve
     from ray.serve.api import RunTarget
 
-    app = consumer.build_app({"celery": {"redis_url": redis_url, "queue": QUEUE}, "worker": {"num_gpus": 1},
-                              **deployment_args})
-    serve.run_many([RunTarget(app, name="workers", route_prefix=None)], wait_for_applications_running=False,
+    app = consumer.build_app({"celery": {"redis_url": redis_url, "queue": QUEUE},
+                              "worker": {"num_gpus": 1, "model": model}, **deployment_args})
+    serve.run_many([RunTarget(app, name=app_name, route_prefix=None)], wait_for_applications_running=False,
                    wait_for_ingress_deployment_creation=False)
+
+
+def queue_scaling(redis_url: str, model: str, min_replicas: int, max_replicas: int,
+                  downscale_delay_s: float = 4) -> dict:
+    """sdgate's work-counting policy on `model`'s own queue."""
+    return {"min_replicas": min_replicas, "max_replicas": max_replicas, "target_ongoing_requests": 1,
+            "upscale_delay_s": 1, "downscale_delay_s": downscale_delay_s,
+            "policy": {"policy_function": "celery_bridge.autoscaling:WorkerLoadPolicy",
+                       "policy_kwargs": {"broker_url": redis_url, "queue_name": queue_for(QUEUE, model),
+                                         "poll_interval_s": 0.5}}}
 
 
 def submit_many(producer: GenerationProducer, count: int, tag: str, **params):
     futures = []
     for i in range(count):
-        request = GenerationRequest(f"{tag} {i}", **params).normalized()
+        request = resolved(GenerationRequest(f"{tag} {i}", **params)).normalized()
         task_id = new_task_id(request.cache_key())
         futures.append(producer.watch(task_id))
         producer.submit(request, task_id)
@@ -130,17 +151,12 @@ def long_request(prompt: str, seconds: float) -> GenerationRequest:
     for side in (512, 768, 1024):
         steps = math.ceil(seconds * 1.3 / (per_step * (side / 512) ** 2))
         if steps <= MAX_STEPS:
-            return GenerationRequest(prompt, width=side, height=side, steps=max(steps, 2)).normalized()
-    return GenerationRequest(prompt, width=1024, height=1024, steps=MAX_STEPS).normalized()
+            return resolved(GenerationRequest(prompt, width=side, height=side, steps=max(steps, 2))).normalized()
+    return resolved(GenerationRequest(prompt, width=1024, height=1024, steps=MAX_STEPS)).normalized()
 
 
 def deploy_autoscaled_workers(redis_url: str, downscale_delay_s: float):
-    deploy_workers(redis_url, autoscaling_config={
-        "min_replicas": 0, "max_replicas": 2, "target_ongoing_requests": 1,
-        "upscale_delay_s": 1, "downscale_delay_s": downscale_delay_s,
-        "policy": {"policy_function": "celery_bridge.autoscaling:WorkerLoadPolicy",
-                   "policy_kwargs": {"broker_url": redis_url, "queue_name": QUEUE, "poll_interval_s": 0.5}},
-    })
+    deploy_workers(redis_url, autoscaling_config=queue_scaling(redis_url, "tiny", 0, 2, downscale_delay_s))
 
 
 def test_workers_scale_on_queued_plus_running_tasks_and_a_stopped_replica_finishes_its_render(
@@ -174,7 +190,7 @@ def test_workers_scale_on_queued_plus_running_tasks_and_a_stopped_replica_finish
         assert not any(f.done() for f in futures), \
             "the renders ended before the window closed: the test could not tell (renders sized too short)"
         assert fewest == 2, "a busy replica was scaled down while its queue was empty"
-        assert producer.queue_length() == 0
+        assert producer.queue_length("tiny") == 0
 
         # 4. An operator's scale-down while both render: the replica Serve stops finishes first.
         deploy_workers(redis_server.url, num_replicas=1)
@@ -194,6 +210,25 @@ def test_workers_scale_on_queued_plus_running_tasks_and_a_stopped_replica_finish
     wait_for(lambda: running_worker_count() == 0 and not worker_replicas(), 240, "idle again: scaled to zero")
     print(f"\nworkers: idle fleet to zero {to_zero_s:.1f} s; two renders started {from_zero_s:.1f} s after "
           f"submission from zero replicas")
+
+
+def test_misses_for_one_model_add_only_that_models_workers(cluster, redis_server, producer):
+    """Model B scales from zero on its own queue; model A (autoscaled on its queue) never grows."""
+    from ray import serve
+
+    deploy_workers(redis_server.url, autoscaling_config=queue_scaling(redis_server.url, "tiny", 1, 2))
+    deploy_workers(redis_server.url, app_name="workers-b", model=MODEL_B,
+                   autoscaling_config=queue_scaling(redis_server.url, MODEL_B, 0, 2))
+    wait_for(lambda: running_worker_count() == 1, 240, "one worker of model A")
+    a_counts = []
+    futures = submit_many(producer, 12, "model b load", model=MODEL_B, width=128, height=128, steps=8)
+    wait_for(lambda: a_counts.append(running_worker_count()) or running_worker_count("workers-b") >= 1, 240,
+             "a worker of model B, from zero, for B's queue")
+    results = [f.result(timeout=600) for f in futures]
+    a_counts.append(running_worker_count())
+    assert all(r.ok and r.model == MODEL_B for r in results), [r.error_message for r in results if not r.ok]
+    assert set(a_counts) == {1}, "misses for model B never add a worker of model A"
+    serve.delete("workers-b")  # give its GPU back to the tests after this one
 
 
 @pytest.fixture(scope="module")

@@ -25,6 +25,7 @@ from client import protocol
 from client.protocol import GenerationRequest, ProtocolError
 from cluster.local import LocalStack, _reap, port_in_use
 from serve_app.store import SQLiteImageStore
+from tests.resolve import key_of
 from tests.integration.harness import (GATEWAY_REPLICA, WORKER_REPLICA, TaskRuns, ask, cache_entries,
                                        cache_integrity, cached_pngs, connect, healthz, local_stack, replica_pids,
                                        settled_counters, slow_request, wait_for)
@@ -68,13 +69,13 @@ def in_thread(work) -> tuple:
 
 def check_long_task_runs_once(stack: LocalStack) -> None:
     request = slow_request(stack, f"one long render in {stack.stack.worker_mode} mode", seconds=3 * VISIBILITY_S)
-    runs = TaskRuns(stack.redis_url, request.cache_key())
+    runs = TaskRuns(stack.redis_url, key_of(request))
     try:
         started = time.monotonic()
         reply = ask(stack, request)
         took = time.monotonic() - started
         assert took > 2 * VISIBILITY_S, f"took {took:.1f} s; the task must outlive the visibility timeout"
-        assert reply.meta["key"] == request.cache_key()
+        assert reply.meta["key"] == key_of(request)
         time.sleep(VISIBILITY_S + 2)  # a lease left to expire would have been redelivered to the idle worker
         assert len(runs.started()) == 1 and runs.succeeded() == 1, f"ran more than once: {runs.events}"
     finally:
@@ -84,7 +85,7 @@ def check_long_task_runs_once(stack: LocalStack) -> None:
 def check_worker_killed_mid_generation(stack: LocalStack) -> int:
     """SIGKILL the worker that runs a generation; the client still gets the image. Returns the victim."""
     request = slow_request(stack, f"the worker dies under me in {stack.stack.worker_mode} mode", seconds=8)
-    key = request.cache_key()
+    key = key_of(request)
     submitted = settled_counters(stack)["generations"]
     runs = TaskRuns(stack.redis_url, key)
     try:
@@ -163,7 +164,7 @@ class TestPlainWorkers:
             # 2. Every committed entry is there, byte for byte; one cut off by the kill is absent, never partial.
             present = 0
             for index in range(250):
-                entry = store.get(burst_request(index).cache_key())
+                entry = store.get(key_of(burst_request(index)))
                 if entry is None:
                     assert index not in printed, f"committed entry {index} was lost"
                 else:
@@ -210,7 +211,7 @@ class TestPlainWorkers:
         store = SQLiteImageStore(stack.paths.cache_db, max_bytes=stack.gateway.cache_max_bytes)
         try:
             assert store.integrity_check()
-            stored = {request.prompt: store.get(request.cache_key()) for request in requests}
+            stored = {request.prompt: store.get(key_of(request)) for request in requests}
             assert store.corrupt_dropped == 0
         finally:
             store.close()
@@ -234,7 +235,7 @@ class TestPlainWorkers:
         Redis restart. Simulated here by popping the queued message; the gateway requeues it."""
         stack = plain_stack
         busy = [slow_request(stack, f"keeps worker {i} busy while a task is lost", seconds=5) for i in range(2)]
-        runs = [TaskRuns(stack.redis_url, request.cache_key()) for request in busy]
+        runs = [TaskRuns(stack.redis_url, key_of(request)) for request in busy]
         blockers = [in_thread(lambda r=r: ask(stack, r)) for r in busy]
         try:
             for watcher in runs:
@@ -247,11 +248,11 @@ class TestPlainWorkers:
         broker = redis.Redis.from_url(stack.redis_url)
         wait_for(lambda: broker.llen("sdgate") == 1, 20, "the task waiting in the queue")
         raw = broker.rpop("sdgate")
-        assert f"sdgate-{lost.cache_key()}".encode() in raw
+        assert f"sdgate-{key_of(lost)}".encode() in raw
         lost_at = time.monotonic()
         client.join(90)
         assert "reply" in outcome, f"the client got {outcome.get('error')!r}, not its image"
-        assert outcome["reply"].meta["key"] == lost.cache_key()
+        assert outcome["reply"].meta["key"] == key_of(lost)
         print(f"\n[lost task] requeued and served {time.monotonic() - lost_at:.1f} s after the broker lost it")
         for thread, result in blockers:
             thread.join(60)
@@ -266,7 +267,7 @@ class TestPlainWorkers:
         cached_before = cache_entries(stack)
         # 1. Three slow misses in flight: two generating (two workers), one queued behind them.
         slow = [slow_request(stack, f"in flight {i} when redis gets {name}", seconds=4) for i in range(3)]
-        runs = TaskRuns(stack.redis_url, slow[0].cache_key())
+        runs = TaskRuns(stack.redis_url, key_of(slow[0]))
         clients = [in_thread(lambda r=r: ask(stack, r, timeout=stack.gateway.request_timeout_s + 30)) for r in slow]
         runs.wait_started(60)
         runs.close()
@@ -296,14 +297,14 @@ class TestPlainWorkers:
         with conn:
             reply = read_until_image(conn, timeout=stack.gateway.request_timeout_s + 10)
         print(f"[redis {name}] and rendered {time.monotonic() - back:.1f} s after")
-        assert reply.meta["key"] == fresh.cache_key()
+        assert reply.meta["key"] == key_of(fresh)
 
         # 4. Every in-flight client got its image or a clear retryable error; none hung.
         for (thread, outcome), request in zip(clients, slow):
             thread.join(stack.gateway.request_timeout_s + 40)
             assert not thread.is_alive(), "an in-flight client hung"
             if "reply" in outcome:
-                assert outcome["reply"].meta["key"] == request.cache_key()
+                assert outcome["reply"].meta["key"] == key_of(request)
             else:
                 error = outcome["error"]
                 assert isinstance(error, ProtocolError) and error.code in protocol.RETRYABLE_CODES, repr(error)
@@ -332,7 +333,7 @@ class TestPlainWorkers:
             reply = read_until_image(conn, timeout=60)
         rendered = time.monotonic() - back
         print(f"\n[redis down {LONG_OUTAGE_S} s] a new miss rendered {rendered:.1f} s after Redis came back")
-        assert reply.meta["key"] == fresh.cache_key()
+        assert reply.meta["key"] == key_of(fresh)
         assert rendered < 10, f"rendered {rendered:.1f} s after Redis came back"
 
 
@@ -403,7 +404,7 @@ from tests.integration.test_faults import burst_png, burst_request
 store = SQLiteImageStore(Path(sys.argv[1]), max_bytes={1 << 30})
 start, count = int(sys.argv[2]), int(sys.argv[3])
 for index in range(start, start + count):
-    key = burst_request(index).cache_key()
+    key = key_of(burst_request(index))
     store.put(key, burst_png(index), {{"key": key, "burst": index}})
     print(index, flush=True)  # committed
 """
@@ -433,7 +434,7 @@ class TestRayWorkers:
         assert boot.generate(warm).png  # its connection is open now
         idle = connect(stack)
         slow = slow_request(stack, "in flight when the gateway replica dies", seconds=8)
-        runs = TaskRuns(stack.redis_url, slow.cache_key())
+        runs = TaskRuns(stack.redis_url, key_of(slow))
         try:
             client, outcome = in_thread(lambda: boot.generate(slow))
             runs.wait_started(60)
@@ -466,7 +467,7 @@ class TestRayWorkers:
             with capsys.disabled():
                 print(f"[gateway kill] replica {old} -> {new}; served again {time.monotonic() - killed:.1f} s "
                       "after the kill")
-            assert reply.meta["key"] == slow.cache_key()
+            assert reply.meta["key"] == key_of(slow)
             assert len(runs.started()) == 1, "the new replica joined the running task instead of rendering again"
         finally:
             runs.close()

@@ -184,7 +184,7 @@ def test_sdgate_stats_prints_the_counters(stack):
 
 def test_down_stops_exactly_what_up_started(stack):
     groups = dict(stack._load()["processes"])
-    assert {"redis", "ray", "worker-0"} <= set(groups)
+    assert {"redis", "ray", "worker-tiny-0"} <= set(groups)
     bystander = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"], start_new_session=True)
     try:
         stack.down(log=lambda *_: None)

@@ -14,6 +14,8 @@ from PIL import Image
 from client.protocol import E_INVALID_REQUEST, GenerationRequest
 from celery_bridge.contract import GenerationResult
 from celery_bridge.producer import GenerationProducer, new_task_id
+from celery_bridge.models import queue_for
+from tests.resolve import key_of, resolved
 from tests.integration.conftest import PlainWorker, celery_config, deploy, service_env
 
 pytestmark = pytest.mark.integration
@@ -47,11 +49,11 @@ def producer(request):
 def render(producer: GenerationProducer, payload) -> GenerationResult:
     """Submit a raw payload (valid or not) the way the gateway does and wait for the result."""
     request = payload if isinstance(payload, GenerationRequest) else None
-    key = request.cache_key() if request else "0" * 64
+    key = key_of(request) if request else "0" * 64
     task_id = new_task_id(key)
     future = producer.watch(task_id)
-    args = [request.normalized().to_dict()] if request else [payload]
-    producer.app.send_task("sdgate.generate", args=args, task_id=task_id, queue=producer.config.queue)
+    args = [resolved(request).normalized().to_dict()] if request else [payload]
+    producer.app.send_task("sdgate.generate", args=args, task_id=task_id, queue=queue_for(producer.config.queue, "tiny"))
     return future.result(timeout=RESULT_TIMEOUT)
 
 
@@ -86,7 +88,8 @@ def test_invalid_request_is_a_clear_error_and_worker_keeps_serving(producer):
 
 
 def test_a_model_the_worker_does_not_run_is_refused(producer):
-    result = render(producer, GenerationRequest("other model", model="someone/other-model"))
+    other = GenerationRequest("other model").with_defaults("someone/other-model", 64, 64, 2, 7.5, "default")
+    result = render(producer, other.normalized().to_dict())
     assert not result.ok and result.error_code == E_INVALID_REQUEST and result.error_field == "model"
     assert "tiny" in result.error_message
 

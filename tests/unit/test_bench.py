@@ -17,6 +17,7 @@ import pytest
 from bench.floor_server import FloorServer
 from client import protocol
 from client.protocol import GenerationRequest, ProtocolError
+from tests.resolve import key_of
 from serve_app.store import SQLiteImageStore
 from tests.services import REPO
 
@@ -25,13 +26,13 @@ def test_floor_server_sends_the_stored_png_and_refuses_misses(tmp_path):
     store = SQLiteImageStore(tmp_path / "images.db", max_bytes=1 << 20)
     hit = GenerationRequest("a stored image", seed=1)
     png = b"\x89PNG\r\n\x1a\n" + bytes(range(256)) * 40
-    store.put(hit.cache_key(), png, {"key": hit.cache_key()})
+    store.put(key_of(hit), png, {"key": key_of(hit)})
     server = FloorServer(0, store)
     threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.1}, daemon=True).start()
     try:
         with socket.create_connection(server.server_address, timeout=10) as conn:
             reply = protocol.exchange(conn, hit, timeout=10)
-            assert reply.png == png and reply.meta["key"] == hit.cache_key()
+            assert reply.png == png and reply.meta["key"] == key_of(hit)
             with pytest.raises(ProtocolError) as refused:
                 protocol.exchange(conn, GenerationRequest("never stored"), timeout=10)
             assert "not cached" in refused.value.message

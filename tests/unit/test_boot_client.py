@@ -38,13 +38,21 @@ def tiny_png(width: int = 2, height: int = 2) -> bytes:
 
 
 PNG = tiny_png()
+LISTING = {"object": "list", "data": [
+    {"id": "tiny", "object": "model", "default": True, "live_workers": 1,
+     "defaults": {"width": 64, "height": 64, "steps": 2, "scheduler": "default", "guidance_scale": 7.5},
+     "limits": {"max_side": 2048, "max_steps": 150}},
+    {"id": "sd15\x1b[31m", "object": "model", "default": False, "live_workers": 0,
+     "defaults": {"width": 512, "height": 512, "steps": 25, "scheduler": "dpm++", "guidance_scale": 7.0},
+     "limits": {"max_side": 1024, "max_steps": 60}}]}
 # handler(conn, request, token, number of this request) -> False to close the connection.
 Handler = Callable[[socket.socket, GenerationRequest, Optional[str], int], Optional[bool]]
 
 
 def send_image(conn: socket.socket, request: GenerationRequest) -> None:
-    normalized = request.normalized()
-    meta = {"key": request.cache_key(), "seed": normalized.seed, "model": normalized.model,
+    # What a gateway does: fill the model and its defaults (this fake server's catalogue is tiny's).
+    normalized = request.with_defaults(request.model or "tiny", 64, 64, 2, 7.5, "default").normalized()
+    meta = {"key": normalized.cache_key(), "seed": normalized.seed, "model": normalized.model,
             "width": normalized.width, "height": normalized.height, "steps": normalized.steps}
     conn.sendall(protocol.encode_image(meta, PNG))
 
@@ -92,6 +100,9 @@ class FakeServer:
             while not self.stopped.is_set():
                 try:
                     frame = protocol.read_frame(conn, frame_timeout=5, idle_timeout=30)
+                    if frame.kind == protocol.LIST_MODELS:
+                        conn.sendall(protocol.encode_models(LISTING))
+                        continue
                     request, token = protocol.decode_request(frame)
                 except (ConnectionClosed, ProtocolError, OSError):
                     return
@@ -141,7 +152,7 @@ def test_one_shot_saves_the_png_and_prints_only_its_path(serve, tmp_path):
     out = tmp_path / "images"
     result = run_boot("A Red Fox, in the snow!", port=server.port, out=out)
     assert result.returncode == 0, result.stderr
-    key = GenerationRequest("A Red Fox, in the snow!").cache_key()
+    key = GenerationRequest("A Red Fox, in the snow!").with_defaults("tiny", 64, 64, 2, 7.5, "default").cache_key()
     expected = out / f"a-red-fox-in-the-snow-{key[:12]}.png"
     assert result.stdout == f"{expected}\n"
     assert expected.read_bytes() == PNG
@@ -159,6 +170,25 @@ def test_statuses_and_elapsed_time_go_to_stderr_as_plain_lines(serve, tmp_path):
     assert queued < generating and lines[queued].rstrip().endswith(" s)")
     assert "\r" not in result.stderr  # not a TTY: no redrawn line
     assert "done in" in result.stderr
+
+
+def test_the_client_names_no_model_and_no_defaults_unless_asked(serve, tmp_path):
+    server = serve()
+    result = run_boot("a red fox", port=server.port, out=tmp_path / "out")
+    assert result.returncode == 0, result.stderr
+    sent = server.requests[0][0]
+    assert (sent.model, sent.width, sent.height, sent.steps, sent.guidance_scale, sent.scheduler) == (None,) * 6
+
+
+def test_models_flag_prints_what_the_server_offers(serve, tmp_path):
+    server = serve()
+    result = run_boot("--models", port=server.port, out=tmp_path / "out")
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert lines[0].startswith("tiny (default): 1 live worker(s); defaults 64x64, 2 steps")
+    assert lines[1].startswith("sd15[31m: 0 live worker(s); defaults 512x512, 25 steps, dpm++, guidance 7.0")
+    assert "\x1b" not in result.stdout  # text from the network never reaches the terminal raw
+    assert "side <= 1024, steps <= 60" in lines[1] and not server.requests
 
 
 def test_flags_build_the_request_and_the_token_comes_from_the_environment(serve, tmp_path):
@@ -270,7 +300,7 @@ def test_interactive_saves_an_image_and_exits(serve, tmp_path):
     server = serve()
     result = run_boot(port=server.port, out=tmp_path / "out", stdin="a cat\nexit\n")
     assert result.returncode == 0, result.stderr
-    key = GenerationRequest("a cat").cache_key()
+    key = GenerationRequest("a cat").with_defaults("tiny", 64, 64, 2, 7.5, "default").cache_key()
     assert result.stdout == f"{tmp_path / 'out' / f'a-cat-{key[:12]}.png'}\n"
     assert Path(result.stdout.strip()).read_bytes() == PNG
 

@@ -38,14 +38,26 @@ def test_serve_yaml_renders_and_passes_the_serve_schema():
     config = render_serve_config(CONFIGS / "serve.yaml", {"SDGATE_TOKEN": "secret", "SDGATE_REDIS_URL":
                                                           "redis://head:6379/0", "SDGATE_REDIS_PASSWORD": "pw"})
     apps = {app["name"]: app for app in config["applications"]}
-    assert "secret" not in str(apps["gateway"]["args"]) and "pw" not in str(apps["workers"]["args"])
-    workers = apps["workers"]["deployments"][0]
+    assert "secret" not in json.dumps(config) and ":pw@" not in json.dumps(config), "no secret in the Serve config"
+    workers = apps["workers-tiny"]["deployments"][0]
     assert workers["ray_actor_options"]["num_gpus"] == 1
     policy = workers["autoscaling_config"]["policy"]
     assert policy["policy_function"] == "celery_bridge.autoscaling:WorkerLoadPolicy"
-    assert policy["policy_kwargs"]["broker_url"] == "redis://:pw@head:6379/0"
+    assert policy["policy_kwargs"]["queue_name"] == "sdgate.tiny"
     gateway_policy = apps["gateway"]["deployments"][0]["autoscaling_config"]["policy"]["policy_function"]
     assert gateway_policy == "serve_app.autoscaling:gateway_load_policy"
+
+
+def test_serve_yaml_has_a_workers_application_per_catalogued_model_on_its_own_queue():
+    from celery_bridge.models import load_catalogue, queue_for
+
+    config = render_serve_config(CONFIGS / "serve.yaml", {"SDGATE_REDIS_URL": "redis://head:6379/0"})
+    apps = {app["name"]: app for app in config["applications"]}
+    for model in load_catalogue(CONFIGS / "models.yaml").names:
+        app = apps[f"workers-{model}"]
+        assert app["args"]["worker"]["model"] == model
+        policy = app["deployments"][0]["autoscaling_config"]["policy"]["policy_kwargs"]
+        assert policy["queue_name"] == queue_for(app["args"].get("celery", {}).get("queue", "sdgate"), model)
 
 
 def test_serve_yaml_with_an_unset_variable_is_refused(tmp_path):

@@ -8,6 +8,7 @@ import pytest
 import torch
 from PIL import Image
 
+from tests.resolve import resolved
 from client.protocol import SCHEDULERS, GenerationRequest
 from celery_bridge.config import WorkerConfig
 from celery_bridge.pipeline import GenerationTimeout, ModelLoadError, PipelineRunner, a1111_parameters
@@ -40,7 +41,7 @@ def test_render_gives_png_of_the_size_with_parameters(runner, width, height):
     image = open_png(runner.render(request))
     assert image.size == (width, height)
     text = image.info["parameters"]
-    assert text == image.text["parameters"] == a1111_parameters(request.normalized())
+    assert text == image.text["parameters"] == a1111_parameters(runner.resolve(request))
     assert text.startswith("a red fox\n") and "Steps: 2," in text and "Seed: 9," in text
     assert f"Size: {width}x{height}," in text and text.endswith("Model: tiny")
     assert "Negative prompt" not in text
@@ -49,10 +50,10 @@ def test_render_gives_png_of_the_size_with_parameters(runner, width, height):
 
 def test_parameters_text_is_automatic1111s_format():
     request = GenerationRequest("a fox", negative_prompt="Blurry,  dark", steps=2, seed=123, scheduler="euler_a")
-    assert a1111_parameters(request.normalized()) == (
+    assert a1111_parameters(resolved(request).normalized()) == (
         "a fox\nNegative prompt: blurry, dark\n"
         "Steps: 2, Sampler: euler_a, CFG scale: 7.5, Seed: 123, Size: 64x64, Model: tiny")
-    assert a1111_parameters(GenerationRequest("a fox", seed=1).normalized()).count("\n") == 1
+    assert a1111_parameters(resolved(GenerationRequest("a fox", seed=1)).normalized()).count("\n") == 1
 
 
 def test_unicode_prompt_survives_into_the_png(runner):

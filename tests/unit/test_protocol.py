@@ -27,6 +27,7 @@ from client.protocol import (
     InvalidRequest,
     ProtocolError,
 )
+from tests.resolve import key_of, resolved
 
 REPO = Path(__file__).resolve().parents[2]
 KINDS = sorted(MAX_PAYLOAD)
@@ -155,7 +156,7 @@ def test_receiver_side_cap_refuses_kinds_it_does_not_accept(pair):
     (header(protocol.REQUEST, 0, version=2), protocol.E_UNSUPPORTED_VERSION),
     (header(protocol.REQUEST, 0, version=255), protocol.E_UNSUPPORTED_VERSION),
     (header(0, 0), protocol.E_BAD_FRAME),
-    (header(5, 0), protocol.E_BAD_FRAME),
+    (header(7, 0), protocol.E_BAD_FRAME),
     (header(255, 2**32 - 1), protocol.E_BAD_FRAME),
 ])
 def test_bad_header_gives_its_code(pair, raw, code):
@@ -184,10 +185,12 @@ def test_payload_that_is_not_utf8_json_is_bad_frame(pair, kind, payload):
     a, b = pair
     if kind == protocol.IMAGE:  # the metadata is the JSON part
         payload = protocol.IMAGE_META_LEN.pack(len(payload)) + payload + b"png"
+    payload = payload[:MAX_PAYLOAD[kind]]
     a.sendall(protocol.encode_frame(kind, payload))
     frame = read(b)
     decode = {protocol.REQUEST: protocol.decode_request, protocol.STATUS: Frame.json,
-              protocol.IMAGE: protocol.decode_image, protocol.ERROR: Frame.json}[kind]
+              protocol.IMAGE: protocol.decode_image, protocol.ERROR: Frame.json, protocol.LIST_MODELS: Frame.json,
+              protocol.MODELS: Frame.json}[kind]
     raises_code(protocol.E_BAD_FRAME, decode, frame)
 
 
@@ -346,7 +349,7 @@ def test_fuzz_request_decoder_gives_a_valid_request_or_a_protocol_error(body):
     request.validate()
     assert token is None or isinstance(token, str)
     assert GenerationRequest.from_dict(request.to_dict()) == request
-    assert len(request.cache_key()) == 64
+    assert len(request.with_defaults("tiny", 64, 64, 2, 7.5, "default").cache_key()) == 64
 
 
 # ---------------------------------------------------------------------------------------------
@@ -389,7 +392,7 @@ BAD_FIELDS = [
     ("seed", False, "integer"),
     ("scheduler", "warp", "not one of"),
     ("scheduler", "DDIM", "not one of"),
-    ("scheduler", None, "not one of"),
+    ("scheduler", 5, "not one of"),
     ("model", "", "non-empty"),
     ("model", 5, "non-empty"),
     ("model", "../../etc passwd", "A-Z"),
@@ -438,13 +441,13 @@ def changed_value(field: dataclasses.Field, value):
         return value + " under a full moon"
     if field.type in ("int", "Optional[int]"):
         return value + (8 if field.name in ("width", "height") else 1)
-    if field.type == "float":
+    if field.type in ("float", "Optional[float]"):
         return value + 0.5
     pytest.fail(f"no rule to change GenerationRequest.{field.name} ({field.type}): add one here, and make sure "
                 "the field is part of cache_key()")
 
 
-@pytest.mark.parametrize("base", [BASE, GenerationRequest("a red fox")], ids=["explicit", "defaults"])
+@pytest.mark.parametrize("base", [BASE, resolved(GenerationRequest("a red fox"))], ids=["explicit", "defaults"])
 def test_changing_any_field_changes_the_cache_key(base):
     explicit = BASE  # values to change from when `base` leaves a field to its default
     keys = {"base": base.cache_key()}
@@ -458,26 +461,42 @@ def test_changing_any_field_changes_the_cache_key(base):
 
 
 def test_normalisation_does_not_change_the_key():
-    key = GenerationRequest("a red fox", negative_prompt="blurry", seed=1).cache_key()
-    assert GenerationRequest("  A   Red\tFOX\n", negative_prompt=" BLURRY ", seed=1).cache_key() == key
-    assert GenerationRequest("a red fox", guidance_scale=7).cache_key() == \
-        GenerationRequest("a red fox", guidance_scale=7.0).cache_key()
-    assert GenerationRequest("a red fox", guidance_scale=-0.0).cache_key() == \
-        GenerationRequest("a red fox", guidance_scale=0).cache_key()
+    key = key_of(GenerationRequest("a red fox", negative_prompt="blurry", seed=1))
+    assert key_of(GenerationRequest("  A   Red\tFOX\n", negative_prompt=" BLURRY ", seed=1)) == key
+    assert key_of(GenerationRequest("a red fox", guidance_scale=7)) == \
+        key_of(GenerationRequest("a red fox", guidance_scale=7.0))
+    assert key_of(GenerationRequest("a red fox", guidance_scale=-0.0)) == \
+        key_of(GenerationRequest("a red fox", guidance_scale=0))
 
 
 def test_defaults_and_the_derived_seed_give_the_same_key_as_explicit_values():
-    implicit = GenerationRequest("a red fox")
+    implicit = resolved(GenerationRequest("a red fox"))
     normalized = implicit.normalized()
-    assert (normalized.width, normalized.height, normalized.steps) == (64, 64, 2)
-    explicit = GenerationRequest("a red fox", width=64, height=64, steps=2, seed=normalized.seed)
+    assert (normalized.width, normalized.height, normalized.steps, normalized.model) == (64, 64, 2, "tiny")
+    explicit = GenerationRequest("a red fox", width=64, height=64, steps=2, seed=normalized.seed, model="tiny",
+                                 guidance_scale=7.5, scheduler="default")
     assert explicit.cache_key() == implicit.cache_key() == normalized.cache_key()
     assert normalized.normalized() == normalized
-    assert GenerationRequest("a red fox", seed=(normalized.seed + 1) % 2**32).cache_key() != implicit.cache_key()
+    assert key_of(GenerationRequest("a red fox", seed=(normalized.seed + 1) % 2**32)) != implicit.cache_key()
+
+
+def test_the_key_never_depends_on_what_the_client_left_out():
+    """The client sends no model and no defaults; only the filled request is keyed."""
+    bare = GenerationRequest("a red fox")
+    assert bare.model is None and bare.to_dict()["model"] is None  # nothing hard-coded on the client side
+    for name in protocol.RESOLVED_FIELDS:
+        left_out = dataclasses.replace(resolved(bare), **{name: None})
+        with pytest.raises(InvalidRequest) as caught:
+            left_out.cache_key()
+        assert caught.value.field == name and "fill" in caught.value.message
+    spelled_out = GenerationRequest("a red fox", model="tiny", width=64, height=64, steps=2, guidance_scale=7.5,
+                                    scheduler="default")
+    assert key_of(bare) == key_of(spelled_out) == spelled_out.cache_key()
+    assert bare.with_defaults("other", 512, 512, 25, 7.0, "ddim").cache_key() != key_of(bare)
 
 
 def test_key_and_seed_follow_the_documented_definition():
-    request = GenerationRequest("  A Red  Fox ", guidance_scale=7)
+    request = resolved(GenerationRequest("  A Red  Fox ", guidance_scale=7))
     fields = {"prompt": "a red fox", "negative_prompt": "", "width": 64, "height": 64, "steps": 2,
               "guidance_scale": 7.0, "scheduler": "default", "model": "tiny"}
 
@@ -491,11 +510,11 @@ def test_key_and_seed_follow_the_documented_definition():
 
 def test_derived_seed_is_stable_across_calls_and_processes():
     prompts = ["stable seed", "another prompt", "ünïcödé prompt"]
-    here = [GenerationRequest(p).normalized().seed for p in prompts]
-    assert here == [GenerationRequest(p).normalized().seed for p in prompts]
+    here = [resolved(GenerationRequest(p)).normalized().seed for p in prompts]
+    assert here == [resolved(GenerationRequest(p)).normalized().seed for p in prompts]
     assert len(set(here)) == len(here) and all(0 <= seed <= protocol.MAX_SEED for seed in here)
     code = ("import sys; from client.protocol import GenerationRequest as G; "
-            "print([G(p).normalized().seed for p in sys.argv[1:]])")
+            "print([G(p).with_defaults('tiny', 64, 64, 2, 7.5, 'default').normalized().seed for p in sys.argv[1:]])")
     there = subprocess.run([sys.executable, "-c", code, *prompts], cwd=REPO, capture_output=True, text=True,
                            check=True, env={"PYTHONHASHSEED": "12345", "PYTHONPATH": str(REPO)})
     assert json.loads(there.stdout) == here

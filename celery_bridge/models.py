@@ -1,0 +1,183 @@
+"""The model catalogue (configs/models.yaml): which models the service offers, where each one's
+weights are, its request defaults and limits, and the Celery queue that carries its work.
+
+Read by the gateway (to fill and check requests) and by workers (to find the weights of the one
+model they serve). Pydantic, like Ray Serve's own schema: a typo or a wrong type is an error that
+names the entry, never a silent default.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, List, Optional
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from client import protocol
+from celery_bridge.config import config_dir
+
+MODELS_FILE_ENV = "SDGATE_MODELS_FILE"
+SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt")
+EMBEDDED = "tiny"
+
+
+class CatalogueError(ValueError):
+    """configs/models.yaml (or $SDGATE_MODELS_FILE) is missing or wrong; the message says where."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+
+
+class ModelDefaults(_Strict):
+    """What a request that leaves a field out gets for this model."""
+
+    width: int = 512
+    height: int = 512
+    steps: int = 25
+    scheduler: str = "default"
+    guidance_scale: float = Field(default=7.5, strict=False)  # `7` in YAML is a fine float
+
+    @field_validator("scheduler")
+    @classmethod
+    def _known_scheduler(cls, value: str) -> str:
+        if value not in protocol.SCHEDULERS:
+            raise ValueError(f"{value!r} is not one of {', '.join(protocol.SCHEDULERS)}")
+        return value
+
+
+class ModelLimits(_Strict):
+    """The largest request this model accepts (tighter than the protocol's own bounds)."""
+
+    max_side: int = Field(default=1024, ge=protocol.MIN_SIDE, le=protocol.MAX_SIDE)
+    max_steps: int = Field(default=50, ge=protocol.MIN_STEPS, le=protocol.MAX_STEPS)
+
+
+class ModelEntry(_Strict):
+    """One model: its name on the wire, its weights, defaults and limits."""
+
+    name: str
+    # `tiny` (embedded, built offline), a local diffusers folder, a single .safetensors/.ckpt file,
+    # or a hub id (only where the machine may reach the hub).
+    source: str
+    # For single-file checkpoints: a local folder with the pipeline's configs (model_index.json and
+    # each component's config; no weights needed), so nothing is downloaded.
+    config: Optional[str] = None
+    defaults: ModelDefaults = ModelDefaults()
+    limits: ModelLimits = ModelLimits()
+    workers: Optional[int] = Field(default=None, ge=0)  # `sdgate up` workers; None: local.yaml's `workers`
+    # A Ray workers application adds a worker for this model when its queue fills (min_replicas 0):
+    # with no live worker, requests queue instead of failing fast with `unavailable`.
+    scale_from_zero: bool = False
+
+    @field_validator("name")
+    @classmethod
+    def _wire_name(cls, value: str) -> str:
+        protocol.check_model_name(value)
+        return value
+
+    @model_validator(mode="after")
+    def _defaults_within_limits(self) -> "ModelEntry":
+        d, lim = self.defaults, self.limits
+        if max(d.width, d.height) > lim.max_side or d.steps > lim.max_steps:
+            raise ValueError(f"defaults {d.width}x{d.height}, {d.steps} steps exceed the limits "
+                             f"(max_side {lim.max_side}, max_steps {lim.max_steps})")
+        if d.width % 8 or d.height % 8:
+            raise ValueError(f"default size {d.width}x{d.height} must be multiples of 8")
+        return self
+
+    def fill(self, request: protocol.GenerationRequest) -> protocol.GenerationRequest:
+        """`request` naming this model, with this model's defaults in every field it left out."""
+        d = self.defaults
+        return request.with_defaults(self.name, d.width, d.height, d.steps, d.guidance_scale, d.scheduler)
+
+    @property
+    def kind(self) -> str:
+        """embedded | folder | single_file | hub."""
+        if self.source == EMBEDDED:
+            return "embedded"
+        if self.source.lower().endswith(SINGLE_FILE_SUFFIXES):
+            return "single_file"
+        path = Path(self.source).expanduser()
+        if path.is_dir() or self.source.startswith(("/", ".", "~")):
+            return "folder"
+        return "hub"
+
+
+class Catalogue(_Strict):
+    """Every model offered, and the one a request gets when it names none."""
+
+    default: str
+    models: List[ModelEntry]
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "Catalogue":
+        names = [entry.name for entry in self.models]
+        if not names:
+            raise ValueError("lists no models; add at least one entry under `models`")
+        if len(set(names)) != len(names):
+            raise ValueError(f"model names must be unique, got {names}")
+        if self.default not in names:
+            raise ValueError(f"default {self.default!r} is not one of the models {names}")
+        return self
+
+    @property
+    def names(self) -> List[str]:
+        return [entry.name for entry in self.models]
+
+    def get(self, name: Optional[str]) -> Optional[ModelEntry]:
+        """The entry for `name` (None: the default model), or None if it is not catalogued."""
+        name = self.default if name is None else name
+        return next((entry for entry in self.models if entry.name == name), None)
+
+    def fill(self, request: protocol.GenerationRequest) -> protocol.GenerationRequest:
+        """`request` filled from its model's entry (the default model if it names none); KeyError
+        for a model not catalogued. The gateway adds the limits check (serve_app/catalogue.py)."""
+        entry = self.get(request.model)
+        if entry is None:
+            raise KeyError(f"model {request.model!r} is not one of {self.names}")
+        return entry.fill(request)
+
+
+def models_file() -> Path:
+    """$SDGATE_MODELS_FILE, else models.yaml in the config folder."""
+    return Path(os.environ.get(MODELS_FILE_ENV) or config_dir() / "models.yaml").expanduser()
+
+
+def load_catalogue(path: Optional[Path] = None) -> Catalogue:
+    """The catalogue from `path` (default: models_file()); raises CatalogueError saying what is wrong."""
+    path = Path(path) if path is not None else models_file()
+    try:
+        data: Any = yaml.safe_load(path.read_text())
+    except OSError as exc:
+        raise CatalogueError(f"cannot read the model catalogue {path}: {exc.strerror or exc}; create it (see "
+                             f"configs/models.yaml) or point {MODELS_FILE_ENV} at one") from None
+    except yaml.YAMLError as exc:
+        raise CatalogueError(f"{path} is not valid YAML: {exc}") from None
+    return catalogue_from_dict(data, str(path))
+
+
+def catalogue_from_dict(data: Any, where: str = "the model catalogue") -> Catalogue:
+    try:
+        return Catalogue.model_validate(data)
+    except ValidationError as exc:
+        problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'top level'}: {e['msg']}" for e in exc.errors())
+        raise CatalogueError(f"{where} is invalid: {problems}") from None
+
+
+def queue_for(base_queue: str, model: str) -> str:
+    """The Celery queue of `model`'s work: one per model, so a worker takes only what it can render."""
+    return f"{base_queue}.{model}"
+
+
+# Per-model counters sit in the cluster-wide counter hash (serve_app/stats.py reads it) as
+# `models:<model>:<counter>`; model names cannot contain ':'.
+STATS_KEY = "sdgate:stats"
+MODEL_COUNTER_PREFIX = "models:"
+
+
+def model_counter(model: str, counter: str) -> str:
+    """The counter-hash field of `counter` for `model`."""
+    return f"{MODEL_COUNTER_PREFIX}{model}:{counter}"
