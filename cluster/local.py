@@ -12,6 +12,7 @@ import json
 import os
 import shutil
 import socket
+import ssl
 import subprocess
 import sys
 import time
@@ -334,7 +335,8 @@ class LocalStack:
             raise StackError(f"deploying the Serve applications failed: {result.stderr.strip()[-1500:]}")
 
     def _render_probe(self) -> bool:
-        with socket.create_connection(("127.0.0.1", self.gateway.socket_port), timeout=5) as conn:
+        with socket.create_connection(("127.0.0.1", self.gateway.socket_port), timeout=5) as plain:
+            conn = _loopback_tls().wrap_socket(plain) if self.gateway.tls_certfile else plain
             # Names no model: the gateway fills in the catalogue's default, as it does for a plain client.
             reply = protocol.exchange(conn, GenerationRequest("sdgate startup probe"), token=self.gateway.auth_token,
                                       timeout=60)
@@ -492,3 +494,11 @@ def _reap(pgid: int) -> None:
             pass
     except ChildProcessError:
         pass
+
+
+def _loopback_tls() -> ssl.SSLContext:
+    """TLS to our own gateway over loopback: encrypted, and the peer is the process we just started."""
+    context = ssl.create_default_context()
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE
+    return context

@@ -8,6 +8,7 @@ import math
 import os
 import shutil
 import socket
+import ssl
 import sqlite3
 import tempfile
 import threading
@@ -59,9 +60,13 @@ def local_stack(mode: str = "celery", workers: int = 1, env: Optional[Dict[str, 
 
 
 def connect(stack: LocalStack, source: Optional[str] = None, timeout: float = 10) -> socket.socket:
-    """A socket to the gateway, optionally from another loopback address (the rate limit is per address)."""
-    return socket.create_connection(("127.0.0.1", stack.gateway.socket_port), timeout=timeout,
+    """A socket to the gateway, optionally from another loopback address (the rate limit is per address);
+    TLS, trusting the stack's own certificate, when the stack has one."""
+    conn = socket.create_connection(("127.0.0.1", stack.gateway.socket_port), timeout=timeout,
                                     source_address=(source, 0) if source else None)
+    if not stack.gateway.tls_certfile:
+        return conn
+    return ssl.create_default_context(cafile=stack.gateway.tls_certfile).wrap_socket(conn, server_hostname="127.0.0.1")
 
 
 def ask(stack: LocalStack, request: GenerationRequest, token: Optional[str] = None, timeout: float = 120,
