@@ -37,19 +37,32 @@ from serve_app.store import ImageStore
 
 log = logging.getLogger(__name__)
 CLAIM_PREFIX = "sdgate:claim:"
+ALIVE_PREFIX = "sdgate:claim-alive:"  # the claimer's heartbeat: a short lease it renews while its flight lives
 StatusCallback = Callable[[str], None]
 
-# Deletes the claim only if it still names our task, so a late finisher never frees a newer claim.
-_RELEASE_CLAIM = """
-if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('del', KEYS[1]) end
-return 0
+# A claim is two keys: KEYS[1] names the task for as long as a flight may live (ARGV[3] s), so a
+# request arriving after its claimer died still joins the running task; KEYS[2] is the claimer's
+# heartbeat (ARGV[2] ms). Joiners take over a claim whose heartbeat lapsed.
+# Claim: returns {1, id} when we won, else {0, the id that holds it}.
+_CLAIM = """
+if redis.call('set', KEYS[1], ARGV[1], 'NX', 'EX', ARGV[3]) then
+  redis.call('set', KEYS[2], ARGV[1], 'PX', ARGV[2])
+  return {1, ARGV[1]}
+end
+return {0, redis.call('get', KEYS[1])}
 """
-# Extends our lease (ARGV[2] ms) if the claim still names our task; takes it back if it lapsed.
-# Returns 1 when the claim is ours afterwards, 0 when another task holds it.
+# Renew (or, with the heartbeat lapsed, take over) the claim for task ARGV[1]: 1 if it is ours now.
 _RENEW_CLAIM = """
 local current = redis.call('get', KEYS[1])
-if current == ARGV[1] then redis.call('pexpire', KEYS[1], ARGV[2]) return 1 end
-if not current then redis.call('set', KEYS[1], ARGV[1], 'PX', ARGV[2]) return 1 end
+if current and current ~= ARGV[1] then return 0 end
+if ARGV[4] == 'takeover' and redis.call('exists', KEYS[2]) == 1 then return 0 end
+redis.call('set', KEYS[1], ARGV[1], 'EX', ARGV[3])
+redis.call('set', KEYS[2], ARGV[1], 'PX', ARGV[2])
+return 1
+"""
+# Deletes the claim only if it still names our task, so a late finisher never frees a newer claim.
+_RELEASE_CLAIM = """
+if redis.call('get', KEYS[1]) == ARGV[1] then redis.call('del', KEYS[2]) return redis.call('del', KEYS[1]) end
 return 0
 """
 
@@ -136,6 +149,7 @@ class FrontService:
         self._redis: redis.Redis = producer.redis
         self._release_claim = self._redis.register_script(_RELEASE_CLAIM)
         self._renew_claim = self._redis.register_script(_RENEW_CLAIM)
+        self._claim_script = self._redis.register_script(_CLAIM)
         self._flights: Dict[str, Flight] = {}
         self._flights_lock = threading.Lock()
         # Two small pools: cache reads (hits) never queue behind claims, submits and cache writes.
@@ -310,38 +324,39 @@ class FrontService:
         except Exception:  # noqa: BLE001 - logged; the flight is finished below whatever happened
             log.exception("completing the generation for %s failed", flight.key[:12])
         finally:
-            self._finish(flight, outcome)
+            self._finish(flight, outcome, task_done=True)
 
-    def _finish(self, flight: Flight, outcome: object) -> None:
-        """Every end of a flight: forget it, stop watching, free the claim, wake every waiter."""
+    def _finish(self, flight: Flight, outcome: object, task_done: bool = False) -> None:
+        """Every end of a flight: forget it, stop watching, free the claim, wake every waiter.
+
+        Once the task's result is in, its claim is freed whoever owns it (it names a finished task)."""
         try:
             with self._flights_lock:
                 if self._flights.get(flight.key) is flight:
                     del self._flights[flight.key]
             if flight.task_id and not isinstance(outcome, Answer):
                 self.producer.unwatch(flight.task_id)
-            if flight.owner and flight.task_id:
+            if (flight.owner or task_done) and flight.task_id:
                 self._release(flight.key, flight.task_id)
         finally:
             flight.finish(outcome)
 
     # -- claims ------------------------------------------------------------------------------------
 
+    def _claim_args(self, task_id: str, *extra: str) -> list:
+        return [task_id, int(self.config.claim_lease_s * 1000), int(self.config.flight_timeout_s) + 1, *extra]
+
     def _claim(self, key: str) -> Tuple[str, bool]:
-        claim_key = CLAIM_PREFIX + key
-        lease_ms = int(self.config.claim_lease_s * 1000)
         for _ in range(5):
-            task_id = new_task_id(key)
-            if self._redis.set(claim_key, task_id, nx=True, px=lease_ms):
-                return task_id, True
-            existing = self._redis.get(claim_key)
-            if existing is not None:
-                return existing.decode(), False
+            won, holder = self._claim_script(keys=[CLAIM_PREFIX + key, ALIVE_PREFIX + key],
+                                             args=self._claim_args(new_task_id(key)))
+            if holder is not None:
+                return (holder.decode() if isinstance(holder, bytes) else holder), bool(won)
         raise redis.RedisError("the claim for this key kept changing hands")
 
     def _release(self, key: str, task_id: str) -> None:
         try:
-            self._release_claim(keys=[CLAIM_PREFIX + key], args=[task_id])
+            self._release_claim(keys=[CLAIM_PREFIX + key, ALIVE_PREFIX + key], args=[task_id])
         except redis.RedisError as exc:
             log.warning("could not release claim %s (%s); it expires by itself", key[:12], exc)
 
@@ -361,7 +376,6 @@ class FrontService:
         now = time.monotonic()
         with self._flights_lock:
             flights = [f for f in self._flights.values() if f.task_id and not f.future.done()]
-        lease_ms = int(self.config.claim_lease_s * 1000)
         live = []
         for flight in flights:
             if now - flight.born > self.config.flight_timeout_s:
@@ -374,21 +388,23 @@ class FrontService:
         pipe = self._redis.pipeline(transaction=False)
         for flight in live:
             if flight.owner:
-                self._renew_claim(keys=[CLAIM_PREFIX + flight.key], args=[flight.task_id, lease_ms], client=pipe)
+                self._renew_claim(keys=[CLAIM_PREFIX + flight.key, ALIVE_PREFIX + flight.key],
+                                  args=self._claim_args(flight.task_id, "renew"), client=pipe)
             else:
-                pipe.get(CLAIM_PREFIX + flight.key)
+                pipe.exists(ALIVE_PREFIX + flight.key)
         for flight, reply in zip(live, pipe.execute()):
             if flight.owner:
                 if not reply:
-                    log.warning("claim for %s was taken over by another replica", flight.key[:12])
+                    log.warning("claim for %s is held by another task now", flight.key[:12])
                     flight.owner = False
-            elif reply is None and not flight.future.done():
-                self._take_over(flight, lease_ms)
+            elif not reply and not flight.future.done():
+                self._take_over(flight)
 
-    def _take_over(self, flight: Flight, lease_ms: int) -> None:
+    def _take_over(self, flight: Flight) -> None:
         """The claimer stopped renewing (it died): claim the same task, and queue it if it never was."""
-        if not self._redis.set(CLAIM_PREFIX + flight.key, flight.task_id, nx=True, px=lease_ms):
-            return  # another replica took over first; we keep waiting on the same task
+        if not self._renew_claim(keys=[CLAIM_PREFIX + flight.key, ALIVE_PREFIX + flight.key],
+                                 args=self._claim_args(flight.task_id, "takeover")):
+            return  # another replica took over first, or the key has a newer task; we keep waiting
         flight.owner = True
         if self.producer.task_known(flight.task_id, flight.request.model):
             log.warning("took over the claim for %s from a replica that stopped renewing it; task %s is "

@@ -157,10 +157,7 @@ class SocketFrontServer:
             try:
                 async with asyncio.timeout(self.config.frame_timeout_s):
                     kind, length = protocol.decode_header(first + await reader.readexactly(protocol.HEADER.size - 1))
-                    if length > ACCEPTED_PAYLOADS.get(kind, 0):
-                        if not length:
-                            raise ProtocolError(protocol.E_BAD_FRAME, "expected a REQUEST frame, got "
-                                                f"{protocol.FRAME_NAMES[kind]}")
+                    if length > ACCEPTED_PAYLOADS.get(kind, 0):  # an empty non-REQUEST is refused by decode_request
                         raise ProtocolError(protocol.E_FRAME_TOO_LARGE,
                                             f"{protocol.FRAME_NAMES[kind]} frame of {length} bytes is not accepted here")
                     frame = protocol.Frame(kind, await reader.readexactly(length))
