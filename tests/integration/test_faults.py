@@ -25,6 +25,7 @@ from client import protocol
 from client.protocol import GenerationRequest, ProtocolError
 from cluster.local import LocalStack, _reap, port_in_use
 from serve_app.store import SQLiteImageStore
+from celery_bridge.models import queue_for
 from tests.resolve import key_of
 from tests.integration.harness import (GATEWAY_REPLICA, WORKER_REPLICA, TaskRuns, ask, cache_entries,
                                        cache_integrity, cached_pngs, connect, healthz, local_stack, replica_pids,
@@ -246,8 +247,9 @@ class TestPlainWorkers:
         lost = GenerationRequest("a task the broker loses", seed=9)
         client, outcome = in_thread(lambda: ask(stack, lost, timeout=120))
         broker = redis.Redis.from_url(stack.redis_url)
-        wait_for(lambda: broker.llen("sdgate") == 1, 20, "the task waiting in the queue")
-        raw = broker.rpop("sdgate")
+        queue = queue_for("sdgate", "tiny")  # the default model's queue
+        wait_for(lambda: broker.llen(queue) == 1, 20, "the task waiting in the queue")
+        raw = broker.rpop(queue)
         assert f"sdgate-{key_of(lost)}".encode() in raw
         lost_at = time.monotonic()
         client.join(90)
@@ -401,6 +403,7 @@ import sys
 from pathlib import Path
 from serve_app.store import SQLiteImageStore
 from tests.integration.test_faults import burst_png, burst_request
+from tests.resolve import key_of
 store = SQLiteImageStore(Path(sys.argv[1]), max_bytes={1 << 30})
 start, count = int(sys.argv[2]), int(sys.argv[3])
 for index in range(start, start + count):
