@@ -25,6 +25,7 @@ from starlette.responses import JSONResponse
 from starlette.routing import Route
 
 from client.protocol import GenerationRequest
+from celery_bridge.models import load_catalogue
 from serve_app.store import SQLiteImageStore
 
 PATH = "/v1/images/generations"
@@ -32,10 +33,11 @@ PATH = "/v1/images/generations"
 
 def build_app(store: SQLiteImageStore) -> Starlette:
     """The one route: a hit answers 200 with the stored PNG, anything else 404 (the floor only serves hits)."""
+    catalogue = load_catalogue()  # keys requests as the gateway does
 
     async def generations(request: Request) -> JSONResponse:
         try:
-            generation = GenerationRequest.from_dict(json.loads(await request.body()))
+            generation = catalogue.fill(GenerationRequest.from_dict(json.loads(await request.body())))
         except (ValueError, TypeError) as exc:
             return JSONResponse({"error": {"message": f"bad request: {exc}"}}, status_code=400)
         cached = store.get(generation.cache_key())

@@ -72,9 +72,9 @@ def test_gpu_bench_smoke_runs_the_worker_path_on_its_own_model(tmp_path):
 def test_http_floor_server_sends_the_stored_png_in_the_images_api_shape(tmp_path):
     """The HTTP floor answers a hit exactly as the gateway's HTTP route would, and refuses misses."""
     store = SQLiteImageStore(tmp_path / "images.db", max_bytes=1 << 20)
-    hit = GenerationRequest("a stored image", seed=1)
+    key = key_of(GenerationRequest("a stored image", seed=1))
     png = b"\x89PNG\r\n\x1a\n" + bytes(range(256)) * 40
-    store.put(hit.cache_key(), png, {"key": hit.cache_key()})
+    store.put(key, png, {"key": key})
     store.close()
     server = subprocess.Popen([sys.executable, "-m", "bench.http_floor_server", "--db", str(tmp_path / "images.db"),
                                "--port", "0"], cwd=REPO, stdout=subprocess.PIPE, text=True)
@@ -91,7 +91,7 @@ def test_http_floor_server_sends_the_stored_png_in_the_images_api_shape(tmp_path
         assert response.status == 200
         answer = json.loads(response.read())
         assert base64.b64decode(answer["data"][0]["b64_json"]) == png
-        assert answer["sdgate"]["key"] == hit.cache_key()
+        assert answer["sdgate"]["key"] == key
         conn.request("POST", "/v1/images/generations", body=json.dumps({"prompt": "never stored"}))
         response = conn.getresponse()
         assert response.status == 404 and "not cached" in json.loads(response.read())["error"]["message"]
