@@ -165,8 +165,9 @@ class SocketFrontServer:
                 await self._send_error(writer, ProtocolError(
                     protocol.E_TIMEOUT, f"a frame must arrive within {self.config.frame_timeout_s:.0f} s"))
                 return
-            except asyncio.IncompleteReadError:
-                await self._send_error(writer, ProtocolError(protocol.E_BAD_FRAME, "the connection closed mid-frame"))
+            except asyncio.IncompleteReadError as exc:
+                await self._send_error(writer, ProtocolError(protocol.E_BAD_FRAME, "connection closed after "
+                                                             f"{len(exc.partial)} of {exc.expected} bytes"))
                 return
             except ProtocolError as exc:
                 await self._send_error(writer, exc)
