@@ -23,6 +23,7 @@ import redis
 from client import protocol
 from client.protocol import GenerationRequest
 from serve_app.front import CLAIM_PREFIX
+from tests.resolve import resolved
 from tests.integration.harness import GATEWAY_REPLICA, TaskRuns, ask, healthz, local_stack, replica_pids, wait_for
 from tests.services import REPO, free_port
 
@@ -188,7 +189,7 @@ def test_a_replica_sigkilled_right_after_its_claim_strands_no_joiner(stack, tmp_
                               stderr=open(tmp_path / "victim.log", "wb"), text=True)
     try:
         assert victim.stdout.readline().startswith("ready"), (tmp_path / "victim.log").read_text()
-        request = GenerationRequest(f"claimer killed {time.time()}", seed=7)
+        request = resolved(GenerationRequest(f"claimer killed {time.time()}", seed=7))
         runs = TaskRuns(stack.redis_url, request.cache_key())
         try:
             doomed = socket.create_connection(("127.0.0.1", port), timeout=30)

@@ -17,6 +17,8 @@ import redis
 
 from celery_bridge.config import CeleryConfig
 from celery_bridge.contract import GenerationResult
+from celery_bridge.models import load_catalogue, queue_for
+from celery_bridge.presence import Heartbeat
 from celery_bridge.producer import GenerationProducer
 from client import protocol
 from client.protocol import GenerationRequest, ProtocolError
@@ -24,6 +26,7 @@ from serve_app import stats
 from serve_app.config import GatewayConfig
 from serve_app.front import CLAIM_PREFIX, FrontService
 from serve_app.store import SQLiteImageStore
+from tests.resolve import resolved
 
 pytestmark = pytest.mark.integration
 PNG = b"\x89PNG\r\n\x1a\n" + b"test image"
@@ -40,6 +43,8 @@ class Cluster:
         self.config = GatewayConfig(**dict({"request_timeout_s": 20, "claim_lease_s": 0.6}, **gateway))
         self.cache = tmp_path / "images.db"
         self.fronts: List[FrontService] = []
+        self.model = load_catalogue().default
+        self.worker = Heartbeat(self.redis, self.model, "the test, playing the worker").start()
 
     def replica(self) -> FrontService:
         producer = GenerationProducer(self.celery)
@@ -50,7 +55,8 @@ class Cluster:
 
     def queued(self) -> List[str]:
         """Task ids in the queue list, oldest first."""
-        return [json.loads(raw)["headers"]["id"] for raw in reversed(self.redis.lrange(self.queue, 0, -1))]
+        queue = queue_for(self.queue, self.model)
+        return [json.loads(raw)["headers"]["id"] for raw in reversed(self.redis.lrange(queue, 0, -1))]
 
     def publish(self, task_id: str, status: str, result=None) -> None:
         """What Celery's Redis backend does for a task state: store it and publish it."""
@@ -64,6 +70,7 @@ class Cluster:
         self.publish(task_id, "SUCCESS", result.to_json())
 
     def close(self) -> None:
+        self.worker.stop()
         for front in self.fronts:
             front.close()
             front.producer.close()
@@ -106,7 +113,7 @@ def test_a_miss_that_wins_a_just_released_claim_reads_the_cache_again(cluster):
     """Item 3: B misses the cache, A stores the image and frees the claim, then B wins the claim.
     B must find the image in the cache instead of rendering it a second time."""
     front = cluster.replica()
-    request = GenerationRequest("double render race", seed=1)
+    request = resolved(GenerationRequest("double render race", seed=1))
     misses, b_may_go, submitted = [], threading.Event(), []
     front.hooks.after_submit = lambda key, task_id: submitted.append(task_id)
 
@@ -134,7 +141,7 @@ def test_a_miss_that_wins_a_just_released_claim_reads_the_cache_again(cluster):
 def test_an_unexpected_error_in_the_leader_finishes_every_joiner_and_frees_the_claim(cluster):
     """Item 4: a bug on the leader's path must answer the joiners at once, not at their deadline."""
     front = cluster.replica()
-    request = GenerationRequest("leader blows up", seed=2)
+    request = resolved(GenerationRequest("leader blows up", seed=2))
     go = threading.Event()
 
     def after_claim(key, task_id, claimed):
@@ -162,7 +169,7 @@ def test_a_waiter_that_times_out_never_cancels_the_flight(redis_server, tmp_path
     cluster = Cluster(redis_server, tmp_path, request_timeout_s=0.5)
     try:
         front = cluster.replica()
-        request = GenerationRequest("impatient client", seed=3)
+        request = resolved(GenerationRequest("impatient client", seed=3))
         thread, outcome = in_loop(lambda: front.generate_async(request))
         task_id = wait_for(lambda: cluster.queued() and cluster.queued()[0], what="task queued")
         thread.join(10)
@@ -186,7 +193,7 @@ def test_joiners_on_another_replica_take_over_a_dead_claimers_task(cluster, dies
     B's joiners take over the lapsed claim with the same task id, queue it only if it never was,
     and are answered."""
     a, b = cluster.replica(), cluster.replica()
-    request = GenerationRequest(f"claimer dies {dies}", seed=4)
+    request = resolved(GenerationRequest(f"claimer dies {dies}", seed=4))
     dead = threading.Event()
 
     def die(*_):
@@ -213,7 +220,7 @@ def test_joiners_on_another_replica_take_over_a_dead_claimers_task(cluster, dies
 
 def test_http_meta_and_internal_errors_hide_hosts_and_exception_texts(cluster):
     front = cluster.replica()
-    request = GenerationRequest("worker fails", seed=5)
+    request = resolved(GenerationRequest("worker fails", seed=5))
     thread, outcome = in_loop(lambda: front.generate_async(request))
     task_id = wait_for(lambda: cluster.queued() and cluster.queued()[0], what="task queued")
     cluster.publish(task_id, "FAILURE", {"exc_type": "RuntimeError", "exc_message": "CUDA oom on gpu-node-7.internal"})

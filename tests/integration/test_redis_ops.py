@@ -25,6 +25,7 @@ from celery_bridge.redis_check import RedisVersionError, require_redis_version
 from cluster.local import LocalStack, StackConfig, StackError
 from serve_app.config import GatewayConfig
 from serve_app.store import RedisImageStore
+from tests.resolve import resolved
 from tests.integration.conftest import PlainWorker
 from tests.services import REPO, RedisServer, free_port, wait_for_port
 
@@ -217,7 +218,7 @@ def test_a_generation_through_an_acl_user_with_task_events(acl_redis, acl_worker
                 assert time.monotonic() < deadline, "the event receiver never subscribed"
                 dispatcher.send("sdgate-probe")
                 time.sleep(0.1)
-        request = GenerationRequest("acl fox", width=64, height=64, steps=2)
+        request = resolved(GenerationRequest("acl fox", width=64, height=64, steps=2))
         task_id = new_task_id(request.cache_key())
         future = producer.watch(task_id)
         producer.submit(request, task_id)

@@ -11,6 +11,7 @@ import pytest
 from client.protocol import GenerationRequest
 from celery_bridge.contract import GenerationResult
 from celery_bridge.producer import GenerationProducer, new_task_id
+from tests.resolve import resolved
 from tests.integration import harness
 from tests.integration.conftest import celery_config
 from tests.services import RedisServer, wait_for_port
@@ -36,7 +37,7 @@ def finish(producer: GenerationProducer, task_id: str, request: GenerationReques
 
 
 def task(prompt: str):
-    request = GenerationRequest(prompt).normalized()
+    request = resolved(GenerationRequest(prompt)).normalized()
     return request, new_task_id(request.cache_key())
 
 

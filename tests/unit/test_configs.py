@@ -51,7 +51,8 @@ def test_serve_yaml_renders_and_passes_the_serve_schema():
 def test_serve_yaml_has_a_workers_application_per_catalogued_model_on_its_own_queue():
     from celery_bridge.models import load_catalogue, queue_for
 
-    config = render_serve_config(CONFIGS / "serve.yaml", {"SDGATE_REDIS_URL": "redis://head:6379/0"})
+    config = render_serve_config(CONFIGS / "serve.yaml", {"SDGATE_REDIS_URL": "redis://head:6379/0",
+                                                          "SDGATE_TOKEN": "a-test-token"})
     apps = {app["name"]: app for app in config["applications"]}
     for model in load_catalogue(CONFIGS / "models.yaml").names:
         app = apps[f"workers-{model}"]

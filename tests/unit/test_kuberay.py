@@ -67,7 +67,8 @@ def test_serve_config_v2_is_configs_serve_yaml():
     in_cluster = yaml.safe_load(rayservice()["spec"]["serveConfigV2"])
     redis_url = in_cluster["applications"][0]["args"]["celery"]["redis_url"]
     rendered = render_serve_config(REPO / "configs" / "serve.yaml",
-                                   {"SDGATE_BIND_HOST": "0.0.0.0", "SDGATE_REDIS_URL": redis_url})
+                                   {"SDGATE_BIND_HOST": "0.0.0.0", "SDGATE_REDIS_URL": redis_url,
+                                    "SDGATE_TOKEN": "a-test-token"})
     assert [a["name"] for a in in_cluster["applications"]] == [a["name"] for a in rendered["applications"]]
     assert without_secrets(in_cluster) == without_secrets(rendered)
     assert not SECRET_KEYS & set(json.dumps(in_cluster).replace('"', " ").split()), \

@@ -19,6 +19,7 @@ from serve_app.admission import Admission
 from serve_app.config import GatewayConfig
 from serve_app.front import Answer
 from serve_app.socket_server import SocketFrontServer
+from tests.resolve import key_of
 from tests.tls import make_certificate
 
 PNG = b"\x89PNG\r\n\x1a\nfake"
@@ -46,7 +47,7 @@ class FakeFront:
     async def generate_async(self, request, on_status=None, client="?"):
         if on_status:
             on_status(protocol.STATUS_CACHED)
-        return Answer({"key": request.cache_key()}, PNG, cached=True)
+        return Answer({"key": key_of(request)}, PNG, cached=True)
 
 
 def serve(**overrides) -> SocketFrontServer:

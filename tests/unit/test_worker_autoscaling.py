@@ -162,7 +162,7 @@ def test_a_stopping_worker_replica_drains_for_the_task_time_limit_then_stops_its
     from celery_bridge.config import CeleryConfig
 
     config = CeleryConfig(time_limit_s=330)
-    cls = consumer.consumer_class(config)
+    cls = consumer.consumer_class(config, "tiny")
     events = []
     monkeypatch.setattr(consumer, "drain", lambda adapter, timeout_s: events.append(("drain", timeout_s)))
     replica = cls.__new__(cls)  # no pipeline, no Celery thread: only the shutdown path
@@ -192,17 +192,20 @@ def test_serve_yaml_scales_workers_on_the_work_and_places_the_gateway_on_the_ing
 
     from celery_bridge import consumer
     from celery_bridge.config import load_celery_config
+    from celery_bridge.models import load_catalogue, queue_for
     from cluster.deploy import render_serve_config
     from serve_app.placement import INGRESS_RESOURCE, ingress_node_resources
 
     config = render_serve_config(Path(__file__).resolve().parents[2] / "configs" / "serve.yaml",
-                                 {"SDGATE_REDIS_URL": "redis://head:6379/0"})
+                                 {"SDGATE_REDIS_URL": "redis://head:6379/0", "SDGATE_TOKEN": "a-test-token"})
     apps = {app["name"]: app for app in config["applications"]}
-    workers = apps["workers"]["deployments"][0]
+    workers = apps["workers-tiny"]["deployments"][0]
     policy = workers["autoscaling_config"]["policy"]
     built = import_attr(policy["policy_function"])(**policy["policy_kwargs"])
-    assert isinstance(built, WorkerLoadPolicy) and built.queue_name == load_celery_config().queue
-    assert workers["autoscaling_config"]["min_replicas"] == 0, "idle GPUs go away"
+    model = apps["workers-tiny"]["args"]["worker"]["model"]
+    assert isinstance(built, WorkerLoadPolicy) and built.queue_name == queue_for(load_celery_config().queue, model)
+    if workers["autoscaling_config"]["min_replicas"] == 0:  # idle GPUs go away: requests must queue, not fail
+        assert load_catalogue().get(model).scale_from_zero, f"{model} scales from zero: set scale_from_zero"
     assert workers["graceful_shutdown_timeout_s"] >= consumer.graceful_shutdown_timeout_s(load_celery_config())
     gateway = apps["gateway"]["deployments"][0]
     needs = gateway["ray_actor_options"]["resources"][INGRESS_RESOURCE]
