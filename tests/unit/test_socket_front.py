@@ -43,10 +43,10 @@ class FakeFront:
         self.admission = Admission(config)
         self.counters = Counters()
 
-    async def generate_async(self, request, on_status=None, client="?"):
+    async def generate_async(self, request, on_status=None, client="?", **_):
         if on_status:
             on_status(protocol.STATUS_CACHED)
-        return Answer({"key": request.cache_key()}, PNG, cached=True)
+        return Answer({"prompt": request.prompt}, PNG, cached=True)
 
 
 def serve(**overrides) -> SocketFrontServer:
