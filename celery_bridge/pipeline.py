@@ -175,7 +175,7 @@ class PipelineRunner:
         return self._schedulers[name]
 
     def _call(self, request: GenerationRequest, time_limit_s: Optional[float] = None,
-              on_step: Optional[Callable[[int, Any], None]] = None):
+              on_step: Optional[Callable[[int, int, Any], None]] = None):
         # The caller holds self._lock: the scheduler swap and its per-call state are not thread-safe.
         # A CPU generator gives the same noise on every device, so both worker modes agree.
         generator = torch.Generator(device="cpu").manual_seed(request.seed)
@@ -188,7 +188,8 @@ class PipelineRunner:
                 raise GenerationTimeout(f"stopped after step {step + 1} of {request.steps}: over the "
                                         f"{time_limit_s:.0f} s limit per image")
             if on_step is not None:  # progress, previews and cancel (celery_bridge/progress.py); may raise
-                on_step(step, callback_kwargs.get("latents"))
+                # Some schedulers (PNDM) run one timestep more than asked: report the real count.
+                on_step(step, getattr(pipe, "num_timesteps", None) or request.steps, callback_kwargs.get("latents"))
             return callback_kwargs
 
         return self.pipe(
@@ -204,10 +205,10 @@ class PipelineRunner:
         ).images[0]
 
     def render(self, request: GenerationRequest, time_limit_s: Optional[float] = None,
-               on_step: Optional[Callable[[int, Any], None]] = None) -> bytes:
+               on_step: Optional[Callable[[int, int, Any], None]] = None) -> bytes:
         """PNG bytes for `request` (filled from this model's defaults and normalized first), with the
         `parameters` chunk; raises GenerationTimeout when the pipeline runs past `time_limit_s`.
-        `on_step(step, latents)` runs after each denoising step; what it raises stops the render."""
+        `on_step(step, steps, latents)` runs after each denoising step; what it raises stops the render."""
         request = self.resolve(request)
         with self._lock:
             started = time.perf_counter()

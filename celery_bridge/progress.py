@@ -158,25 +158,29 @@ class ProgressReporter:
         if watched and not live:
             raise TaskCancelled("expired: every client waiting for this image left before it started")
 
-    def on_step(self, step: int, latents: Any = None) -> None:
-        """Called after denoising step `step` (0-based); raises TaskCancelled when cancelled."""
+    def on_step(self, step: int, steps: Optional[int] = None, latents: Any = None) -> None:
+        """Called after denoising step `step` (0-based) of `steps`; raises TaskCancelled when cancelled."""
         self.steps_run = step + 1
+        if isinstance(steps, int) and steps > 0:
+            self.steps = steps
         now = time.monotonic()
         last = self.steps_run >= self.steps
         preview = self.previews and latents is not None and (self.steps_run % self.previews == 0)
         pipe = self.client.pipeline(transaction=False)
-        pipe.exists(CANCEL_PREFIX + self.task_id)
-        if preview or last or now - self._last_sent >= self.min_interval_s:
+        pipe.exists(CANCEL_PREFIX + self.task_id)  # first: a cancel seen here stops this very step
+        event: Dict[str, Any] = {"task_id": self.task_id, "step": self.steps_run, "steps": self.steps,
+                                 "elapsed": round(now - self.started, 3)}
+        # The latest step is stored every step (one SET in the same round trip), published throttled.
+        publish = preview or last or now - self._last_sent >= self.min_interval_s
+        if publish:
             self._last_sent = now
-            event: Dict[str, Any] = {"task_id": self.task_id, "step": self.steps_run, "steps": self.steps,
-                                     "elapsed": round(now - self.started, 3)}
             if preview:
                 png = latent_preview(latents)
                 if png is not None:
                     event["preview"] = base64.b64encode(png).decode("ascii")
-            body = json.dumps(event, separators=(",", ":"))
-            pipe.publish(CHANNEL_PREFIX + self.task_id, body)
-            pipe.set(LAST_PREFIX + self.task_id, body, ex=TASK_TTL_S)
+            pipe.publish(CHANNEL_PREFIX + self.task_id, json.dumps(event, separators=(",", ":")))
+        event.pop("preview", None)
+        pipe.set(LAST_PREFIX + self.task_id, json.dumps(event, separators=(",", ":")), ex=TASK_TTL_S)
         try:
             cancelled = pipe.execute()[0]
         except redis.RedisError as exc:  # progress is best effort; the render goes on
