@@ -105,8 +105,12 @@ def task_of(replica: Replica, request: GenerationRequest) -> str:
 
 
 def result_of(r: redis.Redis, task_id: str) -> Dict[str, Any]:
-    raw = wait_for(lambda: r.get(RESULT_PREFIX + task_id), 120, f"result of {task_id}")
-    return json.loads(raw)
+    def finished():
+        raw = r.get(RESULT_PREFIX + task_id)
+        meta = json.loads(raw) if raw else None
+        return meta if meta and meta.get("status") in ("SUCCESS", "FAILURE") else None
+
+    return wait_for(finished, 120, f"result of {task_id}")
 
 
 def test_progress_arrives_in_order_and_reaches_a_joiner_on_another_replica(replicas):
