@@ -291,3 +291,59 @@ def test_openai_sdk_streams_partial_images_then_the_same_final_image(replicas):
         assert base64.b64decode(plain.data[0].b64_json) == streamed
     finally:
         http.close()
+
+
+def _http(port: int, method: str, path: str, body: Any = None):
+    import urllib.error
+    import urllib.request
+
+    data = json.dumps(body).encode() if body is not None else None
+    request = urllib.request.Request(f"http://127.0.0.1:{port}{path}", data=data, method=method,
+                                     headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=300) as response:
+            return response.status, response.headers.get("content-type", ""), response.read()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.headers.get("content-type", ""), exc.read()
+
+
+def _sse(raw: bytes) -> List[tuple]:
+    events = []
+    for block in raw.decode().split("\n\n"):
+        lines = dict(line.split(": ", 1) for line in block.splitlines() if ": " in line)
+        if "event" in lines:
+            events.append((lines["event"], json.loads(lines["data"])))
+    return events
+
+
+def test_jobs_api_follows_the_contract(replicas):
+    a = replicas()
+    http = HttpShim(a)
+    try:
+        body = {"prompt": f"a job over http {uuid.uuid4().hex[:6]}", "size": "64x64", "steps": 6, "previews": 2}
+        status, _, raw = _http(http.port, "POST", "/v1/jobs", body)
+        job = json.loads(raw)
+        assert status == 202 and job["object"] == "sdgate.job" and job["state"] in ("queued", "generating")
+        assert job["params"]["prompt"] == body["prompt"] and job["image_url"] is None
+        status, kind, raw = _http(http.port, "GET", f"/v1/jobs/{job['id']}/events")
+        assert status == 200 and kind.startswith("text/event-stream")
+        events = _sse(raw)
+        assert events[-1][0] == "done" and events[-1][1]["image_url"] == f"/v1/images/{job['key']}.png"
+        assert any(name == "preview" and data["b64_png"] for name, data in events)
+        steps = [data["step"] for name, data in events if name == "progress" and data["state"] == "generating"
+                 and data["step"] is not None]
+        assert steps == sorted(steps)
+        status, kind, png = _http(http.port, "GET", f"/v1/jobs/{job['id']}/image")
+        assert status == 200 and kind == "image/png" and a.store.get(job["key"]).png == png
+        status, _, raw = _http(http.port, "POST", "/v1/jobs", body)  # the same again: a hit, done at once
+        assert status == 200 and json.loads(raw)["state"] == "done" and json.loads(raw)["cached"] is True
+
+        long = {"prompt": f"a job to cancel {uuid.uuid4().hex[:6]}", "size": "64x64", "steps": 150}
+        job = json.loads(_http(http.port, "POST", "/v1/jobs", long)[2])
+        wait_for(lambda: json.loads(_http(http.port, "GET", f"/v1/jobs/{job['id']}")[2])["step"], 120, "a step")
+        status, _, raw = _http(http.port, "DELETE", f"/v1/jobs/{job['id']}")
+        assert status == 200 and json.loads(raw)["state"] == "cancelled"
+        assert json.loads(_http(http.port, "GET", f"/v1/jobs/{job['id']}")[2])["error"]["code"] == "cancelled"
+        assert _http(http.port, "GET", "/v1/jobs/job-nope")[0] == 404
+    finally:
+        http.close()
