@@ -99,7 +99,8 @@ def consumer_class(celery_config: CeleryConfig, model: str):
             require_redis_version(client, "the Ray worker replica")
             self.service = GenerationService(WorkerConfig(**worker_config),
                                              time_limit_s=celery_config.soft_time_limit_s,
-                                             on_rendered=lambda name: count_rendered(client, name))
+                                             on_rendered=lambda name: count_rendered(client, name),
+                                             redis_client=client)
             self.leases = LeaseKeeper(client, celery_config.lease_renew_s).start()
             self.presence = Heartbeat(client, model, self.service.name).start()
 

@@ -13,7 +13,7 @@ import os
 import threading
 import time
 from pathlib import Path
-from typing import Any, Dict, Optional
+from typing import Any, Callable, Dict, Optional
 
 import torch
 from PIL import Image, PngImagePlugin
@@ -174,7 +174,8 @@ class PipelineRunner:
             self._schedulers[name] = cls.from_config(self._default_scheduler.config)
         return self._schedulers[name]
 
-    def _call(self, request: GenerationRequest, time_limit_s: Optional[float] = None):
+    def _call(self, request: GenerationRequest, time_limit_s: Optional[float] = None,
+              on_step: Optional[Callable[[int, int, Any], None]] = None):
         # The caller holds self._lock: the scheduler swap and its per-call state are not thread-safe.
         # A CPU generator gives the same noise on every device, so both worker modes agree.
         generator = torch.Generator(device="cpu").manual_seed(request.seed)
@@ -186,6 +187,9 @@ class PipelineRunner:
             if deadline is not None and time.monotonic() > deadline:
                 raise GenerationTimeout(f"stopped after step {step + 1} of {request.steps}: over the "
                                         f"{time_limit_s:.0f} s limit per image")
+            if on_step is not None:  # progress, previews and cancel (celery_bridge/progress.py); may raise
+                # Some schedulers (PNDM) run one timestep more than asked: report the real count.
+                on_step(step, getattr(pipe, "num_timesteps", None) or request.steps, callback_kwargs.get("latents"))
             return callback_kwargs
 
         return self.pipe(
@@ -200,13 +204,15 @@ class PipelineRunner:
             callback_on_step_end=stop_past_deadline,
         ).images[0]
 
-    def render(self, request: GenerationRequest, time_limit_s: Optional[float] = None) -> bytes:
+    def render(self, request: GenerationRequest, time_limit_s: Optional[float] = None,
+               on_step: Optional[Callable[[int, int, Any], None]] = None) -> bytes:
         """PNG bytes for `request` (filled from this model's defaults and normalized first), with the
-        `parameters` chunk; raises GenerationTimeout when the pipeline runs past `time_limit_s`."""
+        `parameters` chunk; raises GenerationTimeout when the pipeline runs past `time_limit_s`.
+        `on_step(step, steps, latents)` runs after each denoising step; what it raises stops the render."""
         request = self.resolve(request)
         with self._lock:
             started = time.perf_counter()
-            image = self._call(request, time_limit_s)
+            image = self._call(request, time_limit_s, on_step)
             self.last_pipeline_ms = (time.perf_counter() - started) * 1000
         return encode_png(image, request)
 

@@ -20,6 +20,7 @@ import redis
 from kombu.transport.redis import Channel as KombuRedisChannel
 
 from client.protocol import E_INTERNAL, GenerationRequest
+from celery_bridge import progress
 from celery_bridge.app import make_celery_app
 from celery_bridge.config import CeleryConfig
 from celery_bridge.contract import TASK_NAME, GenerationResult, task_payload
@@ -83,27 +84,35 @@ class GenerationProducer:
         self._poller = threading.Thread(target=self._poll_pending, name="sdgate-results-poll", daemon=True)
         self._poller.start()
 
-    def submit(self, request: GenerationRequest, task_id: str) -> None:
+    def submit(self, request: GenerationRequest, task_id: str, previews: int = 0,
+               expires_s: Optional[float] = None) -> None:
         """Queue one generation under `task_id` (call watch() first so no result is missed).
 
         While the task is watched it is queued again if the broker loses it (see _requeue_lost).
+        `previews`: a preview every k steps; `expires_s`: Celery drops it unstarted after that long.
         """
         payload = task_payload(request)
         queue = queue_for(self.config.queue, payload["model"])  # only workers of that model consume it
-        self.app.send_task(TASK_NAME, args=[payload], task_id=task_id, queue=queue)
+        if previews:
+            payload["previews"] = int(previews)  # the worker pops it: not part of the request or its key
+        self.app.send_task(TASK_NAME, args=[payload], task_id=task_id, queue=queue, expires=expires_s)
         with self._lock:
             watch = self._watches.get(task_id)
             if watch is not None:
                 watch.payload, watch.queue = payload, queue
 
-    def watch(self, task_id: str, on_started: Optional[Callable[[], None]] = None) -> "Future[GenerationResult]":
-        """A future for `task_id`'s result; `on_started` runs once when a worker picks it up."""
+    def watch(self, task_id: str, on_started: Optional[Callable[[], None]] = None,
+              on_progress: Optional[Callable[[Dict[str, Any]], None]] = None) -> "Future[GenerationResult]":
+        """A future for `task_id`'s result; `on_started` runs once when a worker picks it up, and
+        `on_progress(event)` on the listener thread for each step event (celery_bridge/progress.py)."""
         with self._lock:
             watch = self._watches.get(task_id)
             if watch is None:
                 watch = self._watches[task_id] = _Watch()
             if on_started:
                 watch.on_started.append(on_started)
+            if on_progress:
+                watch.on_progress.append(on_progress)
         self._subscriptions_stale.set()
         self._check(task_id)  # the result may already be there (a joined or finished task)
         return watch.future
@@ -159,6 +168,22 @@ class GenerationProducer:
         if not watch.future.done():
             watch.future.set_result(result)
 
+    def _deliver_progress(self, task_id: str, raw: bytes) -> None:
+        try:
+            event = json.loads(raw)
+        except ValueError:
+            return
+        if not isinstance(event, dict):
+            return
+        with self._lock:
+            watch = self._watches.get(task_id)
+            callbacks = list(watch.on_progress) if watch is not None else []
+        for callback in callbacks:
+            try:
+                callback(event)
+            except Exception:  # noqa: BLE001 - one listener must not stop result delivery
+                log.exception("a progress listener failed")
+
     def _check(self, task_id: str) -> None:
         try:
             self._deliver(task_id, self.redis.get(self._result_prefix + task_id))
@@ -187,7 +212,10 @@ class GenerationProducer:
                     if message and message.get("type") == "message":
                         self.messages_received += 1
                         channel = message["channel"].decode()
-                        self._deliver(channel[len(self._result_prefix):], message["data"])
+                        if channel.startswith(progress.CHANNEL_PREFIX):
+                            self._deliver_progress(channel[len(progress.CHANNEL_PREFIX):], message["data"])
+                        else:
+                            self._deliver(channel[len(self._result_prefix):], message["data"])
             except (redis.RedisError, OSError) as exc:
                 log.warning("result listener lost Redis (%s); reconnecting in %.1f s", exc, backoff)
                 self._stop.wait(backoff)
@@ -203,11 +231,14 @@ class GenerationProducer:
         with self._lock:
             wanted = set(self._watches)
         added, gone = sorted(wanted - subscribed), sorted(subscribed - wanted)
+        # Each watched task: its result channel and its progress channel (progress.channel).
         for batch in _batches(gone):
-            pubsub.unsubscribe(*[self._result_prefix + task_id for task_id in batch])
+            pubsub.unsubscribe(*[name for task_id in batch
+                                 for name in (self._result_prefix + task_id, progress.channel(task_id))])
             subscribed.difference_update(batch)
         for batch in _batches(added):
-            pubsub.subscribe(*[self._result_prefix + task_id for task_id in batch])
+            pubsub.subscribe(*[name for task_id in batch
+                               for name in (self._result_prefix + task_id, progress.channel(task_id))])
             subscribed.update(batch)
         return added
 
@@ -273,6 +304,7 @@ class _Watch:
     def __init__(self) -> None:
         self.future: "Future[GenerationResult]" = Future()
         self.on_started: List[Callable[[], None]] = []
+        self.on_progress: List[Callable[[Dict[str, Any]], None]] = []
         self.payload: Optional[Dict[str, Any]] = None  # set when this process submitted the task
         self.queue = ""  # the model's queue it was sent to
         self.missing = 0  # consecutive checks that found the task nowhere

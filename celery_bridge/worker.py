@@ -15,10 +15,11 @@ from typing import Any, Callable, Dict, List, Optional
 
 from celery.worker.consumer import Consumer
 
-from client.protocol import E_INTERNAL, E_TIMEOUT, GenerationRequest, InvalidRequest
+from client.protocol import E_CANCELLED, E_INTERNAL, E_TIMEOUT, GenerationRequest, InvalidRequest
 from celery_bridge.config import CeleryConfig, WorkerConfig, load_celery_config, load_worker_config
 from celery_bridge.contract import TASK_NAME, GenerationResult
 from celery_bridge.models import queue_for
+from celery_bridge.progress import ProgressReporter, TaskCancelled, record_render
 
 log = logging.getLogger(__name__)
 RECONNECT_INTERVAL_MAX_S = 2.0  # Celery's own backoff grows to 30 s between broker reconnect attempts
@@ -45,8 +46,9 @@ class GenerationService:
     """Owns the resident pipeline of one worker process and turns task payloads into results."""
 
     def __init__(self, config: WorkerConfig, name: Optional[str] = None, time_limit_s: Optional[float] = None,
-                 on_rendered: Optional[Callable[[str], None]] = None):
-        """on_rendered(model) is called after each image rendered (the per-model counter)."""
+                 on_rendered: Optional[Callable[[str], None]] = None, redis_client: Any = None):
+        """on_rendered(model) is called after each image rendered (the per-model counter); with
+        `redis_client`, tasks report progress and honour cancels (celery_bridge/progress.py)."""
         from celery_bridge.pipeline import PipelineRunner  # torch loads here, on worker hosts only
 
         self.time_limit_s = time_limit_s
@@ -56,11 +58,23 @@ class GenerationService:
         self.name = name or f"{socket.gethostname()}:{os.getpid()}"
         self.tasks_done = 0
         self.on_rendered = on_rendered
+        self.redis = redis_client
+
+    def _reporter(self, request: GenerationRequest, previews: Any):
+        """The progress reporter of the Celery task being run, or None (no Redis, no task id)."""
+        from celery import current_task
+
+        task_id = getattr(getattr(current_task, "request", None), "id", None) if current_task else None
+        if self.redis is None or not task_id:
+            return None
+        return ProgressReporter(self.redis, task_id, request.steps or 0,
+                                previews if isinstance(previews, int) and 0 < previews <= 150 else 0)
 
     def handle(self, payload: Any) -> Dict[str, Any]:
         """Render one request; never raises, so both worker modes report errors the same way."""
         from celery_bridge.pipeline import GenerationTimeout
 
+        previews = payload.pop("previews", 0) if isinstance(payload, dict) else 0  # not part of the request
         try:
             request = GenerationRequest.from_dict(payload)
             if request.model not in (None, self.runner.config.model):  # never cache another model's image
@@ -71,8 +85,14 @@ class GenerationService:
             error = exc if isinstance(exc, InvalidRequest) else InvalidRequest("request", str(exc))
             log.info("rejected invalid task payload: %s", error)
             return GenerationResult.invalid(error).to_json()
+        reporter = self._reporter(request, previews)
         try:
-            png = self.runner.render(request, self.time_limit_s)
+            if reporter is not None:
+                reporter.check_start()  # cancelled, or nobody waits any more: free the GPU for others
+            png = self.runner.render(request, self.time_limit_s, reporter.on_step if reporter else None)
+        except TaskCancelled as exc:
+            log.info("task for %s not rendered: %s", request.cache_key()[:12], exc)
+            return GenerationResult.failure(E_CANCELLED, str(exc)).to_json()
         except GenerationTimeout as exc:
             log.warning("generation of %s stopped: %s", request.cache_key()[:12], exc)
             return GenerationResult.failure(E_TIMEOUT, str(exc)).to_json()
@@ -82,6 +102,11 @@ class GenerationService:
         self.tasks_done += 1
         if self.on_rendered:
             self.on_rendered(request.model)
+        if reporter is not None:
+            try:
+                record_render(self.redis, request.model, self.runner.last_pipeline_ms)  # for queue ETAs
+            except Exception:  # noqa: BLE001 - an ETA sample is not worth failing an image for
+                pass
         result = GenerationResult.success(request, png, self.runner.last_pipeline_ms, self.name)
         result.pipeline_loads = type(self.runner).loads
         return result.to_json()
@@ -132,7 +157,7 @@ def run_worker(celery_overrides: Dict[str, Any], worker_overrides: Dict[str, Any
     # 2. Load the pipeline once, before taking any task; a model that cannot load fails here.
     client = celery_config.redis_client(socket_timeout=5, socket_connect_timeout=5)
     service = GenerationService(worker_config, time_limit_s=celery_config.soft_time_limit_s,
-                                on_rendered=lambda model: count_rendered(client, model))
+                                on_rendered=lambda model: count_rendered(client, model), redis_client=client)
     print(f"sdgate worker: model {worker_config.model!r} loaded in {service.load_seconds:.1f} s", flush=True)
     # 3. Register the task body, renew the leases of held tasks, and tell gateways we serve the model.
     app = make_celery_app(celery_config, name="sdgate-worker")

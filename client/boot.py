@@ -10,6 +10,7 @@ errors go to stderr. Exit status: 0 done, 1 the server or the network failed, 2 
 from __future__ import annotations
 
 import argparse
+import base64
 import hashlib
 import os
 import re
@@ -19,7 +20,7 @@ import ssl
 import sys
 import time
 import unicodedata
-from typing import Any, List, Optional
+from typing import Any, Callable, Dict, List, Optional
 
 if not __package__:  # run as a script: make `client` importable from the repository root
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -74,6 +75,8 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     parser.add_argument("--scheduler", help=", ".join(protocol.SCHEDULERS) + " (default: the model's)")
     parser.add_argument("--model", help="a model the server offers (default: the server's default; see --models)")
     parser.add_argument("--models", action="store_true", help="list the server's models and exit")
+    parser.add_argument("--previews", metavar="DIR", help="save live previews of the denoising into DIR")
+    parser.add_argument("--preview-every", type=int, default=5, help="a preview every N steps (default 5)")
     parser.add_argument("--token", default=os.environ.get("SDGATE_TOKEN"), help="shared token (default $SDGATE_TOKEN)")
     parser.add_argument("--timeout", type=float, default=600.0, help="seconds to wait for one image (default 600)")
     parser.add_argument("--connect-timeout", type=float, default=10.0, help="seconds to connect (default 10)")
@@ -136,17 +139,24 @@ class Progress:
         self.started = time.monotonic()
         self.states: List[str] = []
         self._drawn = 0
+        self._detail = ""  # the step bar, queue position and ETA of the latest STATUS
+        self._printed = 0.0
 
     def __call__(self, status: Any) -> None:
         state = status.get("state") if isinstance(status, dict) else None
         if state != "waiting":
             # Printable and short: the text comes from the network and goes to a terminal.
-            text = "" if state is None else str(state)
-            self.states.append("".join(c for c in text if c.isprintable())[:40] or "?")
-            if not self.tty:
-                self._write(f"  {self.states[-1]} ({self.elapsed():.1f} s)\n")
+            text = "".join(c for c in ("" if state is None else str(state)) if c.isprintable())[:40] or "?"
+            detail = _detail(status) if isinstance(status, dict) else ""
+            changed = not self.states or self.states[-1] != text
+            if changed:
+                self.states.append(text)
+            if not self.tty and (changed or detail != self._detail and time.monotonic() - self._printed >= 1.0):
+                self._printed = time.monotonic()
+                self._write(f"  {text}{' ' + detail if detail else ''} ({self.elapsed():.1f} s)\n")
+            self._detail = detail
         if self.tty:
-            self._draw(f"  {' > '.join(self.states) or 'sent'} ... {self.elapsed():.1f} s")
+            self._draw(f"  {' > '.join(self.states) or 'sent'} {self._detail} ... {self.elapsed():.1f} s")
 
     def elapsed(self) -> float:
         return time.monotonic() - self.started
@@ -169,6 +179,22 @@ class Progress:
             self.stream.flush()
         except (OSError, ValueError):  # stderr closed: progress is a nicety
             pass
+
+
+def _detail(status: Any) -> str:
+    """`[#####.....] 5/10  queue 3  ETA 12 s` from a STATUS's optional fields (numbers only)."""
+    parts = []
+    step, steps = status.get("step"), status.get("steps")
+    if isinstance(step, int) and isinstance(steps, int) and steps > 0:
+        filled = max(0, min(20, round(20 * step / steps)))
+        parts.append(f"[{'#' * filled}{'.' * (20 - filled)}] {step}/{steps}")
+    position = status.get("queue_position")
+    if isinstance(position, int) and not isinstance(position, bool):
+        parts.append(f"queue {position + 1}")
+    eta = status.get("eta_s")
+    if isinstance(eta, (int, float)) and not isinstance(eta, bool) and 0 <= eta < 1e6:
+        parts.append(f"ETA {eta:.0f} s")
+    return "  ".join(parts)
 
 
 class BootClient:
@@ -228,7 +254,8 @@ class BootClient:
             self.close()
             raise ClientError(f"lost the connection to the sdgate server at {self.where} ({exc})") from None
 
-    def generate(self, request: GenerationRequest) -> ImageReply:
+    def generate(self, request: GenerationRequest, previews: int = 0,
+                 on_preview: Optional[Callable[[Dict[str, Any]], None]] = None) -> ImageReply:
         """The image for `request`; on a lost connection, reconnects and sends it once more.
 
         Resending is safe: the server answers identical requests from one generation or the cache.
@@ -238,7 +265,8 @@ class BootClient:
             progress = Progress()
             try:
                 reply = protocol.exchange(self.connect(), request, token=self.token, timeout=self.timeout,
-                                          on_status=progress, poll=0.25 if progress.tty else 1.0)
+                                          on_status=progress, poll=0.25 if progress.tty else 1.0,
+                                          previews=previews, on_preview=on_preview)
                 _check_reply(reply)
             except ProtocolError as exc:
                 progress.finish(ok=False)
@@ -253,7 +281,7 @@ class BootClient:
                                       "is it restarting? retry in a few seconds") from None
                 print(f"  connection lost ({exc}); reconnecting and sending the request again", file=sys.stderr)
                 continue
-            except BaseException:  # e.g. Ctrl-C mid-answer: the stream is out of step now
+            except BaseException:  # e.g. Ctrl-C: exchange() sent CANCEL; start afresh next time
                 self.close()
                 raise
             progress.finish(ok=True)
@@ -315,10 +343,29 @@ def save_image(reply: ImageReply, prompt: str, out: str) -> str:
     return path
 
 
+class PreviewSaver:
+    """Writes each PREVIEW frame's PNG into a folder as <slug>-step<N>.png (--previews DIR)."""
+
+    def __init__(self, folder: str, prompt: str):
+        self.folder, self.slug = folder, slugify(prompt)
+        os.makedirs(folder, exist_ok=True)
+
+    def __call__(self, preview: Dict[str, Any]) -> None:
+        step = preview.get("step") if isinstance(preview.get("step"), int) else 0
+        try:
+            png = base64.b64decode(str(preview.get("png_b64", "")), validate=True)
+        except ValueError:
+            return
+        if png.startswith(b"\x89PNG"):
+            with open(os.path.join(self.folder, f"{self.slug}-step{step:03d}.png"), "wb") as out:
+                out.write(png)
+
+
 def run_once(client: BootClient, prompt: str, args: argparse.Namespace) -> str:
     """Ask for one image, save it, print its path on stdout; raises ClientError."""
     request = build_request(prompt, args)
-    reply = client.generate(request)
+    saver = PreviewSaver(args.previews, prompt) if args.previews else None
+    reply = client.generate(request, previews=args.preview_every if saver else 0, on_preview=saver)
     try:
         path = save_image(reply, prompt, args.out)
     except OSError as exc:

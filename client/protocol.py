@@ -201,11 +201,16 @@ REQUEST, STATUS, IMAGE, ERROR = 1, 2, 3, 4
 # The model listing: the client sends LIST_MODELS ({"token": optional}), the server answers MODELS
 # (the JSON of GET /v1/models) or ERROR. Added later; clients that never send it are unaffected.
 LIST_MODELS, MODELS = 5, 6
+# Progress (added later; old clients never see them): the server sends PREVIEW ({"step", "steps",
+# "png_b64"}) only when the REQUEST asked for "previews": k; the client may send CANCEL ({}) while
+# its request waits, and gets ERROR `cancelled`.
+PREVIEW, CANCEL = 7, 8
 FRAME_NAMES = {REQUEST: "REQUEST", STATUS: "STATUS", IMAGE: "IMAGE", ERROR: "ERROR", LIST_MODELS: "LIST_MODELS",
-               MODELS: "MODELS"}
+               MODELS: "MODELS", PREVIEW: "PREVIEW", CANCEL: "CANCEL"}
 # Checked against the header before a single payload byte is read or allocated.
 MAX_PAYLOAD = {REQUEST: 16 * 1024, STATUS: 4 * 1024, IMAGE: 32 * 1024 * 1024, ERROR: 16 * 1024,
-               LIST_MODELS: 1024, MODELS: 256 * 1024}
+               LIST_MODELS: 1024, MODELS: 256 * 1024, PREVIEW: 96 * 1024, CANCEL: 256}
+MAX_PREVIEWS = 150  # "previews": k asks a preview every k denoising steps
 IMAGE_META_LEN = struct.Struct(">I")
 
 # STATUS states the server may send before the final IMAGE or ERROR frame.
@@ -225,9 +230,10 @@ E_UNAUTHORIZED = "unauthorized"
 E_RATE_LIMITED = "rate_limited"
 E_UNAVAILABLE = "unavailable"
 E_INTERNAL = "internal"
+E_CANCELLED = "cancelled"  # the request (or the last client waiting for its image) cancelled it
 ERROR_CODES = (
     E_INVALID_REQUEST, E_BAD_FRAME, E_FRAME_TOO_LARGE, E_UNSUPPORTED_VERSION, E_BUSY,
-    E_TIMEOUT, E_UNAUTHORIZED, E_RATE_LIMITED, E_UNAVAILABLE, E_INTERNAL,
+    E_TIMEOUT, E_UNAUTHORIZED, E_RATE_LIMITED, E_UNAVAILABLE, E_INTERNAL, E_CANCELLED,
 )
 # Codes after which the same request may succeed if simply sent again later.
 RETRYABLE_CODES = (E_BUSY, E_TIMEOUT, E_RATE_LIMITED, E_UNAVAILABLE)
@@ -282,11 +288,31 @@ def _json_bytes(obj: Any) -> bytes:
     return json.dumps(obj, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
 
 
-def encode_request(request: GenerationRequest, token: Optional[str] = None) -> bytes:
+def encode_request(request: GenerationRequest, token: Optional[str] = None, previews: int = 0) -> bytes:
     body: Dict[str, Any] = {"request": request.to_dict()}
     if token:
         body["token"] = token
+    if previews:
+        body["previews"] = int(previews)
     return encode_frame(REQUEST, _json_bytes(body))
+
+
+def request_previews(frame: Frame) -> int:
+    """The REQUEST's optional "previews": k (a PREVIEW frame every k steps; 0 for none)."""
+    body = frame.json()
+    previews = body.get("previews", 0) if isinstance(body, dict) else 0
+    if not isinstance(previews, int) or isinstance(previews, bool) or not 0 <= previews <= MAX_PREVIEWS:
+        raise ProtocolError(E_INVALID_REQUEST, f"previews {previews!r} must be an integer 0..{MAX_PREVIEWS}",
+                            field="previews")
+    return previews
+
+
+def encode_preview(step: Optional[int], steps: Optional[int], png_b64: str) -> bytes:
+    return encode_frame(PREVIEW, _json_bytes({"step": step, "steps": steps, "png_b64": png_b64}))
+
+
+def encode_cancel() -> bytes:
+    return encode_frame(CANCEL, b"{}")
 
 
 def encode_list_models(token: Optional[str] = None) -> bytes:
@@ -416,13 +442,35 @@ class ImageReply:
 
 def exchange(sock: socket.socket, request: GenerationRequest, token: Optional[str] = None,
              timeout: float = 600.0, on_status: Optional[Callable[[Dict[str, Any]], None]] = None,
-             poll: float = 1.0) -> ImageReply:
-    """Send one REQUEST and read STATUS frames until the IMAGE; raise ProtocolError on ERROR.
+             poll: float = 1.0, previews: int = 0,
+             on_preview: Optional[Callable[[Dict[str, Any]], None]] = None) -> ImageReply:
+    """Send one REQUEST and read STATUS (and PREVIEW) frames until the IMAGE; raise ProtocolError on ERROR.
 
     `on_status` is also called with {"state": "waiting"} every `poll` seconds of silence, so a
-    caller can show elapsed time.
+    caller can show elapsed time. A KeyboardInterrupt while waiting sends CANCEL first.
     """
-    sock.sendall(encode_request(request, token))
+    sock.sendall(encode_request(request, token, previews))
+    try:
+        return _read_reply(sock, timeout, on_status, poll, on_preview)
+    except KeyboardInterrupt:
+        cancel(sock)
+        raise
+
+
+def cancel(sock: socket.socket, timeout: float = 5.0) -> None:
+    """Send CANCEL for the request in flight and read up to its ERROR `cancelled` (or whatever ends it)."""
+    try:
+        sock.sendall(encode_cancel())
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            frame = read_frame(sock, frame_timeout=timeout, idle_timeout=max(0.1, deadline - time.monotonic()))
+            if frame.kind in (IMAGE, ERROR):
+                return
+    except (OSError, ProtocolError, ConnectionClosed):
+        return
+
+
+def _read_reply(sock: socket.socket, timeout: float, on_status, poll: float, on_preview) -> ImageReply:
     deadline = time.monotonic() + timeout
     statuses = []
     while True:
@@ -442,6 +490,9 @@ def exchange(sock: socket.socket, request: GenerationRequest, token: Optional[st
             statuses.append(status)
             if on_status:
                 on_status(status)
+        elif frame.kind == PREVIEW:
+            if on_preview:
+                on_preview(frame.json())
         elif frame.kind == IMAGE:
             meta, png = decode_image(frame)
             return ImageReply(meta, png, statuses)

@@ -19,6 +19,7 @@ import asyncio
 import logging
 import threading
 import time
+import uuid
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, List, Optional, Tuple
@@ -27,7 +28,9 @@ import redis
 
 from client import protocol
 from client.protocol import GenerationRequest, InvalidRequest, ProtocolError
+from celery_bridge import progress
 from celery_bridge.contract import GenerationResult
+from celery_bridge.models import queue_for
 from celery_bridge.producer import GenerationProducer, new_task_id
 from serve_app import stats
 from serve_app.admission import Admission
@@ -39,6 +42,8 @@ log = logging.getLogger(__name__)
 CLAIM_PREFIX = "sdgate:claim:"
 ALIVE_PREFIX = "sdgate:claim-alive:"  # the claimer's heartbeat: a short lease it renews while its flight lives
 StatusCallback = Callable[[str], None]
+EventCallback = Callable[[Dict[str, Any]], None]
+QUEUE_SCAN_LIMIT = 1000  # queue positions are looked for this far from the head; beyond, None
 
 # A claim is two keys: KEYS[1] names the task for as long as a flight may live (ARGV[3] s), so a
 # request arriving after its claimer died still joins the running task; KEYS[2] is the claimer's
@@ -102,6 +107,17 @@ class Flight:
         self._lock = threading.Lock()
         self._started = False
         self._listeners: List[Callable[[], None]] = []
+        self.previews = 0  # the leader's preview interval, sent with the task
+        self.waiters: Dict[str, float] = {}  # waiter id -> 1 while it waits here (renewed in Redis)
+        self.events: List[EventCallback] = []  # progress listeners of every waiter of this flight
+        self.last_event: Optional[Dict[str, Any]] = None
+        self.queue_position: Optional[int] = None
+
+    def emit(self, event: Dict[str, Any]) -> None:
+        """Hand a progress event to every waiter's listener (each one hops onto its own loop)."""
+        self.last_event = event
+        for listener in list(self.events):
+            _quietly(lambda: listener(event))
 
     def on_started(self, listener: Callable[[], None]) -> None:
         """Call `listener` once when a worker picks the task up (at once if it already has)."""
@@ -152,6 +168,8 @@ class FrontService:
         self._claim_script = self._redis.register_script(_CLAIM)
         self._flights: Dict[str, Flight] = {}
         self._flights_lock = threading.Lock()
+        self._waiting: Dict[str, Tuple[Flight, asyncio.AbstractEventLoop, "asyncio.Future[None]"]] = {}
+        self._last_positions = 0.0
         # Two small pools: cache reads (hits) never queue behind claims, submits and cache writes.
         self._reads = ThreadPoolExecutor(config.front_threads, thread_name_prefix="sdgate-read")
         self._work = ThreadPoolExecutor(config.front_threads, thread_name_prefix="sdgate-work")
@@ -169,19 +187,27 @@ class FrontService:
         self._work.shutdown(wait=False, cancel_futures=True)
 
     async def generate_async(self, request: GenerationRequest, on_status: Optional[StatusCallback] = None,
-                             client: str = "?") -> Answer:
+                             client: str = "?", on_event: Optional[EventCallback] = None,
+                             waiter_id: Optional[str] = None, timeout_s: Optional[float] = None,
+                             previews: int = 0) -> Answer:
         """The image for `request`, from the cache or a worker; raises ProtocolError with a code.
 
-        Call it on an event loop; `on_status` is always called on that loop, and never raises
-        into the generation (a vanished client only loses its own statuses).
+        Call it on an event loop; `on_status` and `on_event` (progress: state, step, steps,
+        queue_position, eta_s, preview) are always called on that loop, and never raise into the
+        generation (a vanished client only loses its own statuses). `waiter_id` names this waiter
+        for cancel(); `timeout_s` replaces the request deadline; `previews` asks a preview every k steps.
         """
+        waiter_id = waiter_id or uuid.uuid4().hex
         try:
-            return await self._generate(request, _never_raises(on_status), client)
+            return await self._generate(request, _never_raises(on_status), client, _never_raises(on_event),
+                                        waiter_id, timeout_s, previews)
         except ProtocolError as exc:
             self.counters.error(exc.code)
             raise
 
-    async def _generate(self, request: GenerationRequest, on_status: Optional[StatusCallback], client: str) -> Answer:
+    async def _generate(self, request: GenerationRequest, on_status: Optional[StatusCallback], client: str,
+                        on_event: Optional[EventCallback], waiter_id: str, timeout_s: Optional[float],
+                        previews: int) -> Answer:
         loop = asyncio.get_running_loop()
         # 1. Fill the model and its defaults from the catalogue, then normalise and key.
         try:
@@ -189,7 +215,8 @@ class FrontService:
         except InvalidRequest as exc:
             raise ProtocolError(protocol.E_INVALID_REQUEST, str(exc), field=exc.field) from None
         key = normalized.cache_key()
-        deadline = loop.time() + self.config.request_timeout_s
+        timeout_s = self.config.request_timeout_s if timeout_s is None else timeout_s
+        deadline = loop.time() + timeout_s
 
         # 2. Cache hit: straight from the store, on the read pool.
         cached = await loop.run_in_executor(self._reads, self._lookup, key)
@@ -206,7 +233,12 @@ class FrontService:
         try:
             threadsafe = _on_loop(loop, on_status)
             flight, leading = self._join_or_lead(key, normalized, threadsafe)
+            listener = _on_loop(loop, on_event)
+            cancelled: "asyncio.Future[None]" = loop.create_future()
+            self._waiting[waiter_id] = (flight, loop, cancelled)
+            self._join_flight(flight, waiter_id, listener)
             if leading:
+                flight.previews = previews
                 self._work.submit(self._lead, flight)
             else:
                 self.counters.incr(stats.SINGLEFLIGHT_JOINS)
@@ -215,14 +247,23 @@ class FrontService:
             if threadsafe:
                 flight.on_started(lambda: threadsafe(protocol.STATUS_GENERATING))
             # 4. Wait as a coroutine; shield: our deadline or disconnect must not cancel the flight.
+            outcome = asyncio.wrap_future(flight.future)
+            left = True  # a waiter that disconnects leaves; one that times out still wants the image
             try:
-                return await asyncio.wait_for(asyncio.shield(asyncio.wrap_future(flight.future)),
-                                              max(0.0, deadline - loop.time()))
-            except asyncio.TimeoutError:
+                done, _ = await asyncio.wait({outcome, cancelled}, timeout=max(0.0, deadline - loop.time()),
+                                             return_when=asyncio.FIRST_COMPLETED)
+                if outcome in done:
+                    return outcome.result()
+                if cancelled in done:
+                    raise ProtocolError(protocol.E_CANCELLED, "cancelled at the client's request")
+                left = False
                 raise ProtocolError(protocol.E_TIMEOUT, "no image within the request deadline "
-                                    f"({self.config.request_timeout_s:.0f} s); it is still being made: retry "
-                                    "later and it will come from the cache") from None
+                                    f"({timeout_s:.0f} s); it is still being made: retry "
+                                    "later and it will come from the cache")
+            finally:
+                self._leave_flight(flight, waiter_id, listener, left)
         finally:
+            self._waiting.pop(waiter_id, None)
             self.admission.leave_wait(client)
 
     def _lookup(self, key: str) -> Optional[Answer]:
@@ -278,7 +319,9 @@ class FrontService:
         else:
             self.counters.incr(stats.SINGLEFLIGHT_JOINS)
 
-        # 3. Watch before submitting so the result cannot slip past; finish from its callback.
+        # 3. Count our waiters cluster-wide, then watch before submitting so the result cannot slip
+        #    past; finish from its callback.
+        self._register_waiters(flight, mark_watched=claimed)
         self._watch(flight)
         if flight.leader_status:  # before submitting, so it always precedes `generating`
             flight.leader_status(protocol.STATUS_QUEUED if claimed else protocol.STATUS_JOINED)
@@ -287,7 +330,8 @@ class FrontService:
 
     def _watch(self, flight: Flight) -> None:
         started = time.monotonic()
-        future = self.producer.watch(flight.task_id, on_started=flight.mark_started)
+        future = self.producer.watch(flight.task_id, on_started=flight.mark_started,
+                                     on_progress=lambda event: self._on_progress(flight, event))
 
         def done(result: "Future[GenerationResult]") -> None:
             try:
@@ -299,7 +343,8 @@ class FrontService:
 
     def _submit(self, flight: Flight) -> None:
         try:
-            self.producer.submit(flight.request, flight.task_id)
+            self.producer.submit(flight.request, flight.task_id, previews=flight.previews,
+                                 expires_s=self.config.flight_timeout_s)
         except Exception as exc:  # noqa: BLE001 - kombu raises several families on a dead broker
             log.warning("could not queue %s: %s", flight.task_id, exc)
             raise ProtocolError(protocol.E_UNAVAILABLE, "could not queue the generation; retry in a few "
@@ -340,6 +385,114 @@ class FrontService:
                 self._release(flight.key, flight.task_id)
         finally:
             flight.finish(outcome)
+
+    # -- waiters, progress and cancel ------------------------------------------------------------
+
+    @property
+    def _waiter_lease_s(self) -> float:
+        return max(3 * self.config.claim_lease_s, 2.0)
+
+    def _join_flight(self, flight: Flight, waiter_id: str, listener: Optional[EventCallback]) -> None:
+        with flight._lock:
+            flight.waiters[waiter_id] = 1.0
+            if listener:
+                flight.events.append(listener)
+            task_id = flight.task_id
+        if listener and flight.last_event:
+            listener(flight.last_event)
+        if task_id:  # the leader registered the waiters it knew; this one came later
+            self._work.submit(self._quiet_redis, progress.add_waiter, self._redis, task_id, waiter_id,
+                              self._waiter_lease_s)
+
+    def _leave_flight(self, flight: Flight, waiter_id: str, listener: Optional[EventCallback], left: bool) -> None:
+        with flight._lock:
+            if listener in flight.events:
+                flight.events.remove(listener)
+            if not left:
+                return  # it timed out: its interest stays until the flight ends, so the image is made
+            flight.waiters.pop(waiter_id, None)
+            task_id = flight.task_id
+        if task_id and not flight.future.done():
+            self._work.submit(self._quiet_redis, progress.remove_waiter, self._redis, task_id, waiter_id)
+
+    def _register_waiters(self, flight: Flight, mark_watched: bool) -> None:
+        pipe = self._redis.pipeline(transaction=False)
+        for waiter_id in list(flight.waiters):
+            progress.add_waiter(self._redis, flight.task_id, waiter_id, self._waiter_lease_s, pipe=pipe)
+        if mark_watched:
+            pipe.set(progress.WATCHED_PREFIX + flight.task_id, "1", ex=progress.TASK_TTL_S)
+        pipe.execute()
+
+    @staticmethod
+    def _quiet_redis(call: Callable[..., Any], *args: Any) -> None:
+        try:
+            call(*args)
+        except redis.RedisError as exc:  # the lease keeper retries; a leave lapses by itself
+            log.warning("waiter bookkeeping failed: %s", exc)
+
+    def _on_progress(self, flight: Flight, event: Dict[str, Any]) -> None:
+        """A step event from the worker (listener thread): relay it to every waiter of the flight."""
+        if not flight._started:
+            flight.mark_started()
+        step, steps, elapsed = event.get("step"), event.get("steps"), event.get("elapsed")
+        eta = None
+        if isinstance(step, int) and isinstance(steps, int) and isinstance(elapsed, (int, float)) and step > 0:
+            eta = round(elapsed / step * (steps - step), 2)
+        relayed = {"state": protocol.STATUS_GENERATING, "step": step, "steps": steps, "queue_position": None,
+                   "eta_s": eta}
+        if isinstance(event.get("preview"), str):
+            relayed["preview"] = event["preview"]
+        flight.emit(relayed)
+
+    def _publish_queue_positions(self, flights: List[Flight]) -> None:
+        """At most once a second: each queued flight's place in its model's queue, and an ETA."""
+        now = time.monotonic()
+        if now - self._last_positions < 1.0:
+            return
+        self._last_positions = now
+        by_queue: Dict[str, List[Flight]] = {}
+        for flight in flights:
+            if not flight._started and flight.events:
+                by_queue.setdefault(queue_for(self.producer.config.queue, flight.request.model), []).append(flight)
+        for queue, queued in by_queue.items():
+            positions = progress.queue_positions(self._redis, queue, [f.task_id for f in queued], QUEUE_SCAN_LIMIT)
+            model = queued[0].request.model
+            per_image = progress.recent_render_s(self._redis, model)
+            workers = max(1, self.catalogue.live_count(model) or 1)
+            for flight in queued:
+                position = positions.get(flight.task_id)
+                if flight._started or (position == flight.queue_position and flight.last_event):
+                    continue
+                flight.queue_position = position
+                eta = None
+                if per_image is not None and position is not None:
+                    eta = round((position // workers + 1) * per_image, 1)
+                flight.emit({"state": protocol.STATUS_QUEUED, "step": None, "steps": flight.request.steps,
+                             "queue_position": position, "eta_s": eta})
+
+    def cancel(self, waiter_id: str) -> bool:
+        """Cancel one waiter (thread-safe): it gets `cancelled` now; if it was the last waiter of its
+        task cluster-wide, the task is cancelled too (skipped if queued, stopped within one step if
+        running; nothing is cached). False when no such waiter waits here."""
+        entry = self._waiting.get(waiter_id)
+        if entry is None:
+            return False
+        flight, loop, cancelled = entry
+        with flight._lock:
+            flight.waiters.pop(waiter_id, None)
+            task_id = flight.task_id
+        if task_id:
+            self.cancel_task(task_id, waiter_id)
+        loop.call_soon_threadsafe(lambda: cancelled.done() or cancelled.set_result(None))
+        return True
+
+    def cancel_task(self, task_id: str, waiter_id: str) -> int:
+        """`waiter_id` leaves `task_id`, cancelling it when it was the last live waiter; returns waiters left."""
+        try:
+            return progress.cancel(self._redis, task_id, waiter_id)
+        except redis.RedisError as exc:
+            log.warning("cancel of %s failed: %s", task_id, exc)
+            return -1
 
     # -- claims ------------------------------------------------------------------------------------
 
@@ -385,6 +538,12 @@ class FrontService:
                 live.append(flight)
         if not live:
             return
+        self._publish_queue_positions(live)
+        pipe = self._redis.pipeline(transaction=False)
+        for flight in live:
+            for waiter_id in list(flight.waiters):
+                progress.add_waiter(self._redis, flight.task_id, waiter_id, self._waiter_lease_s, pipe=pipe)
+        pipe.execute()
         pipe = self._redis.pipeline(transaction=False)
         for flight in live:
             if flight.owner:

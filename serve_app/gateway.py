@@ -14,7 +14,7 @@ import time
 from typing import Any, Dict, Optional
 
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 from ray import serve
 
 from client import protocol
@@ -27,7 +27,9 @@ from serve_app.admission import MAX_REQUEST_BYTES, Admission, check_json_depth
 from serve_app.autoscaling import SOCKET_LOAD_METRIC
 from serve_app.config import load_gateway_config
 from serve_app.front import FrontService
+from serve_app import jobs_api
 from serve_app.http_front import HttpFrontServer
+from serve_app.jobs import JobService
 from serve_app.metrics import RayMetrics
 from serve_app.placement import ingress_actor_options
 from serve_app.socket_server import SocketFrontServer
@@ -116,7 +118,11 @@ class Gateway:
         self.socket_server = SocketFrontServer(self.front, self.config).start()
         self._stopped = threading.Event()
         threading.Thread(target=self._watch_queue, name="sdgate-queue-depth", daemon=True).start()
-        self.http_front = HttpFrontServer(self.config, self.generations, self.healthz).start()
+        self.jobs = JobService(self.front)
+        self.http_front = HttpFrontServer(self.config, self.generations, self.healthz, routes=[
+            ("/v1/jobs", self.create_job, ["POST"]), ("/v1/jobs/{job_id}", self.get_job, ["GET"]),
+            ("/v1/jobs/{job_id}", self.delete_job, ["DELETE"]), ("/v1/jobs/{job_id}/events", self.job_events, ["GET"]),
+            ("/v1/jobs/{job_id}/image", self.job_image, ["GET"])]).start()
         log.info("gateway replica serving sockets on %s:%s", self.config.host, self.socket_server.port)
 
     @api.post("/v1/images/generations")
@@ -129,7 +135,10 @@ class Gateway:
             body = await _bounded_body(request)
             try:
                 check_json_depth(body)
-                generation = request_from_openai(json.loads(body))
+                fields = json.loads(body)
+                streaming = fields.pop("stream", False) if isinstance(fields, dict) else False
+                partial_images = fields.pop("partial_images", 0) if isinstance(fields, dict) else 0
+                generation = request_from_openai(fields)
             except RecursionError:
                 raise ProtocolError(protocol.E_INVALID_REQUEST, "body nests too deep; send a flat JSON object") from None
             except (ValueError, UnicodeDecodeError) as exc:
@@ -141,6 +150,8 @@ class Gateway:
         except ProtocolError as exc:
             self.front.counters.error(exc.code)
             return http_error(exc)
+        if streaming:  # OpenAI's image streaming (serve_app/jobs_api.py)
+            return await jobs_api.stream_generation(self, generation, partial_images, client)
         try:
             answer = await self.front.generate_async(generation, client=client)
         except ProtocolError as exc:
@@ -152,6 +163,27 @@ class Gateway:
                       "revised_prompt": protocol.normalize_prompt(generation.prompt)}],
             "sdgate": dict(meta, cached=answer.cached),
         })
+
+    # Jobs (serve_app/jobs_api.py): a generation that outlives its request, readable from any replica.
+    @api.post("/v1/jobs")
+    async def create_job(self, request: Request) -> Response:
+        return await jobs_api.create_job(self, request)
+
+    @api.get("/v1/jobs/{job_id}")
+    async def get_job(self, request: Request) -> Response:
+        return await jobs_api.get_job(self, request)
+
+    @api.delete("/v1/jobs/{job_id}")
+    async def delete_job(self, request: Request) -> Response:
+        return await jobs_api.delete_job(self, request)
+
+    @api.get("/v1/jobs/{job_id}/events")
+    async def job_events(self, request: Request) -> Response:
+        return await jobs_api.job_events(self, request)
+
+    @api.get("/v1/jobs/{job_id}/image")
+    async def job_image(self, request: Request) -> Response:
+        return await jobs_api.job_image(self, request)
 
     @api.get("/v1/models")
     def models(self, request: Request) -> JSONResponse:
@@ -210,6 +242,7 @@ class Gateway:
             server.stop()
             if getattr(self, "http_front", None) is not None:
                 self.http_front.stop()
+            self.jobs.close()
             self.front.close()
             self.front.counters.close()
 

@@ -13,6 +13,7 @@ import asyncio
 import logging
 import threading
 import time
+import uuid
 from typing import Optional
 
 from client import protocol
@@ -175,10 +176,11 @@ class SocketFrontServer:
             except (ConnectionError, OSError):
                 return
             # 3. Answer it; the connection stays usable unless sending failed.
-            if not await self._answer(frame, writer, client):
+            if not await self._answer(frame, writer, client, reader):
                 return
 
-    async def _answer(self, frame: protocol.Frame, writer: asyncio.StreamWriter, client: str) -> bool:
+    async def _answer(self, frame: protocol.Frame, writer: asyncio.StreamWriter, client: str,
+                      reader: asyncio.StreamReader) -> bool:
         """Returns True when the connection may carry another request."""
         try:
             if self.config.auth_token:  # before validation, so strangers learn nothing about the fields
@@ -189,22 +191,58 @@ class SocketFrontServer:
                 listing = await asyncio.to_thread(self.front.catalogue.listing)  # reads live workers in Redis
                 return await self._send(writer, protocol.encode_models(listing))
             request, _ = protocol.decode_request(frame)
+            previews = protocol.request_previews(frame)
             self.admission.check_rate(client)
         except ProtocolError as exc:
             return await self._send_error(writer, exc)
         with self._count_lock:
             self._account_load()
             self._active += 1
+        waiter_id = uuid.uuid4().hex
+
+        def on_event(event: dict) -> None:
+            # STATUS keeps `state` (old clients read only that) and gains step, steps, queue_position, eta_s.
+            writer.write(protocol.encode_status(event.get("state", protocol.STATUS_GENERATING), **{
+                k: event.get(k) for k in ("step", "steps", "queue_position", "eta_s")}))
+            if previews and event.get("preview"):
+                writer.write(protocol.encode_preview(event.get("step"), event.get("steps"), event["preview"]))
+
+        generation = asyncio.ensure_future(self.front.generate_async(
+            request, on_status=lambda state: writer.write(protocol.encode_status(state)), client=client,
+            on_event=on_event, waiter_id=waiter_id, previews=previews))
+        peer = asyncio.ensure_future(self._watch_peer(reader, waiter_id))
         try:
-            answer = await self.front.generate_async(
-                request, on_status=lambda state: writer.write(protocol.encode_status(state)), client=client)
+            await asyncio.wait({generation, peer}, return_when=asyncio.FIRST_COMPLETED)
+            if not generation.done() and peer.done() and peer.result() == "closed":
+                generation.cancel()  # the client left: it stops waiting; a started render is still cached
+                await asyncio.gather(generation, return_exceptions=True)
+                return False
+            answer = await generation
         except ProtocolError as exc:  # counted by FrontService
             return await self._send(writer, protocol.encode_error(exc.code, exc.message, exc.field))
         finally:
+            if not peer.done():
+                peer.cancel()
             with self._count_lock:
                 self._account_load()
                 self._active -= 1
         return await self._send(writer, protocol.encode_image(answer.meta, answer.png))
+
+    async def _watch_peer(self, reader: asyncio.StreamReader, waiter_id: str) -> str:
+        """While a request waits: a CANCEL frame cancels it (returns "cancel" once the wait ends);
+        end of stream or a broken frame means the client left ("closed")."""
+        try:
+            header = protocol.decode_header(await reader.readexactly(protocol.HEADER.size))
+            kind, length = header
+            if kind != protocol.CANCEL or length > protocol.MAX_PAYLOAD[protocol.CANCEL]:
+                return "closed"  # only CANCEL may come while a request is in flight
+            async with asyncio.timeout(self.config.frame_timeout_s):
+                await reader.readexactly(length)
+        except (asyncio.IncompleteReadError, ConnectionError, OSError, ProtocolError, TimeoutError):
+            return "closed"
+        self.front.cancel(waiter_id)
+        await asyncio.Event().wait()  # the generation ends with `cancelled`; this watcher is then cancelled
+        return "cancel"
 
     async def _send_error(self, writer: asyncio.StreamWriter, exc: ProtocolError) -> bool:
         self.front.counters.error(exc.code)

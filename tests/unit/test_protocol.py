@@ -156,7 +156,7 @@ def test_receiver_side_cap_refuses_kinds_it_does_not_accept(pair):
     (header(protocol.REQUEST, 0, version=2), protocol.E_UNSUPPORTED_VERSION),
     (header(protocol.REQUEST, 0, version=255), protocol.E_UNSUPPORTED_VERSION),
     (header(0, 0), protocol.E_BAD_FRAME),
-    (header(7, 0), protocol.E_BAD_FRAME),
+    (header(9, 0), protocol.E_BAD_FRAME),
     (header(255, 2**32 - 1), protocol.E_BAD_FRAME),
 ])
 def test_bad_header_gives_its_code(pair, raw, code):
@@ -190,7 +190,7 @@ def test_payload_that_is_not_utf8_json_is_bad_frame(pair, kind, payload):
     frame = read(b)
     decode = {protocol.REQUEST: protocol.decode_request, protocol.STATUS: Frame.json,
               protocol.IMAGE: protocol.decode_image, protocol.ERROR: Frame.json, protocol.LIST_MODELS: Frame.json,
-              protocol.MODELS: Frame.json}[kind]
+              protocol.MODELS: Frame.json, protocol.PREVIEW: Frame.json, protocol.CANCEL: Frame.json}[kind]
     raises_code(protocol.E_BAD_FRAME, decode, frame)
 
 

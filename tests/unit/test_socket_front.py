@@ -44,7 +44,7 @@ class FakeFront:
         self.admission = Admission(config)
         self.counters = Counters()
 
-    async def generate_async(self, request, on_status=None, client="?"):
+    async def generate_async(self, request, on_status=None, client="?", **_):
         if on_status:
             on_status(protocol.STATUS_CACHED)
         return Answer({"key": key_of(request)}, PNG, cached=True)

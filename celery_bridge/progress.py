@@ -1,0 +1,212 @@
+"""Live progress, waiters and cancel flags of a task, shared by workers and gateways through Redis.
+
+Per task (never one channel every replica parses for every task):
+- `sdgate:progress:<task_id>`: a pub/sub channel the worker publishes step events on (throttled),
+  which only the gateways watching that task subscribe to (celery_bridge/producer.py);
+- `sdgate:progress-last:<task_id>`: the latest event (short TTL), for any replica that asks later;
+- `sdgate:waiters:<task_id>`: a sorted set of waiter ids scored by their lease expiry (ms), and
+  `sdgate:watched:<task_id>`, set by the gateway that queues the task: a watched task with no live
+  waiter that has not started is skipped by the worker, so nobody's GPU renders an orphan;
+- `sdgate:cancel:<task_id>`: set when the last waiter cancels; the worker checks it before it
+  starts and at every denoising step, and stops.
+
+Imports no torch at module level: the gateway uses the key helpers and the waiter scripts.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import logging
+import time
+from typing import Any, Dict, List, Optional
+
+import redis
+
+log = logging.getLogger(__name__)
+CHANNEL_PREFIX = "sdgate:progress:"
+LAST_PREFIX = "sdgate:progress-last:"
+WAITERS_PREFIX = "sdgate:waiters:"
+WATCHED_PREFIX = "sdgate:watched:"
+CANCEL_PREFIX = "sdgate:cancel:"
+RENDER_MS_PREFIX = "sdgate:render-ms:"  # recent render times of a model, newest first (for ETAs)
+TASK_TTL_S = 3600  # the per-task keys outlive any request (bounded, like the job records)
+MIN_INTERVAL_S = 0.1  # at most ~10 progress events a second per task
+MAX_PREVIEW_BYTES = 64 * 1024
+RENDER_SAMPLES = 16
+CANCELLED_MESSAGE = "cancelled: every client waiting for this image left or cancelled it"
+
+# A fixed linear map from SD 1.x/2.x's 4 latent channels to RGB ("Approx cheap" in A1111, InvokeAI).
+LATENT_RGB = ((0.298, 0.207, 0.208), (0.187, 0.286, 0.173), (-0.158, 0.189, 0.264), (-0.184, -0.271, -0.473))
+
+# KEYS[1] waiters zset, KEYS[2] cancel flag. ARGV: waiter id, now ms, ttl s.
+# Removes the waiter and the lapsed ones; when none is left, raises the cancel flag. Returns the
+# number of live waiters left (0: this cancel stops the task).
+_LEAVE_AND_CANCEL = """
+redis.call('zrem', KEYS[1], ARGV[1])
+redis.call('zremrangebyscore', KEYS[1], '-inf', ARGV[2])
+local left = redis.call('zcard', KEYS[1])
+if left == 0 then redis.call('set', KEYS[2], '1', 'EX', ARGV[3]) end
+return left
+"""
+# KEYS[1] queue list. ARGV[1] scan limit, then task ids. Returns each id's 0-based position from the
+# consuming end (kombu LPUSHes and BRPOPs, so the oldest is at the right), or -1 when not seen.
+_QUEUE_POSITIONS = """
+local len = redis.call('llen', KEYS[1])
+local limit = tonumber(ARGV[1])
+local out = {}
+for i = 2, #ARGV do out[i - 1] = -1 end
+local start = len - limit
+if start < 0 then start = 0 end
+local items = redis.call('lrange', KEYS[1], start, -1)
+for idx, raw in ipairs(items) do
+  for i = 2, #ARGV do
+    if out[i - 1] == -1 and string.find(raw, ARGV[i], 1, true) then out[i - 1] = #items - idx end
+  end
+end
+return out
+"""
+
+
+def channel(task_id: str) -> str:
+    return CHANNEL_PREFIX + task_id
+
+
+def add_waiter(client: redis.Redis, task_id: str, waiter_id: str, lease_s: float, pipe=None) -> None:
+    """Register (or renew) `waiter_id` on `task_id` for `lease_s`."""
+    target = pipe if pipe is not None else client.pipeline(transaction=False)
+    target.zadd(WAITERS_PREFIX + task_id, {waiter_id: int((time.time() + lease_s) * 1000)})
+    target.expire(WAITERS_PREFIX + task_id, TASK_TTL_S)
+    if pipe is None:
+        target.execute()
+
+
+def remove_waiter(client: redis.Redis, task_id: str, waiter_id: str) -> None:
+    """`waiter_id` no longer waits (it left); a running render goes on and is cached."""
+    client.zrem(WAITERS_PREFIX + task_id, waiter_id)
+
+
+def mark_watched(client: redis.Redis, task_id: str) -> None:
+    """The task is queued by a gateway that counts its waiters: the worker may skip it when none is left."""
+    client.set(WATCHED_PREFIX + task_id, "1", ex=TASK_TTL_S)
+
+
+def cancel(client: redis.Redis, task_id: str, waiter_id: str) -> int:
+    """`waiter_id` cancels: it leaves, and if it was the last live waiter the task is cancelled.
+    Returns the live waiters left (0 means the task stops)."""
+    script = client.register_script(_LEAVE_AND_CANCEL)
+    return int(script(keys=[WAITERS_PREFIX + task_id, CANCEL_PREFIX + task_id],
+                      args=[waiter_id, int(time.time() * 1000), TASK_TTL_S]))
+
+
+def queue_positions(client: redis.Redis, queue: str, task_ids: List[str], limit: int = 1000) -> Dict[str, Optional[int]]:
+    """0-based place of each task in `queue` (0: next to start), None when not within `limit` of the head."""
+    if not task_ids:
+        return {}
+    script = client.register_script(_QUEUE_POSITIONS)
+    found = script(keys=[queue], args=[limit, *task_ids])
+    return {task_id: (int(pos) if int(pos) >= 0 else None) for task_id, pos in zip(task_ids, found)}
+
+
+def last_event(client: redis.Redis, task_id: str) -> Optional[Dict[str, Any]]:
+    raw = client.get(LAST_PREFIX + task_id)
+    try:
+        return json.loads(raw) if raw else None
+    except ValueError:
+        return None
+
+
+def recent_render_s(client: redis.Redis, model: str) -> Optional[float]:
+    """Mean of the model's recent render times in seconds, None before the first."""
+    samples = [float(x) for x in client.lrange(RENDER_MS_PREFIX + model, 0, RENDER_SAMPLES - 1)]
+    return sum(samples) / len(samples) / 1000 if samples else None
+
+
+def record_render(client: redis.Redis, model: str, ms: float) -> None:
+    pipe = client.pipeline(transaction=False)
+    pipe.lpush(RENDER_MS_PREFIX + model, round(ms, 1))
+    pipe.ltrim(RENDER_MS_PREFIX + model, 0, RENDER_SAMPLES - 1)
+    pipe.execute()
+
+
+class TaskCancelled(RuntimeError):
+    """The task's last waiter cancelled it (or every waiter left before it started)."""
+
+
+class ProgressReporter:
+    """Worker side, one per task: gate the start, publish throttled steps, stop on a cancel flag."""
+
+    def __init__(self, client: redis.Redis, task_id: str, steps: int, previews: int = 0,
+                 min_interval_s: float = MIN_INTERVAL_S):
+        self.client, self.task_id, self.steps = client, task_id, steps
+        self.previews = max(0, int(previews))
+        self.min_interval_s = min_interval_s
+        self.started = time.monotonic()
+        self._last_sent = 0.0
+        self.steps_run = 0  # the worker's own step count (tests read it from the last event)
+
+    def check_start(self) -> None:
+        """Raise TaskCancelled when the task was cancelled, or every waiter left before it started."""
+        pipe = self.client.pipeline(transaction=False)
+        pipe.exists(CANCEL_PREFIX + self.task_id)
+        pipe.exists(WATCHED_PREFIX + self.task_id)
+        pipe.zcount(WAITERS_PREFIX + self.task_id, int(time.time() * 1000), "+inf")
+        cancelled, watched, live = pipe.execute()
+        if cancelled:
+            raise TaskCancelled(CANCELLED_MESSAGE)
+        if watched and not live:
+            raise TaskCancelled("expired: every client waiting for this image left before it started")
+
+    def on_step(self, step: int, steps: Optional[int] = None, latents: Any = None) -> None:
+        """Called after denoising step `step` (0-based) of `steps`; raises TaskCancelled when cancelled."""
+        self.steps_run = step + 1
+        if isinstance(steps, int) and steps > 0:
+            self.steps = steps
+        now = time.monotonic()
+        last = self.steps_run >= self.steps
+        preview = self.previews and latents is not None and (self.steps_run % self.previews == 0)
+        pipe = self.client.pipeline(transaction=False)
+        pipe.exists(CANCEL_PREFIX + self.task_id)  # first: a cancel seen here stops this very step
+        event: Dict[str, Any] = {"task_id": self.task_id, "step": self.steps_run, "steps": self.steps,
+                                 "elapsed": round(now - self.started, 3)}
+        # The latest step is stored every step (one SET in the same round trip), published throttled.
+        publish = preview or last or now - self._last_sent >= self.min_interval_s
+        if publish:
+            self._last_sent = now
+            if preview:
+                png = latent_preview(latents)
+                if png is not None:
+                    event["preview"] = base64.b64encode(png).decode("ascii")
+            pipe.publish(CHANNEL_PREFIX + self.task_id, json.dumps(event, separators=(",", ":")))
+        event.pop("preview", None)
+        pipe.set(LAST_PREFIX + self.task_id, json.dumps(event, separators=(",", ":")), ex=TASK_TTL_S)
+        try:
+            cancelled = pipe.execute()[0]
+        except redis.RedisError as exc:  # progress is best effort; the render goes on
+            log.debug("progress for %s not sent: %s", self.task_id, exc)
+            return
+        if cancelled:
+            raise TaskCancelled(f"{CANCELLED_MESSAGE} (stopped after step {self.steps_run} of {self.steps})")
+
+
+def latent_preview(latents: Any) -> Optional[bytes]:
+    """A small PNG of the first latent image by a fixed linear projection (no model), <= 64 KB."""
+    import torch
+    from PIL import Image
+
+    with torch.no_grad():
+        lat = latents[0].float()
+        if lat.shape[0] >= 4:
+            rgb = torch.einsum("chw,cr->rhw", lat[:4], torch.tensor(LATENT_RGB, device=lat.device))
+        else:
+            rgb = lat[:3] if lat.shape[0] >= 3 else lat[:1].repeat(3, 1, 1)
+        rgb = ((rgb + 1) * 127.5).clamp(0, 255).to(torch.uint8).permute(1, 2, 0).cpu().numpy()
+    image = Image.fromarray(rgb)
+    for _ in range(4):
+        buffer = io.BytesIO()
+        image.save(buffer, format="PNG")
+        if buffer.tell() <= MAX_PREVIEW_BYTES:
+            return buffer.getvalue()
+        image = image.resize((max(1, image.width // 2), max(1, image.height // 2)))
+    return None

@@ -1,0 +1,296 @@
+"""Jobs: a generation that outlives the HTTP request that made it (see /v1/jobs in README).
+
+A job is a waiter of the front service (its id is the waiter id) whose record lives in Redis for
+JOB_TTL_S, so any gateway replica can answer GET, events, image and DELETE for it, and a replica
+restart loses nothing: the record says what was asked, and a replica that finds a job whose owner
+stopped renewing it adopts it (it asks the front again: a cache hit, a join, or a new render).
+
+The owner replica runs the job as a coroutine on its HTTP loop and relays the flight's events to
+its local SSE listeners; other replicas poll the record and the task's latest progress key.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import threading
+import time
+import uuid
+from typing import Any, AsyncIterator, Dict, List, Optional
+
+import redis
+
+from client import protocol
+from client.protocol import GenerationRequest, InvalidRequest, ProtocolError
+from celery_bridge import progress
+from serve_app.front import FrontService
+
+log = logging.getLogger(__name__)
+JOB_PREFIX = "sdgate:job:"
+OWNER_PREFIX = "sdgate:job-owner:"  # renewed by the replica running the job; lapses when it dies
+CANCEL_PREFIX = "sdgate:job-cancel:"  # a DELETE that reached another replica than the owner
+JOB_TTL_S = 3600
+OWNER_LEASE_S = 6.0
+POLL_S = 0.25  # how often a replica that does not own a job looks at it for SSE
+TERMINAL = ("done", "failed", "cancelled")
+MAX_PREVIEWS = 150
+
+
+def job_body(record: Dict[str, Any]) -> Dict[str, Any]:
+    """The public `Job` object of the contract (no owner or task bookkeeping)."""
+    body = {k: record.get(k) for k in ("id", "object", "state", "model", "key", "step", "steps", "queue_position",
+                                         "eta_s", "created", "cached", "params", "error")}
+    body["image_url"] = f"/v1/images/{record['key']}.png" if record.get("state") == "done" else None
+    return body
+
+
+class JobService:
+    """Creates, runs, reads and cancels jobs for one gateway replica."""
+
+    def __init__(self, front: FrontService):
+        self.front = front
+        self.redis: redis.Redis = front._redis
+        self.replica = uuid.uuid4().hex[:12]
+        self._local: Dict[str, Dict[str, Any]] = {}  # job id -> {"record", "listeners": [asyncio.Queue]}
+        self._stop = threading.Event()
+        threading.Thread(target=self._keep, name="sdgate-jobs", daemon=True).start()
+
+    def close(self) -> None:
+        self._stop.set()
+
+    # -- create and run -----------------------------------------------------------------------------
+
+    async def submit(self, request: GenerationRequest, previews: int = 0, client: str = "?") -> Dict[str, Any]:
+        """Create a job for `request`; a cache hit is done at once. Raises ProtocolError."""
+        if not isinstance(previews, int) or isinstance(previews, bool) or not 0 <= previews <= MAX_PREVIEWS:
+            raise ProtocolError(protocol.E_INVALID_REQUEST, f"previews {previews!r} must be an integer 0..{MAX_PREVIEWS} "
+                                "(a preview every k steps; 0 for none)", field="previews")
+        try:
+            normalized = self.front.catalogue.resolve(request).normalized()
+        except InvalidRequest as exc:
+            raise ProtocolError(protocol.E_INVALID_REQUEST, str(exc), field=exc.field) from None
+        record = {"id": "job-" + uuid.uuid4().hex, "object": "sdgate.job", "state": "queued",
+                  "model": normalized.model, "key": normalized.cache_key(), "step": None, "steps": normalized.steps,
+                  "queue_position": None, "eta_s": None, "created": int(time.time()), "cached": False,
+                  "params": _params(normalized), "error": None, "previews": previews, "task_id": None,
+                  "request": normalized.to_dict()}
+        loop = asyncio.get_running_loop()
+        cached = await loop.run_in_executor(None, self.front._cache_get, record["key"])
+        if cached is not None:
+            self.front.counters.incr("cache_hits")
+            record.update(state="done", cached=True, step=normalized.steps)
+            await loop.run_in_executor(None, self._save, record)
+            return record
+        await loop.run_in_executor(None, self._save, record, True)
+        self._start(record, normalized, client)
+        return record
+
+    def _start(self, record: Dict[str, Any], request: GenerationRequest, client: str) -> None:
+        self._local[record["id"]] = {"record": record, "listeners": []}
+        asyncio.get_running_loop().create_task(self._run(record, request, client))
+
+    async def _run(self, record: Dict[str, Any], request: GenerationRequest, client: str) -> None:
+        job_id = record["id"]
+        loop = asyncio.get_running_loop()
+        last_saved = [0.0]
+
+        def update(**changes: Any) -> None:
+            preview = changes.pop("preview", None)
+            record.update(changes)
+            if record.get("task_id") is None:
+                entry = self.front._waiting.get(job_id)
+                if entry is not None and entry[0].task_id:
+                    record["task_id"] = entry[0].task_id
+            for queue in self._local.get(job_id, {}).get("listeners", []):
+                queue.put_nowait(("progress", dict(record)))
+                if preview:
+                    queue.put_nowait(("preview", {"id": job_id, "step": record.get("step"),
+                                                  "steps": record.get("steps"), "b64_png": preview}))
+            now = time.monotonic()
+            if "state" in changes or now - last_saved[0] >= 1.0:  # steps are read from the task's key
+                last_saved[0] = now
+                loop.run_in_executor(None, self._save_quietly, dict(record))
+
+        def on_status(state: str) -> None:
+            update(state="generating" if state == protocol.STATUS_GENERATING else "queued")
+
+        def on_event(event: Dict[str, Any]) -> None:
+            update(**{k: event.get(k) for k in ("step", "steps", "queue_position", "eta_s", "preview")
+                      if k in event}, state="generating" if event.get("state") == "generating" else "queued")
+
+        try:
+            answer = await self.front.generate_async(request, on_status=on_status, client=client, on_event=on_event,
+                                                     waiter_id=job_id, timeout_s=self.front.config.flight_timeout_s,
+                                                     previews=record.get("previews") or 0)
+            final = dict(state="done", cached=answer.cached, step=record.get("steps"), queue_position=None, eta_s=0.0)
+        except ProtocolError as exc:
+            state = "cancelled" if exc.code == protocol.E_CANCELLED else "failed"
+            final = dict(state=state, queue_position=None, eta_s=None,
+                         error={"code": exc.code, "message": exc.message, "param": exc.field})
+        except Exception:  # noqa: BLE001 - the job must end in a terminal state whatever happened
+            log.exception("job %s failed", job_id)
+            final = dict(state="failed", error={"code": protocol.E_INTERNAL, "message": "the gateway failed on this "
+                                                "job; submit it again", "param": None})
+        record.update(final)
+        try:
+            await loop.run_in_executor(None, self._save, record)
+        finally:
+            entry = self._local.pop(job_id, None)
+            for queue in (entry or {}).get("listeners", []):
+                queue.put_nowait(("end", dict(record)))
+            await loop.run_in_executor(None, self._quiet, self.redis.delete, OWNER_PREFIX + job_id)
+
+    # -- read ----------------------------------------------------------------------------------------
+
+    def get(self, job_id: str) -> Optional[Dict[str, Any]]:
+        """The job's record with live step/ETA (blocking: call it off the loop); None if unknown."""
+        if not job_id.startswith("job-") or len(job_id) > 64:
+            return None
+        local = self._local.get(job_id)
+        if local is not None:
+            return dict(local["record"])
+        raw = self.redis.get(JOB_PREFIX + job_id)
+        if raw is None:
+            return None
+        record = json.loads(raw)
+        if record.get("state") == "generating" and record.get("task_id"):
+            event = progress.last_event(self.redis, record["task_id"])
+            if event and isinstance(event.get("step"), int):
+                record["step"], steps = event["step"], event.get("steps") or record.get("steps")
+                elapsed = event.get("elapsed")
+                if isinstance(elapsed, (int, float)) and event["step"] > 0:
+                    record["eta_s"] = round(elapsed / event["step"] * (steps - event["step"]), 2)
+        return record
+
+    def adopt_if_orphaned(self, record: Dict[str, Any]) -> bool:
+        """A running job whose owner stopped renewing (its replica died) is taken over here."""
+        if record.get("state") in TERMINAL or record["id"] in self._local:
+            return False
+        if not self.redis.set(OWNER_PREFIX + record["id"], self.replica, nx=True, ex=int(OWNER_LEASE_S)):
+            return False
+        log.warning("adopting job %s: the replica that ran it stopped renewing it", record["id"])
+        request = GenerationRequest.from_dict(record["request"])
+        asyncio.get_running_loop().call_soon(self._start, record, request, "adopted")
+        return True
+
+    async def read(self, job_id: str) -> Optional[Dict[str, Any]]:
+        """get() off the loop, adopting an orphaned job."""
+        record = await asyncio.get_running_loop().run_in_executor(None, self.get, job_id)
+        if record is not None and record.get("state") not in TERMINAL:
+            if self.adopt_if_orphaned(record):
+                record = self._local[record["id"]]["record"] if record["id"] in self._local else record
+        return record
+
+    async def events(self, job_id: str, first: Dict[str, Any]) -> AsyncIterator[bytes]:
+        """Server-Sent Events for the job: progress (and previews when it asked), then done or error."""
+        yield _sse("progress", job_body(first))
+        if first.get("state") in TERMINAL:
+            yield _sse("done" if first["state"] == "done" else "error", job_body(first))
+            return
+        local = self._local.get(job_id)
+        if local is not None:
+            queue: "asyncio.Queue" = asyncio.Queue()
+            local["listeners"].append(queue)
+            try:
+                while True:
+                    kind, data = await queue.get()
+                    if kind == "end":
+                        yield _sse("done" if data["state"] == "done" else "error", job_body(data))
+                        return
+                    yield _sse(kind, job_body(data) if kind == "progress" else data)
+            finally:
+                if queue in local["listeners"]:
+                    local["listeners"].remove(queue)
+        # Another replica runs it: follow its record and its task's latest step.
+        last = json.dumps(job_body(first), sort_keys=True)
+        deadline = time.monotonic() + JOB_TTL_S
+        while time.monotonic() < deadline:
+            await asyncio.sleep(POLL_S)
+            record = await self.read(job_id)
+            if record is None:
+                yield _sse("error", dict(job_body(first), state="failed", error={
+                    "code": protocol.E_INTERNAL, "message": "the job expired", "param": None}))
+                return
+            body = job_body(record)
+            if record.get("state") in TERMINAL:
+                yield _sse("done" if record["state"] == "done" else "error", body)
+                return
+            now = json.dumps(body, sort_keys=True)
+            if now != last:
+                last = now
+                yield _sse("progress", body)
+
+    # -- cancel --------------------------------------------------------------------------------------
+
+    async def cancel(self, job_id: str) -> Optional[Dict[str, Any]]:
+        """Cancel the named job only: its waiter leaves, and the task stops if nobody else waits."""
+        loop = asyncio.get_running_loop()
+        record = await loop.run_in_executor(None, self.get, job_id)
+        if record is None or record.get("state") in TERMINAL:
+            return record
+        if self.front.cancel(job_id):
+            for _ in range(200):  # the job's coroutine records the cancel
+                if job_id not in self._local:
+                    break
+                await asyncio.sleep(0.01)
+            return await loop.run_in_executor(None, self.get, job_id)
+        # The owner is another replica: tell it, and cancel the waiter on the task directly.
+        def remote() -> Dict[str, Any]:
+            self.redis.set(CANCEL_PREFIX + job_id, "1", ex=JOB_TTL_S)
+            if record.get("task_id"):
+                self.front.cancel_task(record["task_id"], job_id)
+            record.update(state="cancelled", queue_position=None, eta_s=None,
+                          error={"code": protocol.E_CANCELLED, "message": "cancelled at the client's request",
+                                 "param": None})
+            self._save(record)
+            return record
+
+        return await loop.run_in_executor(None, remote)
+
+    # -- records -------------------------------------------------------------------------------------
+
+    def _save(self, record: Dict[str, Any], own: bool = False) -> None:
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.set(JOB_PREFIX + record["id"], json.dumps(record, separators=(",", ":")), ex=JOB_TTL_S)
+        if own:
+            pipe.set(OWNER_PREFIX + record["id"], self.replica, ex=int(OWNER_LEASE_S))
+        pipe.execute()
+
+    def _save_quietly(self, record: Dict[str, Any]) -> None:
+        self._quiet(self._save, record)
+
+    @staticmethod
+    def _quiet(call, *args) -> None:
+        try:
+            call(*args)
+        except redis.RedisError as exc:
+            log.warning("job bookkeeping failed: %s", exc)
+
+    def _keep(self) -> None:
+        """Renew the owner lease of the jobs running here; apply cancels that reached other replicas."""
+        while not self._stop.wait(OWNER_LEASE_S / 3):
+            ids: List[str] = list(self._local)
+            if not ids:
+                continue
+            try:
+                pipe = self.redis.pipeline(transaction=False)
+                for job_id in ids:
+                    pipe.set(OWNER_PREFIX + job_id, self.replica, ex=int(OWNER_LEASE_S))
+                    pipe.exists(CANCEL_PREFIX + job_id)
+                replies = pipe.execute()
+                for job_id, cancelled in zip(ids, replies[1::2]):
+                    if cancelled:
+                        self.front.cancel(job_id)
+            except redis.RedisError as exc:
+                log.warning("renewing job leases failed: %s", exc)
+
+
+def _params(request: GenerationRequest) -> Dict[str, Any]:
+    return {"prompt": request.prompt, "negative_prompt": request.negative_prompt, "width": request.width,
+            "height": request.height, "steps": request.steps, "guidance": request.guidance_scale,
+            "seed": request.seed, "scheduler": request.scheduler, "model": request.model}
+
+
+def _sse(event: str, data: Dict[str, Any]) -> bytes:
+    return f"event: {event}\ndata: {json.dumps(data, separators=(',', ':'))}\n\n".encode()

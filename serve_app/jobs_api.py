@@ -1,0 +1,186 @@
+"""HTTP for jobs (/v1/jobs*) and OpenAI image streaming, shared by the Serve ingress and the fast port.
+
+The handlers take the gateway replica (its admission, front and JobService) and a Starlette
+request, so gateway.py's route methods and serve_app/http_front.py serve the same answers.
+Contract: JOBS_CONTRACT in the README (`Job` objects, SSE events progress/preview/done/error).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import time
+from typing import Any, AsyncIterator, Dict, Tuple
+
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response, StreamingResponse
+
+from client import protocol
+from client.protocol import GenerationRequest, InvalidRequest, ProtocolError
+from serve_app.admission import check_json_depth
+from serve_app.jobs import job_body
+
+SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+MAX_PARTIAL_IMAGES = 3
+
+
+async def read_generation(gateway: Any, request: Request, extras: Tuple[str, ...]) -> Tuple[GenerationRequest, Dict[str, Any]]:
+    """Auth, rate, bounded body, then the Images API body as a request plus the `extras` fields."""
+    from serve_app.gateway import _bearer, _bounded_body, request_from_openai
+
+    client = request.client.host if request.client else "?"
+    gateway.admission.check_token(_bearer(request))
+    gateway.admission.check_rate(client)
+    body = await _bounded_body(request)
+    try:
+        check_json_depth(body)
+        fields = json.loads(body)
+        taken = {name: fields.pop(name) for name in extras if isinstance(fields, dict) and name in fields}
+        return request_from_openai(fields), taken
+    except RecursionError:
+        raise ProtocolError(protocol.E_INVALID_REQUEST, "body nests too deep; send a flat JSON object") from None
+    except (ValueError, UnicodeDecodeError) as exc:
+        if isinstance(exc, InvalidRequest):
+            raise ProtocolError(protocol.E_INVALID_REQUEST, str(exc), field=exc.field) from None
+        raise ProtocolError(protocol.E_INVALID_REQUEST, f"body is not valid JSON: {exc}") from None
+    except TypeError as exc:
+        raise ProtocolError(protocol.E_INVALID_REQUEST, f"wrong shape: {exc}") from None
+
+
+def _error(gateway: Any, exc: ProtocolError) -> JSONResponse:
+    from serve_app.gateway import http_error
+
+    gateway.front.counters.error(exc.code)
+    return http_error(exc)
+
+
+def _not_found(job_id: str) -> JSONResponse:
+    return JSONResponse({"error": {"message": f"no job {job_id[:80]!r}: unknown, or expired (jobs are kept for an "
+                                   "hour); submit it again with POST /v1/jobs", "type": "not_found",
+                                   "code": "not_found", "param": "id"}}, status_code=404)
+
+
+async def create_job(gateway: Any, request: Request) -> Response:
+    """POST /v1/jobs: 202 Job (queued/generating), or 200 Job (done) on a cache hit."""
+    try:
+        generation, extras = await read_generation(gateway, request, ("previews",))
+        record = await gateway.jobs.submit(generation, extras.get("previews", 0) or 0,
+                                           client=request.client.host if request.client else "?")
+    except ProtocolError as exc:
+        return _error(gateway, exc)
+    return JSONResponse(job_body(record), status_code=200 if record["state"] == "done" else 202)
+
+
+async def _job_or_refusal(gateway: Any, request: Request):
+    refused = gateway._refused(request)
+    if refused is not None:
+        return None, refused
+    job_id = request.path_params.get("job_id", "")
+    record = await gateway.jobs.read(job_id)
+    return (record, None) if record is not None else (None, _not_found(job_id))
+
+
+async def get_job(gateway: Any, request: Request) -> Response:
+    """GET /v1/jobs/{id}."""
+    record, refusal = await _job_or_refusal(gateway, request)
+    return refusal or JSONResponse(job_body(record))
+
+
+async def job_events(gateway: Any, request: Request) -> Response:
+    """GET /v1/jobs/{id}/events: Server-Sent Events until done or error."""
+    record, refusal = await _job_or_refusal(gateway, request)
+    if refusal:
+        return refusal
+    return StreamingResponse(gateway.jobs.events(record["id"], record), media_type="text/event-stream",
+                             headers=SSE_HEADERS)
+
+
+async def job_image(gateway: Any, request: Request) -> Response:
+    """GET /v1/jobs/{id}/image: the PNG once done, else 404."""
+    record, refusal = await _job_or_refusal(gateway, request)
+    if refusal:
+        return refusal
+    cached = None
+    if record.get("state") == "done":
+        cached = await asyncio.get_running_loop().run_in_executor(None, gateway.front._cache_get, record["key"])
+    if cached is None:
+        return JSONResponse({"error": {"message": f"job {record['id']} is {record.get('state')}: no image yet; follow "
+                                       "/events or poll the job", "type": "not_found", "code": "not_found",
+                                       "param": "id"}}, status_code=404)
+    return Response(cached.png, media_type="image/png", headers={"ETag": f'"{record["key"]}"'})
+
+
+async def delete_job(gateway: Any, request: Request) -> Response:
+    """DELETE /v1/jobs/{id}: cancels that job only."""
+    record, refusal = await _job_or_refusal(gateway, request)
+    if refusal:
+        return refusal
+    record = await gateway.jobs.cancel(record["id"])
+    return JSONResponse(job_body(record))
+
+
+# -- OpenAI image streaming ------------------------------------------------------------------------
+
+async def stream_generation(gateway: Any, generation: GenerationRequest, partial_images: Any, client: str) -> Response:
+    """`stream: true`: SSE with image_generation.partial_image (up to `partial_images`) and
+    image_generation.completed, as OpenAI's Images API sends them."""
+    if not isinstance(partial_images, int) or isinstance(partial_images, bool) or \
+            not 0 <= partial_images <= MAX_PARTIAL_IMAGES:
+        return _error(gateway, ProtocolError(protocol.E_INVALID_REQUEST, f"partial_images {partial_images!r} must be "
+                                             f"an integer 0..{MAX_PARTIAL_IMAGES}", field="partial_images"))
+    steps = generation.steps or 0
+    try:
+        steps = steps or gateway.front.catalogue.resolve(generation).steps or 0
+    except InvalidRequest as exc:
+        return _error(gateway, ProtocolError(protocol.E_INVALID_REQUEST, str(exc), field=exc.field))
+    # A preview every k steps gives `partial_images` of them before the last step.
+    every = max(1, steps // (partial_images + 1)) if partial_images else 0
+    size = f"{generation.width}x{generation.height}" if generation.width and generation.height else "auto"
+    return StreamingResponse(_stream(gateway, generation, partial_images, every, size, client),
+                             media_type="text/event-stream", headers=SSE_HEADERS)
+
+
+async def _stream(gateway: Any, generation: GenerationRequest, partial_images: int, every: int, size: str,
+                  client: str) -> AsyncIterator[bytes]:
+    queue: "asyncio.Queue[Dict[str, Any]]" = asyncio.Queue()
+    common = {"size": size, "quality": "auto", "background": "opaque", "output_format": "png"}
+
+    def on_event(event: Dict[str, Any]) -> None:
+        if event.get("preview"):
+            queue.put_nowait(event)
+
+    task = asyncio.ensure_future(gateway.front.generate_async(generation, client=client, on_event=on_event,
+                                                              previews=every))
+    sent = 0
+    try:
+        while True:
+            getter = asyncio.ensure_future(queue.get())
+            done, _ = await asyncio.wait({task, getter}, return_when=asyncio.FIRST_COMPLETED)
+            if getter in done:
+                event = getter.result()
+                if sent < partial_images:
+                    yield _event("image_generation.partial_image", dict(
+                        common, b64_json=event["preview"], created_at=int(time.time()), partial_image_index=sent))
+                    sent += 1
+                continue
+            getter.cancel()
+            break
+        try:
+            answer = task.result()
+        except ProtocolError as exc:
+            yield f"event: error\ndata: {json.dumps({'error': {'message': exc.message, 'type': exc.code, 'code': exc.code, 'param': exc.field}})}\n\n".encode()
+            return
+        yield _event("image_generation.completed", dict(
+            common, b64_json=base64.b64encode(answer.png).decode("ascii"), created_at=int(time.time()),
+            usage={"total_tokens": 0, "input_tokens": 0, "output_tokens": 0,
+                   "input_tokens_details": {"text_tokens": 0, "image_tokens": 0}},
+            sdgate=dict({k: v for k, v in answer.meta.items() if k != "worker"}, cached=answer.cached)))
+    finally:
+        if not task.done():
+            task.cancel()  # the client left: this waiter leaves; the render goes on and is cached
+
+
+def _event(kind: str, data: Dict[str, Any]) -> bytes:
+    data = dict(data, type=kind)
+    return f"event: {kind}\ndata: {json.dumps(data, separators=(',', ':'))}\n\n".encode()

@@ -1,0 +1,349 @@
+"""Progress, cancel, no lost work and jobs, end to end: two gateway replicas (FrontServices with
+their own producers) over a real redis-server, a real `sdgate worker` (Celery, tiny pipeline)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import threading
+import time
+import uuid
+from pathlib import Path
+from typing import Any, Dict, List
+
+import pytest
+import redis
+
+from celery_bridge import progress
+from celery_bridge.config import CeleryConfig
+from celery_bridge.producer import GenerationProducer
+from client import protocol
+from client.protocol import GenerationRequest, ProtocolError
+from serve_app import stats
+from serve_app.config import GatewayConfig
+from serve_app.front import FrontService
+from serve_app.jobs import JobService
+from serve_app.store import SQLiteImageStore
+from tests.integration.conftest import PlainWorker
+
+pytestmark = pytest.mark.integration
+RESULT_PREFIX = "celery-task-meta-"
+LONG = dict(width=64, height=64, steps=150)  # a render long enough to act in the middle of
+
+
+class Loop:
+    """An event loop on a thread, as each replica's front runs its waiters on one."""
+
+    def __init__(self):
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self.thread.start()
+
+    def run(self, coro, timeout=180):
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
+
+    def spawn(self, coro):
+        return asyncio.run_coroutine_threadsafe(coro, self.loop)
+
+    def close(self):
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(5)
+
+
+@pytest.fixture(scope="module")
+def stack(redis_server, tmp_path_factory):
+    home = tmp_path_factory.mktemp("progress")
+    queue = f"pq-{uuid.uuid4().hex[:6]}"
+    worker = PlainWorker(redis_server.url, queue, home, home / "worker.log")
+    yield {"url": redis_server.url, "queue": queue, "cache": home / "images.db", "worker": worker}
+    worker.stop()
+
+
+class Replica:
+    def __init__(self, stack, **gateway):
+        self.producer = GenerationProducer(CeleryConfig(redis_url=stack["url"], queue=stack["queue"]))
+        config = GatewayConfig(**dict({"claim_lease_s": 0.6, "request_timeout_s": 120}, **gateway))
+        self.store = SQLiteImageStore(stack["cache"], 1 << 26)
+        self.front = FrontService(config, self.producer, self.store, stats.Counters(self.producer.redis, 0.1))
+        self.loop = Loop()
+        self.jobs = JobService(self.front)
+
+    def close(self):
+        self.jobs.close()
+        self.front.close()
+        self.producer.close()
+        self.front.counters.close()
+        self.loop.close()
+
+
+@pytest.fixture
+def replicas(stack):
+    made: List[Replica] = []
+
+    def make(**gateway) -> Replica:
+        made.append(Replica(stack, **gateway))
+        return made[-1]
+
+    yield make
+    for replica in made:
+        replica.close()
+
+
+def wait_for(check, timeout=120.0, what="condition"):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = check()
+        if value:
+            return value
+        time.sleep(0.02)
+    raise AssertionError(f"{what}: not within {timeout:.0f} s")
+
+
+def task_of(replica: Replica, request: GenerationRequest) -> str:
+    key = replica.front.catalogue.resolve(request).normalized().cache_key()
+    return wait_for(lambda: (replica.front._flights.get(key) and replica.front._flights[key].task_id), 60, "task id")
+
+
+def result_of(r: redis.Redis, task_id: str) -> Dict[str, Any]:
+    def finished():
+        raw = r.get(RESULT_PREFIX + task_id)
+        meta = json.loads(raw) if raw else None
+        return meta if meta and meta.get("status") in ("SUCCESS", "FAILURE") else None
+
+    return wait_for(finished, 120, f"result of {task_id}")
+
+
+def test_progress_arrives_in_order_and_reaches_a_joiner_on_another_replica(replicas):
+    a, b = replicas(), replicas()
+    request = GenerationRequest(f"progress in order {uuid.uuid4().hex[:6]}", width=64, height=64, steps=6)
+    seen_a: List[Dict[str, Any]] = []
+    seen_b: List[Dict[str, Any]] = []
+    leader = a.loop.spawn(a.front.generate_async(request, on_event=seen_a.append))
+    task_of(a, request)
+    joiner = b.loop.spawn(b.front.generate_async(request, on_event=seen_b.append))
+    first, second = leader.result(180), joiner.result(180)
+    assert first.png == second.png
+    for seen in (seen_a, seen_b):
+        steps = [e["step"] for e in seen if e["state"] == protocol.STATUS_GENERATING]
+        assert steps, "no progress reached this replica's waiter"
+        assert steps == sorted(steps) and len(set(steps)) == len(steps)  # in order, no repeats
+        totals = {e["steps"] for e in seen if e["state"] == protocol.STATUS_GENERATING}
+        assert len(totals) == 1 and totals.pop() >= 6  # the scheduler's real count (PNDM runs one more)
+    assert seen_a[-1]["step"] == seen_a[-1]["steps"]  # the last step is always sent
+
+
+def test_cancel_mid_render_stops_the_worker_within_one_step_and_caches_nothing(replicas):
+    a = replicas()
+    r = a.producer.redis
+    request = GenerationRequest(f"cancel me {uuid.uuid4().hex[:6]}", **LONG)
+    events: List[Dict[str, Any]] = []
+    waiter = a.loop.spawn(a.front.generate_async(request, on_event=events.append, waiter_id="w-cancel"))
+    task_id = task_of(a, request)
+    wait_for(lambda: any((e.get("step") or 0) >= 1 for e in events), 120, "a step")
+    assert a.front.cancel("w-cancel")
+    at_cancel = progress.last_event(r, task_id)["step"]  # the worker's own count, stored every step
+    with pytest.raises(ProtocolError) as raised:
+        waiter.result(60)
+    assert raised.value.code == protocol.E_CANCELLED
+    result = result_of(r, task_id)["result"]
+    assert result["ok"] is False and result["error_code"] == protocol.E_CANCELLED
+    stopped = int(result["error_message"].split("stopped after step ")[1].split(" ")[0])
+    assert stopped <= at_cancel + 1 < 150
+    key = a.front.catalogue.resolve(request).normalized().cache_key()
+    wait_for(lambda: key not in a.front._flights, 30, "the flight ended")
+    assert a.store.get(key) is None
+
+
+def test_when_one_of_two_waiters_cancels_the_render_goes_on(replicas):
+    a, b = replicas(), replicas()
+    request = GenerationRequest(f"two waiters {uuid.uuid4().hex[:6]}", width=64, height=64, steps=6)
+    events: List[Dict[str, Any]] = []
+    first = a.loop.spawn(a.front.generate_async(request, on_event=events.append, waiter_id="w-one"))
+    task_of(a, request)
+    second = b.loop.spawn(b.front.generate_async(request, waiter_id="w-two"))
+    wait_for(lambda: b.producer.redis.zscore(progress.WAITERS_PREFIX + task_of(a, request), "w-two"), 30,
+             "the joiner is counted")
+    wait_for(lambda: any(e.get("step") for e in events), 120, "a step")
+    assert a.front.cancel("w-one")
+    with pytest.raises(ProtocolError):
+        first.result(30)
+    answer = second.result(180)
+    assert answer.png.startswith(b"\x89PNG") and not answer.cached
+    assert a.store.get(answer.meta["key"]) is not None
+
+
+def test_a_timed_out_waiters_image_is_cached_and_its_retry_is_a_hit(replicas):
+    a = replicas()
+    request = GenerationRequest(f"timed out {uuid.uuid4().hex[:6]}", width=64, height=64, steps=6)
+    with pytest.raises(ProtocolError) as raised:
+        a.loop.run(a.front.generate_async(request, timeout_s=0.5))
+    assert raised.value.code == protocol.E_TIMEOUT
+    key = a.front.catalogue.resolve(request).normalized().cache_key()
+    wait_for(lambda: a.store.get(key), 120, "the image cached after its waiter timed out")
+    retry = a.loop.run(a.front.generate_async(request))
+    assert retry.cached  # one generation in all: the retry is a hit
+
+
+def test_a_queued_task_whose_waiters_all_left_never_runs(replicas):
+    a = replicas()
+    r = a.producer.redis
+    busy = GenerationRequest(f"keeps the worker busy {uuid.uuid4().hex[:6]}", **LONG)
+    busy_events: List[Dict[str, Any]] = []
+    blocker = a.loop.spawn(a.front.generate_async(busy, on_event=busy_events.append, waiter_id="w-busy"))
+    wait_for(lambda: any(e.get("step") for e in busy_events), 120, "the worker is rendering")
+    orphan = GenerationRequest(f"nobody waits {uuid.uuid4().hex[:6]}", width=64, height=64, steps=2)
+    positions: List[Any] = []
+    waiter = a.loop.spawn(a.front.generate_async(orphan, on_event=lambda e: positions.append(e.get("queue_position"))))
+    task_id = task_of(a, orphan)
+    wait_for(lambda: 0 in positions, 30, "queue position 0 reported while queued")
+    waiter.cancel()  # the client disconnects: it leaves (no explicit cancel)
+    wait_for(lambda: not r.zcard(progress.WAITERS_PREFIX + task_id), 30, "the waiter left")
+    assert a.front.cancel("w-busy")  # frees the worker sooner
+    with pytest.raises(ProtocolError):
+        blocker.result(60)
+    result = result_of(r, task_id)["result"]
+    assert result["error_code"] == protocol.E_CANCELLED and "before it started" in result["error_message"]
+    assert progress.last_event(r, task_id) is None  # not one denoising step ran
+
+
+def test_a_job_survives_its_replica_and_is_finished_by_another(replicas):
+    a, b = replicas(), replicas()
+    request = GenerationRequest(f"a job {uuid.uuid4().hex[:6]}", width=64, height=64, steps=4)
+    record = a.loop.run(a.jobs.submit(request))
+    assert record["state"] == "queued" and record["id"].startswith("job-")
+    task_of(a, request)
+    a.close()  # the replica goes away mid-job (its loop, its claim keeper, its job leases)
+    seen = b.loop.run(b.jobs.read(record["id"]))
+    assert seen is not None and seen["params"]["prompt"] == request.prompt
+
+    def done():
+        current = b.loop.run(b.jobs.read(record["id"]))
+        return current if current["state"] == "done" else None
+
+    final = wait_for(done, 180, "the job finished by the other replica")
+    assert b.store.get(final["key"]) is not None
+
+
+class HttpShim:
+    """The gateway's own route functions (serve_app/gateway.py, jobs_api) served by uvicorn for one
+    Replica, without Ray: what the fast HTTP port does."""
+
+    def __init__(self, replica: Replica):
+        import uvicorn
+        from starlette.applications import Starlette
+        from starlette.routing import Route
+
+        from serve_app.admission import Admission
+        from serve_app.gateway import Gateway
+
+        cls = Gateway.func_or_class
+        self.front, self.jobs, self.admission = replica.front, replica.jobs, Admission(replica.front.config)
+
+        def bound(method):
+            async def endpoint(request):
+                return await method(self, request)
+            return endpoint
+
+        routes = [Route("/v1/images/generations", bound(cls.generations), methods=["POST"]),
+                  Route("/v1/jobs", bound(cls.create_job), methods=["POST"]),
+                  Route("/v1/jobs/{job_id}", bound(cls.get_job), methods=["GET"]),
+                  Route("/v1/jobs/{job_id}", bound(cls.delete_job), methods=["DELETE"]),
+                  Route("/v1/jobs/{job_id}/events", bound(cls.job_events), methods=["GET"]),
+                  Route("/v1/jobs/{job_id}/image", bound(cls.job_image), methods=["GET"])]
+        from tests.services import free_port
+
+        self.port = free_port()
+        self.server = uvicorn.Server(uvicorn.Config(Starlette(routes=routes), host="127.0.0.1", port=self.port,
+                                                    log_level="warning", lifespan="off"))
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+        self.thread.start()
+        wait_for(lambda: self.server.started, 30, "uvicorn")
+
+    def _refused(self, request):  # no token in these tests
+        return None
+
+    def close(self):
+        self.server.should_exit = True
+        self.thread.join(5)
+
+
+def test_openai_sdk_streams_partial_images_then_the_same_final_image(replicas):
+    import base64
+
+    import openai
+
+    a = replicas()
+    http = HttpShim(a)
+    try:
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{http.port}/v1", api_key="unused", max_retries=0,
+                               timeout=300)
+        prompt = f"streamed {uuid.uuid4().hex[:6]}"
+        extra = {"steps": 6, "seed": 7}
+        stream = client.images.generate(prompt=prompt, size="64x64", stream=True, partial_images=2, extra_body=extra)
+        events = list(stream)
+        kinds = [event.type for event in events]
+        assert kinds[-1] == "image_generation.completed"
+        partials = [e for e in events if e.type == "image_generation.partial_image"]
+        assert [e.partial_image_index for e in partials] == [0, 1]
+        assert all(base64.b64decode(e.b64_json).startswith(b"\x89PNG") for e in partials)
+        streamed = base64.b64decode(events[-1].b64_json)
+        plain = client.images.generate(prompt=prompt, size="64x64", extra_body=extra)
+        assert base64.b64decode(plain.data[0].b64_json) == streamed
+    finally:
+        http.close()
+
+
+def _http(port: int, method: str, path: str, body: Any = None):
+    import urllib.error
+    import urllib.request
+
+    data = json.dumps(body).encode() if body is not None else None
+    request = urllib.request.Request(f"http://127.0.0.1:{port}{path}", data=data, method=method,
+                                     headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=300) as response:
+            return response.status, response.headers.get("content-type", ""), response.read()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.headers.get("content-type", ""), exc.read()
+
+
+def _sse(raw: bytes) -> List[tuple]:
+    events = []
+    for block in raw.decode().split("\n\n"):
+        lines = dict(line.split(": ", 1) for line in block.splitlines() if ": " in line)
+        if "event" in lines:
+            events.append((lines["event"], json.loads(lines["data"])))
+    return events
+
+
+def test_jobs_api_follows_the_contract(replicas):
+    a = replicas()
+    http = HttpShim(a)
+    try:
+        body = {"prompt": f"a job over http {uuid.uuid4().hex[:6]}", "size": "64x64", "steps": 6, "previews": 2}
+        status, _, raw = _http(http.port, "POST", "/v1/jobs", body)
+        job = json.loads(raw)
+        assert status == 202 and job["object"] == "sdgate.job" and job["state"] in ("queued", "generating")
+        assert job["params"]["prompt"] == body["prompt"] and job["image_url"] is None
+        status, kind, raw = _http(http.port, "GET", f"/v1/jobs/{job['id']}/events")
+        assert status == 200 and kind.startswith("text/event-stream")
+        events = _sse(raw)
+        assert events[-1][0] == "done" and events[-1][1]["image_url"] == f"/v1/images/{job['key']}.png"
+        assert any(name == "preview" and data["b64_png"] for name, data in events)
+        steps = [data["step"] for name, data in events if name == "progress" and data["state"] == "generating"
+                 and data["step"] is not None]
+        assert steps == sorted(steps)
+        status, kind, png = _http(http.port, "GET", f"/v1/jobs/{job['id']}/image")
+        assert status == 200 and kind == "image/png" and a.store.get(job["key"]).png == png
+        status, _, raw = _http(http.port, "POST", "/v1/jobs", body)  # the same again: a hit, done at once
+        assert status == 200 and json.loads(raw)["state"] == "done" and json.loads(raw)["cached"] is True
+
+        long = {"prompt": f"a job to cancel {uuid.uuid4().hex[:6]}", "size": "64x64", "steps": 150}
+        job = json.loads(_http(http.port, "POST", "/v1/jobs", long)[2])
+        wait_for(lambda: json.loads(_http(http.port, "GET", f"/v1/jobs/{job['id']}")[2])["step"], 120, "a step")
+        status, _, raw = _http(http.port, "DELETE", f"/v1/jobs/{job['id']}")
+        assert status == 200 and json.loads(raw)["state"] == "cancelled"
+        assert json.loads(_http(http.port, "GET", f"/v1/jobs/{job['id']}")[2])["error"]["code"] == "cancelled"
+        assert _http(http.port, "GET", "/v1/jobs/job-nope")[0] == 404
+    finally:
+        http.close()
