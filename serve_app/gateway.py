@@ -6,6 +6,7 @@ return the same bytes for the same parameters.
 """
 
 
+import asyncio
 import base64
 import json
 import logging
@@ -14,7 +15,7 @@ import time
 from typing import Any, Dict, Optional
 
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 from ray import serve
 
 from client import protocol
@@ -22,7 +23,7 @@ from client.protocol import GenerationRequest, InvalidRequest, ProtocolError
 from celery_bridge.config import load_celery_config
 from celery_bridge.producer import GenerationProducer
 from celery_bridge.redis_check import require_redis_version
-from serve_app import stats
+from serve_app import stats, webui
 from serve_app.admission import MAX_REQUEST_BYTES, Admission, check_json_depth
 from serve_app.autoscaling import SOCKET_LOAD_METRIC
 from serve_app.config import load_gateway_config
@@ -116,7 +117,9 @@ class Gateway:
         self.socket_server = SocketFrontServer(self.front, self.config).start()
         self._stopped = threading.Event()
         threading.Thread(target=self._watch_queue, name="sdgate-queue-depth", daemon=True).start()
-        self.http_front = HttpFrontServer(self.config, self.generations, self.healthz).start()
+        self.http_front = HttpFrontServer(self.config, self.generations, self.healthz, extra=[
+            ("/", self.page, ["GET"]), ("/static/{name}", self.static, ["GET"]),
+            ("/v1/images/{name}", self.image, ["GET"]), ("/v1/gallery", self.gallery, ["GET"])]).start()
         log.info("gateway replica serving sockets on %s:%s", self.config.host, self.socket_server.port)
 
     @api.post("/v1/images/generations")
@@ -158,6 +161,28 @@ class Gateway:
         """OpenAI's model list, each model with its defaults, limits and live worker count."""
         refused = self._refused(request)
         return refused or JSONResponse(self.front.catalogue.listing())
+
+    @api.get("/")
+    async def page(self, request: Request) -> Response:
+        """The web page (serve_app/web/index.html); it asks for the token itself when one is needed."""
+        return webui.asset("index.html")
+
+    @api.get("/static/{name}")
+    async def static(self, request: Request) -> Response:
+        return webui.asset(request.path_params["name"])
+
+    @api.get("/v1/images/{name}")
+    async def image(self, request: Request) -> Response:
+        """A cached PNG by key (`<key>.png`), with a strong ETag and a year of Cache-Control."""
+        refused = self._refused(request)
+        return refused or await asyncio.to_thread(webui.image_response, self.front.store,
+                                                  request.path_params["name"], request.headers.get("if-none-match"))
+
+    @api.get("/v1/gallery")
+    async def gallery(self, request: Request) -> Response:
+        """Cache entries with their parameters, newest first: `?limit=N&before=CURSOR`."""
+        refused = self._refused(request)
+        return refused or await asyncio.to_thread(webui.gallery, self.front.store, dict(request.query_params))
 
     @api.get("/healthz")
     def healthz(self) -> Dict[str, Any]:

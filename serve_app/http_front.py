@@ -15,7 +15,7 @@ import logging
 import socket
 import threading
 import time
-from typing import Any, Awaitable, Callable, Optional
+from typing import Any, Awaitable, Callable, List, Optional, Sequence, Tuple
 
 import uvicorn
 from starlette.applications import Starlette
@@ -47,7 +47,9 @@ class HttpFrontServer:
     """uvicorn on a thread of the replica, serving `generations` and `healthz` on a shared port."""
 
     def __init__(self, config: GatewayConfig, generations: Callable[[Request], Awaitable[Response]],
-                 healthz: Callable[[], Any]):
+                 healthz: Callable[[], Any],
+                 extra: Sequence[Tuple[str, Callable[[Request], Awaitable[Response]], List[str]]] = ()):
+        """`extra`: more (path, the gateway's route method, methods) to serve the same way."""
         self.config = config
         self._generations, self._healthz = generations, healthz
         self._listener = bind_shared(config.host, config.fast_http_port)
@@ -55,7 +57,8 @@ class HttpFrontServer:
         certfile, keyfile = tls_files(config)
         self.tls = certfile is not None
         app = Starlette(routes=[Route(GENERATIONS_PATH, self._serve_generations, methods=["POST"]),
-                                Route("/healthz", self._serve_healthz, methods=["GET"])])
+                                Route("/healthz", self._serve_healthz, methods=["GET"])]
+                        + [Route(path, self._counted(route), methods=methods) for path, route, methods in extra])
         self._server = uvicorn.Server(uvicorn.Config(
             app, loop="none", http="auto", lifespan="off", access_log=False, log_level="warning",
             ssl_certfile=certfile, ssl_keyfile=keyfile, timeout_keep_alive=int(config.idle_timeout_s),
@@ -74,6 +77,16 @@ class HttpFrontServer:
             return await self._generations(request)
         finally:
             self._count(-1)
+
+    def _counted(self, route: Callable[[Request], Awaitable[Response]]) -> Callable[[Request], Awaitable[Response]]:
+        async def serve(request: Request) -> Response:
+            self._count(+1)
+            try:
+                return await route(request)
+            finally:
+                self._count(-1)
+
+        return serve
 
     async def _serve_healthz(self, request: Request) -> Response:
         return JSONResponse(self._healthz())
