@@ -119,7 +119,8 @@ class Gateway:
         threading.Thread(target=self._watch_queue, name="sdgate-queue-depth", daemon=True).start()
         self.http_front = HttpFrontServer(self.config, self.generations, self.healthz, extra=[
             ("/", self.page, ["GET"]), ("/static/{name}", self.static, ["GET"]),
-            ("/v1/images/{name}", self.image, ["GET"]), ("/v1/gallery", self.gallery, ["GET"])]).start()
+            ("/v1/images/{name}", self.image, ["GET"]), ("/v1/gallery", self.gallery, ["GET"]),
+            ("/v1/models", self.models, ["GET"])]).start()
         log.info("gateway replica serving sockets on %s:%s", self.config.host, self.socket_server.port)
 
     @api.post("/v1/images/generations")

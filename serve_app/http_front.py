@@ -11,6 +11,7 @@ own Serve route methods, so both ports give the same answers, auth and limits in
 from __future__ import annotations
 
 import asyncio
+import inspect
 import logging
 import socket
 import threading
@@ -48,7 +49,7 @@ class HttpFrontServer:
 
     def __init__(self, config: GatewayConfig, generations: Callable[[Request], Awaitable[Response]],
                  healthz: Callable[[], Any],
-                 extra: Sequence[Tuple[str, Callable[[Request], Awaitable[Response]], List[str]]] = ()):
+                 extra: Sequence[Tuple[str, Callable[[Request], Any], List[str]]] = ()):
         """`extra`: more (path, the gateway's route method, methods) to serve the same way."""
         self.config = config
         self._generations, self._healthz = generations, healthz
@@ -78,11 +79,13 @@ class HttpFrontServer:
         finally:
             self._count(-1)
 
-    def _counted(self, route: Callable[[Request], Awaitable[Response]]) -> Callable[[Request], Awaitable[Response]]:
+    def _counted(self, route: Callable[[Request], Any]) -> Callable[[Request], Awaitable[Response]]:
+        blocking = not inspect.iscoroutinefunction(route)  # a plain def runs on a thread, as FastAPI runs it
+
         async def serve(request: Request) -> Response:
             self._count(+1)
             try:
-                return await route(request)
+                return await asyncio.to_thread(route, request) if blocking else await route(request)
             finally:
                 self._count(-1)
 
