@@ -20,7 +20,7 @@ import urllib.error
 import urllib.request
 import uuid
 from pathlib import Path
-from typing import Optional, Tuple
+from typing import Any, Optional, Tuple
 
 import pytest
 
@@ -33,7 +33,7 @@ RENDER_TIMEOUT_MS = 120_000
 
 
 def http(url: str, body: Optional[dict] = None, token: Optional[str] = None,
-         headers: Optional[dict] = None) -> Tuple[int, dict, bytes]:
+         headers: Optional[dict] = None) -> Tuple[int, Any, bytes]:
     request = urllib.request.Request(url, data=None if body is None else json.dumps(body).encode(),
                                      headers=dict(headers or {}, **({"Content-Type": "application/json"} if body
                                                                     is not None else {})))
@@ -41,9 +41,9 @@ def http(url: str, body: Optional[dict] = None, token: Optional[str] = None,
         request.add_header("Authorization", f"Bearer {token}")
     try:
         with urllib.request.urlopen(request, timeout=180) as response:
-            return response.status, dict(response.headers), response.read()
+            return response.status, response.headers, response.read()
     except urllib.error.HTTPError as exc:
-        return exc.code, dict(exc.headers), exc.read()
+        return exc.code, exc.headers, exc.read()
 
 
 def has_jobs_api(base: str, token: Optional[str]) -> bool:
