@@ -209,3 +209,71 @@ class TestAuthStack:
             assert http(f"{base}/v1/gallery?limit=0", token=TOKEN)[0] == 400
             status, headers, page = http(base + "/")
             assert status == 200 and b'<label for="prompt">Prompt</label>' in page  # the page itself needs no token
+
+
+def test_page_follows_job_events_per_the_jobs_contract(playwright_browser):
+    """The page's jobs path (JOBS_CONTRACT.md), with the server's answers played by Playwright routes:
+    SSE read with fetch() and the token, progress fraction, queue position, preview, then the image.
+    No stack: this pins the client side of the contract whether or not the jobs API is merged."""
+    from playwright.sync_api import expect
+
+    web = Path(__file__).resolve().parents[2] / "serve_app" / "web"
+    png = base64.b64decode("iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mP8z8BQDwAEhQGAhKmMIQAAAABJRU5ErkJggg==")
+    key = "ab" * 32
+    params = {"prompt": "a fox", "negative_prompt": "", "width": 64, "height": 64, "steps": 4, "guidance": 7.5,
+              "seed": 3, "scheduler": "default", "model": "tiny"}
+
+    def job(state, step=None, position=None):
+        return {"id": "j1", "object": "sdgate.job", "state": state, "model": "tiny", "key": key, "step": step,
+                "steps": 4, "queue_position": position, "eta_s": 1.5, "created": 1, "cached": False,
+                "params": params, "image_url": f"/v1/images/{key}.png" if state == "done" else None, "error": None}
+
+    events = "".join(f"event: {name}\r\ndata: {json.dumps(data)}\r\n\r\n" for name, data in [
+        ("progress", job("queued", position=2)), ("progress", job("generating", 1)),
+        ("preview", {"id": "j1", "step": 2, "steps": 4, "b64_png": base64.b64encode(png).decode()}),
+        ("progress", job("generating", 2)), ("done", job("done", 4))]) + ": keep-alive\n\n"
+    seen = []
+
+    def answer(route):
+        request = route.request
+        path = request.url.split("sdgate.test", 1)[1]
+        seen.append((request.method, path.split("?")[0], request.headers.get("authorization")))
+        if path == "/" or path.startswith("/static/"):
+            name = "index.html" if path == "/" else path.rsplit("/", 1)[1]
+            return route.fulfill(body=(web / name).read_bytes(), content_type={
+                "html": "text/html", "js": "text/javascript", "css": "text/css"}[name.rsplit(".", 1)[1]])
+        if request.headers.get("authorization") != "Bearer t0k":
+            return route.fulfill(status=401, json={"error": {"message": "token", "type": "unauthorized",
+                                                             "code": "unauthorized", "param": None}})
+        if path == "/v1/models":
+            return route.fulfill(json={"object": "list", "data": [{"id": "tiny", "default": True, "live_workers": 1,
+                "defaults": {"width": 64, "height": 64, "steps": 4, "scheduler": "default", "guidance_scale": 7.5},
+                "limits": {"max_side": 512, "max_steps": 50}}]})
+        if path.startswith("/v1/gallery"):
+            return route.fulfill(json={"object": "list", "data": [], "next": None})
+        if path == "/v1/jobs" and request.method == "POST":
+            assert json.loads(request.post_data)["previews"] == 1
+            return route.fulfill(status=202, json=job("queued", position=3))
+        if path == "/v1/jobs/j1/events":
+            return route.fulfill(body=events, content_type="text/event-stream")
+        if path == f"/v1/images/{key}.png":
+            return route.fulfill(body=png, content_type="image/png")
+        return route.fulfill(status=404, json={"error": {"message": "no", "type": "not_found"}})
+
+    context = playwright_browser.new_context()
+    page = context.new_page()
+    try:
+        page.add_init_script("localStorage.setItem('sdgate.token', 't0k')")
+        page.route("http://sdgate.test/**", answer)
+        page.goto("http://sdgate.test/")
+        expect(page.locator("#model option")).to_have_count(1)
+        page.get_by_label("Prompt", exact=True).fill("a fox")
+        page.get_by_role("button", name="Generate").click()
+        expect(page.get_by_role("img", name="Generated image: a fox")).to_be_visible()
+        assert page.evaluate("window.sdgateProgressLog") == [0, 0, 0, 0.25, 0.5, 1]
+        assert image_bytes(page) == png
+        expect(page.locator("#preview")).to_have_attribute("src", re.compile(r"^data:image/png;base64,"))
+        assert ("GET", "/v1/jobs/j1/events", "Bearer t0k") in seen  # the events carry the token
+        expect(page.locator("#params")).to_contain_text("guidance")
+    finally:
+        context.close()
