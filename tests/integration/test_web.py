@@ -232,7 +232,7 @@ def test_page_follows_job_events_per_the_jobs_contract(playwright_browser):
         ("progress", job("queued", position=2)), ("progress", job("generating", 1)),
         ("preview", {"id": "j1", "step": 2, "steps": 4, "b64_png": base64.b64encode(png).decode()}),
         ("progress", job("generating", 2)), ("done", job("done", 4))]) + ": keep-alive\n\n"
-    seen = []
+    seen, posted = [], []
 
     def answer(route):
         request = route.request
@@ -252,7 +252,7 @@ def test_page_follows_job_events_per_the_jobs_contract(playwright_browser):
         if path.startswith("/v1/gallery"):
             return route.fulfill(json={"object": "list", "data": [], "next": None})
         if path == "/v1/jobs" and request.method == "POST":
-            assert json.loads(request.post_data)["previews"] == 1
+            posted.append(json.loads(request.post_data))
             return route.fulfill(status=202, json=job("queued", position=3))
         if path == "/v1/jobs/j1/events":
             return route.fulfill(body=events, content_type="text/event-stream")
@@ -275,5 +275,11 @@ def test_page_follows_job_events_per_the_jobs_contract(playwright_browser):
         expect(page.locator("#preview")).to_have_attribute("src", re.compile(r"^data:image/png;base64,"))
         assert ("GET", "/v1/jobs/j1/events", "Bearer t0k") in seen  # the events carry the token
         expect(page.locator("#params")).to_contain_text("guidance")
+        assert posted[0]["previews"] == 1 and posted[0]["prompt"] == "a fox" and "seed" not in posted[0]
+        page.get_by_role("button", name="New seed").click()  # the same settings again, with a drawn seed
+        expect(page.locator("#progress-text")).to_contain_text("Done")
+        page.wait_for_function("window.sdgateProgressLog.length === 6 && !document.getElementById('generate').disabled")
+        assert len(posted) == 2 and isinstance(posted[1]["seed"], int)
+        assert {k: v for k, v in posted[1].items() if k != "seed"} == posted[0]
     finally:
         context.close()
