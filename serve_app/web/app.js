@@ -286,7 +286,6 @@ function bootCommand(p) {
                  ["--guidance", p.guidance], ["--scheduler", p.scheduler], ["--seed", p.seed]];
   for (const [flag, value] of flags) if (value !== undefined && value !== null) args.push(flag, shellQuote(String(value)));
   if (p.negative_prompt) args.push("--negative", shellQuote(p.negative_prompt));
-  if (localStorage.getItem(TOKEN_KEY)) args.unshift("SDGATE_TOKEN=…");
   return args.join(" ");
 }
 
