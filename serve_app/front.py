@@ -361,7 +361,7 @@ class FrontService:
                 outcome = ProtocolError(result.error_code or protocol.E_INTERNAL, _public_message(result, flight),
                                         result.error_field)
             else:
-                outcome = self._store(flight.key, result)
+                outcome = self._store(flight.key, result, flight.request)
                 if self.on_generated and flight.owner:
                     self.on_generated(result.pipeline_ms, (time.monotonic() - started) * 1000)
         except ProtocolError as exc:
@@ -586,8 +586,9 @@ class FrontService:
             return None
         return Answer(cached.meta, cached.png, cached=True) if cached is not None else None
 
-    def _store(self, key: str, result: GenerationResult) -> Answer:
-        png, meta = result.png, result.meta()
+    def _store(self, key: str, result: GenerationResult, request: GenerationRequest) -> Answer:
+        # The normalised request rides along, so the gallery can show what made each image.
+        png, meta = result.png, dict(result.meta(), params=request.to_dict())
         if result.key != key:
             log.error("worker answered key %s for %s", result.key[:12], key[:12])
             raise ProtocolError(protocol.E_INTERNAL, "the worker answered for another request; retry")

@@ -6,6 +6,7 @@ return the same bytes for the same parameters.
 """
 
 
+import asyncio
 import base64
 import json
 import logging
@@ -22,7 +23,7 @@ from client.protocol import GenerationRequest, InvalidRequest, ProtocolError
 from celery_bridge.config import load_celery_config
 from celery_bridge.producer import GenerationProducer
 from celery_bridge.redis_check import require_redis_version
-from serve_app import stats
+from serve_app import stats, webui
 from serve_app.admission import MAX_REQUEST_BYTES, Admission, check_json_depth
 from serve_app.autoscaling import SOCKET_LOAD_METRIC
 from serve_app.config import load_gateway_config
@@ -119,7 +120,10 @@ class Gateway:
         self._stopped = threading.Event()
         threading.Thread(target=self._watch_queue, name="sdgate-queue-depth", daemon=True).start()
         self.jobs = JobService(self.front)
-        self.http_front = HttpFrontServer(self.config, self.generations, self.healthz, routes=[
+        self.http_front = HttpFrontServer(self.config, self.generations, self.healthz, extra=[
+            ("/", self.page, ["GET"]), ("/static/{name}", self.static, ["GET"]),
+            ("/v1/images/{name}", self.image, ["GET"]), ("/v1/gallery", self.gallery, ["GET"]),
+            ("/v1/models", self.models, ["GET"]),
             ("/v1/jobs", self.create_job, ["POST"]), ("/v1/jobs/{job_id}", self.get_job, ["GET"]),
             ("/v1/jobs/{job_id}", self.delete_job, ["DELETE"]), ("/v1/jobs/{job_id}/events", self.job_events, ["GET"]),
             ("/v1/jobs/{job_id}/image", self.job_image, ["GET"])]).start()
@@ -190,6 +194,28 @@ class Gateway:
         """OpenAI's model list, each model with its defaults, limits and live worker count."""
         refused = self._refused(request)
         return refused or JSONResponse(self.front.catalogue.listing())
+
+    @api.get("/")
+    async def page(self, request: Request) -> Response:
+        """The web page (serve_app/web/index.html); it asks for the token itself when one is needed."""
+        return webui.asset("index.html")
+
+    @api.get("/static/{name}")
+    async def static(self, request: Request) -> Response:
+        return webui.asset(request.path_params["name"])
+
+    @api.get("/v1/images/{name}")
+    async def image(self, request: Request) -> Response:
+        """A cached PNG by key (`<key>.png`), with a strong ETag and a year of Cache-Control."""
+        refused = self._refused(request)
+        return refused or await asyncio.to_thread(webui.image_response, self.front.store,
+                                                  request.path_params["name"], request.headers.get("if-none-match"))
+
+    @api.get("/v1/gallery")
+    async def gallery(self, request: Request) -> Response:
+        """Cache entries with their parameters, newest first: `?limit=N&before=CURSOR`."""
+        refused = self._refused(request)
+        return refused or await asyncio.to_thread(webui.gallery, self.front.store, dict(request.query_params))
 
     @api.get("/healthz")
     def healthz(self) -> Dict[str, Any]:

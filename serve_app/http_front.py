@@ -11,6 +11,7 @@ own Serve route methods, so both ports give the same answers, auth and limits in
 from __future__ import annotations
 
 import asyncio
+import inspect
 import logging
 import socket
 import threading
@@ -48,8 +49,8 @@ class HttpFrontServer:
 
     def __init__(self, config: GatewayConfig, generations: Callable[[Request], Awaitable[Response]],
                  healthz: Callable[[], Any],
-                 routes: Sequence[Tuple[str, Callable[[Request], Awaitable[Response]], List[str]]] = ()):
-        """`routes`: more (path, the replica's route method, methods), served as they are."""
+                 extra: Sequence[Tuple[str, Callable[[Request], Any], List[str]]] = ()):
+        """`extra`: more (path, the gateway's route method, methods) to serve the same way."""
         self.config = config
         self._generations, self._healthz = generations, healthz
         self._listener = bind_shared(config.host, config.fast_http_port)
@@ -57,9 +58,8 @@ class HttpFrontServer:
         certfile, keyfile = tls_files(config)
         self.tls = certfile is not None
         app = Starlette(routes=[Route(GENERATIONS_PATH, self._serve_generations, methods=["POST"]),
-                                Route("/healthz", self._serve_healthz, methods=["GET"]),
-                                *[Route(path, self._counted(endpoint), methods=methods)
-                                  for path, endpoint, methods in routes]])
+                                Route("/healthz", self._serve_healthz, methods=["GET"])]
+                        + [Route(path, self._counted(route), methods=methods) for path, route, methods in extra])
         self._server = uvicorn.Server(uvicorn.Config(
             app, loop="none", http="auto", lifespan="off", access_log=False, log_level="warning",
             ssl_certfile=certfile, ssl_keyfile=keyfile, timeout_keep_alive=int(config.idle_timeout_s),
@@ -79,11 +79,13 @@ class HttpFrontServer:
         finally:
             self._count(-1)
 
-    def _counted(self, endpoint: Callable[[Request], Awaitable[Response]]) -> Callable[[Request], Awaitable[Response]]:
+    def _counted(self, route: Callable[[Request], Any]) -> Callable[[Request], Awaitable[Response]]:
+        blocking = not inspect.iscoroutinefunction(route)  # a plain def runs on a thread, as FastAPI runs it
+
         async def serve(request: Request) -> Response:
             self._count(+1)
             try:
-                return await endpoint(request)
+                return await asyncio.to_thread(route, request) if blocking else await route(request)
             finally:
                 self._count(-1)
 

@@ -40,6 +40,15 @@ class CachedImage:
     meta: dict
 
 
+@dataclass(frozen=True)
+class ListedImage:
+    """One entry of a listing, newest first: its key, when it was first stored (unix s) and its metadata."""
+
+    key: str
+    created: float
+    meta: dict
+
+
 class ImageStore(abc.ABC):
     """A byte-budgeted LRU of PNGs keyed by the canonical cache key; every hit is checksummed."""
 
@@ -64,6 +73,13 @@ class ImageStore(abc.ABC):
     @abc.abstractmethod
     def count(self) -> int:
         """How many entries the store holds."""
+
+    @abc.abstractmethod
+    def recent(self, limit: int, before: Optional[Tuple[float, str]] = None) -> List[ListedImage]:
+        """Up to `limit` entries, newest first, strictly older than the (created, key) `before`.
+
+        A listing reads metadata only: it neither verifies checksums nor counts as an access.
+        """
 
     @abc.abstractmethod
     def close(self) -> None:
@@ -97,6 +113,13 @@ def _check_key(key: str) -> None:
         raise ValueError(f"cache keys are 64 lowercase hex chars (GenerationRequest.cache_key()); got {key!r:.80}")
 
 
+def _check_listing(limit: int, before: Optional[Tuple[float, str]]) -> None:
+    if not isinstance(limit, int) or isinstance(limit, bool) or limit < 1:
+        raise ValueError(f"limit must be a positive number of entries; got {limit!r}")
+    if before is not None:
+        _check_key(before[1])
+
+
 def _check_budget(max_bytes: int) -> None:
     if not isinstance(max_bytes, int) or max_bytes <= 0:
         raise ValueError(f"max_bytes must be a positive number of bytes (gateway cache_max_bytes); got {max_bytes!r}")
@@ -120,11 +143,12 @@ def _parse_meta(raw: Union[str, bytes]) -> Optional[dict]:
 # SQLite: one machine, durable, shared by the gateway's threads and processes
 # ---------------------------------------------------------------------------------------------
 
-_SCHEMA_VERSION = 1
+# Version 2 added `created` (when the key was first stored), for the gallery's newest-first listing.
+_SCHEMA_VERSION = 2
 _SCHEMA = (
     """CREATE TABLE IF NOT EXISTS images (
         key TEXT PRIMARY KEY, png BLOB NOT NULL, meta TEXT NOT NULL, sha256 TEXT NOT NULL,
-        size INTEGER NOT NULL, last_access REAL NOT NULL)""",
+        size INTEGER NOT NULL, last_access REAL NOT NULL, created REAL NOT NULL DEFAULT 0)""",
     "CREATE INDEX IF NOT EXISTS images_by_access ON images (last_access)",
     # Running totals kept by triggers, in the same transaction as the change that moves them,
     # so no process ever sees a total that disagrees with the rows.
@@ -137,11 +161,17 @@ _SCHEMA = (
         UPDATE totals SET bytes = bytes - old.size, entries = entries - 1 WHERE id = 0; END""",
     """CREATE TRIGGER IF NOT EXISTS images_resize AFTER UPDATE OF size ON images BEGIN
         UPDATE totals SET bytes = bytes - old.size + new.size WHERE id = 0; END""",
-    f"PRAGMA user_version = {_SCHEMA_VERSION}",
 )
+# A version 1 file lacks `created`: its entries count as created when last used.
+_ADD_CREATED = ("ALTER TABLE images ADD COLUMN created REAL NOT NULL DEFAULT 0",
+                "UPDATE images SET created = last_access")
+_INDEX_CREATED = "CREATE INDEX IF NOT EXISTS images_by_created ON images (created, key)"
+# `created` stays at the first put: a re-put (after a corrupt read) is the same image.
+_LIST = """SELECT key, created, CAST(meta AS BLOB) FROM images WHERE created < ?1 OR (created = ?1 AND key < ?2)
+    ORDER BY created DESC, key DESC LIMIT ?3"""
 # An upsert rather than INSERT OR REPLACE: REPLACE's implicit delete skips the delete trigger
 # unless recursive_triggers is on, which would leave the running total wrong.
-_UPSERT = """INSERT INTO images (key, png, meta, sha256, size, last_access) VALUES (?, ?, ?, ?, ?, ?)
+_UPSERT = """INSERT INTO images (key, png, meta, sha256, size, last_access, created) VALUES (?, ?, ?, ?, ?, ?, ?)
     ON CONFLICT (key) DO UPDATE SET png = excluded.png, meta = excluded.meta, sha256 = excluded.sha256,
     size = excluded.size, last_access = excluded.last_access"""
 # CASTs: a damaged row may hold text where bytes belong; read it as bytes and let the checksum judge.
@@ -220,7 +250,8 @@ class SQLiteImageStore(ImageStore):
             log.warning("not caching %s: %d bytes exceed the whole cache budget of %d (cache_max_bytes)",
                         key[:12], size, self.max_bytes)
             return
-        row = (key, png, raw_meta, hashlib.sha256(png).hexdigest(), size, time.time())
+        now = time.time()
+        row = (key, png, raw_meta, hashlib.sha256(png).hexdigest(), size, now, now)
         touched = self._take_touched()
 
         def body(conn: sqlite3.Connection) -> None:
@@ -247,6 +278,18 @@ class SQLiteImageStore(ImageStore):
 
     def count(self) -> int:
         return self._totals()[1]
+
+    def recent(self, limit: int, before: Optional[Tuple[float, str]] = None) -> List[ListedImage]:
+        _check_listing(limit, before)
+        created, key = before if before is not None else (float("inf"), "")
+        conn = self._conn()
+        rows = self._retrying(lambda: conn.execute(_LIST, (created, key, limit)).fetchall())
+        listed = []
+        for key, created, raw_meta in rows:
+            meta = _parse_meta(raw_meta) if raw_meta is not None else None
+            if meta is not None:  # an unreadable one is dropped by the next get()
+                listed.append(ListedImage(key, created, meta))
+        return listed
 
     def integrity_check(self) -> bool:
         """True when SQLite's PRAGMA integrity_check finds the file sound."""
@@ -358,6 +401,11 @@ class SQLiteImageStore(ImageStore):
                                f"reads {_SCHEMA_VERSION}); upgrade this node or point cache_path elsewhere")
         for statement in _SCHEMA:
             conn.execute(statement)
+        if "created" not in {row[1] for row in conn.execute("PRAGMA table_info(images)")}:
+            for statement in _ADD_CREATED:
+                conn.execute(statement)
+        conn.execute(_INDEX_CREATED)
+        conn.execute(f"PRAGMA user_version = {_SCHEMA_VERSION}")
 
     def _evict(self, conn: sqlite3.Connection, keep: Optional[str]) -> None:
         """Inside a write transaction: delete least recently used rows until within budget."""
@@ -424,8 +472,9 @@ def _flush_loop(ref: "weakref.ref[SQLiteImageStore]", stop: threading.Event) -> 
 # Entry value: >I meta length | meta JSON | sha256(png), 32 bytes | png. No pickle.
 _HEADER = struct.Struct(">I")
 _DIGEST_LEN = 32
+_META_PEEK = 4096  # bytes of metadata a listing reads in its first round trip
 
-# KEYS: entry, lru, bytes, sizes. ARGV: value, now, max_bytes, member, entry prefix.
+# KEYS: entry, lru, bytes, sizes, created. ARGV: value, now, max_bytes, member, entry prefix.
 # One script: the write, the accounting and the eviction happen together, so two gateways
 # putting at once can neither double-evict nor let the counter drift from the entries.
 # Entry keys of victims are derived from the prefix (fine on standalone/sentinel Redis).
@@ -434,6 +483,7 @@ local size = string.len(ARGV[1])
 local old = tonumber(redis.call('HGET', KEYS[4], ARGV[4]) or '0')
 redis.call('SET', KEYS[1], ARGV[1])
 redis.call('ZADD', KEYS[2], ARGV[2], ARGV[4])
+redis.call('ZADD', KEYS[5], 'NX', ARGV[2], ARGV[4])
 redis.call('HSET', KEYS[4], ARGV[4], size)
 local total = redis.call('INCRBY', KEYS[3], size - old)
 local budget = tonumber(ARGV[3])
@@ -446,6 +496,7 @@ while total > budget do
   local victim_size = tonumber(redis.call('HGET', KEYS[4], victim) or '0')
   redis.call('DEL', ARGV[5] .. victim)
   redis.call('ZREM', KEYS[2], victim)
+  redis.call('ZREM', KEYS[5], victim)
   redis.call('HDEL', KEYS[4], victim)
   total = redis.call('DECRBY', KEYS[3], victim_size)
   evicted = evicted + 1
@@ -462,12 +513,13 @@ if current and tonumber(current) < tonumber(ARGV[1]) then
 end
 return 0
 """
-# KEYS: entry, lru, bytes, sizes. ARGV: member, expected value ('' = any).
+# KEYS: entry, lru, bytes, sizes, created. ARGV: member, expected value ('' = any).
 _DELETE_SCRIPT = """
 if ARGV[2] ~= '' and redis.call('GET', KEYS[1]) ~= ARGV[2] then return 0 end
 local size = tonumber(redis.call('HGET', KEYS[4], ARGV[1]) or '0')
 redis.call('DEL', KEYS[1])
 redis.call('ZREM', KEYS[2], ARGV[1])
+redis.call('ZREM', KEYS[5], ARGV[1])
 if redis.call('HDEL', KEYS[4], ARGV[1]) == 1 then redis.call('DECRBY', KEYS[3], size) end
 return 1
 """
@@ -496,8 +548,9 @@ def _unpack(value: bytes) -> Optional[CachedImage]:
 class RedisImageStore(ImageStore):
     """A cache shared by several gateway nodes: one Redis value per entry, LRU in a sorted set.
 
-    Layout under `prefix`: `<key>` (the entry), `lru` (zset key -> last access), `sizes` (hash
-    key -> counted bytes) and `bytes` (their sum, the figure the budget bounds).
+    Layout under `prefix`: `<key>` (the entry), `lru` (zset key -> last access), `created` (zset
+    key -> first put, for listings), `sizes` (hash key -> counted bytes) and `bytes` (their sum,
+    the figure the budget bounds).
     """
 
     def __init__(self, client: Union[str, Callable[[], redis.Redis]], max_bytes: int,
@@ -515,6 +568,7 @@ class RedisImageStore(ImageStore):
         else:
             raise TypeError(f"RedisImageStore needs a redis:// URL or a client factory, got {type(client).__name__}")
         self._lru, self._bytes, self._sizes = prefix + "lru", prefix + "bytes", prefix + "sizes"
+        self._created = prefix + "created"
         self._put_script = self._client.register_script(_PUT_SCRIPT)
         self._delete_script = self._client.register_script(_DELETE_SCRIPT)
         self._touch_script = self._client.register_script(_TOUCH_SCRIPT)
@@ -543,7 +597,7 @@ class RedisImageStore(ImageStore):
             log.warning("not caching %s: %d bytes exceed the whole cache budget of %d (cache_max_bytes)",
                         key[:12], len(value), self.max_bytes)
             return
-        self._put_script(keys=[self.prefix + key, self._lru, self._bytes, self._sizes],
+        self._put_script(keys=[self.prefix + key, self._lru, self._bytes, self._sizes, self._created],
                          args=[value, repr(time.time()), self.max_bytes, key, self.prefix])
 
     def delete(self, key: str) -> None:
@@ -556,9 +610,49 @@ class RedisImageStore(ImageStore):
     def count(self) -> int:
         return int(self._client.zcard(self._lru))
 
+    def recent(self, limit: int, before: Optional[Tuple[float, str]] = None) -> List[ListedImage]:
+        _check_listing(limit, before)
+        top = "+inf" if before is None else repr(before[0])
+        listed: List[ListedImage] = []
+        offset = 0
+        while len(listed) < limit:
+            # Ties on the score come in descending key order, as the cursor expects.
+            batch = self._client.zrevrangebyscore(self._created, top, "-inf", start=offset, num=limit,
+                                                  withscores=True)
+            if not batch:
+                break
+            offset += len(batch)
+            members = [(m.decode() if isinstance(m, bytes) else m, score) for m, score in batch]
+            members = [(k, score) for k, score in members
+                       if before is None or score < before[0] or k < before[1]]
+            for (k, score), meta in zip(members, self._metas([k for k, _ in members])):
+                if meta is not None and len(listed) < limit:
+                    listed.append(ListedImage(k, score, meta))
+        return listed
+
+    def _metas(self, keys: List[str]) -> List[Optional[dict]]:
+        """The metadata of each entry, read by range (not the PNG); None where it is gone or unreadable."""
+        if not keys:
+            return []
+        pipe = self._client.pipeline(transaction=False)
+        for key in keys:
+            pipe.getrange(self.prefix + key, 0, _HEADER.size + _META_PEEK - 1)
+        metas: List[Optional[dict]] = []
+        for key, head in zip(keys, pipe.execute()):
+            if len(head) < _HEADER.size:
+                metas.append(None)
+                continue
+            (meta_len,) = _HEADER.unpack_from(head)
+            raw = head[_HEADER.size:_HEADER.size + meta_len]
+            if len(raw) < meta_len:  # a long one: read the rest
+                raw = self._client.getrange(self.prefix + key, _HEADER.size, _HEADER.size + meta_len - 1)
+            metas.append(_parse_meta(raw) if len(raw) == meta_len else None)
+        return metas
+
     def close(self) -> None:
         self._client.close()
 
     def _drop(self, key: str, expected: bytes) -> None:
         # With `expected`, only that exact value goes: a good image put since the read survives.
-        self._delete_script(keys=[self.prefix + key, self._lru, self._bytes, self._sizes], args=[key, expected])
+        self._delete_script(keys=[self.prefix + key, self._lru, self._bytes, self._sizes, self._created],
+                            args=[key, expected])

@@ -43,8 +43,9 @@ def make(redis_server, prefix: str, max_bytes: int) -> RedisImageStore:
 def assert_consistent(raw: redis.Redis, prefix: str, budget: int) -> None:
     """The counter equals the real sum of entry sizes, and the zset names exactly the entries."""
     members = {m.decode() for m in raw.zrange(prefix + "lru", 0, -1)}
-    entries = {k.decode()[len(prefix):] for k in raw.scan_iter(match=prefix + "*")} - {"lru", "bytes", "sizes"}
-    assert members == entries
+    entries = {k.decode()[len(prefix):] for k in raw.scan_iter(match=prefix + "*")} - {
+        "lru", "bytes", "sizes", "created"}
+    assert members == entries == {m.decode() for m in raw.zrange(prefix + "created", 0, -1)}
     actual = sum(raw.strlen(prefix + k) for k in entries)
     assert int(raw.get(prefix + "bytes") or 0) == actual <= budget
     assert {k.decode(): int(v) for k, v in raw.hgetall(prefix + "sizes").items()} == {
@@ -164,3 +165,31 @@ def test_unreachable_redis_fails_fast(prefix):
     with RedisImageStore(f"redis://127.0.0.1:{port}/0", 1000, prefix=prefix) as store:
         with pytest.raises(redis.ConnectionError):
             store.get(key(1))
+
+
+def test_recent_pages_newest_first_and_forgets_what_goes(redis_server, raw, prefix, monkeypatch):
+    """The gallery's listing: newest first through ties, cursor paging, no PNG read, evictions gone."""
+    times = [100.0, 200.5, 200.5, 200.5, 300.25]
+    with make(redis_server, prefix, 12000) as store:
+        for n, at in enumerate(times):
+            monkeypatch.setattr("serve_app.store.time.time", lambda at=at: at)
+            store.put(key(n), png_for(n), {"n": n, "prompt": "p" * (5000 if n == 2 else 1)})
+        monkeypatch.undo()
+        expected = sorted(((key(n), at) for n, at in enumerate(times)), key=lambda i: (i[1], i[0]), reverse=True)
+        for page in (1, 2, 3, 10):
+            seen, before = [], None
+            while True:
+                listed = store.recent(page, before)
+                seen += [(item.key, item.created) for item in listed]
+                if len(listed) < page:
+                    break
+                before = (listed[-1].created, listed[-1].key)
+            assert seen == expected
+        assert {i.key: i.meta["n"] for i in store.recent(10)} == {key(n): n for n in range(5)}  # long meta too
+        store.put(key(1), png_for(1), {"n": 1})  # a re-put keeps its first time
+        assert [i.key for i in store.recent(10)] == [k for k, _ in expected]
+        store.delete(key(4))
+        store.put(key(9), png_for(9, size=3000), {"n": 9})  # evicts the least recently used
+        listed = [i.key for i in store.recent(10)]
+        assert listed[0] == key(9) and key(4) not in listed and len(listed) == store.count() < 5
+        assert_consistent(raw, prefix, 12000)

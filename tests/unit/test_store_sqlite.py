@@ -260,3 +260,69 @@ def test_open_store_names_its_choices(tmp_path):
         open_store("redis", max_bytes=1000)
     with pytest.raises(ValueError, match="positive"):
         open_store("sqlite", path=tmp_path / "y.db", max_bytes=0)
+
+
+# -- listing (the gallery) --------------------------------------------------------------------------
+
+def walk(store, page: int):
+    """Every entry, following the cursor a page at a time, as (key, created)."""
+    seen, before = [], None
+    while True:
+        listed = store.recent(page, before)
+        assert len(listed) <= page
+        seen += [(item.key, item.created) for item in listed]
+        if len(listed) < page:
+            return seen
+        before = (listed[-1].created, listed[-1].key)
+
+
+def put_at(store, monkeypatch, times):
+    """Put one entry per time in `times` (ties included), with time.time() pinned to it."""
+    for n, at in enumerate(times):
+        monkeypatch.setattr("serve_app.store.time.time", lambda at=at: at)
+        store.put(key(n), png_for(n), {"n": n})
+    monkeypatch.undo()
+
+
+def test_recent_pages_newest_first_through_ties(store, monkeypatch):
+    put_at(store, monkeypatch, [100.0, 200.5, 200.5, 200.5, 300.25])
+    expected = sorted(((key(n), at) for n, at in enumerate([100.0, 200.5, 200.5, 200.5, 300.25])),
+                      key=lambda item: (item[1], item[0]), reverse=True)
+    for page in (1, 2, 3, 10):
+        assert walk(store, page) == expected
+    assert store.recent(1)[0].meta == {"n": 4}
+    store.get(key(0))  # an access does not move an entry in the listing
+    store.put(key(1), png_for(1), {"n": 1, "again": True})  # a re-put keeps its first time
+    assert walk(store, 2) == expected
+    store.delete(key(4))
+    assert walk(store, 2) == expected[1:]
+
+
+def test_recent_forgets_evicted_entries(db):
+    with SQLiteImageStore(db, max_bytes=2500) as small:
+        for n in range(4):
+            small.put(key(n), png_for(n), {"n": n})
+        assert [item.key for item in small.recent(10)] == [key(3), key(2)]
+
+
+def test_recent_rejects_bad_arguments(store):
+    with pytest.raises(ValueError, match="positive"):
+        store.recent(0)
+    with pytest.raises(ValueError, match="64 lowercase hex"):
+        store.recent(5, (1.0, "../x"))
+
+
+def test_version_1_file_gains_created_from_last_access(db):
+    db.parent.mkdir(parents=True)
+    conn = raw(db)
+    conn.execute("""CREATE TABLE images (key TEXT PRIMARY KEY, png BLOB NOT NULL, meta TEXT NOT NULL,
+                    sha256 TEXT NOT NULL, size INTEGER NOT NULL, last_access REAL NOT NULL)""")
+    for n, at in ((1, 10.0), (2, 30.0), (3, 20.0)):
+        png = png_for(n)
+        conn.execute("INSERT INTO images VALUES (?, ?, ?, ?, ?, ?)",
+                     (key(n), png, "{}", hashlib.sha256(png).hexdigest(), len(png) + 2, at))
+    conn.execute("PRAGMA user_version = 1")
+    conn.close()
+    with SQLiteImageStore(db, max_bytes=1 << 20) as store:
+        assert [(i.key, i.created) for i in store.recent(5)] == [(key(2), 30.0), (key(3), 20.0), (key(1), 10.0)]
+        assert store.count() == 3 and store.get(key(1)) is not None
