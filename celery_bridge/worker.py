@@ -47,19 +47,31 @@ class GenerationService:
     def __init__(self, config: WorkerConfig, name: Optional[str] = None, time_limit_s: Optional[float] = None,
                  on_rendered: Optional[Callable[[str], None]] = None):
         """on_rendered(model) is called after each image rendered (the per-model counter)."""
-        from celery_bridge.pipeline import PipelineRunner  # torch loads here, on worker hosts only
+        from celery_bridge.batching import ShapeBatcher, batch_size_for
+        from celery_bridge.sleep_model import SleepTimeout, sleep_runner_class
 
+        runner_class, self._timeout_error = sleep_runner_class(), SleepTimeout  # bench/test hook: no torch
+        if runner_class is None:
+            from celery_bridge.pipeline import GenerationTimeout, PipelineRunner  # torch loads here, on workers only
+
+            runner_class, self._timeout_error = PipelineRunner, GenerationTimeout
         self.time_limit_s = time_limit_s
         started = time.monotonic()
-        self.runner = PipelineRunner(config)
+        self.runner = runner_class(config)
         self.load_seconds = time.monotonic() - started
         self.name = name or f"{socket.gethostname()}:{os.getpid()}"
         self.tasks_done = 0
         self.on_rendered = on_rendered
+        # 1 renders in the calling thread as before; more needs that many consumer threads (worker_argv).
+        self.max_batch_size = batch_size_for(config.max_batch_size, self.runner.entry.max_batch_size,
+                                             self.runner.device)
+        self.batcher = (ShapeBatcher(lambda requests: self.runner.render_batch(requests, self.time_limit_s),
+                                     self.max_batch_size, config.batch_wait_ms / 1000)
+                        if self.max_batch_size > 1 else None)
 
     def handle(self, payload: Any) -> Dict[str, Any]:
         """Render one request; never raises, so both worker modes report errors the same way."""
-        from celery_bridge.pipeline import GenerationTimeout
+        GenerationTimeout = self._timeout_error  # noqa: N806 - the runner's exception class
 
         try:
             request = GenerationRequest.from_dict(payload)
@@ -72,7 +84,12 @@ class GenerationService:
             log.info("rejected invalid task payload: %s", error)
             return GenerationResult.invalid(error).to_json()
         try:
-            png = self.runner.render(request, self.time_limit_s)
+            if self.batcher is not None:
+                rendered = self.batcher.submit(request)
+                png, pipeline_ms, batch_size = rendered.png, rendered.pipeline_ms, rendered.batch_size
+            else:
+                png = self.runner.render(request, self.time_limit_s)
+                pipeline_ms, batch_size = self.runner.last_pipeline_ms, 1
         except GenerationTimeout as exc:
             log.warning("generation of %s stopped: %s", request.cache_key()[:12], exc)
             return GenerationResult.failure(E_TIMEOUT, str(exc)).to_json()
@@ -82,8 +99,8 @@ class GenerationService:
         self.tasks_done += 1
         if self.on_rendered:
             self.on_rendered(request.model)
-        result = GenerationResult.success(request, png, self.runner.last_pipeline_ms, self.name)
-        result.pipeline_loads = type(self.runner).loads
+        result = GenerationResult.success(request, png, pipeline_ms, self.name)
+        result.pipeline_loads, result.batch_size = type(self.runner).loads, batch_size
         return result.to_json()
 
 
@@ -107,9 +124,13 @@ def pin_gpu(gpu: Optional[str]) -> None:
         os.environ["CUDA_VISIBLE_DEVICES"] = str(gpu)
 
 
-def worker_argv(celery_config: CeleryConfig, hostname: str, loglevel: str, model: str) -> List[str]:
-    """Celery's worker command line: solo pool, and only `model`'s queue."""
-    return ["worker", "--pool=solo", "--concurrency=1", "-Q", queue_for(celery_config.queue, model),
+def worker_argv(celery_config: CeleryConfig, hostname: str, loglevel: str, model: str,
+                max_batch_size: int = 1) -> List[str]:
+    """Celery's worker command line: solo pool (or one thread per request of a batch, each holding
+    one prefetched task for the batcher), and only `model`'s queue."""
+    pool = ["--pool=solo", "--concurrency=1"] if max_batch_size <= 1 else ["--pool=threads",
+                                                                           f"--concurrency={max_batch_size}"]
+    return ["worker", *pool, "-Q", queue_for(celery_config.queue, model),
             f"--hostname={hostname}",
             f"--loglevel={loglevel}", "--without-gossip", "--without-mingle"]
 
@@ -139,9 +160,10 @@ def run_worker(celery_overrides: Dict[str, Any], worker_overrides: Dict[str, Any
     app.task(name=TASK_NAME)(service.handle)
     LeaseKeeper(client, celery_config.lease_renew_s).start()
     presence = Heartbeat(client, worker_config.model, service.name).start()
-    # 4. Consume: solo pool, one task at a time, so one pipeline is never used by two threads.
+    # 4. Consume: solo pool, one task at a time, so one pipeline is never used by two threads;
+    #    with batching, B threads feed one render thread (celery_bridge/batching.py).
     try:
         app.worker_main(worker_argv(celery_config, f"sdgate-{os.getpid()}@{socket.gethostname()}", loglevel,
-                                    worker_config.model))
+                                    worker_config.model, service.max_batch_size))
     finally:
         presence.stop()
