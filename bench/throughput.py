@@ -1,7 +1,7 @@
 """Throughput: images/s of a saturated worker at each batch size, against bare diffusers called
 with the same batch in the same process, and how far batched images are from unbatched ones.
 
-    python -m bench throughput [--batch-sizes 1,2,4,8] [--images 16] [--size 64] [--steps 2]
+    python -m bench throughput [--batch-sizes 1,2,4,8] [--images 16] [--rounds 3] [--size 64] [--steps 2]
 
 The worker side is GenerationService.handle called from B threads at once (what B Celery consumer
 threads do), so it includes the batcher, PNG encoding and the result; Celery and Redis are not in
@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 
 import io
+import statistics
 import threading
 import time
 from typing import Any, Dict, List
@@ -34,6 +35,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--images", type=int, default=16, help="images per batch size and side")
     parser.add_argument("--size", type=int, default=64)
     parser.add_argument("--steps", type=int, default=2)
+    parser.add_argument("--rounds", type=int, default=3, help="measured rounds (medians reported)")
     parser.add_argument("--device", default="cpu")
 
 
@@ -87,17 +89,26 @@ def measure(args: argparse.Namespace) -> Dict[str, Any]:
     sizes = [int(s) for s in args.batch_sizes.split(",")]
     service = GenerationService(WorkerConfig(device=args.device, max_batch_size=1))
     shape = dict(width=args.size, height=args.size, steps=args.steps)
-    warm = [GenerationRequest(f"warm-up {i}", seed=i, **shape) for i in range(max(sizes))]
-    service.runner.render_batch(warm)  # first calls allocate
+    # Warm every batch shape on both paths first, then measure in rounds (each round visits every
+    # batch size, both paths), so load spikes of a shared machine hit every column alike; medians.
+    samples: Dict[int, Dict[str, List[float]]] = {b: {"worker": [], "bare": []} for b in sizes}
+    for round_ in range(-1, args.rounds):
+        for batch in sizes:
+            n = max(batch, args.images - args.images % batch)
+            requests = [GenerationRequest(f"throughput r{round_} b{batch} prompt {i}", seed=1000 + i, **shape)
+                        for i in range(n)]
+            bare = bare_images_per_s(service, requests, batch)
+            worker = worker_images_per_s(service, requests, batch)
+            if round_ >= 0:
+                samples[batch]["bare"].append(bare)
+                samples[batch]["worker"].append(worker)
+                log(f"round {round_} batch {batch}: worker {worker:.2f} images/s, bare diffusers {bare:.2f} images/s")
     runs = []
     for batch in sizes:
-        n = max(batch, args.images - args.images % batch)
-        requests = [GenerationRequest(f"throughput b{batch} prompt {i}", seed=1000 + i, **shape) for i in range(n)]
-        bare = bare_images_per_s(service, requests, batch)
-        worker = worker_images_per_s(service, requests, batch)
-        runs.append({"batch_size": batch, "images": n, "worker_images_per_s": round(worker, 3),
+        worker, bare = statistics.median(samples[batch]["worker"]), statistics.median(samples[batch]["bare"])
+        runs.append({"batch_size": batch, "images": max(batch, args.images - args.images % batch),
+                     "rounds": args.rounds, "worker_images_per_s": round(worker, 3),
                      "bare_images_per_s": round(bare, 3), "worker_vs_bare": round(worker / bare, 3)})
-        log(f"batch {batch}: worker {worker:.2f} images/s, bare diffusers {bare:.2f} images/s")
     base = next(run for run in runs if run["batch_size"] == 1) if 1 in sizes else runs[0]
     best = max(runs, key=lambda run: run["worker_images_per_s"])
     at4 = next((run for run in runs if run["batch_size"] == 4), None)

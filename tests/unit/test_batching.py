@@ -180,3 +180,15 @@ def test_worker_batches_concurrent_tasks_and_results_name_their_request(tmp_path
         assert result["ok"] and result["batch_size"] == 3 and result["key"] == request.cache_key()
         expected = pixels(service.runner.render(request))
         assert np.abs(pixels(__import__("base64").b64decode(result["png_b64"])) - expected).max() <= PIXEL_BOUND
+
+
+def test_both_worker_modes_get_one_consumer_thread_per_request_of_a_batch():
+    from celery_bridge.config import CeleryConfig
+    from celery_bridge.consumer import replica_batch_size
+    from celery_bridge.worker import worker_argv
+
+    assert worker_argv(CeleryConfig(), "h", "INFO", "tiny")[1:3] == ["--pool=solo", "--concurrency=1"]
+    assert worker_argv(CeleryConfig(), "h", "INFO", "tiny", 4)[1:3] == ["--pool=threads", "--concurrency=4"]
+    # Ray: the replica's max_ongoing_requests (its Celery thread count) is the batch size.
+    assert replica_batch_size(WorkerConfig(model="tiny", num_gpus=0)) == 1
+    assert replica_batch_size(WorkerConfig(model="tiny", num_gpus=1, max_batch_size=6)) == 6
