@@ -11,14 +11,17 @@ processes) and Redis's CPU (INFO cpu) are divided by the misses of the run.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import dataclasses
 import os
+import shutil
 import threading
 import time
 from typing import Any, Dict, List
 
 import psutil
 
-from bench._common import ask, log, redis_client, running_stack
+from bench._common import ask, log, new_stack, redis_client, sdgate_home, short_home
 from cluster.local import _group_tree
 from client.protocol import GenerationRequest
 from celery_bridge.presence import live_workers
@@ -104,12 +107,28 @@ def wait_workers(client, model: str, count: int, timeout: float = 300) -> None:
         time.sleep(0.5)
 
 
+@contextlib.contextmanager
+def scale_stack(max_pending: int):
+    """bench._common.running_stack, with room for every prompt of the biggest run in flight at once."""
+    home = short_home()
+    stack = new_stack(home)
+    stack.gateway = dataclasses.replace(stack.gateway, max_pending_misses=max_pending)
+    with sdgate_home(home):
+        try:
+            log(f"starting a celery stack in {home}")
+            stack.up(log=lambda line: log(f"  {line}"))
+            yield stack
+        finally:
+            stack.down(log=lambda line: log(f"  {line}"))
+            shutil.rmtree(home, ignore_errors=True)
+
+
 def measure(args: argparse.Namespace) -> Dict[str, Any]:
     counts = [int(n) for n in args.workers.split(",")]
     os.environ[SLEEP_VARIABLE] = str(args.render_ms)  # the stack's workers inherit it
     os.environ.setdefault("SDGATE_CPU_THREADS", "1")
     runs = []
-    with running_stack("celery") as stack:
+    with scale_stack(max(64, 2 * args.per_worker * max(counts))) as stack:
         client = redis_client(stack)
         gateway = gateway_processes(stack)
         started_workers = 1
