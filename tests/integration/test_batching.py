@@ -1,5 +1,6 @@
-"""A batching plain worker on the real local stack (real Redis, Ray gateway, Celery): a batch's
-worker SIGKILLed mid-render loses nothing; each task is rendered once more and cached once.
+"""Batching workers on the real local stack (real Redis, Ray gateway, Celery): a plain worker
+SIGKILLed mid-batch loses nothing (each task rendered once more, cached once), and a Ray worker
+replica renders concurrent same-shape requests in one batch.
 
 The workers render with the bench/test sleep hook (celery_bridge/sleep_model.py): the kill must
 land inside one batch, and a fixed 4 s render makes that certain on a loaded 2-core machine. The
@@ -8,11 +9,13 @@ batched tiny-pipeline images themselves are checked in tests/unit/test_batching.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import time
 
 import pytest
+import redis
 
 from client import protocol
 from client.protocol import GenerationRequest
@@ -55,3 +58,26 @@ def test_worker_sigkilled_mid_batch_loses_nothing():
         finally:
             for run in runs.values():
                 run.close()
+
+
+def batch_sizes(stack, key: str) -> list:
+    """batch_size of every stored Celery result of the tasks that rendered `key`."""
+    client = redis.Redis.from_url(stack.redis_url, socket_timeout=5)
+    sizes = []
+    for name in client.scan_iter(match=f"celery-task-meta-sdgate-{key}-*"):
+        meta = json.loads(client.get(name))
+        if isinstance(meta.get("result"), dict) and "batch_size" in meta["result"]:
+            sizes.append(meta["result"]["batch_size"])
+    return sizes
+
+
+def test_ray_worker_replica_renders_concurrent_same_shape_requests_in_one_batch():
+    with local_stack("ray", workers=1, env=BATCH_ENV, request_timeout_s=90) as stack:
+        requests = [GenerationRequest(f"ray batch {i} {time.time()}") for i in range(3)]
+        clients = [in_thread(lambda r=r: ask(stack, r, timeout=150)) for r in requests]
+        for thread, outcome in clients:
+            thread.join(150)
+            assert "reply" in outcome, f"a client got {outcome.get('error')!r} instead of its image"
+        for request, (_, outcome) in zip(requests, clients):
+            assert outcome["reply"].meta["key"] == key_of(request)
+            assert batch_sizes(stack, key_of(request)) == [3], "the replica's three threads fed one batch"
