@@ -7,7 +7,9 @@ It is saved with save_pretrained and loaded by the worker's own code (WorkerConf
 folder), so the worker path is exactly `sdgate worker`'s task body: GenerationService.handle
 (request checks, scheduler, per-step deadline callback, the denoising call, PNG with its
 `parameters` chunk, base64 result). The baseline is the same pipeline object called bare, at
-batch 1 (interleaved with the worker path, so drift hits both) and at batch 2, 4 and 8.
+batch 1 (interleaved with the worker path, so drift hits both) and at batch 2, 4 and 8; at each
+of those batch sizes the worker also renders distinct same-shape prompts through its batcher
+(`speedup`: its best batch size over batch 1), and batched images are compared with unbatched ones.
 
     python -m bench gpu [--images 10] [--size 512] [--steps 20]
     python -m bench gpu --smoke      # CPU, tiny shapes, 64x64, 2 steps, fp32: checks the code path
@@ -188,7 +190,10 @@ def measure(args: argparse.Namespace) -> Dict[str, Any]:
                                           "batch_ms_p50": round(statistics.median(bare_s) * 1000, 1)}}
         log(f"worker {worker_ips:.3f} img/s, bare batch 1 {by_batch['1']['images_per_s']} img/s")
 
-        # 4. Bigger batches, bare.
+        # 4. Bigger batches, bare and through the worker's batcher.
+        from bench.throughput import max_pixel_difference, worker_images_per_s
+
+        worker_batched: Dict[int, float] = {1: worker_ips}
         for batch in batches:
             if batch == 1:
                 continue
@@ -202,6 +207,20 @@ def measure(args: argparse.Namespace) -> Dict[str, Any]:
             by_batch[str(batch)] = {"images_per_s": round(batch * len(times) / sum(times), 3),
                                     "batch_ms_p50": round(statistics.median(times) * 1000, 1)}
             log(f"bare batch {batch}: {by_batch[str(batch)]['images_per_s']} img/s")
+            # The worker batching the same number of distinct same-shape prompts (celery_bridge/batching.py).
+            try:
+                worker_batched[batch] = worker_images_per_s(service, [
+                    GenerationRequest(f"gpu bench batched {batch}.{j}: a red fox", width=size, height=size,
+                                      steps=steps, model=runner.config.model, seed=j)
+                    for j in range(batch * max(2, args.images // batch))], batch)
+                by_batch[str(batch)]["worker_images_per_s"] = round(worker_batched[batch], 3)
+                log(f"worker batch {batch}: {worker_batched[batch]:.3f} img/s")
+            except (RuntimeError, torch.cuda.OutOfMemoryError) as exc:
+                by_batch[str(batch)]["worker_error"] = str(exc)[:200]
+        service.batcher = None
+        checks = [GenerationRequest(f"gpu bench pixel check {j}", width=size, height=size, steps=steps,
+                                    model=runner.config.model, seed=j) for j in range(min(4, max(batches)))]
+        pixel_difference = max_pixel_difference(service, checks) if len(checks) > 1 else 0
 
         # 5. What PNG encoding alone costs at this size (part of the worker path).
         image = pipe(prompt="png probe", height=size, width=size, num_inference_steps=1).images[0]
@@ -233,6 +252,9 @@ def measure(args: argparse.Namespace) -> Dict[str, Any]:
         "bare_by_batch": by_batch, "best_batch": best, "best_batch_images_per_s": rated[best],
         "best_batch_vs_worker": round(rated[best] / worker_ips, 3),
         "peak_gpu_mem_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if device == "cuda" else None,
+        "worker_best_batch_size": max(worker_batched, key=worker_batched.get),
+        "speedup": round(max(worker_batched.values()) / worker_ips, 3),  # worker: best batch / batch 1
+        "max_pixel_difference_batched_vs_alone": pixel_difference,
         "build_s": round(build_s, 1), "load_s": round(service.load_seconds, 1),
         "load_avg": load_average(),
     }

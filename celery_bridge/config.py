@@ -260,6 +260,10 @@ class WorkerConfig:
     model_cache_dir: Optional[str] = None  # default: $SDGATE_HOME/models
     num_gpus: float = 0  # per Ray task-consumer replica; 1 on GPU nodes
     cpu_threads: int = 0  # torch threads when rendering on CPU; 0: torch's default (every core)
+    # Requests of one shape rendered in one pipeline call (celery_bridge/batching.py). None: the
+    # catalogue entry's `max_batch_size` on a GPU, 1 on the CPU. 1 turns batching off.
+    max_batch_size: Optional[int] = None
+    batch_wait_ms: int = 50  # how long the oldest waiting request waits for others of its shape
 
     def resolved_model_cache_dir(self) -> Path:
         return Path(self.model_cache_dir).expanduser() if self.model_cache_dir else sdgate_home() / "models"

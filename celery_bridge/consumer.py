@@ -135,6 +135,16 @@ def consumer_class(celery_config: CeleryConfig, model: str):
     return DrainingGenerationConsumer
 
 
+def replica_batch_size(worker_config: WorkerConfig) -> int:
+    """max_batch_size of a replica: its setting, else the catalogue's value when it holds a GPU, else 1."""
+    from celery_bridge.batching import batch_size_for
+    from celery_bridge.models import load_catalogue
+
+    entry = load_catalogue().get(worker_config.model)
+    return batch_size_for(worker_config.max_batch_size, entry.max_batch_size if entry else 1,
+                          "cuda" if worker_config.num_gpus > 0 else "cpu")
+
+
 def build_app(args: Optional[Dict[str, Any]] = None) -> serve.Application:
     """Serve application builder (`import_path: celery_bridge.consumer:build_app`).
 
@@ -145,10 +155,13 @@ def build_app(args: Optional[Dict[str, Any]] = None) -> serve.Application:
     args = args or {}
     celery_config = load_celery_config(**args.get("celery", {}))
     worker_config = load_worker_config(**args.get("worker", {}))
+    worker_config = dataclasses.replace(worker_config, max_batch_size=replica_batch_size(worker_config))
     deployment = serve.deployment(
         consumer_class(celery_config, worker_config.model),
         name="GenerationConsumer",
-        max_ongoing_requests=1,  # also the consumer thread count: one pipeline, one thread
+        # Also the consumer thread count: one thread, or one per request of a batch feeding the
+        # replica's one render thread (celery_bridge/batching.py).
+        max_ongoing_requests=worker_config.max_batch_size,
         **({"autoscaling_config": args["autoscaling_config"]} if args.get("autoscaling_config")
            else {"num_replicas": args.get("num_replicas", 1)}),
         ray_actor_options={"num_gpus": worker_config.num_gpus, "num_cpus": 1},

@@ -12,7 +12,7 @@ from typing import Any, Dict, Optional
 from client.protocol import E_INTERNAL, E_INVALID_REQUEST, GenerationRequest, InvalidRequest
 
 TASK_NAME = "sdgate.generate"
-_NOT_META = ("ok", "png_b64", "pipeline_loads")
+_NOT_META = ("ok", "png_b64", "pipeline_loads", "batch_size")
 
 
 def task_payload(request: GenerationRequest) -> Dict[str, Any]:
@@ -43,6 +43,7 @@ class GenerationResult:
     error_message: str = ""
     error_field: Optional[str] = None
     pipeline_loads: int = 0  # how many times the answering worker process loaded its pipeline
+    batch_size: int = 1  # how many requests the pipeline call that rendered this image held
 
     @property
     def png(self) -> bytes:

@@ -71,6 +71,8 @@ class ModelEntry(_Strict):
     # A Ray workers application adds a worker for this model when its queue fills (min_replicas 0):
     # with no live worker, requests queue instead of failing fast with `unavailable`.
     scale_from_zero: bool = False
+    # Requests of one shape a GPU worker renders in one pipeline call (WorkerConfig.max_batch_size overrides).
+    max_batch_size: int = Field(default=1, ge=1, le=64)
 
     @field_validator("name")
     @classmethod

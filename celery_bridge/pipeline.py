@@ -13,7 +13,7 @@ import os
 import threading
 import time
 from pathlib import Path
-from typing import Any, Callable, Dict, Optional
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import torch
 from PIL import Image, PngImagePlugin
@@ -175,10 +175,14 @@ class PipelineRunner:
         return self._schedulers[name]
 
     def _call(self, request: GenerationRequest, time_limit_s: Optional[float] = None,
-              on_step: Optional[Callable[[int, int, Any], None]] = None):
+              on_step: Optional[Callable[[int, int, Any], None]] = None,
+              batch: Optional[List[GenerationRequest]] = None):
         # The caller holds self._lock: the scheduler swap and its per-call state are not thread-safe.
-        # A CPU generator gives the same noise on every device, so both worker modes agree.
-        generator = torch.Generator(device="cpu").manual_seed(request.seed)
+        # A CPU generator gives the same noise on every device, so both worker modes agree. A batch
+        # (requests of one shape, celery_bridge/batching.py) gets one generator per request, so each
+        # seed keeps its own noise; it returns the list of images, in the order of `batch`.
+        inputs = batch_inputs(batch) if batch else {}
+        generator = inputs.pop("generator", None) or torch.Generator(device="cpu").manual_seed(request.seed)
         self.pipe.scheduler = self._scheduler(request.scheduler)
         deadline = time.monotonic() + time_limit_s if time_limit_s else None
 
@@ -193,8 +197,8 @@ class PipelineRunner:
             return callback_kwargs
 
         return self.pipe(
-            prompt=request.prompt,
-            negative_prompt=request.negative_prompt or None,
+            prompt=inputs.get("prompt", request.prompt),
+            negative_prompt=inputs["negative_prompt"] if batch else request.negative_prompt or None,
             width=request.width,
             height=request.height,
             num_inference_steps=request.steps,
@@ -202,7 +206,7 @@ class PipelineRunner:
             generator=generator,
             output_type="pil",
             callback_on_step_end=stop_past_deadline,
-        ).images[0]
+        ).images[slice(None) if batch else 0]
 
     def render(self, request: GenerationRequest, time_limit_s: Optional[float] = None,
                on_step: Optional[Callable[[int, int, Any], None]] = None) -> bytes:
@@ -216,6 +220,18 @@ class PipelineRunner:
             self.last_pipeline_ms = (time.perf_counter() - started) * 1000
         return encode_png(image, request)
 
+    def render_batch(self, requests: List[GenerationRequest],
+                     time_limit_s: Optional[float] = None) -> Tuple[List[bytes], float]:
+        """PNG bytes for each of `requests` (one shape; see celery_bridge/batching.py), rendered in
+        one pipeline call, in their order, and the call's milliseconds."""
+        requests = [self.resolve(request) for request in requests]
+        with self._lock:
+            started = time.perf_counter()
+            images = self._call(requests[0], time_limit_s, batch=requests)
+            self.last_pipeline_ms = (time.perf_counter() - started) * 1000
+            pipeline_ms = self.last_pipeline_ms
+        return [encode_png(image, request) for image, request in zip(images, requests)], pipeline_ms
+
     def bare_call(self, request: GenerationRequest):
         """The pipeline call alone (no PNG), the baseline benchmarks compare `render` with.
 
@@ -228,6 +244,15 @@ class PipelineRunner:
     def resolve(self, request: GenerationRequest) -> GenerationRequest:
         """`request` with this model's name and defaults in the fields it left out, normalised."""
         return self.entry.fill(request).normalized()
+
+
+def batch_inputs(batch: List[GenerationRequest]) -> Dict[str, Any]:
+    """The per-request pipeline arguments of one batched call: prompts, negative prompts and one
+    CPU generator per request (diffusers draws each sample's latents from its own generator)."""
+    negatives = [request.negative_prompt or "" for request in batch]  # "" is what None means to diffusers
+    return {"prompt": [request.prompt for request in batch],
+            "negative_prompt": negatives if any(negatives) else None,
+            "generator": [torch.Generator(device="cpu").manual_seed(request.seed) for request in batch]}
 
 
 def catalogue_entry(model: str) -> ModelEntry:

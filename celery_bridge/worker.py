@@ -49,16 +49,28 @@ class GenerationService:
                  on_rendered: Optional[Callable[[str], None]] = None, redis_client: Any = None):
         """on_rendered(model) is called after each image rendered (the per-model counter); with
         `redis_client`, tasks report progress and honour cancels (celery_bridge/progress.py)."""
-        from celery_bridge.pipeline import PipelineRunner  # torch loads here, on worker hosts only
+        from celery_bridge.batching import ShapeBatcher, batch_size_for
+        from celery_bridge.sleep_model import SleepTimeout, sleep_runner_class
 
+        runner_class, self._timeout_error = sleep_runner_class(), SleepTimeout  # bench/test hook: no torch
+        if runner_class is None:
+            from celery_bridge.pipeline import GenerationTimeout, PipelineRunner  # torch loads here, on workers only
+
+            runner_class, self._timeout_error = PipelineRunner, GenerationTimeout
         self.time_limit_s = time_limit_s
         started = time.monotonic()
-        self.runner = PipelineRunner(config)
+        self.runner = runner_class(config)
         self.load_seconds = time.monotonic() - started
         self.name = name or f"{socket.gethostname()}:{os.getpid()}"
         self.tasks_done = 0
         self.on_rendered = on_rendered
         self.redis = redis_client
+        # 1 renders in the calling thread as before; more needs that many consumer threads (worker_argv).
+        self.max_batch_size = batch_size_for(config.max_batch_size, self.runner.entry.max_batch_size,
+                                             self.runner.device)
+        self.batcher = (ShapeBatcher(lambda requests: self.runner.render_batch(requests, self.time_limit_s),
+                                     self.max_batch_size, config.batch_wait_ms / 1000)
+                        if self.max_batch_size > 1 else None)
 
     def _reporter(self, request: GenerationRequest, previews: Any):
         """The progress reporter of the Celery task being run, or None (no Redis, no task id)."""
@@ -72,7 +84,7 @@ class GenerationService:
 
     def handle(self, payload: Any) -> Dict[str, Any]:
         """Render one request; never raises, so both worker modes report errors the same way."""
-        from celery_bridge.pipeline import GenerationTimeout
+        GenerationTimeout = self._timeout_error  # noqa: N806 - the runner's exception class
 
         previews = payload.pop("previews", 0) if isinstance(payload, dict) else 0  # not part of the request
         try:
@@ -89,7 +101,12 @@ class GenerationService:
         try:
             if reporter is not None:
                 reporter.check_start()  # cancelled, or nobody waits any more: free the GPU for others
-            png = self.runner.render(request, self.time_limit_s, reporter.on_step if reporter else None)
+            if self.batcher is not None:  # one call for several tasks: progress per step is not reported
+                rendered = self.batcher.submit(request)
+                png, pipeline_ms, batch_size = rendered.png, rendered.pipeline_ms, rendered.batch_size
+            else:
+                png = self.runner.render(request, self.time_limit_s, reporter.on_step if reporter else None)
+                pipeline_ms, batch_size = self.runner.last_pipeline_ms, 1
         except TaskCancelled as exc:
             log.info("task for %s not rendered: %s", request.cache_key()[:12], exc)
             return GenerationResult.failure(E_CANCELLED, str(exc)).to_json()
@@ -104,11 +121,11 @@ class GenerationService:
             self.on_rendered(request.model)
         if reporter is not None:
             try:
-                record_render(self.redis, request.model, self.runner.last_pipeline_ms)  # for queue ETAs
+                record_render(self.redis, request.model, pipeline_ms / batch_size)  # for queue ETAs
             except Exception:  # noqa: BLE001 - an ETA sample is not worth failing an image for
                 pass
-        result = GenerationResult.success(request, png, self.runner.last_pipeline_ms, self.name)
-        result.pipeline_loads = type(self.runner).loads
+        result = GenerationResult.success(request, png, pipeline_ms, self.name)
+        result.pipeline_loads, result.batch_size = type(self.runner).loads, batch_size
         return result.to_json()
 
 
@@ -132,9 +149,13 @@ def pin_gpu(gpu: Optional[str]) -> None:
         os.environ["CUDA_VISIBLE_DEVICES"] = str(gpu)
 
 
-def worker_argv(celery_config: CeleryConfig, hostname: str, loglevel: str, model: str) -> List[str]:
-    """Celery's worker command line: solo pool, and only `model`'s queue."""
-    return ["worker", "--pool=solo", "--concurrency=1", "-Q", queue_for(celery_config.queue, model),
+def worker_argv(celery_config: CeleryConfig, hostname: str, loglevel: str, model: str,
+                max_batch_size: int = 1) -> List[str]:
+    """Celery's worker command line: solo pool (or one thread per request of a batch, each holding
+    one prefetched task for the batcher), and only `model`'s queue."""
+    pool = ["--pool=solo", "--concurrency=1"] if max_batch_size <= 1 else ["--pool=threads",
+                                                                           f"--concurrency={max_batch_size}"]
+    return ["worker", *pool, "-Q", queue_for(celery_config.queue, model),
             f"--hostname={hostname}",
             f"--loglevel={loglevel}", "--without-gossip", "--without-mingle"]
 
@@ -164,9 +185,10 @@ def run_worker(celery_overrides: Dict[str, Any], worker_overrides: Dict[str, Any
     app.task(name=TASK_NAME)(service.handle)
     LeaseKeeper(client, celery_config.lease_renew_s).start()
     presence = Heartbeat(client, worker_config.model, service.name).start()
-    # 4. Consume: solo pool, one task at a time, so one pipeline is never used by two threads.
+    # 4. Consume: solo pool, one task at a time, so one pipeline is never used by two threads;
+    #    with batching, B threads feed one render thread (celery_bridge/batching.py).
     try:
         app.worker_main(worker_argv(celery_config, f"sdgate-{os.getpid()}@{socket.gethostname()}", loglevel,
-                                    worker_config.model))
+                                    worker_config.model, service.max_batch_size))
     finally:
         presence.stop()

@@ -67,6 +67,9 @@ def test_gpu_bench_smoke_runs_the_worker_path_on_its_own_model(tmp_path):
     figures = json.loads(run.stdout.strip().splitlines()[-1])
     assert figures["smoke"] is True and figures["worker_images_per_s"] > 0
     assert set(figures["bare_by_batch"]) == {"1", "2"}
+    assert figures["bare_by_batch"]["2"]["worker_images_per_s"] > 0, "the worker's batcher ran at batch 2"
+    assert figures["worker_best_batch_size"] in (1, 2) and figures["speedup"] > 0
+    assert 0 <= figures["max_pixel_difference_batched_vs_alone"] <= 8
 
 
 def test_http_floor_server_sends_the_stored_png_in_the_images_api_shape(tmp_path):

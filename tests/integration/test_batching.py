@@ -1,0 +1,83 @@
+"""Batching workers on the real local stack (real Redis, Ray gateway, Celery): a plain worker
+SIGKILLed mid-batch loses nothing (each task rendered once more, cached once), and a Ray worker
+replica renders concurrent same-shape requests in one batch.
+
+The workers render with the bench/test sleep hook (celery_bridge/sleep_model.py): the kill must
+land inside one batch, and a fixed 4 s render makes that certain on a loaded 2-core machine. The
+batched tiny-pipeline images themselves are checked in tests/unit/test_batching.py.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import time
+
+import pytest
+import redis
+
+from client import protocol
+from client.protocol import GenerationRequest
+from tests.integration.harness import TaskRuns, ask, cached_pngs, local_stack, wait_for
+from tests.integration.test_faults import in_thread
+from tests.resolve import key_of
+
+pytestmark = pytest.mark.integration
+BATCH_ENV = {"SDGATE_VISIBILITY_TIMEOUT_S": "3", "SDGATE_LEASE_RENEW_S": "0.5", "SDGATE_MAX_BATCH_SIZE": "3",
+             "SDGATE_BATCH_WAIT_MS": "2000", "SDGATE_TEST_SLEEP_RENDER_MS": "4000", "SDGATE_CPU_THREADS": "1"}
+
+
+def test_worker_sigkilled_mid_batch_loses_nothing():
+    with local_stack("celery", workers=1, env=BATCH_ENV, request_timeout_s=90) as stack:
+        requests = [GenerationRequest(f"batch victim {i} {time.time()}") for i in range(3)]
+        runs = {key_of(r): TaskRuns(stack.redis_url, key_of(r)) for r in requests}
+        try:
+            clients = [in_thread(lambda r=r: ask(stack, r, timeout=150)) for r in requests]
+            # 1. All three held by the one worker, in one batch (the sleep render is running).
+            starts = wait_for(lambda: all(run.started() for run in runs.values())
+                              and [run.started()[0] for run in runs.values()], 60, "the batch starting")
+            assert len(set(starts)) == 1, f"the three tasks should share one worker: {starts}"
+            victim = starts[0]
+            stack.spawn_worker("worker-after-kill")
+            # 2. Kill it inside the render; the new worker gets every task of the batch again.
+            os.kill(victim, signal.SIGKILL)
+            for thread, outcome in clients:
+                thread.join(150)
+                assert not thread.is_alive(), "a client hung"
+                assert "reply" in outcome, f"a client got {outcome.get('error')!r} instead of its image"
+            for request, (_, outcome) in zip(requests, clients):
+                reply, key = outcome["reply"], key_of(request)
+                assert reply.meta["key"] == key, "each client got its own request's image"
+                assert not reply.meta["worker"].endswith(f":{victim}")
+                started = runs[key].started()
+                assert len(started) == 2 and started[0] == victim != started[1], runs[key].events
+                assert runs[key].succeeded() == 1
+                assert cached_pngs(stack, key) == [reply.png], "exactly one image cached per request"
+                assert ask(stack, request).statuses[0]["state"] == protocol.STATUS_CACHED
+        finally:
+            for run in runs.values():
+                run.close()
+
+
+def batch_sizes(stack, key: str) -> list:
+    """batch_size of every stored Celery result of the tasks that rendered `key`."""
+    client = redis.Redis.from_url(stack.redis_url, socket_timeout=5)
+    sizes = []
+    for name in client.scan_iter(match=f"celery-task-meta-sdgate-{key}-*"):
+        meta = json.loads(client.get(name))
+        if isinstance(meta.get("result"), dict) and "batch_size" in meta["result"]:
+            sizes.append(meta["result"]["batch_size"])
+    return sizes
+
+
+def test_ray_worker_replica_renders_concurrent_same_shape_requests_in_one_batch():
+    with local_stack("ray", workers=1, env=BATCH_ENV, request_timeout_s=90) as stack:
+        requests = [GenerationRequest(f"ray batch {i} {time.time()}") for i in range(3)]
+        clients = [in_thread(lambda r=r: ask(stack, r, timeout=150)) for r in requests]
+        for thread, outcome in clients:
+            thread.join(150)
+            assert "reply" in outcome, f"a client got {outcome.get('error')!r} instead of its image"
+        for request, (_, outcome) in zip(requests, clients):
+            assert outcome["reply"].meta["key"] == key_of(request)
+            assert batch_sizes(stack, key_of(request)) == [3], "the replica's three threads fed one batch"

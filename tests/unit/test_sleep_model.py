@@ -1,0 +1,50 @@
+"""The bench/test-only sleep render and the scale benchmark's arithmetic (no services)."""
+
+from __future__ import annotations
+
+import io
+import sys
+import threading
+
+from PIL import Image
+
+from bench.scale import efficiency
+from client.protocol import GenerationRequest
+from celery_bridge.config import WorkerConfig
+from celery_bridge.sleep_model import SLEEP_VARIABLE, SleepRunner, solid_png
+
+
+def test_solid_png_is_a_valid_png():
+    image = Image.open(io.BytesIO(solid_png(8, 4, (1, 2, 3))))
+    image.load()
+    assert image.size == (8, 4) and image.getpixel((7, 3)) == (1, 2, 3)
+
+
+def test_worker_with_the_sleep_hook_loads_no_torch_and_batches(monkeypatch):
+    from celery_bridge.worker import GenerationService
+
+    monkeypatch.setenv(SLEEP_VARIABLE, "1")
+    had_torch = "torch" in sys.modules
+    service = GenerationService(WorkerConfig(max_batch_size=2, batch_wait_ms=60_000))
+    assert isinstance(service.runner, SleepRunner)
+    assert had_torch or "torch" not in sys.modules, "the sleep hook must not import torch"
+    results = {}
+    requests = [GenerationRequest(f"p{i}", seed=i) for i in range(2)]
+    threads = [threading.Thread(target=lambda r=r: results.__setitem__(r.prompt, service.handle(r.to_dict())))
+               for r in requests]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    assert service.batcher.batches == [2]
+    for request in requests:
+        result = results[request.prompt]
+        assert result["ok"] and result["batch_size"] == 2
+        assert result["key"] == service.runner.resolve(request).cache_key()
+    assert results["p0"]["png_b64"] != results["p1"]["png_b64"], "each request gets its own image"
+
+
+def test_scale_efficiency_is_images_per_s_over_ideal():
+    # 20 images in 5 s with 2 workers of 500 ms: ideal 4 images/s, measured 4 -> 1.0.
+    assert efficiency(20, 5.0, 2, 500) == {"images_per_s": 4.0, "efficiency": 1.0}
+    assert efficiency(10, 5.0, 2, 500)["efficiency"] == 0.5
