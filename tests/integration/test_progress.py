@@ -174,7 +174,8 @@ def test_when_one_of_two_waiters_cancels_the_render_goes_on(replicas):
 
 def test_a_timed_out_waiters_image_is_cached_and_its_retry_is_a_hit(replicas):
     a = replicas()
-    request = GenerationRequest(f"timed out {uuid.uuid4().hex[:6]}", width=64, height=64, steps=6)
+    # LONG renders for seconds here, far past the waiter's 0.5 s (6 steps finished within it on a quiet machine).
+    request = GenerationRequest(f"timed out {uuid.uuid4().hex[:6]}", **LONG)
     with pytest.raises(ProtocolError) as raised:
         a.loop.run(a.front.generate_async(request, timeout_s=0.5))
     assert raised.value.code == protocol.E_TIMEOUT
