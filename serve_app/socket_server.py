@@ -213,19 +213,22 @@ class SocketFrontServer:
         peer = asyncio.ensure_future(self._watch_peer(reader, waiter_id))
         try:
             await asyncio.wait({generation, peer}, return_when=asyncio.FIRST_COMPLETED)
-            if not generation.done() and peer.done() and peer.result() == "closed":
-                generation.cancel()  # the client left: it stops waiting; a started render is still cached
+            if not generation.done():  # the client left (or broke the framing) while its request waited
+                generation.cancel()  # it stops waiting; a started render is still cached
                 await asyncio.gather(generation, return_exceptions=True)
                 return False
-            answer = await generation
-        except ProtocolError as exc:  # counted by FrontService
-            return await self._send(writer, protocol.encode_error(exc.code, exc.message, exc.field))
         finally:
-            if not peer.done():
-                peer.cancel()
+            # The watcher must be gone before the answer is sent: once the client has its answer it may
+            # send its next request, and that belongs to the frame loop, not to a leftover watcher.
+            peer.cancel()
+            await asyncio.gather(peer, return_exceptions=True)
             with self._count_lock:
                 self._account_load()
                 self._active -= 1
+        try:
+            answer = generation.result()
+        except ProtocolError as exc:  # counted by FrontService
+            return await self._send(writer, protocol.encode_error(exc.code, exc.message, exc.field))
         return await self._send(writer, protocol.encode_image(answer.meta, answer.png))
 
     async def _watch_peer(self, reader: asyncio.StreamReader, waiter_id: str) -> str:

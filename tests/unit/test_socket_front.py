@@ -190,3 +190,37 @@ def test_slow_peer_is_cut_off_at_the_frame_timeout(servers):
         assert frame.kind == protocol.ERROR and frame.json()["code"] == protocol.E_TIMEOUT
         assert conn.recv(1) == b"", "then closed"
 
+
+
+class RefusingFront(FakeFront):
+    """Refuses one prompt with a content error (as an unknown model is), hits for the rest."""
+
+    async def generate_async(self, request, on_status=None, client="?", **kwargs):
+        if request.prompt == "refuse me":
+            raise ProtocolError(protocol.E_INVALID_REQUEST, "model 'nope' is not offered here", field="model")
+        return await super().generate_async(request, on_status, client, **kwargs)
+
+
+def test_the_request_after_a_refused_one_reaches_the_frame_loop(monkeypatch):
+    """A refusal from the front comes while the in-flight watcher reads the socket. Sending lingers
+    here after writing, as a slow drain does, so the client's next request arrives meanwhile: it
+    must be read by the frame loop as a whole request, not half-eaten by a leftover watcher."""
+    original_send = SocketFrontServer._send
+
+    async def lingering_send(writer, data, timeout=5.0):
+        writer.write(data)
+        await asyncio.sleep(0.3)
+        return await original_send(writer, b"", timeout)
+
+    monkeypatch.setattr(SocketFrontServer, "_send", staticmethod(lingering_send))
+    config = GatewayConfig(socket_port=0, frame_timeout_s=30.0)
+    server = SocketFrontServer(RefusingFront(config), config).start()
+    try:
+        with socket.create_connection(("127.0.0.1", server.port), timeout=10) as conn:
+            for _ in range(3):
+                with pytest.raises(ProtocolError) as refused:
+                    protocol.exchange(conn, GenerationRequest("refuse me"), timeout=10)
+                assert refused.value.field == "model"
+                assert protocol.exchange(conn, GenerationRequest("a hit", seed=1), timeout=10).png == PNG
+    finally:
+        server.stop()
