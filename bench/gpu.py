@@ -222,7 +222,10 @@ def measure(args: argparse.Namespace) -> Dict[str, Any]:
                                     model=runner.config.model, seed=j) for j in range(min(4, max(batches)))]
         pixel_difference = max_pixel_difference(service, checks) if len(checks) > 1 else 0
 
-        # 5. What PNG encoding alone costs at this size (part of the worker path).
+        # 5. Progress and previews: the step callback's cost on this GPU (bench/progress.py).
+        progress_overhead = progress_on_gpu(runner, size, steps, args.images, device)
+
+        # 6. What PNG encoding alone costs at this size (part of the worker path).
         image = pipe(prompt="png probe", height=size, width=size, num_inference_steps=1).images[0]
         probe = runner.resolve(GenerationRequest("png probe", width=size, height=size, steps=steps))
         png_ms = []
@@ -255,9 +258,28 @@ def measure(args: argparse.Namespace) -> Dict[str, Any]:
         "worker_best_batch_size": max(worker_batched, key=worker_batched.get),
         "speedup": round(max(worker_batched.values()) / worker_ips, 3),  # worker: best batch / batch 1
         "max_pixel_difference_batched_vs_alone": pixel_difference,
+        "progress": progress_overhead,
         "build_s": round(build_s, 1), "load_s": round(service.load_seconds, 1),
         "load_avg": load_average(),
     }
+
+
+def progress_on_gpu(runner, size: int, steps: int, rounds: int, device: str) -> Dict[str, Any]:
+    """bench/progress.py's on/off/previews measurement with this runner, against a local redis-server."""
+    from bench.progress import measure_overhead, start_redis
+    from client.protocol import GenerationRequest
+
+    if not shutil.which("redis-server"):
+        return {"skipped": "no redis-server on this machine"}
+    process, client = start_redis()
+    try:
+        request = GenerationRequest("gpu bench progress: a red fox in the snow", width=size, height=size,
+                                    steps=steps, model=runner.config.model)
+        return measure_overhead(lambda r, on_step: runner.render(r, on_step=on_step), client, request,
+                                max(3, rounds), every=min(5, steps), sync=lambda: _sync(device))
+    finally:
+        process.kill()
+        process.wait(5)
 
 
 def main(argv=None) -> Dict[str, Any]:

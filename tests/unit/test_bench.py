@@ -70,6 +70,9 @@ def test_gpu_bench_smoke_runs_the_worker_path_on_its_own_model(tmp_path):
     assert figures["bare_by_batch"]["2"]["worker_images_per_s"] > 0, "the worker's batcher ran at batch 2"
     assert figures["worker_best_batch_size"] in (1, 2) and figures["speedup"] > 0
     assert 0 <= figures["max_pixel_difference_batched_vs_alone"] <= 8
+    progress = figures["progress"]  # the progress overhead measurement, on the same runner
+    assert set(progress["render_ms_p50"]) == {"off", "progress", "previews"}
+    assert all(ms > 0 for ms in progress["callback_ms_per_render_p50"].values()), "the step callback ran"
 
 
 def test_http_floor_server_sends_the_stored_png_in_the_images_api_shape(tmp_path):
