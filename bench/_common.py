@@ -6,6 +6,7 @@ goes to stderr, so `python -m bench hit | jq` works.
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import math
 import os
@@ -25,6 +26,7 @@ from client.protocol import GenerationRequest
 from cluster.local import LocalStack, StackConfig
 from serve_app.config import GatewayConfig
 from serve_app.stats import read_stats
+from serve_app.store import SQLiteImageStore
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -150,3 +152,14 @@ def settled_stats(stack: LocalStack, quiet_s: float = 0.5, timeout: float = 15.0
             return current
         previous = current
     return previous
+
+
+def floor_server_args(description: str, argv: Optional[Sequence[str]] = None):
+    """A floor server's command line (--db, --port, --max-bytes): (the port to bind, the gateway's
+    cache opened read-write as the gateway opens it)."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--db", required=True, help="the gateway's SQLite cache file")
+    parser.add_argument("--port", type=int, default=0, help="0 picks a free port")
+    parser.add_argument("--max-bytes", type=int, default=1 << 30, help="the store's budget (the gateway's)")
+    args = parser.parse_args(argv)
+    return args.port, SQLiteImageStore(Path(args.db), args.max_bytes)

@@ -10,14 +10,13 @@ sdgate's hit path costs above this is the price of its features and its plumbing
 
 from __future__ import annotations
 
-import argparse
 import socket
 import socketserver
 import sys
-from pathlib import Path
 
 from client import protocol
 from client.protocol import ConnectionClosed, ProtocolError
+from bench._common import floor_server_args
 from serve_app.store import SQLiteImageStore
 
 ACCEPTED = {protocol.REQUEST: protocol.MAX_PAYLOAD[protocol.REQUEST]}
@@ -57,13 +56,8 @@ class FloorServer(socketserver.ThreadingTCPServer):
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--db", required=True, help="the gateway's SQLite cache file")
-    parser.add_argument("--port", type=int, default=0, help="0 picks a free port")
-    parser.add_argument("--max-bytes", type=int, default=1 << 30, help="the store's budget (the gateway's)")
-    args = parser.parse_args(argv)
-    store = SQLiteImageStore(Path(args.db), args.max_bytes)
-    server = FloorServer(args.port, store)
+    port, store = floor_server_args(__doc__.splitlines()[0], argv)
+    server = FloorServer(port, store)
     print(f"floor server listening on {server.server_address[1]}", flush=True)
     try:
         server.serve_forever(poll_interval=0.5)

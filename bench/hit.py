@@ -31,7 +31,6 @@ import statistics
 import subprocess
 import sys
 import time
-import urllib.request
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
 from bench import _clients

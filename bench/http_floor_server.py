@@ -10,13 +10,11 @@ single-flight: what sdgate's HTTP hit costs above this is its features and its p
 
 from __future__ import annotations
 
-import argparse
 import base64
 import json
 import socket
 import sys
 import time
-from pathlib import Path
 
 import uvicorn
 from starlette.applications import Starlette
@@ -26,6 +24,7 @@ from starlette.routing import Route
 
 from client.protocol import GenerationRequest
 from celery_bridge.models import load_catalogue
+from bench._common import floor_server_args
 from serve_app.store import SQLiteImageStore
 
 PATH = "/v1/images/generations"
@@ -62,13 +61,8 @@ def listener(port: int) -> socket.socket:
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--db", required=True, help="the gateway's SQLite cache file")
-    parser.add_argument("--port", type=int, default=0, help="0 picks a free port")
-    parser.add_argument("--max-bytes", type=int, default=1 << 30, help="the store's budget (the gateway's)")
-    args = parser.parse_args(argv)
-    store = SQLiteImageStore(Path(args.db), args.max_bytes)
-    sock = listener(args.port)
+    port, store = floor_server_args(__doc__.splitlines()[0], argv)
+    sock = listener(port)
     print(f"http floor server listening on {sock.getsockname()[1]}", flush=True)
     config = uvicorn.Config(build_app(store), loop="uvloop", http="httptools", lifespan="off", access_log=False,
                             log_level="warning")

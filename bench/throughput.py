@@ -45,7 +45,7 @@ def _pixels(png: bytes) -> np.ndarray:
 
 def worker_images_per_s(service: GenerationService, requests: List[GenerationRequest], batch: int) -> float:
     """`requests` through service.handle from `batch` threads at once (the worker saturated)."""
-    service.batcher = (ShapeBatcher(lambda rs: service.runner.render_batch(rs, None), batch, 1.0)
+    service.batcher = (ShapeBatcher(lambda rs, on_step: service.runner.render_batch(rs, None, on_step), batch, 1.0)
                        if batch > 1 else None)
     failures: List[Any] = []
 

@@ -4,7 +4,10 @@ A worker that batches consumes with `max_batch_size` Celery threads (prefetch 1 
 so it holds up to B unacknowledged messages. Each thread runs the task body, which hands its
 request to the ShapeBatcher and blocks. One render thread takes the oldest waiting request and
 every other waiting request of the same shape (up to B), waits at most `batch_wait_ms` after the
-oldest arrived for more, renders them in one call, and wakes each task with its own image. A task
+oldest arrived for more, renders them in one call, and wakes each task with its own image. Each
+task's step callback (progress, previews, cancel) runs at every step of the shared call with its
+own slice of the latents; a task cancelled mid-batch leaves it (its image is dropped), and the call
+stops early only once every task in it has left. A task
 returns (Celery stores its result, then acks it) only after its own image exists; a worker killed
 mid-batch leaves every message of the batch unacknowledged, so Redis redelivers each of them.
 """
@@ -15,14 +18,15 @@ import logging
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Callable, List, Optional, Sequence, Tuple
+from typing import Any, Callable, List, Optional, Sequence, Tuple
 
 from client.protocol import GenerationRequest
 
 log = logging.getLogger(__name__)
 MAX_BATCH_SIZE = 64
 Shape = Tuple[object, ...]
-RenderBatch = Callable[[List[GenerationRequest]], Tuple[List[bytes], float]]
+OnStep = Callable[[int, int, Any], None]  # (step, steps, latents); what it raises stops the render
+RenderBatch = Callable[[List[GenerationRequest], Optional[OnStep]], Tuple[List[bytes], float]]
 
 
 def shape_of(request: GenerationRequest) -> Shape:
@@ -54,6 +58,8 @@ class _Slot:
     request: GenerationRequest
     shape: Shape
     arrived: float
+    on_step: Optional[OnStep] = None
+    left: Optional[BaseException] = None  # what its step callback raised mid-batch: it left the batch
     done: threading.Event = field(default_factory=threading.Event)
     result: Optional[Rendered] = None
     error: Optional[BaseException] = None
@@ -73,9 +79,10 @@ class ShapeBatcher:
         self._thread: Optional[threading.Thread] = None
         self.batches: List[int] = []  # sizes of the batches rendered so far (figures and tests)
 
-    def submit(self, request: GenerationRequest) -> Rendered:
-        """Block until `request` has been rendered in some batch; raises what its render raised."""
-        slot = _Slot(request, shape_of(request), self._clock())
+    def submit(self, request: GenerationRequest, on_step: Optional[OnStep] = None) -> Rendered:
+        """Block until `request` has been rendered in some batch; raises what its render (or its own
+        `on_step`, which runs after each step of the batch's call) raised."""
+        slot = _Slot(request, shape_of(request), self._clock(), on_step)
         with self._cond:
             if self._thread is None:
                 self._thread = threading.Thread(target=self._run, name="sdgate-batcher", daemon=True)
@@ -108,18 +115,41 @@ class ShapeBatcher:
     def render(self, batch: Sequence[_Slot]) -> None:
         """Render `batch` in one call and wake each of its tasks with its own image (or the error)."""
         try:
-            pngs, pipeline_ms = self._render([slot.request for slot in batch])
+            pngs, pipeline_ms = self._render([slot.request for slot in batch], self._step_callback(batch))
             if len(pngs) != len(batch):
                 raise RuntimeError(f"the pipeline returned {len(pngs)} images for a batch of {len(batch)}")
             for slot, png in zip(batch, pngs):
-                slot.result = Rendered(png, pipeline_ms, len(batch))
+                if slot.left is not None:
+                    slot.error = slot.left
+                else:
+                    slot.result = Rendered(png, pipeline_ms, len(batch))
             self.batches.append(len(batch))
         except BaseException as exc:  # noqa: BLE001 - every task of the batch reports it
             for slot in batch:
-                slot.error = exc
+                slot.error = slot.left or exc
         finally:
             for slot in batch:
                 slot.done.set()
+
+    @staticmethod
+    def _step_callback(batch: Sequence[_Slot]) -> Optional[OnStep]:
+        """One step callback for the batch's call: each task's own, with its own latents (index i of
+        the batch's). A task whose callback raises leaves the batch; the call stops once all have."""
+        if not any(slot.on_step for slot in batch):
+            return None
+
+        def on_step(step: int, steps: int, latents: Any) -> None:
+            for index, slot in enumerate(batch):
+                if slot.on_step is None or slot.left is not None:
+                    continue
+                try:
+                    slot.on_step(step, steps, None if latents is None else latents[index:index + 1])
+                except Exception as exc:  # noqa: BLE001 - its task reports it; the others go on
+                    slot.left = exc
+            if all(slot.left is not None for slot in batch):
+                raise batch[0].left  # nobody is left to render for
+
+        return on_step
 
     def _run(self) -> None:
         while True:

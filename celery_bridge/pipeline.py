@@ -220,14 +220,15 @@ class PipelineRunner:
             self.last_pipeline_ms = (time.perf_counter() - started) * 1000
         return encode_png(image, request)
 
-    def render_batch(self, requests: List[GenerationRequest],
-                     time_limit_s: Optional[float] = None) -> Tuple[List[bytes], float]:
+    def render_batch(self, requests: List[GenerationRequest], time_limit_s: Optional[float] = None,
+                     on_step: Optional[Callable[[int, int, Any], None]] = None) -> Tuple[List[bytes], float]:
         """PNG bytes for each of `requests` (one shape; see celery_bridge/batching.py), rendered in
-        one pipeline call, in their order, and the call's milliseconds."""
+        one pipeline call, in their order, and the call's milliseconds. `on_step(step, steps,
+        latents)` runs after each step with the whole batch's latents (request i at index i)."""
         requests = [self.resolve(request) for request in requests]
         with self._lock:
             started = time.perf_counter()
-            images = self._call(requests[0], time_limit_s, batch=requests)
+            images = self._call(requests[0], time_limit_s, on_step, batch=requests)
             self.last_pipeline_ms = (time.perf_counter() - started) * 1000
             pipeline_ms = self.last_pipeline_ms
         return [encode_png(image, request) for image, request in zip(images, requests)], pipeline_ms

@@ -56,8 +56,8 @@ class SleepRunner:
     def resolve(self, request: GenerationRequest) -> GenerationRequest:
         return self.entry.fill(request).normalized()
 
-    def render_batch(self, requests: List[GenerationRequest],
-                     time_limit_s: Optional[float] = None) -> Tuple[List[bytes], float]:
+    def render_batch(self, requests: List[GenerationRequest], time_limit_s: Optional[float] = None,
+                     on_step=None) -> Tuple[List[bytes], float]:
         requests = [self.resolve(request) for request in requests]
         started = time.perf_counter()
         time.sleep(self.sleep_s)

@@ -68,9 +68,11 @@ class GenerationService:
         # 1 renders in the calling thread as before; more needs that many consumer threads (worker_argv).
         self.max_batch_size = batch_size_for(config.max_batch_size, self.runner.entry.max_batch_size,
                                              self.runner.device)
-        self.batcher = (ShapeBatcher(lambda requests: self.runner.render_batch(requests, self.time_limit_s),
-                                     self.max_batch_size, config.batch_wait_ms / 1000)
+        self.batcher = (ShapeBatcher(self._render_batch, self.max_batch_size, config.batch_wait_ms / 1000)
                         if self.max_batch_size > 1 else None)
+
+    def _render_batch(self, requests: List[GenerationRequest], on_step=None):
+        return self.runner.render_batch(requests, self.time_limit_s, on_step)
 
     def _reporter(self, request: GenerationRequest, previews: Any):
         """The progress reporter of the Celery task being run, or None (no Redis, no task id)."""
@@ -101,8 +103,8 @@ class GenerationService:
         try:
             if reporter is not None:
                 reporter.check_start()  # cancelled, or nobody waits any more: free the GPU for others
-            if self.batcher is not None:  # one call for several tasks: progress per step is not reported
-                rendered = self.batcher.submit(request)
+            if self.batcher is not None:  # one call for several tasks, each with its own progress
+                rendered = self.batcher.submit(request, reporter.on_step if reporter else None)
                 png, pipeline_ms, batch_size = rendered.png, rendered.pipeline_ms, rendered.batch_size
             else:
                 png = self.runner.render(request, self.time_limit_s, reporter.on_step if reporter else None)

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 from typing import Any, Literal, Optional
 
 from celery_bridge.config import Port, config_dataclass, load_config, sdgate_home
+
+log = logging.getLogger(__name__)
 
 
 @config_dataclass
@@ -24,7 +27,7 @@ class GatewayConfig:
     frame_timeout_s: float = 10.0  # a started frame must arrive completely within this
     idle_timeout_s: float = 120.0  # a connection with no request for this long is closed
     max_connections: int = 4096
-    handler_threads: int = 64
+    handler_threads: Optional[int] = None  # deprecated and ignored (waiters cost no thread); see front_threads
     auth_token: Optional[str] = None  # shared token for socket and HTTP; off when empty
     rate_limit_per_s: float = 0.0  # per client address, 0 = off
     rate_limit_burst: int = 20
@@ -48,4 +51,8 @@ def load_gateway_config(**overrides: Any) -> GatewayConfig:
     # One name for the token everywhere: clients, `sdgate deploy` and the gateway read SDGATE_TOKEN.
     if os.environ.get("SDGATE_AUTH_TOKEN") is not None:
         raise ValueError("SDGATE_AUTH_TOKEN is not read: set the shared token in SDGATE_TOKEN")
-    return load_config(GatewayConfig, "gateway", overrides)
+    config = load_config(GatewayConfig, "gateway", overrides)
+    if config.handler_threads is not None:
+        log.warning("gateway setting handler_threads=%s is ignored: waiting clients no longer take a thread "
+                    "each; remove it (front_threads sizes the gateway's two small pools)", config.handler_threads)
+    return config

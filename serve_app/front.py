@@ -401,8 +401,7 @@ class FrontService:
         if listener and flight.last_event:
             listener(flight.last_event)
         if task_id:  # the leader registered the waiters it knew; this one came later
-            self._work.submit(self._quiet_redis, progress.add_waiter, self._redis, task_id, waiter_id,
-                              self._waiter_lease_s)
+            self._bookkeep(progress.add_waiter, self._redis, task_id, waiter_id, self._waiter_lease_s)
 
     def _leave_flight(self, flight: Flight, waiter_id: str, listener: Optional[EventCallback], left: bool) -> None:
         with flight._lock:
@@ -413,7 +412,15 @@ class FrontService:
             flight.waiters.pop(waiter_id, None)
             task_id = flight.task_id
         if task_id and not flight.future.done():
-            self._work.submit(self._quiet_redis, progress.remove_waiter, self._redis, task_id, waiter_id)
+            self._bookkeep(progress.remove_waiter, self._redis, task_id, waiter_id)
+
+    def _bookkeep(self, fn: Callable[..., Any], *args: Any) -> None:
+        """Waiter bookkeeping in Redis, off the loop and best effort; dropped once this service is
+        closed (the replica is going away, and its waiters' leases lapse on their own)."""
+        try:
+            self._work.submit(self._quiet_redis, fn, *args)
+        except RuntimeError:  # the pool was shut down by close()
+            pass
 
     def _register_waiters(self, flight: Flight, mark_watched: bool) -> None:
         pipe = self._redis.pipeline(transaction=False)

@@ -8,7 +8,6 @@ return the same bytes for the same parameters.
 
 import asyncio
 import base64
-import json
 import logging
 import threading
 import time
@@ -19,15 +18,16 @@ from fastapi.responses import JSONResponse, Response
 from ray import serve
 
 from client import protocol
-from client.protocol import GenerationRequest, InvalidRequest, ProtocolError
+from client.protocol import ProtocolError
 from celery_bridge.config import load_celery_config
 from celery_bridge.producer import GenerationProducer
 from celery_bridge.redis_check import require_redis_version
 from serve_app import stats, webui
-from serve_app.admission import MAX_REQUEST_BYTES, Admission, check_json_depth
+from serve_app.admission import Admission
 from serve_app.autoscaling import SOCKET_LOAD_METRIC
 from serve_app.config import load_gateway_config
 from serve_app.front import FrontService
+from serve_app.images_api import bearer, http_error, read_generation
 from serve_app import jobs_api
 from serve_app.http_front import HttpFrontServer
 from serve_app.jobs import JobService
@@ -37,61 +37,9 @@ from serve_app.socket_server import SocketFrontServer
 from serve_app.store import open_store
 
 log = logging.getLogger(__name__)
-MAX_HTTP_BODY = MAX_REQUEST_BYTES
 PRIVATE_META = ("worker",)  # host names stay inside the cluster
 QUEUE_DEPTH_PERIOD_S = 2.0
-HTTP_STATUS = {
-    protocol.E_INVALID_REQUEST: 400, protocol.E_BAD_FRAME: 400, protocol.E_FRAME_TOO_LARGE: 413,
-    protocol.E_UNAUTHORIZED: 401, protocol.E_RATE_LIMITED: 429, protocol.E_BUSY: 503,
-    protocol.E_UNAVAILABLE: 503, protocol.E_TIMEOUT: 504, protocol.E_INTERNAL: 500,
-}
 api = FastAPI(title="sdgate", description="Text to image: OpenAI-style Images API over sdgate's cache and workers")
-
-
-def http_error(exc: ProtocolError) -> JSONResponse:
-    """An OpenAI-shaped error body carrying sdgate's stable code."""
-    headers = {"Retry-After": "5"} if exc.code in protocol.RETRYABLE_CODES else None
-    body = {"error": {"message": exc.message, "type": exc.code, "code": exc.code, "param": exc.field}}
-    return JSONResponse(body, status_code=HTTP_STATUS.get(exc.code, 500), headers=headers)
-
-
-def request_from_openai(body: Any) -> GenerationRequest:
-    """Map an Images API body (prompt, size "WxH", n=1, response_format b64_json, sdgate extras)."""
-    if not isinstance(body, dict):
-        raise InvalidRequest("body", "must be a JSON object with at least a prompt")
-    fields = dict(body)
-    n = fields.pop("n", 1)
-    if n != 1:
-        raise InvalidRequest("n", f"{n!r}: sdgate renders one image per request; send n=1")
-    response_format = fields.pop("response_format", "b64_json")
-    if response_format != "b64_json":
-        raise InvalidRequest("response_format", f"{response_format!r}: only b64_json is supported")
-    fields.pop("user", None)
-    size = fields.pop("size", None)
-    if size is not None:
-        try:
-            width, height = (int(part) for part in str(size).lower().split("x"))
-        except ValueError:
-            raise InvalidRequest("size", f"{size!r} must look like 512x512") from None
-        fields.setdefault("width", width)
-        fields.setdefault("height", height)
-    return GenerationRequest.from_dict(fields)
-
-
-def _bearer(request: Request) -> Optional[str]:
-    header = request.headers.get("authorization", "")
-    return header[7:] if header.lower().startswith("bearer ") else None
-
-
-async def _bounded_body(request: Request) -> bytes:
-    declared = request.headers.get("content-length")
-    if declared is not None and declared.isdigit():
-        Admission.check_size(int(declared))
-    body = bytearray()
-    async for chunk in request.stream():
-        body += chunk
-        Admission.check_size(len(body))
-    return bytes(body)
 
 
 @serve.deployment(
@@ -134,26 +82,11 @@ class Gateway:
         """OpenAI Images API: returns data[0].b64_json, plus sdgate's metadata."""
         client = request.client.host if request.client else "?"
         try:
-            self.admission.check_token(_bearer(request))
-            self.admission.check_rate(client)
-            body = await _bounded_body(request)
-            try:
-                check_json_depth(body)
-                fields = json.loads(body)
-                streaming = fields.pop("stream", False) if isinstance(fields, dict) else False
-                partial_images = fields.pop("partial_images", 0) if isinstance(fields, dict) else 0
-                generation = request_from_openai(fields)
-            except RecursionError:
-                raise ProtocolError(protocol.E_INVALID_REQUEST, "body nests too deep; send a flat JSON object") from None
-            except (ValueError, UnicodeDecodeError) as exc:
-                if isinstance(exc, InvalidRequest):
-                    raise ProtocolError(protocol.E_INVALID_REQUEST, str(exc), field=exc.field) from None
-                raise ProtocolError(protocol.E_INVALID_REQUEST, f"body is not valid JSON: {exc}") from None
-            except TypeError as exc:
-                raise ProtocolError(protocol.E_INVALID_REQUEST, f"wrong shape: {exc}") from None
+            generation, extras = await read_generation(self.admission, request, ("stream", "partial_images"))
         except ProtocolError as exc:
             self.front.counters.error(exc.code)
             return http_error(exc)
+        streaming, partial_images = extras.get("stream", False), extras.get("partial_images", 0)
         if streaming:  # OpenAI's image streaming (serve_app/jobs_api.py)
             return await jobs_api.stream_generation(self, generation, partial_images, client)
         try:
@@ -232,7 +165,7 @@ class Gateway:
     def _refused(self, request: Request) -> Optional[JSONResponse]:
         """The error answer for a request without the right token, else None."""
         try:
-            self.admission.check_token(_bearer(request))
+            self.admission.check_token(bearer(request))
         except ProtocolError as exc:
             self.front.counters.error(exc.code)
             return http_error(exc)

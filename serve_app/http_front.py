@@ -16,7 +16,7 @@ import logging
 import socket
 import threading
 import time
-from typing import Any, Awaitable, Callable, List, Optional, Sequence, Tuple
+from typing import Any, Awaitable, Callable, List, Sequence, Tuple
 
 import uvicorn
 from starlette.applications import Starlette
@@ -26,6 +26,7 @@ from starlette.routing import Route
 
 from serve_app.admission import insecure_auth_warning, tls_files
 from serve_app.config import GatewayConfig
+from serve_app.load_meter import LoadMeter
 
 log = logging.getLogger(__name__)
 GENERATIONS_PATH = "/v1/images/generations"
@@ -65,29 +66,20 @@ class HttpFrontServer:
             ssl_certfile=certfile, ssl_keyfile=keyfile, timeout_keep_alive=int(config.idle_timeout_s),
             limit_concurrency=config.max_connections, server_header=False))
         self._thread = threading.Thread(target=self._run, name="sdgate-http-front", daemon=True)
-        self._load_lock = threading.Lock()
-        self._active = 0
-        self._load_integral, self._load_since = 0.0, time.monotonic()
-        self._last_report = (self._load_since, 0.0)
+        self.load = LoadMeter()
 
     # -- routes ------------------------------------------------------------------------------------
 
     async def _serve_generations(self, request: Request) -> Response:
-        self._count(+1)
-        try:
+        with self.load.counting():
             return await self._generations(request)
-        finally:
-            self._count(-1)
 
     def _counted(self, route: Callable[[Request], Any]) -> Callable[[Request], Awaitable[Response]]:
         blocking = not inspect.iscoroutinefunction(route)  # a plain def runs on a thread, as FastAPI runs it
 
         async def serve(request: Request) -> Response:
-            self._count(+1)
-            try:
+            with self.load.counting():
                 return await asyncio.to_thread(route, request) if blocking else await route(request)
-            finally:
-                self._count(-1)
 
         return serve
 
@@ -96,21 +88,9 @@ class HttpFrontServer:
 
     # -- load, for autoscaling -----------------------------------------------------------------------
 
-    def _count(self, delta: int) -> None:
-        with self._load_lock:
-            now = time.monotonic()
-            self._load_integral += self._active * (now - self._load_since)
-            self._load_since = now
-            self._active += delta
-
     def average_load(self) -> float:
         """Mean requests in flight on this port since the previous call (what autoscaling adds)."""
-        self._count(0)
-        with self._load_lock:
-            since, integral = self._last_report
-            self._last_report = (self._load_since, self._load_integral)
-            elapsed = self._load_since - since
-            return (self._load_integral - integral) / elapsed if elapsed > 0 else float(self._active)
+        return self.load.average()
 
     # -- lifecycle -----------------------------------------------------------------------------------
 

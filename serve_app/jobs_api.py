@@ -11,46 +11,21 @@ import asyncio
 import base64
 import json
 import time
-from typing import Any, AsyncIterator, Dict, Tuple
+from typing import Any, AsyncIterator, Dict
 
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 
 from client import protocol
 from client.protocol import GenerationRequest, InvalidRequest, ProtocolError
-from serve_app.admission import check_json_depth
+from serve_app.images_api import http_error, read_generation
 from serve_app.jobs import job_body
 
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 MAX_PARTIAL_IMAGES = 3
 
 
-async def read_generation(gateway: Any, request: Request, extras: Tuple[str, ...]) -> Tuple[GenerationRequest, Dict[str, Any]]:
-    """Auth, rate, bounded body, then the Images API body as a request plus the `extras` fields."""
-    from serve_app.gateway import _bearer, _bounded_body, request_from_openai
-
-    client = request.client.host if request.client else "?"
-    gateway.admission.check_token(_bearer(request))
-    gateway.admission.check_rate(client)
-    body = await _bounded_body(request)
-    try:
-        check_json_depth(body)
-        fields = json.loads(body)
-        taken = {name: fields.pop(name) for name in extras if isinstance(fields, dict) and name in fields}
-        return request_from_openai(fields), taken
-    except RecursionError:
-        raise ProtocolError(protocol.E_INVALID_REQUEST, "body nests too deep; send a flat JSON object") from None
-    except (ValueError, UnicodeDecodeError) as exc:
-        if isinstance(exc, InvalidRequest):
-            raise ProtocolError(protocol.E_INVALID_REQUEST, str(exc), field=exc.field) from None
-        raise ProtocolError(protocol.E_INVALID_REQUEST, f"body is not valid JSON: {exc}") from None
-    except TypeError as exc:
-        raise ProtocolError(protocol.E_INVALID_REQUEST, f"wrong shape: {exc}") from None
-
-
 def _error(gateway: Any, exc: ProtocolError) -> JSONResponse:
-    from serve_app.gateway import http_error
-
     gateway.front.counters.error(exc.code)
     return http_error(exc)
 
@@ -64,7 +39,7 @@ def _not_found(job_id: str) -> JSONResponse:
 async def create_job(gateway: Any, request: Request) -> Response:
     """POST /v1/jobs: 202 Job (queued/generating), or 200 Job (done) on a cache hit."""
     try:
-        generation, extras = await read_generation(gateway, request, ("previews",))
+        generation, extras = await read_generation(gateway.admission, request, ("previews",))
         record = await gateway.jobs.submit(generation, extras.get("previews", 0) or 0,
                                            client=request.client.host if request.client else "?")
     except ProtocolError as exc:

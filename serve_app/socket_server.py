@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
-import time
 import uuid
 from typing import Optional
 
@@ -20,6 +19,7 @@ from client import protocol
 from client.protocol import ProtocolError
 from serve_app.admission import Admission, check_token, insecure_auth_warning, server_ssl_context
 from serve_app.config import GatewayConfig
+from serve_app.load_meter import LoadMeter
 from serve_app.front import FrontService
 
 __all__ = ["SocketFrontServer", "check_token"]
@@ -45,17 +45,13 @@ class SocketFrontServer:
         self._server: Optional[asyncio.AbstractServer] = None
         self._ready = threading.Event()
         self._error: Optional[BaseException] = None
-        self._active = 0
-        self._count_lock = threading.Lock()
-        # Integral of requests-in-flight over time, for a time-averaged load between reports.
-        self._load_integral, self._load_since = 0.0, time.monotonic()
-        self._last_report = (self._load_since, 0.0)
+        self.load = LoadMeter()
         self._thread = threading.Thread(target=self._run, name="sdgate-socket", daemon=True)
 
     @property
     def active_requests(self) -> int:
         """Requests being answered right now (the load autoscaling sees)."""
-        return self._active
+        return self.load.active
 
     @property
     def open_connections(self) -> int:
@@ -63,17 +59,7 @@ class SocketFrontServer:
 
     def average_load(self) -> float:
         """Mean requests in flight since the previous call (what autoscaling should see)."""
-        with self._count_lock:
-            self._account_load()
-            since, integral = self._last_report
-            elapsed = self._load_since - since
-            self._last_report = (self._load_since, self._load_integral)
-            return (self._load_integral - integral) / elapsed if elapsed > 0 else float(self._active)
-
-    def _account_load(self) -> None:
-        now = time.monotonic()
-        self._load_integral += self._active * (now - self._load_since)
-        self._load_since = now
+        return self.load.average()
 
     def start(self) -> "SocketFrontServer":
         """Bind (so `port` is known on return) and serve on the loop thread."""
@@ -195,9 +181,7 @@ class SocketFrontServer:
             self.admission.check_rate(client)
         except ProtocolError as exc:
             return await self._send_error(writer, exc)
-        with self._count_lock:
-            self._account_load()
-            self._active += 1
+        self.load.add(+1)
         waiter_id = uuid.uuid4().hex
 
         def on_event(event: dict) -> None:
@@ -222,9 +206,7 @@ class SocketFrontServer:
             # send its next request, and that belongs to the frame loop, not to a leftover watcher.
             peer.cancel()
             await asyncio.gather(peer, return_exceptions=True)
-            with self._count_lock:
-                self._account_load()
-                self._active -= 1
+            self.load.add(-1)
         try:
             answer = generation.result()
         except ProtocolError as exc:  # counted by FrontService

@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 import threading
 from collections import Counter
-from typing import Callable, Dict, List, Optional
+from typing import Callable, Dict, List
 
 import redis
 

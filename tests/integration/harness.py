@@ -80,7 +80,7 @@ def healthz(stack: LocalStack) -> dict:
         return json.loads(response.read())
 
 
-def wait_for(check: Callable[[], object], timeout: float, what: str, interval: float = 0.1):
+def wait_for(check: Callable[[], object], timeout: float = 15.0, what: str = "condition", interval: float = 0.1):
     """check()'s first truthy value; AssertionError naming `what` after `timeout` seconds."""
     deadline = time.monotonic() + timeout
     last: object = None

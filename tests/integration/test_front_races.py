@@ -6,6 +6,7 @@ task starts and finishes, and each bad interleaving happens every run."""
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import threading
 import time
@@ -27,10 +28,12 @@ from serve_app.config import GatewayConfig
 from serve_app.front import CLAIM_PREFIX, FrontService
 from serve_app.store import SQLiteImageStore
 from tests.resolve import resolved
+from tests.integration import harness
 
 pytestmark = pytest.mark.integration
 PNG = b"\x89PNG\r\n\x1a\n" + b"test image"
 RESULT_PREFIX = "celery-task-meta-"
+wait_for = functools.partial(harness.wait_for, interval=0.02)
 
 
 class Cluster:
@@ -82,16 +85,6 @@ def cluster(redis_server, tmp_path):
     cluster = Cluster(redis_server, tmp_path)
     yield cluster
     cluster.close()
-
-
-def wait_for(check, timeout=15.0, what="condition"):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = check()
-        if value:
-            return value
-        time.sleep(0.02)
-    raise AssertionError(f"{what}: not within {timeout} s")
 
 
 def in_loop(coroutine_factory):

@@ -4,11 +4,10 @@ their own producers) over a real redis-server, a real `sdgate worker` (Celery, t
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import threading
-import time
 import uuid
-from pathlib import Path
 from typing import Any, Dict, List
 
 import pytest
@@ -25,10 +24,12 @@ from serve_app.front import FrontService
 from serve_app.jobs import JobService
 from serve_app.store import SQLiteImageStore
 from tests.integration.conftest import PlainWorker
+from tests.integration import harness
 
 pytestmark = pytest.mark.integration
 RESULT_PREFIX = "celery-task-meta-"
 LONG = dict(width=64, height=64, steps=150)  # a render long enough to act in the middle of
+wait_for = functools.partial(harness.wait_for, interval=0.02)
 
 
 class Loop:
@@ -87,16 +88,6 @@ def replicas(stack):
     yield make
     for replica in made:
         replica.close()
-
-
-def wait_for(check, timeout=120.0, what="condition"):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = check()
-        if value:
-            return value
-        time.sleep(0.02)
-    raise AssertionError(f"{what}: not within {timeout:.0f} s")
 
 
 def task_of(replica: Replica, request: GenerationRequest) -> str:

@@ -34,7 +34,7 @@ class RecordingRender:
         self.gate = threading.Event()
         self.gate.set()
 
-    def __call__(self, requests):
+    def __call__(self, requests, on_step=None):
         self.gate.wait(30)
         self.batches.append([r.prompt for r in requests])
         return [r.prompt.encode() for r in requests], 1.0
@@ -95,7 +95,7 @@ def test_other_shapes_are_not_mixed_and_wait_no_longer_than_the_window():
 def test_a_failed_batch_fails_each_of_its_requests_and_the_batcher_goes_on():
     calls = []
 
-    def render(requests):
+    def render(requests, on_step=None):
         calls.append(len(requests))
         if len(calls) == 1:
             raise RuntimeError("out of memory")
@@ -119,6 +119,88 @@ def test_a_failed_batch_fails_each_of_its_requests_and_the_batcher_goes_on():
     assert errors == ["out of memory", "out of memory"]
     batcher.wait_s = 0  # a lone request need not wait for a partner
     assert batcher.submit(req("z")).png == b"ok"
+
+
+class SteppingRender:
+    """A render of `steps` steps that calls the batch's step callback after each, with latents
+    whose row i is request i's (its seed), as the pipeline's callback gets them."""
+
+    def __init__(self, steps: int):
+        self.steps = steps
+        self.steps_run = 0
+
+    def __call__(self, requests, on_step=None):
+        latents = np.array([[request.seed] for request in requests])
+        for step in range(self.steps):
+            self.steps_run = step + 1
+            if on_step is not None:
+                on_step(step, self.steps, latents)
+        return [r.prompt.encode() for r in requests], 1.0
+
+
+class Cancelled(RuntimeError):
+    pass
+
+
+def submit_with_steps(batcher, requests, cancel_at=None):
+    """Submit each request with a step recorder; `cancel_at[prompt]` = the step its callback raises at."""
+    seen = {r.prompt: [] for r in requests}
+    outcome = {}
+
+    def one(request):
+        def on_step(step, steps, latents):
+            seen[request.prompt].append((step, steps, latents.tolist()))
+            if (cancel_at or {}).get(request.prompt) == step:
+                raise Cancelled(f"{request.prompt} cancelled after step {step + 1}")
+        try:
+            outcome[request.prompt] = batcher.submit(request, on_step)
+        except Cancelled as exc:
+            outcome[request.prompt] = exc
+
+    threads = [threading.Thread(target=one, args=(r,)) for r in requests]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    return seen, outcome
+
+
+def test_each_request_of_a_batch_gets_every_step_with_its_own_latents():
+    render = SteppingRender(steps=3)
+    batcher = ShapeBatcher(render, max_batch_size=3, wait_s=60)
+    seen, outcome = submit_with_steps(batcher, [req(f"p{i}", seed=10 + i) for i in range(3)])
+    assert batcher.batches == [3]
+    for i in range(3):
+        assert seen[f"p{i}"] == [(step, 3, [[10 + i]]) for step in range(3)], "its own row, every step"
+        assert outcome[f"p{i}"].png == f"p{i}".encode()
+
+
+def test_a_request_cancelled_mid_batch_leaves_it_and_the_others_finish():
+    render = SteppingRender(steps=4)
+    batcher = ShapeBatcher(render, max_batch_size=3, wait_s=60)
+    seen, outcome = submit_with_steps(batcher, [req(f"p{i}", seed=i) for i in range(3)], cancel_at={"p1": 1})
+    assert render.steps_run == 4, "the others' render went on"
+    assert isinstance(outcome["p1"], Cancelled) and "after step 2" in str(outcome["p1"])
+    assert [step for step, _, _ in seen["p1"]] == [0, 1], "no steps reported after it left"
+    assert outcome["p0"].png == b"p0" and outcome["p2"].png == b"p2"
+    assert [step for step, _, _ in seen["p2"]] == [0, 1, 2, 3]
+
+
+def test_a_batch_stops_once_every_request_in_it_is_cancelled():
+    render = SteppingRender(steps=50)
+    batcher = ShapeBatcher(render, max_batch_size=2, wait_s=60)
+    seen, outcome = submit_with_steps(batcher, [req("a", seed=1), req("b", seed=2)], cancel_at={"a": 1, "b": 3})
+    assert render.steps_run == 4, "stopped at the step the last one left"
+    assert "after step 2" in str(outcome["a"]) and "after step 4" in str(outcome["b"]), "each its own reason"
+
+
+def test_the_real_pipeline_gives_the_batch_callback_each_requests_latents(runner):
+    requests = [req("a red fox", seed=1), req("a blue whale", seed=2)]
+    shapes = []
+    runner.render_batch(requests, on_step=lambda step, steps, latents: shapes.append((step, steps, latents.shape[0])))
+    steps = shapes[-1][1]  # the scheduler's own count (PNDM runs one timestep more than asked)
+    assert [(step, count) for step, _, count in shapes] == [(step, 2) for step in range(steps)], \
+        "one row per request, every step"
 
 
 def test_shape_is_what_one_call_must_share():
@@ -180,6 +262,40 @@ def test_worker_batches_concurrent_tasks_and_results_name_their_request(tmp_path
         assert result["ok"] and result["batch_size"] == 3 and result["key"] == request.cache_key()
         expected = pixels(service.runner.render(request))
         assert np.abs(pixels(__import__("base64").b64decode(result["png_b64"])) - expected).max() <= PIXEL_BOUND
+
+
+def test_a_batching_worker_reports_each_tasks_steps_and_stops_a_cancelled_one(tmp_path):
+    from celery_bridge.progress import TaskCancelled
+    from celery_bridge.worker import GenerationService
+
+    class Reporter:  # ProgressReporter's interface, recording instead of publishing to Redis
+        def __init__(self, request):
+            self.prompt, self.steps = request.prompt, []
+
+        def check_start(self):
+            pass
+
+        def on_step(self, step, steps, latents):
+            self.steps.append((step, latents.shape[0]))
+            if self.prompt == "cancel me" and step == 0:
+                raise TaskCancelled("cancelled")
+
+    service = GenerationService(WorkerConfig(device="cpu", model_cache_dir=str(tmp_path), max_batch_size=2,
+                                             batch_wait_ms=60_000))
+    reporters = {}
+    service._reporter = lambda request, previews: reporters.setdefault(request.prompt, Reporter(request))
+    requests = [req("keep me", seed=1), req("cancel me", seed=2)]
+    results = {}
+    threads = [threading.Thread(target=lambda r=r: results.update({r.prompt: service.handle(r.to_dict())}))
+               for r in requests]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert service.batcher.batches == [2]
+    assert results["keep me"]["ok"] and results["cancel me"]["error_code"] == "cancelled"
+    assert len(reporters["keep me"].steps) >= 2 and all(rows == 1 for _, rows in reporters["keep me"].steps)
+    assert reporters["cancel me"].steps == [(0, 1)]
 
 
 def test_both_worker_modes_get_one_consumer_thread_per_request_of_a_batch():

@@ -31,6 +31,20 @@ def test_every_shipped_yaml_loads():
     load_celery_config(), load_worker_config(), load_gateway_config(), load_stack_config()
 
 
+def test_the_retired_handler_threads_setting_loads_with_a_warning(configs, caplog):
+    (configs / "gateway.yaml").write_text("handler_threads: 64\n")
+    with caplog.at_level("WARNING", logger="serve_app.config"):
+        config = load_gateway_config()
+    assert config.handler_threads == 64, "an old config file still loads"
+    assert "handler_threads=64 is ignored" in caplog.text and "remove it" in caplog.text
+
+
+def test_the_shipped_gateway_config_has_no_retired_setting(caplog):
+    with caplog.at_level("WARNING", logger="serve_app.config"):
+        load_gateway_config()
+    assert "handler_threads" not in caplog.text
+
+
 def test_a_quoted_no_is_not_true(configs):
     (configs / "worker.yaml").write_text('fp16: "no"\n')
     with pytest.raises(ConfigError) as caught:

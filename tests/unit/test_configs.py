@@ -61,6 +61,24 @@ def test_serve_yaml_has_a_workers_application_per_catalogued_model_on_its_own_qu
         assert policy["queue_name"] == queue_for(app["args"].get("celery", {}).get("queue", "sdgate"), model)
 
 
+def test_worker_deployments_leave_their_concurrency_to_the_batch_size():
+    """A worker replica consumes with max_ongoing_requests threads and batches up to max_batch_size:
+    a config pinning the first would starve the batcher, which then waits out batch_wait_ms per image."""
+    from celery_bridge.consumer import build_app, replica_batch_size
+    from celery_bridge.config import load_worker_config
+
+    config = render_serve_config(CONFIGS / "serve.yaml", {"SDGATE_REDIS_URL": "redis://head:6379/0",
+                                                          "SDGATE_TOKEN": "a-test-token"})
+    manifest = next(d for d in yaml.safe_load_all((CONFIGS / "kuberay.yaml").read_text()) if d["kind"] == "RayService")
+    for apps in (config["applications"], yaml.safe_load(manifest["spec"]["serveConfigV2"])["applications"]):
+        for app in apps:
+            if app["import_path"] == "celery_bridge.consumer:build_app":
+                assert all("max_ongoing_requests" not in d for d in app["deployments"]), app["name"]
+    app = build_app({"worker": {"model": "tiny", "num_gpus": 1, "max_batch_size": 4}})
+    assert app._bound_deployment._deployment_config.max_ongoing_requests == 4
+    assert replica_batch_size(load_worker_config(model="tiny", num_gpus=1, max_batch_size=4)) == 4
+
+
 def test_serve_yaml_with_an_unset_variable_is_refused(tmp_path):
     broken = tmp_path / "serve.yaml"
     broken.write_text((CONFIGS / "serve.yaml").read_text().replace("${SDGATE_REDIS_URL}", "${SDGATE_NO_SUCH}"))

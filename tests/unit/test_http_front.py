@@ -97,9 +97,9 @@ def test_requests_in_flight_are_reported_for_autoscaling():
         for client in clients:
             client.start()
         deadline = time.monotonic() + 30
-        while server._active < 3 and time.monotonic() < deadline:
+        while server.load.active < 3 and time.monotonic() < deadline:
             time.sleep(0.01)
-        assert server._active == 3
+        assert server.load.active == 3
         assert server.average_load() > 0
         release.set()
         for client in clients:

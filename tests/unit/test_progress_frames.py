@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import socket
-import threading
 from typing import Dict, List
 
 import pytest

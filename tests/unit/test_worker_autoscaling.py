@@ -4,7 +4,6 @@ unknown count, and a stopping worker replica drains instead of being killed mid-
 import json
 from types import SimpleNamespace
 
-import pytest
 
 from celery_bridge.autoscaling import QueueWork, WorkerLoadPolicy, queue_keys, unacked_for_queue
 

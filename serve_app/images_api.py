@@ -1,0 +1,91 @@
+"""The OpenAI Images API at sdgate's edge: a request body read within bounds and mapped to a
+GenerationRequest, and sdgate's errors in OpenAI's error shape. Used by every HTTP route that
+takes an Images API body (gateway.py's generations, jobs_api.py's jobs and streaming)."""
+
+from __future__ import annotations
+
+import json
+from typing import Any, Dict, Optional, Tuple
+
+from starlette.requests import Request
+from starlette.responses import JSONResponse
+
+from client import protocol
+from client.protocol import GenerationRequest, InvalidRequest, ProtocolError
+from serve_app.admission import Admission, check_json_depth
+
+HTTP_STATUS = {
+    protocol.E_INVALID_REQUEST: 400, protocol.E_BAD_FRAME: 400, protocol.E_FRAME_TOO_LARGE: 413,
+    protocol.E_UNAUTHORIZED: 401, protocol.E_RATE_LIMITED: 429, protocol.E_BUSY: 503,
+    protocol.E_UNAVAILABLE: 503, protocol.E_TIMEOUT: 504, protocol.E_INTERNAL: 500,
+}
+
+
+def http_error(exc: ProtocolError) -> JSONResponse:
+    """An OpenAI-shaped error body carrying sdgate's stable code."""
+    headers = {"Retry-After": "5"} if exc.code in protocol.RETRYABLE_CODES else None
+    body = {"error": {"message": exc.message, "type": exc.code, "code": exc.code, "param": exc.field}}
+    return JSONResponse(body, status_code=HTTP_STATUS.get(exc.code, 500), headers=headers)
+
+
+def request_from_openai(body: Any) -> GenerationRequest:
+    """Map an Images API body (prompt, size "WxH", n=1, response_format b64_json, sdgate extras)."""
+    if not isinstance(body, dict):
+        raise InvalidRequest("body", "must be a JSON object with at least a prompt")
+    fields = dict(body)
+    n = fields.pop("n", 1)
+    if n != 1:
+        raise InvalidRequest("n", f"{n!r}: sdgate renders one image per request; send n=1")
+    response_format = fields.pop("response_format", "b64_json")
+    if response_format != "b64_json":
+        raise InvalidRequest("response_format", f"{response_format!r}: only b64_json is supported")
+    fields.pop("user", None)
+    size = fields.pop("size", None)
+    if size is not None:
+        try:
+            width, height = (int(part) for part in str(size).lower().split("x"))
+        except ValueError:
+            raise InvalidRequest("size", f"{size!r} must look like 512x512") from None
+        fields.setdefault("width", width)
+        fields.setdefault("height", height)
+    return GenerationRequest.from_dict(fields)
+
+
+def bearer(request: Request) -> Optional[str]:
+    """The token of an `Authorization: Bearer` header, or None."""
+    header = request.headers.get("authorization", "")
+    return header[7:] if header.lower().startswith("bearer ") else None
+
+
+async def bounded_body(request: Request) -> bytes:
+    """The request body, refused (frame_too_large) as soon as it passes the size limit."""
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit():
+        Admission.check_size(int(declared))
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        Admission.check_size(len(body))
+    return bytes(body)
+
+
+async def read_generation(admission: Admission, request: Request,
+                          extras: Tuple[str, ...] = ()) -> Tuple[GenerationRequest, Dict[str, Any]]:
+    """Token, rate, bounded body, then the Images API body as a request plus those of the `extras`
+    fields it has (taken out before the request is checked, as they are not part of it)."""
+    admission.check_token(bearer(request))
+    admission.check_rate(request.client.host if request.client else "?")
+    body = await bounded_body(request)
+    try:
+        check_json_depth(body)
+        fields = json.loads(body)
+        taken = {name: fields.pop(name) for name in extras if isinstance(fields, dict) and name in fields}
+        return request_from_openai(fields), taken
+    except RecursionError:
+        raise ProtocolError(protocol.E_INVALID_REQUEST, "body nests too deep; send a flat JSON object") from None
+    except (ValueError, UnicodeDecodeError) as exc:
+        if isinstance(exc, InvalidRequest):
+            raise ProtocolError(protocol.E_INVALID_REQUEST, str(exc), field=exc.field) from None
+        raise ProtocolError(protocol.E_INVALID_REQUEST, f"body is not valid JSON: {exc}") from None
+    except TypeError as exc:
+        raise ProtocolError(protocol.E_INVALID_REQUEST, f"wrong shape: {exc}") from None
