@@ -14,6 +14,7 @@ from PIL import Image
 from client.protocol import GenerationRequest
 from celery_bridge.batching import ShapeBatcher, batch_size_for, shape_of
 from celery_bridge.config import WorkerConfig
+from tests.handling import handle_concurrently
 
 # Measured on this CPU (torch 2.13, tiny model, 64x64, 2 steps): batched and unbatched images are
 # byte-identical (max per-pixel difference 0); the bound leaves room for other BLAS kernels.
@@ -247,18 +248,9 @@ def test_worker_batches_concurrent_tasks_and_results_name_their_request(tmp_path
     service = GenerationService(WorkerConfig(device="cpu", model_cache_dir=str(tmp_path), max_batch_size=3,
                                              batch_wait_ms=60_000))
     requests = [req(f"prompt {i}", seed=i) for i in range(3)]
-    results = [None] * 3
-
-    def one(i):
-        results[i] = service.handle(requests[i].to_dict())
-
-    threads = [threading.Thread(target=one, args=(i,)) for i in range(3)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(120)
+    results = handle_concurrently(service, requests)
     assert service.batcher.batches == [3]
-    for request, result in zip(requests, results):
+    for request, result in ((r, results[r.prompt]) for r in requests):
         assert result["ok"] and result["batch_size"] == 3 and result["key"] == request.cache_key()
         expected = pixels(service.runner.render(request))
         assert np.abs(pixels(__import__("base64").b64decode(result["png_b64"])) - expected).max() <= PIXEL_BOUND
@@ -284,14 +276,7 @@ def test_a_batching_worker_reports_each_tasks_steps_and_stops_a_cancelled_one(tm
                                              batch_wait_ms=60_000))
     reporters = {}
     service._reporter = lambda request, previews: reporters.setdefault(request.prompt, Reporter(request))
-    requests = [req("keep me", seed=1), req("cancel me", seed=2)]
-    results = {}
-    threads = [threading.Thread(target=lambda r=r: results.update({r.prompt: service.handle(r.to_dict())}))
-               for r in requests]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(120)
+    results = handle_concurrently(service, [req("keep me", seed=1), req("cancel me", seed=2)])
     assert service.batcher.batches == [2]
     assert results["keep me"]["ok"] and results["cancel me"]["error_code"] == "cancelled"
     assert len(reporters["keep me"].steps) >= 2 and all(rows == 1 for _, rows in reporters["keep me"].steps)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import io
 import sys
-import threading
 
 from PIL import Image
 
@@ -12,6 +11,7 @@ from bench.scale import efficiency
 from client.protocol import GenerationRequest
 from celery_bridge.config import WorkerConfig
 from celery_bridge.sleep_model import SLEEP_VARIABLE, SleepRunner, solid_png
+from tests.handling import handle_concurrently
 
 
 def test_solid_png_is_a_valid_png():
@@ -28,14 +28,8 @@ def test_worker_with_the_sleep_hook_loads_no_torch_and_batches(monkeypatch):
     service = GenerationService(WorkerConfig(max_batch_size=2, batch_wait_ms=60_000))
     assert isinstance(service.runner, SleepRunner)
     assert had_torch or "torch" not in sys.modules, "the sleep hook must not import torch"
-    results = {}
     requests = [GenerationRequest(f"p{i}", seed=i) for i in range(2)]
-    threads = [threading.Thread(target=lambda r=r: results.__setitem__(r.prompt, service.handle(r.to_dict())))
-               for r in requests]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(30)
+    results = handle_concurrently(service, requests, timeout=30)
     assert service.batcher.batches == [2]
     for request in requests:
         result = results[request.prompt]
