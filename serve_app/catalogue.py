@@ -51,7 +51,8 @@ class GatewayCatalogue:
         return entry
 
     def resolve(self, request: GenerationRequest) -> GenerationRequest:
-        """`request` with its model and that model's defaults filled in, within the model's limits."""
+        """`request` with its model and that model's defaults filled in, within the model's limits.
+        No side effects: the front counts the request once it accepts it (count_request)."""
         # 1. Which model: the one named, or the default.
         entry = self.entry(request.model)
         # 2. Fill what the client left out from that model's defaults.
@@ -65,9 +66,12 @@ class GatewayCatalogue:
         if isinstance(resolved.steps, int) and resolved.steps > entry.limits.max_steps:
             raise ProtocolError(protocol.E_INVALID_REQUEST, f"steps {resolved.steps} is over {entry.name!r}'s limit "
                                 f"of {entry.limits.max_steps}; ask for at most {entry.limits.max_steps}", field="steps")
-        if self.counters is not None:
-            self.counters.incr(stats.model_counter(entry.name, stats.MODEL_REQUESTS))
         return resolved
+
+    def count_request(self, model: str) -> None:
+        """One request accepted for `model` (the per-model `requests` counter)."""
+        if self.counters is not None:
+            self.counters.incr(stats.model_counter(model, stats.MODEL_REQUESTS))
 
     def check_served(self, model: str) -> None:
         """Raise `unavailable` when no live worker serves `model` and none will be added for it."""

@@ -214,6 +214,7 @@ class FrontService:
             normalized = self.catalogue.resolve(request).normalized()
         except InvalidRequest as exc:
             raise ProtocolError(protocol.E_INVALID_REQUEST, str(exc), field=exc.field) from None
+        self.catalogue.count_request(normalized.model)
         key = normalized.cache_key()
         timeout_s = self.config.request_timeout_s if timeout_s is None else timeout_s
         deadline = loop.time() + timeout_s

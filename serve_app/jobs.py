@@ -24,6 +24,7 @@ import redis
 from client import protocol
 from client.protocol import GenerationRequest, InvalidRequest, ProtocolError
 from celery_bridge import progress
+from serve_app import stats
 from serve_app.front import FrontService
 
 log = logging.getLogger(__name__)
@@ -77,8 +78,9 @@ class JobService:
                   "request": normalized.to_dict()}
         loop = asyncio.get_running_loop()
         cached = await loop.run_in_executor(None, self.front._cache_get, record["key"])
-        if cached is not None:
-            self.front.counters.incr("cache_hits")
+        if cached is not None:  # answered here; a miss is counted by the front when the job runs
+            self.front.catalogue.count_request(normalized.model)
+            self.front.counters.incr(stats.CACHE_HITS)
             record.update(state="done", cached=True, step=normalized.steps)
             await loop.run_in_executor(None, self._save, record)
             return record

@@ -216,6 +216,21 @@ def test_a_job_survives_its_replica_and_is_finished_by_another(replicas):
     assert b.store.get(final["key"]) is not None
 
 
+def test_a_job_counts_as_one_request_for_its_model_whether_it_renders_or_hits(replicas):
+    a = replicas()
+    counted: List[str] = []
+    incr = a.front.counters.incr
+    a.front.counters.incr = lambda name, amount=1: (counted.append(name), incr(name, amount))
+    requests_for_tiny = stats.model_counter("tiny", stats.MODEL_REQUESTS)
+    request = GenerationRequest(f"a counted job {uuid.uuid4().hex[:6]}", width=64, height=64, steps=2)
+    record = a.loop.run(a.jobs.submit(request))
+    wait_for(lambda: a.loop.run(a.jobs.read(record["id"]))["state"] == "done", 180, "the job rendered")
+    assert counted.count(requests_for_tiny) == 1, "a job that renders is one request"
+    again = a.loop.run(a.jobs.submit(request))
+    assert again["state"] == "done" and again["cached"]
+    assert counted.count(requests_for_tiny) == 2, "a job answered from the cache is one request too"
+
+
 class HttpShim:
     """The gateway's own route functions (serve_app/gateway.py, jobs_api) served by uvicorn for one
     Replica, without Ray: what the fast HTTP port does."""
