@@ -81,10 +81,24 @@ class Admission:
         self.config = config
         self.rate_limiter = RateLimiter(config.rate_limit_per_s, config.rate_limit_burst)
         self._lock = threading.Lock()
-        self._connections: Dict[str, int] = {}
-        self._waiters: Dict[str, int] = {}
-        self.open_connections = 0
-        self.waiting = 0
+        self._connections = CountPerClient(
+            config.max_connections, config.max_connections_per_client,
+            full="too many connections (limit {limit}); retry in a few seconds",
+            client_full="too many connections from this address (limit {limit}); reuse one connection")
+        self._waiters = CountPerClient(
+            config.max_waiters, config.max_waiters_per_client,
+            full="{count} requests already wait for new images here (limit {limit}); cache hits are still "
+                 "served, retry in a few seconds",
+            client_full="too many requests from this address wait for new images (limit {limit}); retry in a "
+                        "few seconds")
+
+    @property
+    def open_connections(self) -> int:
+        return self._connections.count
+
+    @property
+    def waiting(self) -> int:
+        return self._waiters.count
 
     # -- per request ------------------------------------------------------------------------------
 
@@ -107,47 +121,52 @@ class Admission:
     def open_connection(self, client: str) -> None:
         """Count a new connection from `client`; raises `busy` over the replica or per-address cap."""
         with self._lock:
-            if self.open_connections >= self.config.max_connections:
-                raise ProtocolError(protocol.E_BUSY, f"too many connections (limit {self.config.max_connections})"
-                                    "; retry in a few seconds")
-            if self._connections.get(client, 0) >= self.config.max_connections_per_client:
-                raise ProtocolError(protocol.E_BUSY, "too many connections from this address (limit "
-                                    f"{self.config.max_connections_per_client}); reuse one connection")
-            self.open_connections += 1
-            self._connections[client] = self._connections.get(client, 0) + 1
+            self._connections.enter(client)
 
     def close_connection(self, client: str) -> None:
         with self._lock:
-            self.open_connections -= 1
-            _decrement(self._connections, client)
+            self._connections.leave(client)
 
     # -- waiters (every request waiting on a miss, leader or joiner) -----------------------------
 
     def enter_wait(self, client: str) -> None:
         """Count one more waiter on a miss; raises `busy` over the replica or per-address cap."""
         with self._lock:
-            if self.waiting >= self.config.max_waiters:
-                raise ProtocolError(protocol.E_BUSY, f"{self.waiting} requests already wait for new images here "
-                                    f"(limit {self.config.max_waiters}); cache hits are still served, retry "
-                                    "in a few seconds")
-            if self._waiters.get(client, 0) >= self.config.max_waiters_per_client:
-                raise ProtocolError(protocol.E_BUSY, "too many requests from this address wait for new images "
-                                    f"(limit {self.config.max_waiters_per_client}); retry in a few seconds")
-            self.waiting += 1
-            self._waiters[client] = self._waiters.get(client, 0) + 1
+            self._waiters.enter(client)
 
     def leave_wait(self, client: str) -> None:
         with self._lock:
-            self.waiting -= 1
-            _decrement(self._waiters, client)
+            self._waiters.leave(client)
 
 
-def _decrement(counts: Dict[str, int], client: str) -> None:
-    left = counts.get(client, 0) - 1
-    if left > 0:
-        counts[client] = left
-    else:
-        counts.pop(client, None)
+class CountPerClient:
+    """Things in use (connections, waiters), in all and per client address, each under a cap.
+    Not thread-safe: Admission holds its lock around every call. Messages are formatted with
+    `count` (in use now) and `limit`."""
+
+    def __init__(self, limit: int, per_client_limit: int, full: str, client_full: str):
+        self.limit, self.per_client_limit = limit, per_client_limit
+        self.full, self.client_full = full, client_full
+        self.count = 0
+        self._by_client: Dict[str, int] = {}
+
+    def enter(self, client: str) -> None:
+        """One more for `client`; raises `busy` when the total or the client's share is at its cap."""
+        if self.count >= self.limit:
+            raise ProtocolError(protocol.E_BUSY, self.full.format(count=self.count, limit=self.limit))
+        if self._by_client.get(client, 0) >= self.per_client_limit:
+            raise ProtocolError(protocol.E_BUSY, self.client_full.format(count=self.count,
+                                                                           limit=self.per_client_limit))
+        self.count += 1
+        self._by_client[client] = self._by_client.get(client, 0) + 1
+
+    def leave(self, client: str) -> None:
+        self.count -= 1
+        left = self._by_client.get(client, 0) - 1
+        if left > 0:
+            self._by_client[client] = left
+        else:
+            self._by_client.pop(client, None)
 
 
 def tls_files(config: GatewayConfig) -> Tuple[Optional[str], Optional[str]]:

@@ -35,28 +35,21 @@ def test_token_rate_and_size():
         protocol.E_FRAME_TOO_LARGE
 
 
-def test_waiters_are_capped_per_replica_and_per_address():
-    admission = Admission(GatewayConfig(max_waiters=3, max_waiters_per_client=2))
-    admission.enter_wait("a")
-    admission.enter_wait("a")
-    assert code_of(lambda: admission.enter_wait("a")) == protocol.E_BUSY
-    admission.enter_wait("b")
-    assert code_of(lambda: admission.enter_wait("c")) == protocol.E_BUSY
-    admission.leave_wait("a")
-    admission.enter_wait("c")
-    assert admission.waiting == 3
-
-
-def test_connections_are_capped_per_replica_and_per_address():
-    admission = Admission(GatewayConfig(max_connections=3, max_connections_per_client=2))
-    admission.open_connection("a")
-    admission.open_connection("a")
-    assert code_of(lambda: admission.open_connection("a")) == protocol.E_BUSY
-    admission.open_connection("b")
-    assert code_of(lambda: admission.open_connection("c")) == protocol.E_BUSY
-    admission.close_connection("a")
-    admission.open_connection("c")
-    assert admission.open_connections == 3
+@pytest.mark.parametrize("limits, enter, leave, in_use", [
+    (dict(max_waiters=3, max_waiters_per_client=2), "enter_wait", "leave_wait", "waiting"),
+    (dict(max_connections=3, max_connections_per_client=2), "open_connection", "close_connection", "open_connections"),
+], ids=["waiters", "connections"])
+def test_capped_per_replica_and_per_address(limits, enter, leave, in_use):
+    admission = Admission(GatewayConfig(**limits))
+    enter_, leave_ = getattr(admission, enter), getattr(admission, leave)
+    enter_("a")
+    enter_("a")
+    assert code_of(lambda: enter_("a")) == protocol.E_BUSY
+    enter_("b")
+    assert code_of(lambda: enter_("c")) == protocol.E_BUSY
+    leave_("a")
+    enter_("c")
+    assert getattr(admission, in_use) == 3
 
 
 @pytest.mark.parametrize("body", [b"[" * 20000, b'{"a":' * 5000, b'{"prompt": "x", "extra": ' + b"[" * 40 + b"]" * 40 + b"}"])
