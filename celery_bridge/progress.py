@@ -117,6 +117,15 @@ def last_event(client: redis.Redis, task_id: str) -> Optional[Dict[str, Any]]:
         return None
 
 
+def step_eta_s(event: Dict[str, Any]) -> Optional[float]:
+    """Seconds left for a render at the pace of its steps so far, from a step event ({step, steps,
+    elapsed}); None when the event cannot say."""
+    step, steps, elapsed = event.get("step"), event.get("steps"), event.get("elapsed")
+    if isinstance(step, int) and isinstance(steps, int) and isinstance(elapsed, (int, float)) and step > 0:
+        return round(elapsed / step * (steps - step), 2)
+    return None
+
+
 def recent_render_s(client: redis.Redis, model: str) -> Optional[float]:
     """Mean of the model's recent render times in seconds, None before the first."""
     samples = [float(x) for x in client.lrange(RENDER_MS_PREFIX + model, 0, RENDER_SAMPLES - 1)]

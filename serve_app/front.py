@@ -442,12 +442,8 @@ class FrontService:
         """A step event from the worker (listener thread): relay it to every waiter of the flight."""
         if not flight._started:
             flight.mark_started()
-        step, steps, elapsed = event.get("step"), event.get("steps"), event.get("elapsed")
-        eta = None
-        if isinstance(step, int) and isinstance(steps, int) and isinstance(elapsed, (int, float)) and step > 0:
-            eta = round(elapsed / step * (steps - step), 2)
-        relayed = {"state": protocol.STATUS_GENERATING, "step": step, "steps": steps, "queue_position": None,
-                   "eta_s": eta}
+        relayed = {"state": protocol.STATUS_GENERATING, "step": event.get("step"), "steps": event.get("steps"),
+                   "queue_position": None, "eta_s": progress.step_eta_s(event)}
         if isinstance(event.get("preview"), str):
             relayed["preview"] = event["preview"]
         flight.emit(relayed)

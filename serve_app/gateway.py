@@ -27,7 +27,7 @@ from serve_app.admission import Admission
 from serve_app.autoscaling import SOCKET_LOAD_METRIC
 from serve_app.config import load_gateway_config
 from serve_app.front import FrontService
-from serve_app.images_api import bearer, http_error, read_generation
+from serve_app.images_api import bearer, http_error, public_meta, read_generation
 from serve_app import jobs_api
 from serve_app.http_front import HttpFrontServer
 from serve_app.jobs import JobService
@@ -37,7 +37,6 @@ from serve_app.socket_server import SocketFrontServer
 from serve_app.store import open_store
 
 log = logging.getLogger(__name__)
-PRIVATE_META = ("worker",)  # host names stay inside the cluster
 QUEUE_DEPTH_PERIOD_S = 2.0
 api = FastAPI(title="sdgate", description="Text to image: OpenAI-style Images API over sdgate's cache and workers")
 
@@ -93,7 +92,7 @@ class Gateway:
             answer = await self.front.generate_async(generation, client=client)
         except ProtocolError as exc:
             return http_error(exc)
-        meta = {k: v for k, v in answer.meta.items() if k not in PRIVATE_META}
+        meta = public_meta(answer.meta)
         return JSONResponse({
             "created": int(time.time()),
             "data": [{"b64_json": base64.b64encode(answer.png).decode("ascii"),

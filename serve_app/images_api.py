@@ -21,11 +21,23 @@ HTTP_STATUS = {
 }
 
 
+PRIVATE_META = ("worker",)  # host names stay inside the cluster
+
+
+def error_body(exc: ProtocolError) -> Dict[str, Any]:
+    """OpenAI's error object, carrying sdgate's stable code."""
+    return {"error": {"message": exc.message, "type": exc.code, "code": exc.code, "param": exc.field}}
+
+
 def http_error(exc: ProtocolError) -> JSONResponse:
-    """An OpenAI-shaped error body carrying sdgate's stable code."""
+    """An OpenAI-shaped error answer with the HTTP status for sdgate's code."""
     headers = {"Retry-After": "5"} if exc.code in protocol.RETRYABLE_CODES else None
-    body = {"error": {"message": exc.message, "type": exc.code, "code": exc.code, "param": exc.field}}
-    return JSONResponse(body, status_code=HTTP_STATUS.get(exc.code, 500), headers=headers)
+    return JSONResponse(error_body(exc), status_code=HTTP_STATUS.get(exc.code, 500), headers=headers)
+
+
+def public_meta(meta: Dict[str, Any]) -> Dict[str, Any]:
+    """An image's metadata as clients may see it (no worker host names)."""
+    return {k: v for k, v in meta.items() if k not in PRIVATE_META}
 
 
 def request_from_openai(body: Any) -> GenerationRequest:

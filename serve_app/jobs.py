@@ -159,10 +159,10 @@ class JobService:
         if record.get("state") == "generating" and record.get("task_id"):
             event = progress.last_event(self.redis, record["task_id"])
             if event and isinstance(event.get("step"), int):
-                record["step"], steps = event["step"], event.get("steps") or record.get("steps")
-                elapsed = event.get("elapsed")
-                if isinstance(elapsed, (int, float)) and event["step"] > 0:
-                    record["eta_s"] = round(elapsed / event["step"] * (steps - event["step"]), 2)
+                record["step"] = event["step"]
+                eta = progress.step_eta_s(dict(event, steps=event.get("steps") or record.get("steps")))
+                if eta is not None:
+                    record["eta_s"] = eta
         return record
 
     def adopt_if_orphaned(self, record: Dict[str, Any]) -> bool:

@@ -18,7 +18,7 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 
 from client import protocol
 from client.protocol import GenerationRequest, InvalidRequest, ProtocolError
-from serve_app.images_api import http_error, read_generation
+from serve_app.images_api import error_body, http_error, public_meta, read_generation
 from serve_app.jobs import job_body
 
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
@@ -144,13 +144,13 @@ async def _stream(gateway: Any, generation: GenerationRequest, partial_images: i
         try:
             answer = task.result()
         except ProtocolError as exc:
-            yield f"event: error\ndata: {json.dumps({'error': {'message': exc.message, 'type': exc.code, 'code': exc.code, 'param': exc.field}})}\n\n".encode()
+            yield f"event: error\ndata: {json.dumps(error_body(exc))}\n\n".encode()
             return
         yield _event("image_generation.completed", dict(
             common, b64_json=base64.b64encode(answer.png).decode("ascii"), created_at=int(time.time()),
             usage={"total_tokens": 0, "input_tokens": 0, "output_tokens": 0,
                    "input_tokens_details": {"text_tokens": 0, "image_tokens": 0}},
-            sdgate=dict({k: v for k, v in answer.meta.items() if k != "worker"}, cached=answer.cached)))
+            sdgate=dict(public_meta(answer.meta), cached=answer.cached)))
     finally:
         if not task.done():
             task.cancel()  # the client left: this waiter leaves; the render goes on and is cached
