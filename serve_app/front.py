@@ -22,7 +22,7 @@ import time
 import uuid
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Set, Tuple
 
 import redis
 
@@ -108,7 +108,7 @@ class Flight:
         self._started = False
         self._listeners: List[Callable[[], None]] = []
         self.previews = 0  # the leader's preview interval, sent with the task
-        self.waiters: Dict[str, float] = {}  # waiter id -> 1 while it waits here (renewed in Redis)
+        self.waiters: Set[str] = set()  # ids of the waiters here (their leases renewed in Redis)
         self.events: List[EventCallback] = []  # progress listeners of every waiter of this flight
         self.last_event: Optional[Dict[str, Any]] = None
         self.queue_position: Optional[int] = None
@@ -395,7 +395,7 @@ class FrontService:
 
     def _join_flight(self, flight: Flight, waiter_id: str, listener: Optional[EventCallback]) -> None:
         with flight._lock:
-            flight.waiters[waiter_id] = 1.0
+            flight.waiters.add(waiter_id)
             if listener:
                 flight.events.append(listener)
             task_id = flight.task_id
@@ -410,7 +410,7 @@ class FrontService:
                 flight.events.remove(listener)
             if not left:
                 return  # it timed out: its interest stays until the flight ends, so the image is made
-            flight.waiters.pop(waiter_id, None)
+            flight.waiters.discard(waiter_id)
             task_id = flight.task_id
         if task_id and not flight.future.done():
             self._bookkeep(progress.remove_waiter, self._redis, task_id, waiter_id)
@@ -425,11 +425,15 @@ class FrontService:
 
     def _register_waiters(self, flight: Flight, mark_watched: bool) -> None:
         pipe = self._redis.pipeline(transaction=False)
-        for waiter_id in list(flight.waiters):
-            progress.add_waiter(self._redis, flight.task_id, waiter_id, self._waiter_lease_s, pipe=pipe)
+        self._renew_waiters(flight, pipe)
         if mark_watched:
             pipe.set(progress.WATCHED_PREFIX + flight.task_id, "1", ex=progress.TASK_TTL_S)
         pipe.execute()
+
+    def _renew_waiters(self, flight: Flight, pipe: Any) -> None:
+        """Queue on `pipe` a fresh lease in Redis for each waiter of `flight` (they count cluster-wide)."""
+        for waiter_id in list(flight.waiters):
+            progress.add_waiter(self._redis, flight.task_id, waiter_id, self._waiter_lease_s, pipe=pipe)
 
     @staticmethod
     def _quiet_redis(call: Callable[..., Any], *args: Any) -> None:
@@ -483,7 +487,7 @@ class FrontService:
             return False
         flight, loop, cancelled = entry
         with flight._lock:
-            flight.waiters.pop(waiter_id, None)
+            flight.waiters.discard(waiter_id)
             task_id = flight.task_id
         if task_id:
             self.cancel_task(task_id, waiter_id)
@@ -545,8 +549,7 @@ class FrontService:
         self._publish_queue_positions(live)
         pipe = self._redis.pipeline(transaction=False)
         for flight in live:
-            for waiter_id in list(flight.waiters):
-                progress.add_waiter(self._redis, flight.task_id, waiter_id, self._waiter_lease_s, pipe=pipe)
+            self._renew_waiters(flight, pipe)
         pipe.execute()
         pipe = self._redis.pipeline(transaction=False)
         for flight in live:
