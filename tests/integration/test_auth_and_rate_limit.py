@@ -7,6 +7,7 @@ import json
 import socket
 import urllib.error
 import urllib.request
+from typing import Optional
 
 import pytest
 
@@ -24,17 +25,21 @@ def stack():
         yield stack
 
 
-def post(stack, body: bytes, token=TOKEN):
-    headers = {"Content-Type": "application/json"}
+def http(stack, path: str, body: Optional[bytes] = None, token=TOKEN, timeout: float = 120):
+    """(status, JSON answer) of a GET, or of a POST when there is a body, on Serve's HTTP port."""
+    headers = {"Content-Type": "application/json"} if body is not None else {}
     if token:
         headers["Authorization"] = f"Bearer {token}"
-    request = urllib.request.Request(f"http://127.0.0.1:{stack.gateway.http_port}/v1/images/generations",
-                                     data=body, headers=headers)
+    request = urllib.request.Request(f"http://127.0.0.1:{stack.gateway.http_port}{path}", data=body, headers=headers)
     try:
-        with urllib.request.urlopen(request, timeout=120) as response:
+        with urllib.request.urlopen(request, timeout=timeout) as response:
             return response.status, json.loads(response.read())
     except urllib.error.HTTPError as error:
         return error.code, json.loads(error.read())
+
+
+def post(stack, body: bytes, token=TOKEN):
+    return http(stack, "/v1/images/generations", body, token)
 
 
 def test_socket_needs_the_token(stack):
@@ -62,13 +67,7 @@ def test_http_needs_the_token(stack):
 
 
 def get(stack, path: str, token=TOKEN):
-    headers = {"Authorization": f"Bearer {token}"} if token else {}
-    request = urllib.request.Request(f"http://127.0.0.1:{stack.gateway.http_port}{path}", headers=headers)
-    try:
-        with urllib.request.urlopen(request, timeout=60) as response:
-            return response.status, json.loads(response.read())
-    except urllib.error.HTTPError as error:
-        return error.code, json.loads(error.read())
+    return http(stack, path, token=token, timeout=60)
 
 
 def test_http_stats_need_the_token(stack):

@@ -25,6 +25,7 @@ from serve_app.jobs import JobService
 from serve_app.store import SQLiteImageStore
 from tests.integration.conftest import PlainWorker
 from tests.integration import harness
+from tests.resolve import key_of
 
 pytestmark = pytest.mark.integration
 RESULT_PREFIX = "celery-task-meta-"
@@ -91,7 +92,7 @@ def replicas(stack):
 
 
 def task_of(replica: Replica, request: GenerationRequest) -> str:
-    key = replica.front.catalogue.resolve(request).normalized().cache_key()
+    key = key_of(request)
     return wait_for(lambda: (replica.front._flights.get(key) and replica.front._flights[key].task_id), 60, "task id")
 
 
@@ -140,7 +141,7 @@ def test_cancel_mid_render_stops_the_worker_within_one_step_and_caches_nothing(r
     assert result["ok"] is False and result["error_code"] == protocol.E_CANCELLED
     stopped = int(result["error_message"].split("stopped after step ")[1].split(" ")[0])
     assert stopped <= at_cancel + 1 < 150
-    key = a.front.catalogue.resolve(request).normalized().cache_key()
+    key = key_of(request)
     wait_for(lambda: key not in a.front._flights, 30, "the flight ended")
     assert a.store.get(key) is None
 
@@ -170,7 +171,7 @@ def test_a_timed_out_waiters_image_is_cached_and_its_retry_is_a_hit(replicas):
     with pytest.raises(ProtocolError) as raised:
         a.loop.run(a.front.generate_async(request, timeout_s=0.5))
     assert raised.value.code == protocol.E_TIMEOUT
-    key = a.front.catalogue.resolve(request).normalized().cache_key()
+    key = key_of(request)
     wait_for(lambda: a.store.get(key), 120, "the image cached after its waiter timed out")
     retry = a.loop.run(a.front.generate_async(request))
     assert retry.cached  # one generation in all: the retry is a hit
