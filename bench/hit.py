@@ -238,31 +238,32 @@ def measure_candidate(name: str, args: argparse.Namespace) -> Dict[str, Any]:
             "ratios": _http_ratios(results, [name], levels)}
 
 
-def _http_ratios(results: Dict[str, Dict[str, Any]], names: List[str], levels: List[int]) -> Dict[str, Optional[float]]:
-    """Each HTTP path against the HTTP floor of the same sweep."""
+def _vs_floor(results: Dict[str, Dict[str, Any]], targets: List[str], floor_name: str, levels: List[int],
+              with_cpu: bool = False) -> Dict[str, Optional[float]]:
+    """Each target against the floor `floor_name` of the same sweep: p50 and p99 at 1 client, and
+    throughput (and, `with_cpu`, server CPU per request) at each client level."""
     ratios: Dict[str, Optional[float]] = {}
-    for target in names:
+    for target in targets:
         for clients in levels:
-            mine, floor = results[target][f"c{clients}"], results["http_floor"][f"c{clients}"]
+            mine, floor = results[target][f"c{clients}"], results[floor_name][f"c{clients}"]
             if clients == 1:
-                ratios[f"{target}_p50_vs_http_floor"] = _div(mine["p50_ms"], floor["p50_ms"])
-                ratios[f"{target}_p99_vs_http_floor"] = _div(mine["p99_ms"], floor["p99_ms"])
-            ratios[f"{target}_c{clients}_throughput_vs_http_floor"] = _div(mine["req_per_s"], floor["req_per_s"])
+                ratios[f"{target}_p50_vs_{floor_name}"] = _div(mine["p50_ms"], floor["p50_ms"])
+                ratios[f"{target}_p99_vs_{floor_name}"] = _div(mine["p99_ms"], floor["p99_ms"])
+            ratios[f"{target}_c{clients}_throughput_vs_{floor_name}"] = _div(mine["req_per_s"], floor["req_per_s"])
+            if with_cpu:
+                ratios[f"{target}_c{clients}_server_cpu_per_req_vs_{floor_name}"] = _div(
+                    mine["server_cpu_ms_per_req"], floor["server_cpu_ms_per_req"])
     return ratios
 
 
+def _http_ratios(results: Dict[str, Dict[str, Any]], names: List[str], levels: List[int]) -> Dict[str, Optional[float]]:
+    """Each HTTP path against the HTTP floor of the same sweep."""
+    return _vs_floor(results, names, "http_floor", levels)
+
+
 def _ratios(results: Dict[str, Dict[str, Any]], levels: List[int]) -> Dict[str, Optional[float]]:
-    ratios: Dict[str, Optional[float]] = {}
-    for target in ("socket",):
-        for clients in levels:
-            mine, floor = results[target][f"c{clients}"], results["floor"][f"c{clients}"]
-            if clients == 1:
-                ratios[f"{target}_p50_vs_floor"] = _div(mine["p50_ms"], floor["p50_ms"])
-                ratios[f"{target}_p99_vs_floor"] = _div(mine["p99_ms"], floor["p99_ms"])
-            ratios[f"{target}_c{clients}_throughput_vs_floor"] = _div(mine["req_per_s"], floor["req_per_s"])
-            ratios[f"{target}_c{clients}_server_cpu_per_req_vs_floor"] = _div(mine["server_cpu_ms_per_req"],
-                                                                             floor["server_cpu_ms_per_req"])
-    return dict(ratios, **_http_ratios(results, list(HTTP_TARGETS), levels))
+    return dict(_vs_floor(results, ["socket"], "floor", levels, with_cpu=True),
+                **_http_ratios(results, list(HTTP_TARGETS), levels))
 
 
 def _targets(results: Dict[str, Dict[str, Any]], levels: List[int]) -> Dict[str, Any]:

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import base64
 import json
-import socket
 import sys
 import time
 
@@ -25,6 +24,7 @@ from starlette.routing import Route
 from client.protocol import GenerationRequest
 from celery_bridge.models import load_catalogue
 from bench._common import floor_server_args
+from serve_app.http_front import bind_shared
 from serve_app.store import SQLiteImageStore
 
 PATH = "/v1/images/generations"
@@ -52,17 +52,9 @@ def build_app(store: SQLiteImageStore) -> Starlette:
     return Starlette(routes=[Route(PATH, generations, methods=["POST"])])
 
 
-def listener(port: int) -> socket.socket:
-    sock = socket.socket()
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind(("127.0.0.1", port))
-    sock.listen(1024)
-    return sock
-
-
 def main(argv=None) -> None:
     port, store = floor_server_args(__doc__.splitlines()[0], argv)
-    sock = listener(port)
+    sock = bind_shared("127.0.0.1", port)  # bound as the gateway's fast port is
     print(f"http floor server listening on {sock.getsockname()[1]}", flush=True)
     config = uvicorn.Config(build_app(store), loop="uvloop", http="httptools", lifespan="off", access_log=False,
                             log_level="warning")
