@@ -231,14 +231,15 @@ class GenerationProducer:
         with self._lock:
             wanted = set(self._watches)
         added, gone = sorted(wanted - subscribed), sorted(subscribed - wanted)
-        # Each watched task: its result channel and its progress channel (progress.channel).
+
+        def channels(task_ids: List[str]) -> List[str]:  # each task's result and progress channels
+            return [name for task_id in task_ids for name in (self._result_prefix + task_id, progress.channel(task_id))]
+
         for batch in _batches(gone):
-            pubsub.unsubscribe(*[name for task_id in batch
-                                 for name in (self._result_prefix + task_id, progress.channel(task_id))])
+            pubsub.unsubscribe(*channels(batch))
             subscribed.difference_update(batch)
         for batch in _batches(added):
-            pubsub.subscribe(*[name for task_id in batch
-                               for name in (self._result_prefix + task_id, progress.channel(task_id))])
+            pubsub.subscribe(*channels(batch))
             subscribed.update(batch)
         return added
 
