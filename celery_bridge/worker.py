@@ -15,7 +15,7 @@ from typing import Any, Callable, Dict, List, Optional
 
 from celery.worker.consumer import Consumer
 
-from client.protocol import E_CANCELLED, E_INTERNAL, E_TIMEOUT, GenerationRequest, InvalidRequest
+from client.protocol import E_CANCELLED, E_INTERNAL, E_TIMEOUT, MAX_PREVIEWS, GenerationRequest, InvalidRequest
 from celery_bridge.config import CeleryConfig, WorkerConfig, load_celery_config, load_worker_config
 from celery_bridge.contract import TASK_NAME, GenerationResult
 from celery_bridge.models import queue_for
@@ -82,7 +82,7 @@ class GenerationService:
         if self.redis is None or not task_id:
             return None
         return ProgressReporter(self.redis, task_id, request.steps or 0,
-                                previews if isinstance(previews, int) and 0 < previews <= 150 else 0)
+                                previews if isinstance(previews, int) and 0 < previews <= MAX_PREVIEWS else 0)
 
     def handle(self, payload: Any) -> Dict[str, Any]:
         """Render one request; never raises, so both worker modes report errors the same way."""

@@ -300,10 +300,14 @@ def encode_request(request: GenerationRequest, token: Optional[str] = None, prev
 def request_previews(frame: Frame) -> int:
     """The REQUEST's optional "previews": k (a PREVIEW frame every k steps; 0 for none)."""
     body = frame.json()
-    previews = body.get("previews", 0) if isinstance(body, dict) else 0
+    return check_previews(body.get("previews", 0) if isinstance(body, dict) else 0)
+
+
+def check_previews(previews: Any) -> int:
+    """`previews` if it is a preview interval k in 0..MAX_PREVIEWS (0: none), else `invalid_request`."""
     if not isinstance(previews, int) or isinstance(previews, bool) or not 0 <= previews <= MAX_PREVIEWS:
-        raise ProtocolError(E_INVALID_REQUEST, f"previews {previews!r} must be an integer 0..{MAX_PREVIEWS}",
-                            field="previews")
+        raise ProtocolError(E_INVALID_REQUEST, f"previews {previews!r} must be an integer 0..{MAX_PREVIEWS} "
+                            "(a preview every k steps; 0 for none)", field="previews")
     return previews
 
 

@@ -35,7 +35,6 @@ JOB_TTL_S = 3600
 OWNER_LEASE_S = 6.0
 POLL_S = 0.25  # how often a replica that does not own a job looks at it for SSE
 TERMINAL = ("done", "failed", "cancelled")
-MAX_PREVIEWS = 150
 
 
 def job_body(record: Dict[str, Any]) -> Dict[str, Any]:
@@ -64,9 +63,7 @@ class JobService:
 
     async def submit(self, request: GenerationRequest, previews: int = 0, client: str = "?") -> Dict[str, Any]:
         """Create a job for `request`; a cache hit is done at once. Raises ProtocolError."""
-        if not isinstance(previews, int) or isinstance(previews, bool) or not 0 <= previews <= MAX_PREVIEWS:
-            raise ProtocolError(protocol.E_INVALID_REQUEST, f"previews {previews!r} must be an integer 0..{MAX_PREVIEWS} "
-                                "(a preview every k steps; 0 for none)", field="previews")
+        protocol.check_previews(previews)
         try:
             normalized = self.front.catalogue.resolve(request).normalized()
         except InvalidRequest as exc:
