@@ -27,6 +27,10 @@ class CatalogueError(ValueError):
     """configs/models.yaml (or $SDGATE_MODELS_FILE) is missing or wrong; the message says where."""
 
 
+class ModelLoadError(RuntimeError):
+    """The configured model could not be loaded; the message says what to do."""
+
+
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
 

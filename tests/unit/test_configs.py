@@ -24,6 +24,22 @@ def test_cluster_yaml_passes_rays_validator():
     assert raw["available_node_types"]["sdgate.gpu"]["min_workers"] == 0
 
 
+def test_the_redis_minimum_agrees_everywhere():
+    """README, redis_check and the cluster configs state one minimum, and both clusters install a
+    Redis that meets it: cluster.yaml checks what apt installed, kuberay.yaml's image is newer."""
+    import re
+
+    from celery_bridge.redis_check import MIN_REDIS_VERSION, minimum
+
+    stated = {path: set(re.findall(r"Redis >= (\d+\.\d+)", (CONFIGS.parent / path).read_text()))
+              for path in ("README.md", "configs/cluster.yaml", "celery_bridge/redis_check.py")}
+    assert all(found == {minimum()} for found in stated.values()), stated
+    cluster = yaml.safe_load((CONFIGS / "cluster.yaml").read_text())
+    assert 'python -m celery_bridge.redis_check "$(command -v redis-server)"' in cluster["head_setup_commands"][-1]
+    image = re.search(r"image: redis:(\d+)\.(\d+)", (CONFIGS / "kuberay.yaml").read_text())
+    assert (int(image.group(1)), int(image.group(2))) >= MIN_REDIS_VERSION
+
+
 def test_cluster_yaml_validator_rejects_an_unknown_key():
     import jsonschema
     from ray.autoscaler._private.util import prepare_config, validate_config

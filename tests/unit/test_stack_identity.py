@@ -74,3 +74,23 @@ def test_a_redis_image_cache_adds_its_budget_to_the_ceiling(tmp_path):
     stack = LocalStack(home=tmp_path, stack=StackConfig(redis_maxmemory_mb=100),
                        gateway=GatewayConfig(cache_backend="redis", cache_max_bytes=2**30))
     assert stack.redis_maxmemory() == 100 * 2**20 + 2**30
+
+
+def test_a_worker_that_dies_at_start_is_named_with_its_last_log_line(tmp_path):
+    """`sdgate up` says which worker died and why, instead of waiting out start_timeout_s for an image."""
+    from cluster.local import StackError
+
+    stack = stack_in(tmp_path)
+    stack.paths.make()
+    alive = stack._spawn("worker-tiny-0", [sys.executable, "-c", "import time; time.sleep(120)"])
+    stack.workers["worker-tiny-0"] = alive
+    dying = stack._spawn("worker-tiny-1", [sys.executable, "-c",
+                                           "print('loading'); print('CRITICAL Unrecoverable error: boom'); exit(3)"])
+    stack.workers["worker-tiny-1"] = dying
+    try:
+        dying.wait(30)
+        with pytest.raises(StackError, match=r"worker-tiny-1 exited with code 3 at start: CRITICAL Unrecoverable "
+                                             r"error: boom\nits whole log: .*worker-tiny-1\.log"):
+            stack._workers_alive_and_probe()  # raises before it probes the (absent) gateway
+    finally:
+        stack.down(log=lambda *_: None)
