@@ -4,7 +4,8 @@ Per task (never one channel every replica parses for every task):
 - `sdgate:progress:<task_id>`: a pub/sub channel the worker publishes step events on (throttled),
   which only the gateways watching that task subscribe to (celery_bridge/producer.py);
 - `sdgate:progress-last:<task_id>`: the latest event (short TTL), for any replica that asks later;
-- `sdgate:waiters:<task_id>`: a sorted set of waiter ids scored by their lease expiry (ms), and
+- `sdgate:waiters:<task_id>`: a sorted set of waiter ids scored by their lease expiry (ms of Redis
+  server time: never a host's clock), and
   `sdgate:watched:<task_id>`, set by the gateway that queues the task: a watched task with no live
   waiter that has not started is skipped by the worker, so nobody's GPU renders an orphan;
 - `sdgate:cancel:<task_id>`: set when the last waiter cancels; the worker checks it before it
@@ -40,15 +41,29 @@ CANCELLED_MESSAGE = "cancelled: every client waiting for this image left or canc
 # A fixed linear map from SD 1.x/2.x's 4 latent channels to RGB ("Approx cheap" in A1111, InvokeAI).
 LATENT_RGB = ((0.298, 0.207, 0.208), (0.187, 0.286, 0.173), (-0.158, 0.189, 0.264), (-0.184, -0.271, -0.473))
 
-# KEYS[1] waiters zset, KEYS[2] cancel flag. ARGV: waiter id, now ms, ttl s.
+# Waiter leases are scored in Redis server time (ms), written and read inside these scripts, so
+# the clocks of the gateway and worker hosts never meet.
+_NOW_MS = "local t = redis.call('TIME') local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)\n"
+# KEYS[1] waiters zset, optional KEYS[2] watched flag. ARGV: lease ms, ttl s, then waiter ids.
+_ADD_WAITERS = _NOW_MS + """
+for i = 3, #ARGV do redis.call('zadd', KEYS[1], now + tonumber(ARGV[1]), ARGV[i]) end
+redis.call('expire', KEYS[1], ARGV[2])
+if KEYS[2] then redis.call('set', KEYS[2], '1', 'EX', ARGV[2]) end
+return 1
+"""
+# KEYS[1] waiters zset, KEYS[2] cancel flag. ARGV: waiter id, ttl s.
 # Removes the waiter and the lapsed ones; when none is left, raises the cancel flag. Returns the
 # number of live waiters left (0: this cancel stops the task).
-_LEAVE_AND_CANCEL = """
+_LEAVE_AND_CANCEL = _NOW_MS + """
 redis.call('zrem', KEYS[1], ARGV[1])
-redis.call('zremrangebyscore', KEYS[1], '-inf', ARGV[2])
+redis.call('zremrangebyscore', KEYS[1], '-inf', now)
 local left = redis.call('zcard', KEYS[1])
-if left == 0 then redis.call('set', KEYS[2], '1', 'EX', ARGV[3]) end
+if left == 0 then redis.call('set', KEYS[2], '1', 'EX', ARGV[2]) end
 return left
+"""
+# KEYS[1] cancel flag, KEYS[2] watched flag, KEYS[3] waiters zset. Returns {cancelled, watched, live waiters}.
+_START_CHECK = _NOW_MS + """
+return {redis.call('exists', KEYS[1]), redis.call('exists', KEYS[2]), redis.call('zcount', KEYS[3], now, '+inf')}
 """
 # KEYS[1] queue list. ARGV[1] scan limit, then task ids. Returns each id's 0-based position from the
 # consuming end (kombu LPUSHes and BRPOPs, so the oldest is at the right), or -1 when not seen.
@@ -73,13 +88,15 @@ def channel(task_id: str) -> str:
     return CHANNEL_PREFIX + task_id
 
 
-def add_waiter(client: redis.Redis, task_id: str, waiter_id: str, lease_s: float, pipe=None) -> None:
-    """Register (or renew) `waiter_id` on `task_id` for `lease_s`."""
-    target = pipe if pipe is not None else client.pipeline(transaction=False)
-    target.zadd(WAITERS_PREFIX + task_id, {waiter_id: int((time.time() + lease_s) * 1000)})
-    target.expire(WAITERS_PREFIX + task_id, TASK_TTL_S)
-    if pipe is None:
-        target.execute()
+def add_waiters(client: redis.Redis, task_id: str, waiter_ids: List[str], lease_s: float, pipe=None,
+                watched: bool = False) -> None:
+    """Register (or renew) `waiter_ids` on `task_id` for `lease_s` of Redis server time, and with
+    `watched` mark the task watched; in one round trip, or queued on `pipe` when given."""
+    if not waiter_ids and not watched:
+        return
+    keys = [WAITERS_PREFIX + task_id] + ([WATCHED_PREFIX + task_id] if watched else [])
+    client.register_script(_ADD_WAITERS)(keys=keys, args=[int(lease_s * 1000), TASK_TTL_S, *waiter_ids],
+                                         client=pipe if pipe is not None else client)
 
 
 def remove_waiter(client: redis.Redis, task_id: str, waiter_id: str) -> None:
@@ -96,8 +113,7 @@ def cancel(client: redis.Redis, task_id: str, waiter_id: str) -> int:
     """`waiter_id` cancels: it leaves, and if it was the last live waiter the task is cancelled.
     Returns the live waiters left (0 means the task stops)."""
     script = client.register_script(_LEAVE_AND_CANCEL)
-    return int(script(keys=[WAITERS_PREFIX + task_id, CANCEL_PREFIX + task_id],
-                      args=[waiter_id, int(time.time() * 1000), TASK_TTL_S]))
+    return int(script(keys=[WAITERS_PREFIX + task_id, CANCEL_PREFIX + task_id], args=[waiter_id, TASK_TTL_S]))
 
 
 def queue_positions(client: redis.Redis, queue: str, task_ids: List[str], limit: int = 1000) -> Dict[str, Optional[int]]:
@@ -157,11 +173,8 @@ class ProgressReporter:
 
     def check_start(self) -> None:
         """Raise TaskCancelled when the task was cancelled, or every waiter left before it started."""
-        pipe = self.client.pipeline(transaction=False)
-        pipe.exists(CANCEL_PREFIX + self.task_id)
-        pipe.exists(WATCHED_PREFIX + self.task_id)
-        pipe.zcount(WAITERS_PREFIX + self.task_id, int(time.time() * 1000), "+inf")
-        cancelled, watched, live = pipe.execute()
+        cancelled, watched, live = self.client.register_script(_START_CHECK)(
+            keys=[CANCEL_PREFIX + self.task_id, WATCHED_PREFIX + self.task_id, WAITERS_PREFIX + self.task_id])
         if cancelled:
             raise TaskCancelled(CANCELLED_MESSAGE)
         if watched and not live:

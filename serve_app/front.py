@@ -402,7 +402,7 @@ class FrontService:
         if listener and flight.last_event:
             listener(flight.last_event)
         if task_id:  # the leader registered the waiters it knew; this one came later
-            self._bookkeep(progress.add_waiter, self._redis, task_id, waiter_id, self._waiter_lease_s)
+            self._bookkeep(progress.add_waiters, self._redis, task_id, [waiter_id], self._waiter_lease_s)
 
     def _leave_flight(self, flight: Flight, waiter_id: str, listener: Optional[EventCallback], left: bool) -> None:
         with flight._lock:
@@ -424,16 +424,12 @@ class FrontService:
             pass
 
     def _register_waiters(self, flight: Flight, mark_watched: bool) -> None:
-        pipe = self._redis.pipeline(transaction=False)
-        self._renew_waiters(flight, pipe)
-        if mark_watched:
-            pipe.set(progress.WATCHED_PREFIX + flight.task_id, "1", ex=progress.TASK_TTL_S)
-        pipe.execute()
+        progress.add_waiters(self._redis, flight.task_id, list(flight.waiters), self._waiter_lease_s,
+                             watched=mark_watched)
 
     def _renew_waiters(self, flight: Flight, pipe: Any) -> None:
         """Queue on `pipe` a fresh lease in Redis for each waiter of `flight` (they count cluster-wide)."""
-        for waiter_id in list(flight.waiters):
-            progress.add_waiter(self._redis, flight.task_id, waiter_id, self._waiter_lease_s, pipe=pipe)
+        progress.add_waiters(self._redis, flight.task_id, list(flight.waiters), self._waiter_lease_s, pipe=pipe)
 
     @staticmethod
     def _quiet_redis(call: Callable[..., Any], *args: Any) -> None:

@@ -7,6 +7,7 @@ import asyncio
 import functools
 import json
 import threading
+import time
 import uuid
 from typing import Any, Dict, List
 
@@ -15,7 +16,7 @@ import redis
 
 from celery_bridge import progress
 from celery_bridge.config import CeleryConfig
-from celery_bridge.producer import GenerationProducer
+from celery_bridge.producer import GenerationProducer, new_task_id
 from client import protocol
 from client.protocol import GenerationRequest, ProtocolError
 from serve_app import stats
@@ -25,7 +26,7 @@ from serve_app.jobs import JobService
 from serve_app.store import SQLiteImageStore
 from tests.integration.conftest import PlainWorker
 from tests.integration import harness
-from tests.resolve import key_of
+from tests.resolve import key_of, resolved
 
 pytestmark = pytest.mark.integration
 RESULT_PREFIX = "celery-task-meta-"
@@ -197,6 +198,53 @@ def test_a_queued_task_whose_waiters_all_left_never_runs(replicas):
     result = result_of(r, task_id)["result"]
     assert result["error_code"] == protocol.E_CANCELLED and "before it started" in result["error_message"]
     assert progress.last_event(r, task_id) is None  # not one denoising step ran
+
+
+class SkewedClock:
+    """The `time` module as seen on a host whose clock is `offset_s` off the worker's."""
+
+    def __init__(self, offset_s: float):
+        self.offset_s = offset_s
+
+    def time(self) -> float:
+        return time.time() + self.offset_s
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(time, name)
+
+
+@pytest.mark.parametrize("offset_s", [-60, 60])
+def test_waiter_leases_hold_with_the_gateway_clock_60_s_off_the_workers(replicas, monkeypatch, offset_s):
+    """Leases are Redis server time: with this (gateway) process's clock 60 s behind, a live
+    waiter's task still renders (it once looked expired); 60 s ahead, a dead waiter's task still
+    expires (its lease once looked alive for a minute more)."""
+    monkeypatch.setattr(progress, "time", SkewedClock(offset_s))
+    a = replicas()
+    r = a.producer.redis
+    live = GenerationRequest(f"clock skew live {offset_s} {uuid.uuid4().hex[:6]}", width=64, height=64, steps=2)
+    assert a.loop.run(a.front.generate_async(live)).png.startswith(b"\x89PNG")
+
+    busy = GenerationRequest(f"clock skew busy {offset_s} {uuid.uuid4().hex[:6]}", **LONG)
+    busy_events: List[Dict[str, Any]] = []
+    blocker = a.loop.spawn(a.front.generate_async(busy, on_event=busy_events.append, waiter_id=f"w-skew{offset_s}"))
+    wait_for(lambda: any(e.get("step") for e in busy_events), 120, "the worker is rendering")
+    # A task queued by a replica that died at once: one waiter, a 0.5 s lease nobody renews.
+    dead = resolved(GenerationRequest(f"clock skew dead {offset_s} {uuid.uuid4().hex[:6]}", width=64, height=64,
+                                      steps=2))
+    task_id = new_task_id(dead.cache_key())
+    progress.add_waiters(r, task_id, ["w-dead"], 0.5, watched=True)
+    a.producer.submit(dead, task_id)
+
+    def server_ms() -> int:
+        seconds, micros = r.time()
+        return seconds * 1000 + micros // 1000
+
+    wait_for(lambda: r.zcount(progress.WAITERS_PREFIX + task_id, server_ms(), "+inf") == 0, 30, "the lease lapsed")
+    assert a.front.cancel(f"w-skew{offset_s}")  # frees the worker sooner
+    with pytest.raises(ProtocolError):
+        blocker.result(60)
+    result = result_of(r, task_id)["result"]
+    assert result["error_code"] == protocol.E_CANCELLED and "before it started" in result["error_message"]
 
 
 def test_a_job_survives_its_replica_and_is_finished_by_another(replicas):
