@@ -15,8 +15,10 @@ import contextlib
 import dataclasses
 import os
 import shutil
+import tempfile
 import threading
 import time
+from pathlib import Path
 from typing import Any, Dict, List
 
 import psutil
@@ -25,14 +27,14 @@ from bench._common import ask, log, new_stack, redis_client, sdgate_home, short_
 from cluster.local import _group_tree
 from client.protocol import GenerationRequest
 from celery_bridge.presence import live_workers
-from celery_bridge.sleep_model import SLEEP_VARIABLE
+from celery_bridge.sleep_model import SLEEP_MODEL, sleep_catalogue
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--workers", default="1,2,4,8,16")
     parser.add_argument("--render-ms", type=int, default=500)
     parser.add_argument("--per-worker", type=int, default=10)
-    parser.add_argument("--model", default="tiny")
+    parser.add_argument("--model", default=SLEEP_MODEL)
 
 
 def efficiency(images: int, elapsed_s: float, workers: int, render_ms: float) -> Dict[str, float]:
@@ -125,7 +127,9 @@ def scale_stack(max_pending: int):
 
 def measure(args: argparse.Namespace) -> Dict[str, Any]:
     counts = [int(n) for n in args.workers.split(",")]
-    os.environ[SLEEP_VARIABLE] = str(args.render_ms)  # the stack's workers inherit it
+    # The stack's processes all read this catalogue: its one model is the sleep stand-in.
+    os.environ["SDGATE_MODELS_FILE"] = str(sleep_catalogue(Path(tempfile.mkdtemp(prefix="sdgate-scale-"))
+                                                           / "models.yaml", args.render_ms, args.model))
     os.environ.setdefault("SDGATE_CPU_THREADS", "1")
     runs = []
     with scale_stack(max(64, 2 * args.per_worker * max(counts))) as stack:

@@ -21,6 +21,8 @@ from celery_bridge.config import config_dir
 MODELS_FILE_ENV = "SDGATE_MODELS_FILE"
 SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt")
 EMBEDDED = "tiny"
+# `sleep:<ms>`: the bench/test stand-in (celery_bridge/sleep_model.py), only where a catalogue names it.
+SLEEP_SOURCE = "sleep:"
 
 
 class CatalogueError(ValueError):
@@ -84,6 +86,25 @@ class ModelEntry(_Strict):
         protocol.check_model_name(value)
         return value
 
+    @field_validator("source")
+    @classmethod
+    def _sleep_ms(cls, value: str) -> str:
+        if value.startswith(SLEEP_SOURCE):
+            ms = value[len(SLEEP_SOURCE):]
+            try:
+                ok = float(ms) >= 0
+            except ValueError:
+                ok = False
+            if not ok:
+                raise ValueError(f"source {value!r}: the bench/test stand-in is `sleep:<milliseconds>`, "
+                                 "e.g. sleep:250")
+        return value
+
+    @property
+    def sleep_ms(self) -> Optional[float]:
+        """A `sleep:<ms>` source's render time; None for every real model."""
+        return float(self.source[len(SLEEP_SOURCE):]) if self.source.startswith(SLEEP_SOURCE) else None
+
     @model_validator(mode="after")
     def _defaults_within_limits(self) -> "ModelEntry":
         d, lim = self.defaults, self.limits
@@ -101,9 +122,11 @@ class ModelEntry(_Strict):
 
     @property
     def kind(self) -> str:
-        """embedded | folder | single_file | hub."""
+        """embedded | sleep | folder | single_file | hub."""
         if self.source == EMBEDDED:
             return "embedded"
+        if self.sleep_ms is not None:
+            return "sleep"
         if self.source.lower().endswith(SINGLE_FILE_SUFFIXES):
             return "single_file"
         path = Path(self.source).expanduser()

@@ -1,32 +1,40 @@
 """FOR BENCHMARKS AND TESTS ONLY: a pipeline stand-in whose render is a fixed sleep.
 
-With SDGATE_TEST_SLEEP_RENDER_MS set, a worker loads no model (and no torch): each render sleeps
-that long, using no CPU, and returns a small valid PNG whose colour comes from the request's cache
-key. One machine can then stand in for many GPU workers (`python -m bench scale`).
+Chosen only by a catalogue entry whose source is `sleep:<ms>` (sleep_catalogue writes one for a
+bench or test stack), never by an environment variable: a production worker of a real model always
+renders it. A sleep worker loads no model (and no torch): each render sleeps that long, using no
+CPU, and returns a small valid PNG whose colour comes from the request's cache key. One machine can
+then stand in for many GPU workers (`python -m bench scale`).
 """
 
 from __future__ import annotations
 
-import os
 import struct
 import time
 import zlib
+from pathlib import Path
 from typing import List, Optional, Tuple
+
+import yaml
 
 from client.protocol import GenerationRequest
 from celery_bridge.config import WorkerConfig
-from celery_bridge.models import ModelEntry, load_catalogue
+from celery_bridge.models import SLEEP_SOURCE, ModelEntry, load_catalogue
 
-SLEEP_VARIABLE = "SDGATE_TEST_SLEEP_RENDER_MS"
+SLEEP_MODEL = "sleep"
 
 
 class SleepTimeout(RuntimeError):
     """Never raised: the sleep render has no time limit to pass."""
 
 
-def sleep_runner_class() -> Optional[type]:
-    """SleepRunner when SDGATE_TEST_SLEEP_RENDER_MS is set, else None (the real pipeline)."""
-    return SleepRunner if os.environ.get(SLEEP_VARIABLE) else None
+def sleep_catalogue(path: Path, render_ms: float, name: str = SLEEP_MODEL, max_batch_size: int = 1) -> Path:
+    """Write a catalogue whose one (default) model is the sleep stand-in; point SDGATE_MODELS_FILE
+    at it for every process of a bench or test stack."""
+    entry = {"name": name, "source": f"{SLEEP_SOURCE}{render_ms:g}", "max_batch_size": max_batch_size,
+             "defaults": {"width": 64, "height": 64, "steps": 2}, "limits": {"max_side": 512, "max_steps": 50}}
+    path.write_text(yaml.safe_dump({"default": name, "models": [entry]}))
+    return path
 
 
 def solid_png(width: int, height: int, rgb: Tuple[int, int, int]) -> bytes:
@@ -40,16 +48,18 @@ def solid_png(width: int, height: int, rgb: Tuple[int, int, int]) -> bytes:
 
 
 class SleepRunner:
-    """PipelineRunner's interface; every call sleeps SDGATE_TEST_SLEEP_RENDER_MS and draws a colour."""
+    """PipelineRunner's interface; every call sleeps the entry's `sleep:<ms>` and draws a colour."""
 
     loads = 0
 
     def __init__(self, config: WorkerConfig):
         self.config = config
         entry = load_catalogue().get(config.model)
-        self.entry = entry if entry is not None else ModelEntry(name=config.model, source=config.model)
+        if entry is None or entry.sleep_ms is None:
+            raise ValueError(f"model {config.model!r} is not a `sleep:<ms>` entry of the catalogue")
+        self.entry: ModelEntry = entry
         self.device = "cpu"
-        self.sleep_s = float(os.environ.get(SLEEP_VARIABLE, "0")) / 1000
+        self.sleep_s = entry.sleep_ms / 1000
         self.last_pipeline_ms = 0.0
         type(self).loads += 1
 

@@ -2,8 +2,9 @@
 SIGKILLed mid-batch loses nothing (each task rendered once more, cached once), and a Ray worker
 replica renders concurrent same-shape requests in one batch.
 
-The workers render with the bench/test sleep hook (celery_bridge/sleep_model.py): the kill must
-land inside one batch, and a fixed 4 s render makes that certain on a loaded 2-core machine. The
+The workers render with the bench/test sleep stand-in, named by this test's own catalogue
+(celery_bridge/sleep_model.py): the kill must land inside one batch, and a fixed 4 s render makes
+that certain on a loaded 2-core machine. The
 batched tiny-pipeline images themselves are checked in tests/unit/test_batching.py.
 """
 
@@ -12,11 +13,14 @@ from __future__ import annotations
 import json
 import os
 import signal
+import tempfile
 import time
+from pathlib import Path
 
 import pytest
 import redis
 
+from celery_bridge.sleep_model import sleep_catalogue
 from client import protocol
 from client.protocol import GenerationRequest
 from tests.integration.harness import TaskRuns, ask, cached_pngs, local_stack, wait_for
@@ -24,8 +28,9 @@ from tests.integration.test_faults import in_thread
 from tests.resolve import key_of
 
 pytestmark = pytest.mark.integration
+SLEEP_CATALOGUE = sleep_catalogue(Path(tempfile.mkdtemp(prefix="sdgate-sleep-")) / "models.yaml", 4000)
 BATCH_ENV = {"SDGATE_VISIBILITY_TIMEOUT_S": "3", "SDGATE_LEASE_RENEW_S": "0.5", "SDGATE_MAX_BATCH_SIZE": "3",
-             "SDGATE_BATCH_WAIT_MS": "2000", "SDGATE_TEST_SLEEP_RENDER_MS": "4000", "SDGATE_CPU_THREADS": "1"}
+             "SDGATE_BATCH_WAIT_MS": "2000", "SDGATE_MODELS_FILE": str(SLEEP_CATALOGUE), "SDGATE_CPU_THREADS": "1"}
 
 
 def test_worker_sigkilled_mid_batch_loses_nothing():
