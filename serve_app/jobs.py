@@ -24,6 +24,7 @@ import redis
 from client import protocol
 from client.protocol import GenerationRequest, InvalidRequest, ProtocolError
 from celery_bridge import progress
+from celery_bridge.lifecycle import RECORD_SCRIPT, TERMINAL as TERMINAL_STATES, IllegalTransition, State, advance
 from serve_app import stats
 from serve_app.front import FrontService
 
@@ -34,7 +35,8 @@ CANCEL_PREFIX = "sdgate:job-cancel:"  # a DELETE that reached another replica th
 JOB_TTL_S = 3600
 OWNER_LEASE_S = 6.0
 POLL_S = 0.25  # how often a replica that does not own a job looks at it for SSE
-TERMINAL = ("done", "failed", "cancelled")
+TERMINAL = tuple(state.value for state in TERMINAL_STATES)
+SAVE_EVERY_S = 1.0  # progress within a state is saved at most this often (steps are read from the task's key)
 
 
 def job_body(record: Dict[str, Any]) -> Dict[str, Any]:
@@ -72,16 +74,16 @@ class JobService:
                   "model": normalized.model, "key": normalized.cache_key(), "step": None, "steps": normalized.steps,
                   "queue_position": None, "eta_s": None, "created": int(time.time()), "cached": False,
                   "params": _params(normalized), "error": None, "previews": previews, "task_id": None,
-                  "request": normalized.to_dict()}
+                  "request": normalized.to_dict(), "seq": 0}
         loop = asyncio.get_running_loop()
         cached = await loop.run_in_executor(None, self.front._cache_get, record["key"])
         if cached is not None:  # answered here; a miss is counted by the front when the job runs
             self.front.catalogue.count_request(normalized.model)
             self.front.counters.incr(stats.CACHE_HITS)
             record.update(state="done", cached=True, step=normalized.steps)
-            await loop.run_in_executor(None, self._save, record)
+            await loop.run_in_executor(None, self._save, _next(record))
             return record
-        await loop.run_in_executor(None, self._save, record, True)
+        await loop.run_in_executor(None, self._save, _next(record), True)
         self._start(record, normalized, client)
         return record
 
@@ -96,6 +98,14 @@ class JobService:
 
         def update(**changes: Any) -> None:
             preview = changes.pop("preview", None)
+            state = changes.pop("state", None)
+            moved = False
+            if state is not None and state != record["state"]:
+                try:
+                    record["state"] = advance(State(record["state"]), State(state)).value
+                    moved = True
+                except IllegalTransition:
+                    pass  # a late event (a queue position after the start): the job stays where it is
             record.update(changes)
             if record.get("task_id") is None:
                 entry = self.front._waiting.get(job_id)
@@ -107,9 +117,9 @@ class JobService:
                     queue.put_nowait(("preview", {"id": job_id, "step": record.get("step"),
                                                   "steps": record.get("steps"), "b64_png": preview}))
             now = time.monotonic()
-            if "state" in changes or now - last_saved[0] >= 1.0:  # steps are read from the task's key
+            if moved or now - last_saved[0] >= SAVE_EVERY_S:
                 last_saved[0] = now
-                loop.run_in_executor(None, self._save_quietly, dict(record))
+                loop.run_in_executor(None, self._save_quietly, _next(record))
 
         def on_status(state: str) -> None:
             update(state="generating" if state == protocol.STATUS_GENERATING else "queued")
@@ -133,7 +143,7 @@ class JobService:
                                                 "job; submit it again", "param": None})
         record.update(final)
         try:
-            await loop.run_in_executor(None, self._save, record)
+            await loop.run_in_executor(None, self._save, _next(record))
         finally:
             entry = self._local.pop(job_id, None)
             for queue in (entry or {}).get("listeners", []):
@@ -242,19 +252,23 @@ class JobService:
             record.update(state="cancelled", queue_position=None, eta_s=None,
                           error={"code": protocol.E_CANCELLED, "message": "cancelled at the client's request",
                                  "param": None})
-            self._save(record)
+            if not self._save(_next(record)):  # it ended meanwhile: the stored end stands
+                return self.get(job_id) or record
             return record
 
         return await loop.run_in_executor(None, remote)
 
     # -- records -------------------------------------------------------------------------------------
 
-    def _save(self, record: Dict[str, Any], own: bool = False) -> None:
+    def _save(self, snapshot: Dict[str, Any], own: bool = False) -> bool:
+        """Write a snapshot made by _next: refused (False) when a later one, or an end, is stored
+        already (lifecycle.RECORD_SCRIPT), so the record never moves backwards."""
         pipe = self.redis.pipeline(transaction=False)
-        pipe.set(JOB_PREFIX + record["id"], json.dumps(record, separators=(",", ":")), ex=JOB_TTL_S)
+        self.redis.register_script(RECORD_SCRIPT)(keys=[JOB_PREFIX + snapshot["id"]], client=pipe,
+                                                  args=[json.dumps(snapshot, separators=(",", ":")), JOB_TTL_S])
         if own:
-            pipe.set(OWNER_PREFIX + record["id"], self.replica, ex=int(OWNER_LEASE_S))
-        pipe.execute()
+            pipe.set(OWNER_PREFIX + snapshot["id"], self.replica, ex=int(OWNER_LEASE_S))
+        return bool(pipe.execute()[0])
 
     def _save_quietly(self, record: Dict[str, Any]) -> None:
         self._quiet(self._save, record)
@@ -283,6 +297,12 @@ class JobService:
                         self.front.cancel(job_id)
             except redis.RedisError as exc:
                 log.warning("renewing job leases failed: %s", exc)
+
+
+def _next(record: Dict[str, Any]) -> Dict[str, Any]:
+    """The record's next version to save: its sequence number raised, then a copy taken."""
+    record["seq"] = int(record.get("seq") or 0) + 1
+    return dict(record)
 
 
 def _params(request: GenerationRequest) -> Dict[str, Any]:

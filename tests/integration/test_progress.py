@@ -247,6 +247,19 @@ def test_waiter_leases_hold_with_the_gateway_clock_60_s_off_the_workers(replicas
     assert result["error_code"] == protocol.E_CANCELLED and "before it started" in result["error_message"]
 
 
+def test_a_late_save_never_moves_a_done_job_back(replicas):
+    """A progress save queued on the executor that lands after the final save is refused."""
+    a = replicas()
+    request = GenerationRequest(f"a late save {uuid.uuid4().hex[:6]}", width=64, height=64, steps=2)
+    record = a.loop.run(a.jobs.submit(request))
+    stale = dict(record, state="generating", step=1)  # the snapshot of an earlier event
+    done = wait_for(lambda: (lambda r: r if r["state"] == "done" else None)(a.loop.run(a.jobs.read(record["id"]))),
+                    120, "the job done")
+    assert not a.jobs._save(stale)  # its seq is below the stored one
+    assert not a.jobs._save(dict(stale, seq=done["seq"] + 1))  # newer, but done is final
+    assert a.loop.run(a.jobs.read(record["id"]))["state"] == "done"
+
+
 def test_a_job_survives_its_replica_and_is_finished_by_another(replicas):
     a, b = replicas(), replicas()
     request = GenerationRequest(f"a job {uuid.uuid4().hex[:6]}", width=64, height=64, steps=4)
