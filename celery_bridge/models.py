@@ -9,6 +9,7 @@ names the entry, never a silent default.
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 from typing import Any, List, Optional
 
@@ -194,6 +195,27 @@ def catalogue_from_dict(data: Any, where: str = "the model catalogue") -> Catalo
     except ValidationError as exc:
         problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'top level'}: {e['msg']}" for e in exc.errors())
         raise CatalogueError(f"{where} is invalid: {problems}") from None
+
+
+def with_default_model(catalogue: Catalogue, model: str, where: str = "SDGATE_MODEL") -> Catalogue:
+    """`catalogue` whose default is `model`: a catalogued name, or a local diffusers folder (added as
+    an entry named after the folder). CatalogueError saying what to do for anything else."""
+    if model in catalogue.names:
+        return catalogue.model_copy(update={"default": model})
+    path = Path(model).expanduser()
+    if path.is_dir() and (path / "model_index.json").is_file():
+        name = re.sub(r"[^A-Za-z0-9._-]", "-", path.resolve().name)[:protocol.MAX_MODEL_CHARS] or "local"
+        if name in catalogue.names:
+            raise CatalogueError(f"{where}={model}: the catalogue already has a model named {name!r}; add this folder "
+                                 f"to {models_file()} under another name and set `default:` to it")
+        entry = ModelEntry(name=name, source=str(path.resolve()))
+        return Catalogue(default=name, models=[*catalogue.models, entry])
+    if model.lower().endswith(SINGLE_FILE_SUFFIXES) and path.is_file():
+        raise CatalogueError(f"{where}={model} is a single-file checkpoint: it needs its pipeline's configs, so add it "
+                             f"to {models_file()} as `- {{name: NAME, source: {path}, config: /a/diffusers/folder}}` "
+                             "and set `default: NAME`")
+    raise CatalogueError(f"{where}={model!r} is neither a catalogued model ({', '.join(catalogue.names)}) nor a local "
+                         f"diffusers folder with model_index.json; name one of those, or add it to {models_file()}")
 
 
 def queue_for(base_queue: str, model: str) -> str:

@@ -145,8 +145,12 @@ def require_catalogued(model: str) -> None:
     except CatalogueError as exc:
         raise ModelLoadError(str(exc)) from None
     if catalogue.get(model) is None:
+        hint = (f"a worker serves a catalogued model, so gateways can route to it: add `- {{name: NAME, source: "
+                f"{model}}}` under `models:` there (every gateway and worker reads it), then pass --model NAME"
+                if "/" in model or model.lower().endswith((".safetensors", ".ckpt")) else
+                "add an entry for it, or pass --model with one of those")
         raise ModelLoadError(f"model {model!r} is not in the catalogue {models_file()} (it lists "
-                             f"{', '.join(catalogue.names)}); add an entry for it, or pass --model with one of those")
+                             f"{', '.join(catalogue.names)}); {hint}")
 
 
 def pin_gpu(gpu: Optional[str]) -> None:

@@ -49,7 +49,7 @@ def _up(args: argparse.Namespace) -> int:
           f"             {addresses['http']}/v1/images/generations   (through Serve's proxy)\n"
           f"  dashboard: {addresses['dashboard']}\n"
           f"  data:      {addresses['home']}\n"
-          f"open {addresses['http']}/ for the web page (also on {addresses['http_fast']}/)\n"
+          f"open {addresses['http_fast']}/ for the web page (also on {addresses['http']}/)\n"
           f"stop it with `sdgate down`")
     return 0
 

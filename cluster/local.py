@@ -21,12 +21,13 @@ from pathlib import Path
 from typing import Any, Dict, List, Literal, Optional, Set
 
 import psutil
+import yaml
 
 from client import protocol
 from client.protocol import GenerationRequest
 from celery_bridge.config import Port, config_dataclass, load_celery_config, load_config, sdgate_home
 from celery_bridge.redis_check import require_binary_version, require_redis_version
-from celery_bridge.models import load_catalogue
+from celery_bridge.models import Catalogue, load_catalogue, with_default_model
 from serve_app.config import GatewayConfig, load_gateway_config
 from serve_app.placement import ray_start_resources_flag
 
@@ -153,6 +154,7 @@ class LocalStack:
         self.gateway = gateway or load_gateway_config()
         self.processes: Dict[str, int] = {}  # name -> process group id
         self.workers: Dict[str, subprocess.Popen] = {}  # plain workers this process started, by name
+        self.models_file: Optional[Path] = None  # the catalogue every process of the stack reads, when not the usual
         self.create_times: Dict[str, float] = {}  # name -> the group leader's create time (its identity)
 
     # -- addresses -------------------------------------------------------------------------------
@@ -182,6 +184,8 @@ class LocalStack:
     def child_env(self) -> Dict[str, str]:
         env = dict(os.environ, SDGATE_HOME=str(self.paths.home), SDGATE_REDIS_URL=self.redis_url,
                    RAY_USAGE_STATS_ENABLED="0", PYTHONUNBUFFERED="1")
+        if self.models_file is not None:
+            env["SDGATE_MODELS_FILE"] = str(self.models_file)
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
         return env
 
@@ -194,6 +198,7 @@ class LocalStack:
         if self.running():
             raise StackError(f"a stack is already running from {self.paths.home}; `sdgate down` first")
         self._check_ports_free()
+        self._choose_default_model()
         # Before anything starts, so an old binary is named at once (RedisVersionError: exit 2).
         redis_server = find_redis_server(self.stack.redis_server)
         require_binary_version(redis_server, "sdgate")
@@ -208,7 +213,8 @@ class LocalStack:
             self._deploy()
             log("gateway deployed")
             # 5. One request end to end proves the whole path.
-            wait_until(self._workers_alive_and_probe, self.stack.start_timeout_s, "the first image")
+            probe_key = wait_until(self._workers_alive_and_probe, self.stack.start_timeout_s, "the first image")
+            self._forget_probe(probe_key)
         except BaseException:
             self._save()
             self.down(log=lambda *_: None)
@@ -300,10 +306,27 @@ class LocalStack:
 
         wait_until(head_listening, 60, "the Ray head")
 
+    def catalogue(self) -> Catalogue:
+        return load_catalogue(self.models_file)
+
+    def _choose_default_model(self) -> None:
+        """SDGATE_MODEL, when set, is the stack's default model: a catalogued name, or a local diffusers
+        folder added to a copy of the catalogue that every process of the stack reads; anything else
+        is refused (CatalogueError) before anything starts, never silently replaced by the default."""
+        model = os.environ.get("SDGATE_MODEL")
+        if not model:
+            return
+        catalogue = load_catalogue()
+        chosen = with_default_model(catalogue, model)
+        if chosen == catalogue:
+            return
+        self.models_file = self.paths.run_file.parent / "models.yaml"
+        self.models_file.write_text(yaml.safe_dump(chosen.model_dump(mode="json", exclude_none=True), sort_keys=False))
+
     def workers_per_model(self) -> Dict[str, int]:
         """model -> workers to start: every catalogued model, `workers` each unless its entry says."""
         return {entry.name: self.stack.workers if entry.workers is None else entry.workers
-                for entry in load_catalogue().models}
+                for entry in self.catalogue().models}
 
     def _start_workers_outside_ray(self) -> None:
         if self.stack.worker_mode == "ray":
@@ -318,7 +341,7 @@ class LocalStack:
     def spawn_worker(self, name: str, model: Optional[str] = None) -> subprocess.Popen:
         """Start one plain `sdgate worker` of this stack for `model` (None: the catalogue's default),
         with its share of the machine's cores."""
-        model = model or load_catalogue().default
+        model = model or self.catalogue().default
         total = sum(self.workers_per_model().values()) or 1
         threads = os.environ.get("SDGATE_CPU_THREADS") or str(cpu_threads_per_worker(total))
         return self._spawn(name, [sys.executable, "-m", "cluster.cli", "worker", "--broker", self.redis_url,
@@ -372,17 +395,27 @@ class LocalStack:
                 raise StackError(f"{name} exited with code {process.returncode} at start: {last}\n"
                                  f"its whole log: {log_path}")
 
-    def _workers_alive_and_probe(self) -> bool:
+    def _workers_alive_and_probe(self) -> Optional[str]:
         self.check_workers_alive()
         return self._render_probe()
 
-    def _render_probe(self) -> bool:
+    def _forget_probe(self, key: str) -> None:
+        """The probe proved the path; its image is nobody's, so it leaves the cache (and the gallery)."""
+        from serve_app.store import open_store
+
+        redis_url = load_celery_config(redis_url=self.redis_url).broker_url()
+        with open_store(self.gateway.cache_backend, path=self.paths.cache_db, redis_url=redis_url,
+                        max_bytes=self.gateway.cache_max_bytes) as store:
+            store.delete(key)
+
+    def _render_probe(self) -> Optional[str]:
+        """The probe image's cache key once one came back end to end, else None."""
         with socket.create_connection(("127.0.0.1", self.gateway.socket_port), timeout=5) as plain:
             conn = _loopback_tls().wrap_socket(plain) if self.gateway.tls_certfile else plain
             # Names no model: the gateway fills in the catalogue's default, as it does for a plain client.
             reply = protocol.exchange(conn, GenerationRequest("sdgate startup probe"), token=self.gateway.auth_token,
                                       timeout=60)
-        return bool(reply.png)
+        return reply.meta.get("key") if reply.png else None
 
     # -- state -------------------------------------------------------------------------------------
 

@@ -190,9 +190,17 @@ class TestAuthStack:
 
     def test_image_and_gallery_routes_on_both_ports(self, auth_stack):
         stack = auth_stack
+        prompt = f"gallery routes {uuid.uuid4().hex[:6]}"
+        status, _, body = http(f"http://127.0.0.1:{stack.gateway.fast_http_port}/v1/images/generations",
+                               {"prompt": prompt}, token=TOKEN)
+        assert status == 200, body
         for port in (stack.gateway.fast_http_port, stack.gateway.http_port):
             base = f"http://127.0.0.1:{port}"
             assert http(f"{base}/v1/gallery")[0] == 401
+            status, _, body = http(f"{base}/v1/gallery?limit=100", token=TOKEN)
+            prompts = [entry["params"]["prompt"] for entry in json.loads(body)["data"]]
+            assert status == 200 and prompt in prompts, body
+            assert "sdgate startup probe" not in prompts  # `sdgate up`'s own image is nobody's
             status, _, body = http(f"{base}/v1/gallery?limit=1", token=TOKEN)
             assert status == 200, body
             listing = json.loads(body)

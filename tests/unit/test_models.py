@@ -137,3 +137,36 @@ def test_a_single_file_without_a_local_config_folder_says_what_to_do(model_b, tm
     _, single_file = model_b
     with pytest.raises(ModelLoadError, match="not a local folder holding model_index.json.*never downloads"):
         runner_for(ModelEntry(name="b", source=str(single_file)), tmp_path)
+
+
+# -- SDGATE_MODEL names the local stack's default model ----------------------------------------------
+
+def test_sdgate_model_with_a_folder_is_served_as_the_default(tmp_path, monkeypatch):
+    """`SDGATE_MODEL=/models/my-sd15 sdgate up` once served `tiny` without a word."""
+    from cluster.local import LocalStack, StackConfig
+    from serve_app.config import GatewayConfig
+
+    folder = tmp_path / "my-sd15"
+    folder.mkdir()
+    (folder / "model_index.json").write_text("{}")
+    monkeypatch.setenv("SDGATE_MODEL", str(folder))
+    stack = LocalStack(home=tmp_path / "home", stack=StackConfig(), gateway=GatewayConfig())
+    stack.paths.make()
+    stack._choose_default_model()
+    catalogue = stack.catalogue()
+    assert catalogue.default == "my-sd15" and catalogue.get("my-sd15").source == str(folder)
+    assert "tiny" in catalogue.names and "my-sd15" in stack.workers_per_model()
+    assert stack.child_env()["SDGATE_MODELS_FILE"] == str(stack.models_file)  # every process reads the same
+
+
+def test_sdgate_model_that_cannot_be_served_is_refused_saying_what_to_do(tmp_path):
+    from celery_bridge.models import CatalogueError, load_catalogue, with_default_model
+
+    catalogue = load_catalogue()
+    assert with_default_model(catalogue, "tiny").default == "tiny"
+    checkpoint = tmp_path / "dreamshaper.safetensors"
+    checkpoint.write_bytes(b"x")
+    with pytest.raises(CatalogueError, match=r"single-file checkpoint.*config: /a/diffusers/folder"):
+        with_default_model(catalogue, str(checkpoint))
+    with pytest.raises(CatalogueError, match=r"neither a catalogued model \(tiny\) nor a local diffusers folder"):
+        with_default_model(catalogue, str(tmp_path / "missing"))

@@ -104,4 +104,4 @@ def test_sdgate_up_prints_the_page_address(monkeypatch, tmp_path, capsys):
     monkeypatch.setattr(cli, "_stack", fake_stack)
     assert cli.main(["up"]) == 0
     out = capsys.readouterr().out
-    assert "open http://127.0.0.1:8000/ for the web page" in out
+    assert "open http://127.0.0.1:8001/ for the web page (also on http://127.0.0.1:8000/)" in out  # fast port first

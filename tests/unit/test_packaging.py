@@ -1,0 +1,28 @@
+"""A clean install prints no packaging warnings, and the wheel carries the web page."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+@pytest.mark.parametrize("hook", ["build_wheel", "build_editable"])
+def test_the_build_hooks_pip_calls_warn_of_nothing(hook, tmp_path):
+    """`make setup` is `pip install -e .`: it once printed screens of warnings about serve_app.web."""
+    code = f"from setuptools import build_meta; print(build_meta.{hook}({str(tmp_path)!r}))"
+    built = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert built.returncode == 0, built.stderr[-3000:]
+    output = built.stdout + built.stderr
+    # setuptools' warnings are classes (BuildBackendWarning, SetuptoolsDeprecationWarning...) in "!!" banners.
+    assert not re.search(r"[A-Za-z]+Warning\b|^\s*!!", output, re.M), output[-3000:]
+    wheel = tmp_path / built.stdout.strip().splitlines()[-1]
+    names = zipfile.ZipFile(wheel).namelist()
+    if hook == "build_wheel":
+        assert {"serve_app/web/index.html", "serve_app/web/app.js", "serve_app/web/app.css"} <= set(names)
