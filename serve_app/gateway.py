@@ -11,7 +11,7 @@ import base64
 import logging
 import threading
 import time
-from typing import Any, Dict, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
@@ -38,16 +38,30 @@ from serve_app.store import open_store
 
 log = logging.getLogger(__name__)
 QUEUE_DEPTH_PERIOD_S = 2.0
-api = FastAPI(title="sdgate", description="Text to image: OpenAI-style Images API over sdgate's cache and workers")
+# No docs routes: both ports serve exactly ROUTES.
+api = FastAPI(title="sdgate", description="Text to image: OpenAI-style Images API over sdgate's cache and workers",
+              docs_url=None, redoc_url=None, openapi_url=None)
 
 
-@serve.deployment(
-    name="Gateway",
-    max_ongoing_requests=256,
-    health_check_period_s=5,
-    ray_actor_options={"num_cpus": 0.25},
-)
-@serve.ingress(api)
+# Every HTTP route, once: (path, the Gateway method that answers it, methods). Serve's proxy port
+# (FastAPI, 8000) and each replica's fast port (serve_app/http_front.py, 8001) are both built from it.
+ROUTES: List[Tuple[str, str, List[str]]] = [
+    ("/", "page", ["GET"]),
+    ("/static/{name}", "static", ["GET"]),
+    ("/healthz", "healthz", ["GET"]),
+    ("/v1/images/generations", "generations", ["POST"]),
+    ("/v1/images/{name}", "image", ["GET"]),
+    ("/v1/gallery", "gallery", ["GET"]),
+    ("/v1/models", "models", ["GET"]),
+    ("/v1/stats", "stats", ["GET"]),
+    ("/v1/jobs", "create_job", ["POST"]),
+    ("/v1/jobs/{job_id}", "get_job", ["GET"]),
+    ("/v1/jobs/{job_id}", "delete_job", ["DELETE"]),
+    ("/v1/jobs/{job_id}/events", "job_events", ["GET"]),
+    ("/v1/jobs/{job_id}/image", "job_image", ["GET"]),
+]
+
+
 class Gateway:
     """One gateway replica: socket front server + HTTP routes over a shared FrontService."""
 
@@ -68,16 +82,10 @@ class Gateway:
         self._stopped = threading.Event()
         threading.Thread(target=self._watch_queue, name="sdgate-queue-depth", daemon=True).start()
         self.jobs = JobService(self.front)
-        self.http_front = HttpFrontServer(self.config, self.generations, self.healthz, extra=[
-            ("/", self.page, ["GET"]), ("/static/{name}", self.static, ["GET"]),
-            ("/v1/images/{name}", self.image, ["GET"]), ("/v1/gallery", self.gallery, ["GET"]),
-            ("/v1/models", self.models, ["GET"]),
-            ("/v1/jobs", self.create_job, ["POST"]), ("/v1/jobs/{job_id}", self.get_job, ["GET"]),
-            ("/v1/jobs/{job_id}", self.delete_job, ["DELETE"]), ("/v1/jobs/{job_id}/events", self.job_events, ["GET"]),
-            ("/v1/jobs/{job_id}/image", self.job_image, ["GET"])]).start()
+        self.http_front = HttpFrontServer(self.config, [(path, getattr(self, name), methods)
+                                                        for path, name, methods in ROUTES]).start()
         log.info("gateway replica serving sockets on %s:%s", self.config.host, self.socket_server.port)
 
-    @api.post("/v1/images/generations")
     async def generations(self, request: Request) -> JSONResponse:
         """OpenAI Images API: returns data[0].b64_json, plus sdgate's metadata."""
         client = request.client.host if request.client else "?"
@@ -102,62 +110,50 @@ class Gateway:
         })
 
     # Jobs (serve_app/jobs_api.py): a generation that outlives its request, readable from any replica.
-    @api.post("/v1/jobs")
     async def create_job(self, request: Request) -> Response:
         return await jobs_api.create_job(self, request)
 
-    @api.get("/v1/jobs/{job_id}")
     async def get_job(self, request: Request) -> Response:
         return await jobs_api.get_job(self, request)
 
-    @api.delete("/v1/jobs/{job_id}")
     async def delete_job(self, request: Request) -> Response:
         return await jobs_api.delete_job(self, request)
 
-    @api.get("/v1/jobs/{job_id}/events")
     async def job_events(self, request: Request) -> Response:
         return await jobs_api.job_events(self, request)
 
-    @api.get("/v1/jobs/{job_id}/image")
     async def job_image(self, request: Request) -> Response:
         return await jobs_api.job_image(self, request)
 
-    @api.get("/v1/models")
     def models(self, request: Request) -> JSONResponse:
         """OpenAI's model list, each model with its defaults, limits and live worker count."""
         refused = self._refused(request)
         return refused or JSONResponse(self.front.catalogue.listing())
 
-    @api.get("/")
     async def page(self, request: Request) -> Response:
         """The web page (serve_app/web/index.html); it asks for the token itself when one is needed."""
         return webui.asset("index.html")
 
-    @api.get("/static/{name}")
     async def static(self, request: Request) -> Response:
         return webui.asset(request.path_params["name"])
 
-    @api.get("/v1/images/{name}")
     async def image(self, request: Request) -> Response:
         """A cached PNG by key (`<key>.png`), with a strong ETag and a year of Cache-Control."""
         refused = self._refused(request)
         return refused or await asyncio.to_thread(webui.image_response, self.front.store,
                                                   request.path_params["name"], request.headers.get("if-none-match"))
 
-    @api.get("/v1/gallery")
     async def gallery(self, request: Request) -> Response:
         """Cache entries with their parameters, newest first: `?limit=N&before=CURSOR`."""
         refused = self._refused(request)
         return refused or await asyncio.to_thread(webui.gallery, self.front.store, dict(request.query_params))
 
-    @api.get("/healthz")
-    def healthz(self) -> Dict[str, Any]:
+    def healthz(self, request: Request) -> Dict[str, Any]:
         return {"ok": self.socket_server.alive(), "socket_port": self.socket_server.port,
                 "fast_http_port": self.http_front.port,
                 "pending_misses": self.front.pending_misses, "open_connections": self.socket_server.open_connections,
                 "waiting": self.admission.waiting}
 
-    @api.get("/v1/stats")
     def stats(self, request: Request) -> Any:
         refused = self._refused(request)
         return refused or stats.read_stats(self.front.producer.redis)
@@ -204,6 +200,12 @@ class Gateway:
             self.jobs.close()
             self.front.close()
             self.front.counters.close()
+
+
+for _path, _name, _methods in ROUTES:
+    api.add_api_route(_path, getattr(Gateway, _name), methods=_methods)
+Gateway = serve.deployment(name="Gateway", max_ongoing_requests=256, health_check_period_s=5,
+                           ray_actor_options={"num_cpus": 0.25})(serve.ingress(api)(Gateway))
 
 
 def build_app(args: Optional[Dict[str, Any]] = None) -> serve.Application:

@@ -45,24 +45,24 @@ def bind_shared(host: str, port: int, backlog: int = 1024) -> socket.socket:
     return listener
 
 
-class HttpFrontServer:
-    """uvicorn on a thread of the replica, serving `generations` and `healthz` on a shared port."""
+Routes = Sequence[Tuple[str, Callable[[Request], Any], List[str]]]
 
-    def __init__(self, config: GatewayConfig, generations: Callable[[Request], Awaitable[Response]],
-                 healthz: Callable[[], Any],
-                 extra: Sequence[Tuple[str, Callable[[Request], Any], List[str]]] = ()):
-        """`extra`: more (path, the gateway's route method, methods) to serve the same way."""
+
+class HttpFrontServer:
+    """uvicorn on a thread of the replica, serving `routes` on a shared port."""
+
+    def __init__(self, config: GatewayConfig, routes: Routes):
+        """`routes`: (path, the gateway's route method, methods), as serve_app.gateway.ROUTES lists them;
+        a method returns a Response, or a plain object answered as JSON."""
         self.config = config
-        self._generations, self._healthz = generations, healthz
         self._listener = bind_shared(config.host, config.fast_http_port)
         self.port = self._listener.getsockname()[1]
         certfile, keyfile = tls_files(config)
         self.tls = certfile is not None
-        app = Starlette(routes=[Route(GENERATIONS_PATH, self._serve_generations, methods=["POST"]),
-                                Route("/healthz", self._serve_healthz, methods=["GET"])]
-                        + [Route(path, self._counted(route), methods=methods) for path, route, methods in extra])
+        self.app = Starlette(routes=[Route(path, self._counted(route), methods=methods)
+                                     for path, route, methods in routes])
         self._server = uvicorn.Server(uvicorn.Config(
-            app, loop="none", http="auto", lifespan="off", access_log=False, log_level="warning",
+            self.app, loop="none", http="auto", lifespan="off", access_log=False, log_level="warning",
             ssl_certfile=certfile, ssl_keyfile=keyfile, timeout_keep_alive=int(config.idle_timeout_s),
             limit_concurrency=config.max_connections, server_header=False))
         self._thread = threading.Thread(target=self._run, name="sdgate-http-front", daemon=True)
@@ -70,21 +70,15 @@ class HttpFrontServer:
 
     # -- routes ------------------------------------------------------------------------------------
 
-    async def _serve_generations(self, request: Request) -> Response:
-        with self.load.counting():
-            return await self._generations(request)
-
     def _counted(self, route: Callable[[Request], Any]) -> Callable[[Request], Awaitable[Response]]:
         blocking = not inspect.iscoroutinefunction(route)  # a plain def runs on a thread, as FastAPI runs it
 
         async def serve(request: Request) -> Response:
             with self.load.counting():
-                return await asyncio.to_thread(route, request) if blocking else await route(request)
+                answer = await asyncio.to_thread(route, request) if blocking else await route(request)
+            return answer if isinstance(answer, Response) else JSONResponse(answer)  # as FastAPI answers a dict
 
         return serve
-
-    async def _serve_healthz(self, request: Request) -> Response:
-        return JSONResponse(self._healthz())
 
     # -- load, for autoscaling -----------------------------------------------------------------------
 

@@ -28,7 +28,8 @@ def _server(config: GatewayConfig, name: str = "a", release: threading.Event = N
             await asyncio.sleep(0.01)
         return JSONResponse({"echo": body["prompt"], "replica": name})
 
-    return HttpFrontServer(config, generations, lambda: {"ok": True, "replica": name})
+    return HttpFrontServer(config, [(GENERATIONS_PATH, generations, ["POST"]),
+                                    ("/healthz", lambda request: {"ok": True, "replica": name}, ["GET"])])
 
 
 def _post(conn: http.client.HTTPConnection, prompt: str) -> dict:
