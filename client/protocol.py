@@ -397,22 +397,73 @@ def decode_error(frame: Frame) -> ProtocolError:
     return ProtocolError(str(body.get("code", E_INTERNAL)), str(body.get("message", "")), body.get("field"))
 
 
+class FrameDecoder:
+    """Frames out of a byte stream, without I/O (sans-IO, as h11 is): feed() what the transport
+    read, then take next_frame() until it is None. The blocking client and the asyncio server both
+    drive this one decoder, so they share every cap and message.
+
+    A header is checked (decode_header, then `accepted`: the kinds and sizes this side takes, e.g. a
+    server takes only REQUEST and LIST_MODELS) as soon as its 9 bytes are in, before any payload is
+    buffered. `needed()` says how many more bytes complete the current header or payload, so a
+    reader never reads past one frame.
+    """
+
+    def __init__(self, accepted: Optional[Dict[int, int]] = None):
+        self.accepted = accepted
+        self._buffer = bytearray()
+        self._header: Optional[Tuple[int, int]] = None  # (kind, length) of the frame being read
+
+    def feed(self, data: bytes) -> None:
+        self._buffer += data
+
+    @property
+    def started(self) -> bool:
+        """Some bytes of a frame are in: its deadline runs."""
+        return bool(self._buffer) or self._header is not None
+
+    def needed(self) -> int:
+        """Bytes still missing from the current header, or else from the current payload (at least 1)."""
+        if self._header is None:
+            return max(1, HEADER.size - len(self._buffer))
+        return max(1, self._header[1] - len(self._buffer))
+
+    def next_frame(self) -> Optional[Frame]:
+        """The next whole frame, or None until more bytes come; ProtocolError on bad framing."""
+        if self._header is None:
+            if len(self._buffer) < HEADER.size:
+                return None
+            kind, length = decode_header(bytes(self._buffer[:HEADER.size]))
+            if self.accepted is not None and length > self.accepted.get(kind, 0):
+                raise ProtocolError(E_FRAME_TOO_LARGE, f"{FRAME_NAMES[kind]} frame of {length} bytes is not accepted here")
+            del self._buffer[:HEADER.size]
+            self._header = (kind, length)
+        kind, length = self._header
+        if len(self._buffer) < length:
+            return None
+        payload = bytes(self._buffer[:length])
+        del self._buffer[:length]
+        self._header = None
+        return Frame(kind, payload)
+
+
 def read_frame(sock: socket.socket, frame_timeout: float, idle_timeout: Optional[float] = None,
                max_payload: Optional[Dict[int, int]] = None) -> Frame:
-    """Read one frame from a blocking socket.
+    """Read one frame from a blocking socket (through FrameDecoder, never past the frame).
 
     idle_timeout bounds the wait for the first byte (None: same as frame_timeout); once it has
     arrived the whole frame must arrive within frame_timeout, so a peer trickling one byte a
     second is cut off. Raises ConnectionClosed on a clean close before the first byte, socket.timeout
     on either deadline, ProtocolError on bad framing.
     """
-    first = _recv_exactly(sock, 1, time.monotonic() + (idle_timeout if idle_timeout is not None else frame_timeout),
-                          allow_clean_close=True)
+    decoder = FrameDecoder(max_payload)
+    decoder.feed(_recv_exactly(sock, 1, time.monotonic() + (idle_timeout if idle_timeout is not None
+                                                            else frame_timeout), allow_clean_close=True))
     deadline = time.monotonic() + frame_timeout
-    kind, length = decode_header(first + _recv_exactly(sock, HEADER.size - 1, deadline))
-    if max_payload is not None and length > max_payload.get(kind, 0):
-        raise ProtocolError(E_FRAME_TOO_LARGE, f"{FRAME_NAMES[kind]} frame of {length} bytes is not accepted here")
-    return Frame(kind, _recv_exactly(sock, length, deadline))
+    while True:
+        frame = decoder.next_frame()
+        if frame is not None:
+            return frame
+        decoder.feed(_recv_exactly(sock, decoder.needed(), deadline))
 
 
 def _recv_exactly(sock: socket.socket, size: int, deadline: float, allow_clean_close: bool = False) -> bytes:

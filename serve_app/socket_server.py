@@ -140,14 +140,13 @@ class SocketFrontServer:
                 first = await asyncio.wait_for(reader.readexactly(1), self.config.idle_timeout_s)
             except (asyncio.IncompleteReadError, asyncio.TimeoutError, ConnectionError, OSError):
                 return
-            # 2. The whole frame within the frame timeout, checked before any payload is read.
+            # 2. The whole frame within the frame timeout, its header checked before any payload is read.
+            decoder = protocol.FrameDecoder(ACCEPTED_PAYLOADS)  # an empty non-REQUEST is refused by decode_request
+            decoder.feed(first)
             try:
                 async with asyncio.timeout(self.config.frame_timeout_s):
-                    kind, length = protocol.decode_header(first + await reader.readexactly(protocol.HEADER.size - 1))
-                    if length > ACCEPTED_PAYLOADS.get(kind, 0):  # an empty non-REQUEST is refused by decode_request
-                        raise ProtocolError(protocol.E_FRAME_TOO_LARGE,
-                                            f"{protocol.FRAME_NAMES[kind]} frame of {length} bytes is not accepted here")
-                    frame = protocol.Frame(kind, await reader.readexactly(length))
+                    while (frame := decoder.next_frame()) is None:
+                        decoder.feed(await reader.readexactly(decoder.needed()))
             except TimeoutError:
                 await self._send_error(writer, ProtocolError(
                     protocol.E_TIMEOUT, f"a frame must arrive within {self.config.frame_timeout_s:.0f} s"))
@@ -216,15 +215,16 @@ class SocketFrontServer:
     async def _watch_peer(self, reader: asyncio.StreamReader, waiter_id: str) -> str:
         """While a request waits: a CANCEL frame cancels it (returns "cancel" once the wait ends);
         end of stream or a broken frame means the client left ("closed")."""
+        decoder = protocol.FrameDecoder({protocol.CANCEL: protocol.MAX_PAYLOAD[protocol.CANCEL]})
         try:
-            header = protocol.decode_header(await reader.readexactly(protocol.HEADER.size))
-            kind, length = header
-            if kind != protocol.CANCEL or length > protocol.MAX_PAYLOAD[protocol.CANCEL]:
-                return "closed"  # only CANCEL may come while a request is in flight
+            decoder.feed(await reader.readexactly(protocol.HEADER.size))  # no deadline: it waits with the request
             async with asyncio.timeout(self.config.frame_timeout_s):
-                await reader.readexactly(length)
+                while (frame := decoder.next_frame()) is None:
+                    decoder.feed(await reader.readexactly(decoder.needed()))
         except (asyncio.IncompleteReadError, ConnectionError, OSError, ProtocolError, TimeoutError):
             return "closed"
+        if frame.kind != protocol.CANCEL:
+            return "closed"  # only CANCEL may come while a request is in flight
         self.front.cancel(waiter_id)
         await asyncio.Event().wait()  # the generation ends with `cancelled`; this watcher is then cancelled
         return "cancel"

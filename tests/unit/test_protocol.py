@@ -12,6 +12,7 @@ import threading
 import time
 import tracemalloc
 from pathlib import Path
+from typing import List
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -518,3 +519,43 @@ def test_derived_seed_is_stable_across_calls_and_processes():
     there = subprocess.run([sys.executable, "-c", code, *prompts], cwd=REPO, capture_output=True, text=True,
                            check=True, env={"PYTHONHASHSEED": "12345", "PYTHONPATH": str(REPO)})
     assert json.loads(there.stdout) == here
+
+
+# -- the sans-IO decoder both sides drive (protocol.FrameDecoder) -----------------------------------
+
+def _stream() -> List[bytes]:
+    from client.protocol import GenerationRequest
+
+    return [protocol.encode_request(GenerationRequest("a split fox", seed=3), token="t"), protocol.encode_cancel(),
+            protocol.encode_status("generating", step=1, steps=4), protocol.encode_image({"key": "k"}, b"\x89PNG" * 9),
+            protocol.encode_error("busy", "try later"), protocol.encode_list_models()]
+
+
+def _decode(chunks) -> List[protocol.Frame]:
+    decoder, frames = protocol.FrameDecoder(), []
+    for chunk in chunks:
+        decoder.feed(chunk)
+        while (frame := decoder.next_frame()) is not None:
+            frames.append(frame)
+    assert not decoder.started, "bytes left over"
+    return frames
+
+
+def test_the_decoder_gives_the_same_frames_split_at_every_byte_boundary():
+    data = b"".join(_stream())
+    whole = _decode([data])
+    assert [f.kind for f in whole] == [protocol.REQUEST, protocol.CANCEL, protocol.STATUS, protocol.IMAGE,
+                                       protocol.ERROR, protocol.LIST_MODELS]
+    for cut in range(1, len(data)):
+        assert _decode([data[:cut], data[cut:]]) == whole, f"split at byte {cut}"
+    assert _decode([data[i:i + 1] for i in range(len(data))]) == whole  # one byte at a time
+
+
+def test_the_decoder_checks_a_header_before_its_payload_arrives():
+    decoder = protocol.FrameDecoder({protocol.REQUEST: 100})
+    frame = protocol.encode_frame(protocol.REQUEST, b"x" * 101)
+    decoder.feed(frame[:protocol.HEADER.size])  # the header alone
+    with pytest.raises(protocol.ProtocolError) as raised:
+        decoder.next_frame()
+    assert raised.value.code == protocol.E_FRAME_TOO_LARGE and "not accepted here" in raised.value.message
+    assert protocol.FrameDecoder().needed() == protocol.HEADER.size
