@@ -27,7 +27,8 @@ from serve_app.admission import Admission
 from serve_app.autoscaling import SOCKET_LOAD_METRIC
 from serve_app.config import load_gateway_config
 from serve_app.front import FrontService
-from serve_app.images_api import bearer, http_error, public_meta, read_generation
+from serve_app.images_api import bearer, public_meta, read_generation
+from serve_app.openai_errors import http_error
 from serve_app import jobs_api
 from serve_app.http_front import HttpFrontServer
 from serve_app.jobs import JobService

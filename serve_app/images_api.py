@@ -1,5 +1,5 @@
 """The OpenAI Images API at sdgate's edge: a request body read within bounds and mapped to a
-GenerationRequest, and sdgate's errors in OpenAI's error shape. Used by every HTTP route that
+GenerationRequest (errors: serve_app/openai_errors.py). Used by every HTTP route that
 takes an Images API body (gateway.py's generations, jobs_api.py's jobs and streaming)."""
 
 from __future__ import annotations
@@ -8,31 +8,11 @@ import json
 from typing import Any, Dict, Optional, Tuple
 
 from starlette.requests import Request
-from starlette.responses import JSONResponse
-
 from client import protocol
 from client.protocol import GenerationRequest, InvalidRequest, ProtocolError
 from serve_app.admission import Admission, check_json_depth
 
-HTTP_STATUS = {
-    protocol.E_INVALID_REQUEST: 400, protocol.E_BAD_FRAME: 400, protocol.E_FRAME_TOO_LARGE: 413,
-    protocol.E_UNAUTHORIZED: 401, protocol.E_RATE_LIMITED: 429, protocol.E_BUSY: 503,
-    protocol.E_UNAVAILABLE: 503, protocol.E_TIMEOUT: 504, protocol.E_INTERNAL: 500,
-}
-
-
 PRIVATE_META = ("worker",)  # host names stay inside the cluster
-
-
-def error_body(exc: ProtocolError) -> Dict[str, Any]:
-    """OpenAI's error object, carrying sdgate's stable code."""
-    return {"error": {"message": exc.message, "type": exc.code, "code": exc.code, "param": exc.field}}
-
-
-def http_error(exc: ProtocolError) -> JSONResponse:
-    """An OpenAI-shaped error answer with the HTTP status for sdgate's code."""
-    headers = {"Retry-After": "5"} if exc.code in protocol.RETRYABLE_CODES else None
-    return JSONResponse(error_body(exc), status_code=HTTP_STATUS.get(exc.code, 500), headers=headers)
 
 
 def public_meta(meta: Dict[str, Any]) -> Dict[str, Any]:

@@ -20,12 +20,13 @@ import uuid
 from typing import Any, AsyncIterator, Dict, List, Optional
 
 import redis
+from sse_starlette import ServerSentEvent
 
 from client import protocol
 from client.protocol import GenerationRequest, InvalidRequest, ProtocolError
 from celery_bridge import progress
 from celery_bridge.lifecycle import RECORD_SCRIPT, TERMINAL as TERMINAL_STATES, IllegalTransition, State, advance
-from serve_app import stats
+from serve_app import sse, stats
 from serve_app.front import FrontService
 
 log = logging.getLogger(__name__)
@@ -191,11 +192,11 @@ class JobService:
                 record = self._local[record["id"]]["record"] if record["id"] in self._local else record
         return record
 
-    async def events(self, job_id: str, first: Dict[str, Any]) -> AsyncIterator[bytes]:
+    async def events(self, job_id: str, first: Dict[str, Any]) -> AsyncIterator[ServerSentEvent]:
         """Server-Sent Events for the job: progress (and previews when it asked), then done or error."""
-        yield _sse("progress", job_body(first))
+        yield sse.event("progress", job_body(first))
         if first.get("state") in TERMINAL:
-            yield _sse("done" if first["state"] == "done" else "error", job_body(first))
+            yield sse.event("done" if first["state"] == "done" else "error", job_body(first))
             return
         local = self._local.get(job_id)
         if local is not None:
@@ -205,9 +206,9 @@ class JobService:
                 while True:
                     kind, data = await queue.get()
                     if kind == "end":
-                        yield _sse("done" if data["state"] == "done" else "error", job_body(data))
+                        yield sse.event("done" if data["state"] == "done" else "error", job_body(data))
                         return
-                    yield _sse(kind, job_body(data) if kind == "progress" else data)
+                    yield sse.event(kind, job_body(data) if kind == "progress" else data)
             finally:
                 if queue in local["listeners"]:
                     local["listeners"].remove(queue)
@@ -218,17 +219,17 @@ class JobService:
             await asyncio.sleep(POLL_S)
             record = await self.read(job_id)
             if record is None:
-                yield _sse("error", dict(job_body(first), state="failed", error={
+                yield sse.event("error", dict(job_body(first), state="failed", error={
                     "code": protocol.E_INTERNAL, "message": "the job expired", "param": None}))
                 return
             body = job_body(record)
             if record.get("state") in TERMINAL:
-                yield _sse("done" if record["state"] == "done" else "error", body)
+                yield sse.event("done" if record["state"] == "done" else "error", body)
                 return
             now = json.dumps(body, sort_keys=True)
             if now != last:
                 last = now
-                yield _sse("progress", body)
+                yield sse.event("progress", body)
 
     # -- cancel --------------------------------------------------------------------------------------
 
@@ -309,7 +310,3 @@ def _params(request: GenerationRequest) -> Dict[str, Any]:
     return {"prompt": request.prompt, "negative_prompt": request.negative_prompt, "width": request.width,
             "height": request.height, "steps": request.steps, "guidance": request.guidance_scale,
             "seed": request.seed, "scheduler": request.scheduler, "model": request.model}
-
-
-def _sse(event: str, data: Dict[str, Any]) -> bytes:
-    return f"event: {event}\ndata: {json.dumps(data, separators=(',', ':'))}\n\n".encode()

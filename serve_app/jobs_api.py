@@ -9,19 +9,20 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import json
 import time
 from typing import Any, AsyncIterator, Dict
 
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response, StreamingResponse
+from sse_starlette import ServerSentEvent
+from starlette.responses import JSONResponse, Response
 
 from client import protocol
 from client.protocol import GenerationRequest, InvalidRequest, ProtocolError
-from serve_app.images_api import error_body, http_error, public_meta, read_generation
+from serve_app import sse
+from serve_app.images_api import public_meta, read_generation
+from serve_app.openai_errors import E_NOT_FOUND, error_body, error_response, http_error
 from serve_app.jobs import job_body
 
-SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 MAX_PARTIAL_IMAGES = 3
 
 
@@ -31,9 +32,8 @@ def _error(gateway: Any, exc: ProtocolError) -> JSONResponse:
 
 
 def _not_found(job_id: str) -> JSONResponse:
-    return JSONResponse({"error": {"message": f"no job {job_id[:80]!r}: unknown, or expired (jobs are kept for an "
-                                   "hour); submit it again with POST /v1/jobs", "type": "not_found",
-                                   "code": "not_found", "param": "id"}}, status_code=404)
+    return error_response(E_NOT_FOUND, f"no job {job_id[:80]!r}: unknown, or expired (jobs are kept for an hour); "
+                          "submit it again with POST /v1/jobs", "id")
 
 
 async def create_job(gateway: Any, request: Request) -> Response:
@@ -67,8 +67,7 @@ async def job_events(gateway: Any, request: Request) -> Response:
     record, refusal = await _job_or_refusal(gateway, request)
     if refusal:
         return refusal
-    return StreamingResponse(gateway.jobs.events(record["id"], record), media_type="text/event-stream",
-                             headers=SSE_HEADERS)
+    return sse.response(gateway.jobs.events(record["id"], record))
 
 
 async def job_image(gateway: Any, request: Request) -> Response:
@@ -80,9 +79,8 @@ async def job_image(gateway: Any, request: Request) -> Response:
     if record.get("state") == "done":
         cached = await asyncio.get_running_loop().run_in_executor(None, gateway.front._cache_get, record["key"])
     if cached is None:
-        return JSONResponse({"error": {"message": f"job {record['id']} is {record.get('state')}: no image yet; follow "
-                                       "/events or poll the job", "type": "not_found", "code": "not_found",
-                                       "param": "id"}}, status_code=404)
+        return error_response(E_NOT_FOUND, f"job {record['id']} is {record.get('state')}: no image yet; follow "
+                              "/events or poll the job", "id")
     return Response(cached.png, media_type="image/png", headers={"ETag": f'"{record["key"]}"'})
 
 
@@ -112,12 +110,11 @@ async def stream_generation(gateway: Any, generation: GenerationRequest, partial
     # A preview every k steps gives `partial_images` of them before the last step.
     every = max(1, steps // (partial_images + 1)) if partial_images else 0
     size = f"{generation.width}x{generation.height}" if generation.width and generation.height else "auto"
-    return StreamingResponse(_stream(gateway, generation, partial_images, every, size, client),
-                             media_type="text/event-stream", headers=SSE_HEADERS)
+    return sse.response(_stream(gateway, generation, partial_images, every, size, client))
 
 
 async def _stream(gateway: Any, generation: GenerationRequest, partial_images: int, every: int, size: str,
-                  client: str) -> AsyncIterator[bytes]:
+                  client: str) -> AsyncIterator[ServerSentEvent]:
     queue: "asyncio.Queue[Dict[str, Any]]" = asyncio.Queue()
     common = {"size": size, "quality": "auto", "background": "opaque", "output_format": "png"}
 
@@ -144,7 +141,7 @@ async def _stream(gateway: Any, generation: GenerationRequest, partial_images: i
         try:
             answer = task.result()
         except ProtocolError as exc:
-            yield f"event: error\ndata: {json.dumps(error_body(exc))}\n\n".encode()
+            yield sse.event("error", error_body(exc.code, exc.message, exc.field))
             return
         yield _event("image_generation.completed", dict(
             common, b64_json=base64.b64encode(answer.png).decode("ascii"), created_at=int(time.time()),
@@ -156,6 +153,6 @@ async def _stream(gateway: Any, generation: GenerationRequest, partial_images: i
             task.cancel()  # the client left: this waiter leaves; the render goes on and is cached
 
 
-def _event(kind: str, data: Dict[str, Any]) -> bytes:
-    data = dict(data, type=kind)
-    return f"event: {kind}\ndata: {json.dumps(data, separators=(',', ':'))}\n\n".encode()
+def _event(kind: str, data: Dict[str, Any]) -> ServerSentEvent:
+    """One of OpenAI's image streaming events: its kind is also its `type` field."""
+    return sse.event(kind, dict(data, type=kind))

@@ -13,6 +13,8 @@ from typing import Any, Dict, Optional, Tuple
 
 from starlette.responses import JSONResponse, Response
 
+from client import protocol
+from serve_app.openai_errors import E_NOT_FOUND, error_response
 from serve_app.store import ImageStore, ListedImage
 
 WEB_DIR = Path(__file__).parent / "web"
@@ -26,15 +28,10 @@ _CURSOR = re.compile(r"(\d+(?:\.\d+)?)_([0-9a-f]{64})")
 _META_PARAMS = ("model", "width", "height", "steps", "seed")
 
 
-def _error(status: int, code: str, message: str, param: Optional[str] = None) -> JSONResponse:
-    return JSONResponse({"error": {"message": message, "type": code, "code": code, "param": param}},
-                        status_code=status)
-
-
 def asset(name: str) -> Response:
     """One of the page's files; they change with the installed version, so browsers revalidate them."""
     if name not in ASSETS:
-        return _error(404, "not_found", f"no file {name[:40]!r} here; the page is at /")
+        return error_response(E_NOT_FOUND, f"no file {name[:40]!r} here; the page is at /")
     return Response((WEB_DIR / name).read_bytes(), media_type=ASSETS[name],
                     headers={"Cache-Control": "no-cache", "X-Content-Type-Options": "nosniff"})
 
@@ -57,14 +54,14 @@ def image_response(store: ImageStore, name: str, if_none_match: Optional[str]) -
     """The PNG behind a key, with its ETag; 304 on a matching If-None-Match; 404 when not cached."""
     key = image_key(name)
     if key is None:
-        return _error(400, "invalid_request", f"{name[:80]!r} is not an image name: use /v1/images/<cache key>.png "
+        return error_response(protocol.E_INVALID_REQUEST, f"{name[:80]!r} is not an image name: use /v1/images/<cache key>.png "
                       "(64 lowercase hex characters, the `key` of a generation)", "key")
     headers = {"ETag": f'"{key}"', "Cache-Control": IMMUTABLE}
     if not_modified(key, if_none_match):
         return Response(status_code=304, headers=headers)
     cached = store.get(key)
     if cached is None:
-        return _error(404, "not_found", f"no cached image for key {key[:12]}...: it was never rendered here or "
+        return error_response(E_NOT_FOUND, f"no cached image for key {key[:12]}...: it was never rendered here or "
                       "has been evicted; generate it again with the same parameters", "key")
     return Response(cached.png, media_type="image/png", headers=headers)
 
@@ -105,7 +102,7 @@ def gallery(store: ImageStore, query: Dict[str, str]) -> Response:
         limit, before = parse_gallery_query(query)
     except ValueError as exc:
         param = str(exc).split(":", 1)[0]
-        return _error(400, "invalid_request", str(exc), param)
+        return error_response(protocol.E_INVALID_REQUEST, str(exc), param)
     listed = store.recent(limit + 1, before)
     page = listed[:limit]
     return JSONResponse({"object": "list", "data": [gallery_item(item) for item in page],
