@@ -16,8 +16,9 @@ from typing import Dict, Optional, Union
 import redis
 from celery.signals import task_postrun, task_received
 
+from celery_bridge import redis_keys
+
 log = logging.getLogger(__name__)
-UNACKED_INDEX_KEY = "unacked_index"  # kombu.transport.redis.Channel.unacked_index_key
 
 
 class LeaseKeeper:
@@ -66,6 +67,6 @@ class LeaseKeeper:
                 continue
             try:
                 # XX: only renew entries kombu still holds; an acked tag must not come back.
-                self._client.zadd(UNACKED_INDEX_KEY, {tag: time.time() for tag in tags}, xx=True)
+                self._client.zadd(redis_keys.KOMBU_UNACKED_INDEX, {tag: time.time() for tag in tags}, xx=True)
             except redis.RedisError as exc:
                 log.warning("could not renew task leases (%s); will retry in %.0f s", exc, self._interval)

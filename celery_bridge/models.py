@@ -18,6 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from client import protocol
 from celery_bridge.config import config_dir
+from celery_bridge import redis_keys
 
 MODELS_FILE_ENV = "SDGATE_MODELS_FILE"
 SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt")
@@ -225,10 +226,8 @@ def queue_for(base_queue: str, model: str) -> str:
 
 # Per-model counters sit in the cluster-wide counter hash (serve_app/stats.py reads it) as
 # `models:<model>:<counter>`; model names cannot contain ':'.
-STATS_KEY = "sdgate:stats"
-MODEL_COUNTER_PREFIX = "models:"
 
 
 def model_counter(model: str, counter: str) -> str:
     """The counter-hash field of `counter` for `model`."""
-    return f"{MODEL_COUNTER_PREFIX}{model}:{counter}"
+    return f"{redis_keys.MODEL_COUNTER}{model}:{counter}"

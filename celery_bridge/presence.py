@@ -14,10 +14,10 @@ from typing import List
 
 import redis
 
-from celery_bridge.models import STATS_KEY, model_counter
+from celery_bridge.models import model_counter
+from celery_bridge import redis_keys
 
 log = logging.getLogger(__name__)
-PRESENCE_PREFIX = "sdgate:workers:"
 PERIOD_S = 2.0
 TTL_S = 6.0  # three missed heartbeats and a worker no longer counts
 
@@ -36,7 +36,7 @@ return redis.call('ZRANGEBYSCORE', KEYS[1], '(' .. now, '+inf')
 
 
 def presence_key(model: str) -> str:
-    return f"{PRESENCE_PREFIX}{model}"
+    return f"{redis_keys.PRESENCE}{model}"
 
 
 def live_workers(client: redis.Redis, model: str) -> List[str]:
@@ -84,6 +84,6 @@ RENDERED = "rendered"
 def count_rendered(client: redis.Redis, model: str) -> None:
     """One more image rendered by a worker of `model` (per-model figures in `sdgate stats`)."""
     try:
-        client.hincrby(STATS_KEY, model_counter(model, RENDERED), 1)
+        client.hincrby(redis_keys.STATS, model_counter(model, RENDERED), 1)
     except redis.RedisError as exc:  # a lost count never fails a render
         log.debug("could not count a render: %s", exc)

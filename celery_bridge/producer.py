@@ -25,13 +25,12 @@ from celery_bridge.app import make_celery_app
 from celery_bridge.config import CeleryConfig
 from celery_bridge.contract import TASK_NAME, GenerationResult, task_payload
 from celery_bridge.models import queue_for
+from celery_bridge import redis_keys
 
 log = logging.getLogger(__name__)
-TASK_ID_PREFIX = "sdgate-"
 STATE_STARTED, STATE_SUCCESS, STATE_FAILURE = "STARTED", "SUCCESS", "FAILURE"
 # kombu's Redis transport keeps a queue as one list per priority step and a popped, unacknowledged
 # message in its unacked hash.
-KOMBU_UNACKED_KEY = KombuRedisChannel.unacked_key
 LOST_CHECK_S = 5.0  # how often submitted tasks are looked for; lost after two misses in a row
 # How long the listener waits for a message before it applies new (un)subscriptions; a result
 # published meanwhile is not missed (the listener reads each key once it has subscribed).
@@ -56,12 +55,12 @@ for i = 1, n do
   if not seen[ARGV[i]] and redis.call('EXISTS', KEYS[i]) == 0 then lost[#lost + 1] = ARGV[i] end
 end
 return lost
-""".replace("__PREFIX__", TASK_ID_PREFIX.replace("-", "%-"))
+""".replace("__PREFIX__", redis_keys.TASK_ID.replace("-", "%-"))
 
 
 def new_task_id(key: str) -> str:
     """Task ids name the cache key they render, plus a nonce so a retry never sees a stale result."""
-    return f"{TASK_ID_PREFIX}{key}-{uuid.uuid4().hex[:12]}"
+    return f"{redis_keys.TASK_ID}{key}-{uuid.uuid4().hex[:12]}"
 
 
 class GenerationProducer:
@@ -125,7 +124,7 @@ class GenerationProducer:
 
     def task_known(self, task_id: str, model: str) -> bool:
         """Whether `task_id` has a state or result, waits in `model`'s queue, or is held by a worker."""
-        keys = [self._result_prefix + task_id, *_queue_lists(queue_for(self.config.queue, model)), KOMBU_UNACKED_KEY]
+        keys = [self._result_prefix + task_id, *_queue_lists(queue_for(self.config.queue, model)), redis_keys.KOMBU_UNACKED]
         return not self._find_lost(keys=keys, args=[task_id])
 
     def queue_length(self, model: Optional[str] = None) -> int:
@@ -212,8 +211,8 @@ class GenerationProducer:
                     if message and message.get("type") == "message":
                         self.messages_received += 1
                         channel = message["channel"].decode()
-                        if channel.startswith(progress.CHANNEL_PREFIX):
-                            self._deliver_progress(channel[len(progress.CHANNEL_PREFIX):], message["data"])
+                        if channel.startswith(redis_keys.PROGRESS_CHANNEL):
+                            self._deliver_progress(channel[len(redis_keys.PROGRESS_CHANNEL):], message["data"])
                         else:
                             self._deliver(channel[len(self._result_prefix):], message["data"])
             except (redis.RedisError, OSError) as exc:
@@ -282,7 +281,7 @@ class GenerationProducer:
             return
         ids = list(submitted)
         queues = [name for queue in sorted({watch.queue for watch in submitted.values()}) for name in _queue_lists(queue)]
-        keys = [self._result_prefix + task_id for task_id in ids] + queues + [KOMBU_UNACKED_KEY]
+        keys = [self._result_prefix + task_id for task_id in ids] + queues + [redis_keys.KOMBU_UNACKED]
         lost = {raw.decode() if isinstance(raw, bytes) else raw for raw in self._find_lost(keys=keys, args=ids)}
         for task_id, watch in submitted.items():
             if task_id not in lost:

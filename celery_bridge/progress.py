@@ -25,13 +25,9 @@ from typing import Any, Dict, List, Optional
 
 import redis
 
+from celery_bridge import redis_keys
+
 log = logging.getLogger(__name__)
-CHANNEL_PREFIX = "sdgate:progress:"
-LAST_PREFIX = "sdgate:progress-last:"
-WAITERS_PREFIX = "sdgate:waiters:"
-WATCHED_PREFIX = "sdgate:watched:"
-CANCEL_PREFIX = "sdgate:cancel:"
-RENDER_MS_PREFIX = "sdgate:render-ms:"  # recent render times of a model, newest first (for ETAs)
 TASK_TTL_S = 3600  # the per-task keys outlive any request (bounded, like the job records)
 MIN_INTERVAL_S = 0.1  # at most ~10 progress events a second per task
 MAX_PREVIEW_BYTES = 64 * 1024
@@ -85,7 +81,7 @@ return out
 
 
 def channel(task_id: str) -> str:
-    return CHANNEL_PREFIX + task_id
+    return redis_keys.PROGRESS_CHANNEL + task_id
 
 
 def add_waiters(client: redis.Redis, task_id: str, waiter_ids: List[str], lease_s: float, pipe=None,
@@ -94,26 +90,26 @@ def add_waiters(client: redis.Redis, task_id: str, waiter_ids: List[str], lease_
     `watched` mark the task watched; in one round trip, or queued on `pipe` when given."""
     if not waiter_ids and not watched:
         return
-    keys = [WAITERS_PREFIX + task_id] + ([WATCHED_PREFIX + task_id] if watched else [])
+    keys = [redis_keys.WAITERS + task_id] + ([redis_keys.WATCHED + task_id] if watched else [])
     client.register_script(_ADD_WAITERS)(keys=keys, args=[int(lease_s * 1000), TASK_TTL_S, *waiter_ids],
                                          client=pipe if pipe is not None else client)
 
 
 def remove_waiter(client: redis.Redis, task_id: str, waiter_id: str) -> None:
     """`waiter_id` no longer waits (it left); a running render goes on and is cached."""
-    client.zrem(WAITERS_PREFIX + task_id, waiter_id)
+    client.zrem(redis_keys.WAITERS + task_id, waiter_id)
 
 
 def mark_watched(client: redis.Redis, task_id: str) -> None:
     """The task is queued by a gateway that counts its waiters: the worker may skip it when none is left."""
-    client.set(WATCHED_PREFIX + task_id, "1", ex=TASK_TTL_S)
+    client.set(redis_keys.WATCHED + task_id, "1", ex=TASK_TTL_S)
 
 
 def cancel(client: redis.Redis, task_id: str, waiter_id: str) -> int:
     """`waiter_id` cancels: it leaves, and if it was the last live waiter the task is cancelled.
     Returns the live waiters left (0 means the task stops)."""
     script = client.register_script(_LEAVE_AND_CANCEL)
-    return int(script(keys=[WAITERS_PREFIX + task_id, CANCEL_PREFIX + task_id], args=[waiter_id, TASK_TTL_S]))
+    return int(script(keys=[redis_keys.WAITERS + task_id, redis_keys.TASK_CANCEL + task_id], args=[waiter_id, TASK_TTL_S]))
 
 
 def queue_positions(client: redis.Redis, queue: str, task_ids: List[str], limit: int = 1000) -> Dict[str, Optional[int]]:
@@ -126,7 +122,7 @@ def queue_positions(client: redis.Redis, queue: str, task_ids: List[str], limit:
 
 
 def last_event(client: redis.Redis, task_id: str) -> Optional[Dict[str, Any]]:
-    raw = client.get(LAST_PREFIX + task_id)
+    raw = client.get(redis_keys.PROGRESS_LAST + task_id)
     try:
         return json.loads(raw) if raw else None
     except ValueError:
@@ -144,14 +140,14 @@ def step_eta_s(event: Dict[str, Any]) -> Optional[float]:
 
 def recent_render_s(client: redis.Redis, model: str) -> Optional[float]:
     """Mean of the model's recent render times in seconds, None before the first."""
-    samples = [float(x) for x in client.lrange(RENDER_MS_PREFIX + model, 0, RENDER_SAMPLES - 1)]
+    samples = [float(x) for x in client.lrange(redis_keys.RENDER_MS + model, 0, RENDER_SAMPLES - 1)]
     return sum(samples) / len(samples) / 1000 if samples else None
 
 
 def record_render(client: redis.Redis, model: str, ms: float) -> None:
     pipe = client.pipeline(transaction=False)
-    pipe.lpush(RENDER_MS_PREFIX + model, round(ms, 1))
-    pipe.ltrim(RENDER_MS_PREFIX + model, 0, RENDER_SAMPLES - 1)
+    pipe.lpush(redis_keys.RENDER_MS + model, round(ms, 1))
+    pipe.ltrim(redis_keys.RENDER_MS + model, 0, RENDER_SAMPLES - 1)
     pipe.execute()
 
 
@@ -174,7 +170,7 @@ class ProgressReporter:
     def check_start(self) -> None:
         """Raise TaskCancelled when the task was cancelled, or every waiter left before it started."""
         cancelled, watched, live = self.client.register_script(_START_CHECK)(
-            keys=[CANCEL_PREFIX + self.task_id, WATCHED_PREFIX + self.task_id, WAITERS_PREFIX + self.task_id])
+            keys=[redis_keys.TASK_CANCEL + self.task_id, redis_keys.WATCHED + self.task_id, redis_keys.WAITERS + self.task_id])
         if cancelled:
             raise TaskCancelled(CANCELLED_MESSAGE)
         if watched and not live:
@@ -189,7 +185,7 @@ class ProgressReporter:
         last = self.steps_run >= self.steps
         preview = self.previews and latents is not None and (self.steps_run % self.previews == 0)
         pipe = self.client.pipeline(transaction=False)
-        pipe.exists(CANCEL_PREFIX + self.task_id)  # first: a cancel seen here stops this very step
+        pipe.exists(redis_keys.TASK_CANCEL + self.task_id)  # first: a cancel seen here stops this very step
         event: Dict[str, Any] = {"task_id": self.task_id, "step": self.steps_run, "steps": self.steps,
                                  "elapsed": round(now - self.started, 3)}
         # The latest step is stored every step (one SET in the same round trip), published throttled.
@@ -200,9 +196,9 @@ class ProgressReporter:
                 png = latent_preview(latents)
                 if png is not None:
                     event["preview"] = base64.b64encode(png).decode("ascii")
-            pipe.publish(CHANNEL_PREFIX + self.task_id, json.dumps(event, separators=(",", ":")))
+            pipe.publish(redis_keys.PROGRESS_CHANNEL + self.task_id, json.dumps(event, separators=(",", ":")))
         event.pop("preview", None)
-        pipe.set(LAST_PREFIX + self.task_id, json.dumps(event, separators=(",", ":")), ex=TASK_TTL_S)
+        pipe.set(redis_keys.PROGRESS_LAST + self.task_id, json.dumps(event, separators=(",", ":")), ex=TASK_TTL_S)
         try:
             cancelled = pipe.execute()[0]
         except redis.RedisError as exc:  # progress is best effort; the render goes on

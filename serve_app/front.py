@@ -37,10 +37,9 @@ from serve_app.admission import Admission
 from serve_app.catalogue import GatewayCatalogue
 from serve_app.config import GatewayConfig
 from serve_app.store import ImageStore
+from celery_bridge import redis_keys
 
 log = logging.getLogger(__name__)
-CLAIM_PREFIX = "sdgate:claim:"
-ALIVE_PREFIX = "sdgate:claim-alive:"  # the claimer's heartbeat: a short lease it renews while its flight lives
 StatusCallback = Callable[[str], None]
 EventCallback = Callable[[Dict[str, Any]], None]
 QUEUE_SCAN_LIMIT = 1000  # queue positions are looked for this far from the head; beyond, None
@@ -505,7 +504,7 @@ class FrontService:
 
     def _claim(self, key: str) -> Tuple[str, bool]:
         for _ in range(5):
-            won, holder = self._claim_script(keys=[CLAIM_PREFIX + key, ALIVE_PREFIX + key],
+            won, holder = self._claim_script(keys=[redis_keys.CLAIM + key, redis_keys.CLAIM_ALIVE + key],
                                              args=self._claim_args(new_task_id(key)))
             if holder is not None:
                 return (holder.decode() if isinstance(holder, bytes) else holder), bool(won)
@@ -513,7 +512,7 @@ class FrontService:
 
     def _release(self, key: str, task_id: str) -> None:
         try:
-            self._release_claim(keys=[CLAIM_PREFIX + key, ALIVE_PREFIX + key], args=[task_id])
+            self._release_claim(keys=[redis_keys.CLAIM + key, redis_keys.CLAIM_ALIVE + key], args=[task_id])
         except redis.RedisError as exc:
             log.warning("could not release claim %s (%s); it expires by itself", key[:12], exc)
 
@@ -550,10 +549,10 @@ class FrontService:
         pipe = self._redis.pipeline(transaction=False)
         for flight in live:
             if flight.owner:
-                self._renew_claim(keys=[CLAIM_PREFIX + flight.key, ALIVE_PREFIX + flight.key],
+                self._renew_claim(keys=[redis_keys.CLAIM + flight.key, redis_keys.CLAIM_ALIVE + flight.key],
                                   args=self._claim_args(flight.task_id, "renew"), client=pipe)
             else:
-                pipe.exists(ALIVE_PREFIX + flight.key)
+                pipe.exists(redis_keys.CLAIM_ALIVE + flight.key)
         for flight, reply in zip(live, pipe.execute()):
             if flight.owner:
                 if not reply:
@@ -564,7 +563,7 @@ class FrontService:
 
     def _take_over(self, flight: Flight) -> None:
         """The claimer stopped renewing (it died): claim the same task, and queue it if it never was."""
-        if not self._renew_claim(keys=[CLAIM_PREFIX + flight.key, ALIVE_PREFIX + flight.key],
+        if not self._renew_claim(keys=[redis_keys.CLAIM + flight.key, redis_keys.CLAIM_ALIVE + flight.key],
                                  args=self._claim_args(flight.task_id, "takeover")):
             return  # another replica took over first, or the key has a newer task; we keep waiting
         flight.owner = True

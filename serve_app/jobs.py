@@ -28,11 +28,9 @@ from celery_bridge import progress
 from celery_bridge.lifecycle import RECORD_SCRIPT, TERMINAL as TERMINAL_STATES, IllegalTransition, State, advance
 from serve_app import sse, stats
 from serve_app.front import FrontService
+from celery_bridge import redis_keys
 
 log = logging.getLogger(__name__)
-JOB_PREFIX = "sdgate:job:"
-OWNER_PREFIX = "sdgate:job-owner:"  # renewed by the replica running the job; lapses when it dies
-CANCEL_PREFIX = "sdgate:job-cancel:"  # a DELETE that reached another replica than the owner
 JOB_TTL_S = 3600
 OWNER_LEASE_S = 6.0
 POLL_S = 0.25  # how often a replica that does not own a job looks at it for SSE
@@ -149,7 +147,7 @@ class JobService:
             entry = self._local.pop(job_id, None)
             for queue in (entry or {}).get("listeners", []):
                 queue.put_nowait(("end", dict(record)))
-            await loop.run_in_executor(None, self._quiet, self.redis.delete, OWNER_PREFIX + job_id)
+            await loop.run_in_executor(None, self._quiet, self.redis.delete, redis_keys.JOB_OWNER + job_id)
 
     # -- read ----------------------------------------------------------------------------------------
 
@@ -160,7 +158,7 @@ class JobService:
         local = self._local.get(job_id)
         if local is not None:
             return dict(local["record"])
-        raw = self.redis.get(JOB_PREFIX + job_id)
+        raw = self.redis.get(redis_keys.JOB + job_id)
         if raw is None:
             return None
         record = json.loads(raw)
@@ -177,7 +175,7 @@ class JobService:
         """A running job whose owner stopped renewing (its replica died) is taken over here."""
         if record.get("state") in TERMINAL or record["id"] in self._local:
             return False
-        if not self.redis.set(OWNER_PREFIX + record["id"], self.replica, nx=True, ex=int(OWNER_LEASE_S)):
+        if not self.redis.set(redis_keys.JOB_OWNER + record["id"], self.replica, nx=True, ex=int(OWNER_LEASE_S)):
             return False
         log.warning("adopting job %s: the replica that ran it stopped renewing it", record["id"])
         request = GenerationRequest.from_dict(record["request"])
@@ -247,7 +245,7 @@ class JobService:
             return await loop.run_in_executor(None, self.get, job_id)
         # The owner is another replica: tell it, and cancel the waiter on the task directly.
         def remote() -> Dict[str, Any]:
-            self.redis.set(CANCEL_PREFIX + job_id, "1", ex=JOB_TTL_S)
+            self.redis.set(redis_keys.JOB_CANCEL + job_id, "1", ex=JOB_TTL_S)
             if record.get("task_id"):
                 self.front.cancel_task(record["task_id"], job_id)
             record.update(state="cancelled", queue_position=None, eta_s=None,
@@ -265,10 +263,10 @@ class JobService:
         """Write a snapshot made by _next: refused (False) when a later one, or an end, is stored
         already (lifecycle.RECORD_SCRIPT), so the record never moves backwards."""
         pipe = self.redis.pipeline(transaction=False)
-        self.redis.register_script(RECORD_SCRIPT)(keys=[JOB_PREFIX + snapshot["id"]], client=pipe,
+        self.redis.register_script(RECORD_SCRIPT)(keys=[redis_keys.JOB + snapshot["id"]], client=pipe,
                                                   args=[json.dumps(snapshot, separators=(",", ":")), JOB_TTL_S])
         if own:
-            pipe.set(OWNER_PREFIX + snapshot["id"], self.replica, ex=int(OWNER_LEASE_S))
+            pipe.set(redis_keys.JOB_OWNER + snapshot["id"], self.replica, ex=int(OWNER_LEASE_S))
         return bool(pipe.execute()[0])
 
     def _save_quietly(self, record: Dict[str, Any]) -> None:
@@ -290,8 +288,8 @@ class JobService:
             try:
                 pipe = self.redis.pipeline(transaction=False)
                 for job_id in ids:
-                    pipe.set(OWNER_PREFIX + job_id, self.replica, ex=int(OWNER_LEASE_S))
-                    pipe.exists(CANCEL_PREFIX + job_id)
+                    pipe.set(redis_keys.JOB_OWNER + job_id, self.replica, ex=int(OWNER_LEASE_S))
+                    pipe.exists(redis_keys.JOB_CANCEL + job_id)
                 replies = pipe.execute()
                 for job_id, cancelled in zip(ids, replies[1::2]):
                     if cancelled:

@@ -13,7 +13,8 @@ from typing import Callable, Dict, List
 
 import redis
 
-from celery_bridge.models import MODEL_COUNTER_PREFIX as MODEL_PREFIX, STATS_KEY, model_counter  # noqa: F401
+from celery_bridge import redis_keys
+from celery_bridge.models import model_counter  # noqa: F401 - re-exported for callers
 
 log = logging.getLogger(__name__)
 CACHE_HITS, CACHE_MISSES = "cache_hits", "cache_misses"
@@ -27,9 +28,9 @@ MODEL_RENDERED = "rendered"  # images a worker of this model rendered (counted b
 
 def split_model_counter(name: str):
     """(model, counter) for a per-model counter name, else None."""
-    if not name.startswith(MODEL_PREFIX) or ":" not in name[len(MODEL_PREFIX):]:
+    if not name.startswith(redis_keys.MODEL_COUNTER) or ":" not in name[len(redis_keys.MODEL_COUNTER):]:
         return None
-    model, _, counter = name[len(MODEL_PREFIX):].rpartition(":")
+    model, _, counter = name[len(redis_keys.MODEL_COUNTER):].rpartition(":")
     return model, counter
 
 
@@ -66,7 +67,7 @@ class Counters:
         try:
             pipe = self._client.pipeline(transaction=False)
             for name, amount in batch.items():
-                pipe.hincrby(STATS_KEY, name, amount)
+                pipe.hincrby(redis_keys.STATS, name, amount)
             pipe.execute()
         except redis.RedisError as exc:
             log.warning("could not flush counters to Redis (%s); keeping them for the next flush", exc)
@@ -85,7 +86,7 @@ class Counters:
 def read_stats(client: redis.Redis) -> Dict[str, object]:
     """The cluster-wide totals: the COUNTER_NAMES as ints, `errors_by_code`, and per model
     `models: {model: {requests, unavailable, rendered}}`."""
-    raw = {k.decode(): int(v) for k, v in client.hgetall(STATS_KEY).items()}
+    raw = {k.decode(): int(v) for k, v in client.hgetall(redis_keys.STATS).items()}
     stats: Dict[str, object] = {name: raw.get(name, 0) for name in COUNTER_NAMES}
     stats["errors_by_code"] = {k.split(".", 1)[1]: v for k, v in sorted(raw.items()) if k.startswith(f"{ERRORS}.")}
     models: Dict[str, Dict[str, int]] = {}

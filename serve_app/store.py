@@ -27,6 +27,7 @@ from typing import Any, Callable, Dict, List, Optional, Tuple, Union
 import redis
 
 from celery_bridge.redis_check import require_redis_version
+from celery_bridge import redis_keys
 
 log = logging.getLogger(__name__)
 _KEY_PATTERN = re.compile(r"[0-9a-f]{64}")
@@ -554,7 +555,7 @@ class RedisImageStore(ImageStore):
     """
 
     def __init__(self, client: Union[str, Callable[[], redis.Redis]], max_bytes: int,
-                 prefix: str = "sdgate:img:"):
+                 prefix: str = redis_keys.IMAGE):
         _check_budget(max_bytes)
         self.max_bytes = max_bytes
         self.prefix = prefix

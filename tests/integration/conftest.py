@@ -61,7 +61,8 @@ class RayHead:
         temp = Path(f"/tmp/sdgate-ray-{self.port}")
         self.process = subprocess.Popen(
             [str(Path(sys.executable).parent / "ray"), "start", "--head", "--block", f"--port={self.port}",
-             f"--dashboard-port={self.dashboard_port}", "--dashboard-host=127.0.0.1", f"--num-cpus={num_cpus}",
+             f"--dashboard-port={self.dashboard_port}", "--dashboard-host=127.0.0.1", "--include-dashboard=false",
+             f"--num-cpus={num_cpus}",
              "--num-gpus=0", "--disable-usage-stats", "--node-ip-address=127.0.0.1", f"--temp-dir={temp}",
              *extra_args],
             env=service_env("", home), stdout=open(self.log, "ab"), stderr=subprocess.STDOUT, start_new_session=True,
@@ -97,3 +98,13 @@ def ray_head(home):
 
 def celery_config(redis_url: str, queue: str) -> CeleryConfig:
     return CeleryConfig(redis_url=redis_url, queue=queue)
+
+
+@pytest.fixture(scope="session")
+def shared_stack():
+    """tests.integration.harness.SharedStack: `shared_stack.with_gateway(**settings)` in a module fixture."""
+    from tests.integration.harness import SharedStack
+
+    stacks = SharedStack()
+    yield stacks
+    stacks.close()

@@ -3,6 +3,7 @@ short throwaway home, clients, and probes that see what a user (or an operator) 
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import os
@@ -22,7 +23,7 @@ import redis
 
 from client import protocol
 from client.protocol import MAX_STEPS, GenerationRequest
-from cluster.local import LocalStack, StackConfig, _group_tree
+from cluster.local import LocalStack, StackConfig, _group_tree, port_in_use
 from serve_app.config import GatewayConfig
 from serve_app.stats import read_stats
 from tests.services import free_port
@@ -32,22 +33,36 @@ GATEWAY_REPLICA = "ServeReplica:gateway:Gateway"
 WORKER_REPLICA = "ServeReplica:workers-"  # workers-<model>:GenerationConsumer
 
 
+def _new_stack(mode: str, workers: int, **gateway: object) -> LocalStack:
+    """A LocalStack on free ports in a short new home: Ray keeps its sockets and logs inside it
+    rather than in a /tmp/ray that other stacks on this machine share. No dashboard: no test reads it."""
+    home = Path(tempfile.mkdtemp(prefix="sdg-", dir="/tmp"))
+    return LocalStack(home=home, gateway=_gateway_config(**gateway),
+                      stack=StackConfig(redis_port=free_port(), ray_port=free_port(), dashboard_port=free_port(),
+                                        dashboard=False, worker_mode=mode, workers=workers))
+
+
+def _gateway_config(http_port: Optional[int] = None, **gateway: object) -> GatewayConfig:
+    return GatewayConfig(socket_port=free_port(), http_port=http_port or free_port(), fast_http_port=free_port(),
+                         **dict({"stats_flush_s": 0.1}, **gateway))
+
+
+def _remove_home(stack: LocalStack) -> None:
+    if not os.environ.get("SDGATE_TEST_KEEP_HOME"):  # set it to read the stack's logs after a failure
+        shutil.rmtree(stack.paths.home, ignore_errors=True)
+
+
 @contextmanager
 def local_stack(mode: str = "celery", workers: int = 1, env: Optional[Dict[str, str]] = None,
                 **gateway: object) -> Iterator[LocalStack]:
     """`sdgate up` on free ports; `env` (SDGATE_* overrides) reaches every process of the stack.
 
-    The home is short, so Ray keeps its sockets and logs inside it rather than in a /tmp/ray that
-    other stacks on this machine share.
+    A stack of its own is for a module that kills processes or changes what workers, Redis or
+    Serve's proxy run with; gateway settings alone share SharedStack's.
     """
-    home = Path(tempfile.mkdtemp(prefix="sdg-", dir="/tmp"))
+    stack = _new_stack(mode, workers, **gateway)
     saved = dict(os.environ)
-    os.environ.update(dict(env or {}, SDGATE_HOME=str(home)))
-    config = GatewayConfig(socket_port=free_port(), http_port=free_port(), fast_http_port=free_port(),
-                           **dict({"stats_flush_s": 0.1}, **gateway))
-    stack = LocalStack(home=home, gateway=config,
-                       stack=StackConfig(redis_port=free_port(), ray_port=free_port(), dashboard_port=free_port(),
-                                         worker_mode=mode, workers=workers))
+    os.environ.update(dict(env or {}, SDGATE_HOME=str(stack.paths.home)))
     try:
         stack.up(log=lambda *_: None)
         yield stack
@@ -55,8 +70,45 @@ def local_stack(mode: str = "celery", workers: int = 1, env: Optional[Dict[str, 
         stack.down(log=lambda *_: None)
         os.environ.clear()
         os.environ.update(saved)
-        if not os.environ.get("SDGATE_TEST_KEEP_HOME"):  # set it to read the stack's logs after a failure
-            shutil.rmtree(home, ignore_errors=True)
+        _remove_home(stack)
+
+
+class SharedStack:
+    """The session's one local stack (celery mode, one worker), started on first use, for every
+    module whose settings are gateway settings.
+
+    with_gateway(**settings) redeploys the gateway application with those settings, on fresh socket
+    and fast-HTTP ports, over the same Redis, Ray head, worker and Serve proxy port, and returns the
+    stack as that gateway sees it; the old replicas are gone (their socket port closed) before it
+    returns, so nothing answers with the previous settings. Redis (cache, counters) is shared.
+    """
+
+    def __init__(self) -> None:
+        self._base: Optional[LocalStack] = None
+        self._current: Optional[LocalStack] = None
+        self._settings: Optional[Dict[str, object]] = None
+
+    def with_gateway(self, **settings: object) -> LocalStack:
+        if self._current is not None and settings == self._settings:
+            return self._current
+        if self._base is None:
+            self._base = _new_stack("celery", 1, **settings)
+            self._base.up(log=lambda *_: None)
+            self._current = self._base
+        else:
+            previous = self._current
+            variant = copy.copy(self._base)
+            variant.gateway = _gateway_config(http_port=self._base.gateway.http_port, **settings)
+            variant._deploy()
+            wait_for(lambda: not port_in_use(previous.gateway.socket_port), 60, "the previous gateway replicas gone")
+            self._current = variant
+        self._settings = settings
+        return self._current
+
+    def close(self) -> None:
+        if self._base is not None:
+            self._base.down(log=lambda *_: None)
+            _remove_home(self._base)
 
 
 def connect(stack: LocalStack, source: Optional[str] = None, timeout: float = 10) -> socket.socket:

@@ -13,16 +13,15 @@ import pytest
 
 from client import protocol
 from client.protocol import GenerationRequest, ProtocolError
-from tests.integration.harness import ask, local_stack, wait_for
+from tests.integration.harness import ask, wait_for
 
 pytestmark = pytest.mark.integration
 TOKEN = "s3cret-token"
 
 
 @pytest.fixture(scope="module")
-def stack():
-    with local_stack("celery", workers=1, auth_token=TOKEN, rate_limit_per_s=2, rate_limit_burst=20) as stack:
-        yield stack
+def stack(shared_stack):
+    return shared_stack.with_gateway(auth_token=TOKEN, rate_limit_per_s=2, rate_limit_burst=20)
 
 
 def http(stack, path: str, body: Optional[bytes] = None, token=TOKEN, timeout: float = 120):

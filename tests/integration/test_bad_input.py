@@ -18,7 +18,7 @@ import pytest
 from client import protocol
 from client.protocol import GenerationRequest, ProtocolError
 from tests.resolve import key_of
-from tests.integration.harness import GATEWAY_REPLICA, ask, cached_pngs, connect, healthz, local_stack, replica_pids, \
+from tests.integration.harness import GATEWAY_REPLICA, ask, cached_pngs, connect, healthz, replica_pids, \
     rss_bytes, slow_request, wait_for
 
 pytestmark = pytest.mark.integration
@@ -28,10 +28,9 @@ ANSWER_WITHIN_S = 5  # every bad input is answered (or cut off) within this, fra
 
 
 @pytest.fixture(scope="module")
-def stack():
-    with local_stack("celery", workers=1, frame_timeout_s=FRAME_TIMEOUT_S, idle_timeout_s=IDLE_TIMEOUT_S,
-                     request_timeout_s=120) as stack:
-        yield stack
+def stack(shared_stack):
+    return shared_stack.with_gateway(frame_timeout_s=FRAME_TIMEOUT_S, idle_timeout_s=IDLE_TIMEOUT_S,
+                                     request_timeout_s=120)
 
 
 class GoodClient:

@@ -21,16 +21,15 @@ from PIL import Image
 from client import protocol
 from client.protocol import GenerationRequest, ProtocolError
 from cluster.local import LocalStack, _group_tree, port_in_use
-from tests.integration.harness import ask, local_stack, settled_counters
+from tests.integration.harness import ask, settled_counters
 from tests.services import REPO
 
 pytestmark = pytest.mark.integration
 
 
 @pytest.fixture(scope="module")
-def stack():
-    with local_stack("celery", workers=1) as stack:
-        yield stack
+def stack(shared_stack):
+    return shared_stack.with_gateway()
 
 
 def boot(stack: LocalStack, *args: str, stdin: str = "", out: Path) -> subprocess.CompletedProcess:

@@ -21,9 +21,9 @@ import redis
 
 from client import protocol
 from client.protocol import GenerationRequest
-from serve_app.front import CLAIM_PREFIX
+from celery_bridge import redis_keys
 from tests.resolve import resolved
-from tests.integration.harness import GATEWAY_REPLICA, TaskRuns, ask, healthz, local_stack, replica_pids, wait_for
+from tests.integration.harness import GATEWAY_REPLICA, TaskRuns, ask, healthz, replica_pids, wait_for
 from tests.services import REPO, free_port
 
 pytestmark = pytest.mark.integration
@@ -33,12 +33,11 @@ THREAD_SLACK = 16  # the replica may start a few threads (pools warming up), nev
 
 
 @pytest.fixture(scope="module")
-def stack():
+def stack(shared_stack):
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (min(max(soft, 8192), hard), hard))
-    with local_stack("celery", workers=1, auth_token=TOKEN, max_pending_misses=300, max_waiters_per_client=2000,
-                     request_timeout_s=600, claim_lease_s=LEASE_S) as stack:
-        yield stack
+    yield shared_stack.with_gateway(auth_token=TOKEN, max_pending_misses=300, max_waiters_per_client=2000,
+                                    request_timeout_s=600, claim_lease_s=LEASE_S)
     resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
 
 
@@ -195,7 +194,7 @@ def test_a_replica_sigkilled_right_after_its_claim_strands_no_joiner(stack, tmp_
             doomed.sendall(protocol.encode_request(request, TOKEN))
             victim.wait(30)
             assert victim.returncode == -signal.SIGKILL
-            claim = redis.Redis.from_url(stack.redis_url).get(CLAIM_PREFIX + request.cache_key())
+            claim = redis.Redis.from_url(stack.redis_url).get(redis_keys.CLAIM + request.cache_key())
             assert claim is not None, "the dead replica's claim is left behind"
             assert isinstance(answer_of(doomed), (Exception, protocol.ProtocolError)), "its own client sees the end"
             killed = time.monotonic()

@@ -25,7 +25,8 @@ from client import protocol
 from client.protocol import GenerationRequest, ProtocolError
 from serve_app import stats
 from serve_app.config import GatewayConfig
-from serve_app.front import CLAIM_PREFIX, FrontService
+from celery_bridge import redis_keys
+from serve_app.front import FrontService
 from serve_app.store import SQLiteImageStore
 from tests.resolve import resolved
 from tests.integration import harness
@@ -123,7 +124,7 @@ def test_a_miss_that_wins_a_just_released_claim_reads_the_cache_again(cluster):
     cluster.render(task_id, request)
     a_thread.join(10)
     assert a["value"].png == PNG and not a["value"].cached
-    assert cluster.redis.get(CLAIM_PREFIX + request.cache_key()) is None, "A released its claim"
+    assert cluster.redis.get(redis_keys.CLAIM + request.cache_key()) is None, "A released its claim"
     b_may_go.set()
     b_thread.join(10)
     assert not b_thread.is_alive(), "B rendered again and waits for a second task"
@@ -154,7 +155,7 @@ def test_an_unexpected_error_in_the_leader_finishes_every_joiner_and_frees_the_c
     assert time.monotonic() - started < 5, "joiners waited for their deadline"
     assert [getattr(e, "code", e) for e in outcome["value"]] == [protocol.E_INTERNAL] * 5
     assert all("a bug" not in e.message for e in outcome["value"]), "exception texts stay in the log"
-    assert cluster.redis.get(CLAIM_PREFIX + request.cache_key()) is None
+    assert cluster.redis.get(redis_keys.CLAIM + request.cache_key()) is None
     assert front.pending_misses == 0 and front.admission.waiting == 0
 
 
@@ -168,9 +169,9 @@ def test_a_waiter_that_times_out_never_cancels_the_flight(redis_server, tmp_path
         thread.join(10)
         assert outcome["error"].code == protocol.E_TIMEOUT
         assert front.pending_misses == 1, "the flight outlives its waiter"
-        assert cluster.redis.get(CLAIM_PREFIX + request.cache_key()) == task_id.encode(), "claim kept alive"
+        assert cluster.redis.get(redis_keys.CLAIM + request.cache_key()) == task_id.encode(), "claim kept alive"
         time.sleep(cluster.config.claim_lease_s * 2)  # longer than the lease: it must have been renewed
-        assert cluster.redis.get(CLAIM_PREFIX + request.cache_key()) == task_id.encode()
+        assert cluster.redis.get(redis_keys.CLAIM + request.cache_key()) == task_id.encode()
         cluster.render(task_id, request)
         wait_for(lambda: front.pending_misses == 0, what="flight finished")
         thread, outcome = in_loop(lambda: front.generate_async(request))
@@ -205,7 +206,7 @@ def test_joiners_on_another_replica_take_over_a_dead_claimers_task(cluster, dies
     b_thread, b_out = in_loop(three)
     task_id = wait_for(lambda: cluster.queued() and cluster.queued()[0], what="the task queued (once)")
     assert len(cluster.queued()) == 1, "the task is queued once"
-    assert wait_for(lambda: cluster.redis.get(CLAIM_PREFIX + request.cache_key()), what="claim") == task_id.encode()
+    assert wait_for(lambda: cluster.redis.get(redis_keys.CLAIM + request.cache_key()), what="claim") == task_id.encode()
     cluster.render(task_id, request)
     b_thread.join(10)
     assert [r.png for r in b_out["value"]] == [PNG] * 3

@@ -11,16 +11,15 @@ import pytest
 
 from client import protocol
 from client.protocol import GenerationRequest, ProtocolError
-from tests.integration.harness import ask, connect, local_stack, slow_request
+from tests.integration.harness import ask, connect, slow_request
 
 pytestmark = pytest.mark.integration
 MAX_PENDING_MISSES = 3
 
 
 @pytest.fixture(scope="module")
-def stack():
-    with local_stack("celery", workers=1, max_pending_misses=MAX_PENDING_MISSES, request_timeout_s=120) as stack:
-        yield stack
+def stack(shared_stack):
+    return shared_stack.with_gateway(max_pending_misses=MAX_PENDING_MISSES, request_timeout_s=120)
 
 
 def test_two_hundred_concurrent_clients_on_cached_images(stack):

@@ -27,6 +27,7 @@ from serve_app.store import SQLiteImageStore
 from tests.integration.conftest import PlainWorker
 from tests.integration import harness
 from tests.resolve import key_of, resolved
+from celery_bridge import redis_keys
 
 pytestmark = pytest.mark.integration
 RESULT_PREFIX = "celery-task-meta-"
@@ -154,7 +155,7 @@ def test_when_one_of_two_waiters_cancels_the_render_goes_on(replicas):
     first = a.loop.spawn(a.front.generate_async(request, on_event=events.append, waiter_id="w-one"))
     task_of(a, request)
     second = b.loop.spawn(b.front.generate_async(request, waiter_id="w-two"))
-    wait_for(lambda: b.producer.redis.zscore(progress.WAITERS_PREFIX + task_of(a, request), "w-two"), 30,
+    wait_for(lambda: b.producer.redis.zscore(redis_keys.WAITERS + task_of(a, request), "w-two"), 30,
              "the joiner is counted")
     wait_for(lambda: any(e.get("step") for e in events), 120, "a step")
     assert a.front.cancel("w-one")
@@ -191,7 +192,7 @@ def test_a_queued_task_whose_waiters_all_left_never_runs(replicas):
     task_id = task_of(a, orphan)
     wait_for(lambda: 0 in positions, 30, "queue position 0 reported while queued")
     waiter.cancel()  # the client disconnects: it leaves (no explicit cancel)
-    wait_for(lambda: not r.zcard(progress.WAITERS_PREFIX + task_id), 30, "the waiter left")
+    wait_for(lambda: not r.zcard(redis_keys.WAITERS + task_id), 30, "the waiter left")
     assert a.front.cancel("w-busy")  # frees the worker sooner
     with pytest.raises(ProtocolError):
         blocker.result(60)
@@ -239,7 +240,7 @@ def test_waiter_leases_hold_with_the_gateway_clock_60_s_off_the_workers(replicas
         seconds, micros = r.time()
         return seconds * 1000 + micros // 1000
 
-    wait_for(lambda: r.zcount(progress.WAITERS_PREFIX + task_id, server_ms(), "+inf") == 0, 30, "the lease lapsed")
+    wait_for(lambda: r.zcount(redis_keys.WAITERS + task_id, server_ms(), "+inf") == 0, 30, "the lease lapsed")
     assert a.front.cancel(f"w-skew{offset_s}")  # frees the worker sooner
     with pytest.raises(ProtocolError):
         blocker.result(60)

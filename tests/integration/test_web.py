@@ -24,7 +24,6 @@ from typing import Any, Optional, Tuple
 
 import pytest
 
-from tests.integration.harness import local_stack
 
 pytestmark = pytest.mark.integration
 CHROMIUM = "/usr/bin/chromium"
@@ -124,17 +123,15 @@ def generate_and_check(page, base: str, token: Optional[str], keyboard: bool) ->
     return key
 
 
-# Class scope: each stack is down before the next one starts (two at once would crowd the CPU).
+# The session's shared stack, its gateway redeployed for each setting (tests/integration/harness.py).
 @pytest.fixture(scope="class")
-def open_stack():
-    with local_stack("celery", workers=1) as stack:
-        yield stack
+def open_stack(shared_stack):
+    return shared_stack.with_gateway()
 
 
 @pytest.fixture(scope="class")
-def auth_stack():
-    with local_stack("celery", workers=1, auth_token=TOKEN) as stack:
-        yield stack
+def auth_stack(shared_stack):
+    return shared_stack.with_gateway(auth_token=TOKEN)
 
 
 class TestOpenStack:
