@@ -43,6 +43,7 @@ log = logging.getLogger(__name__)
 StatusCallback = Callable[[str], None]
 EventCallback = Callable[[Dict[str, Any]], None]
 QUEUE_SCAN_LIMIT = 1000  # queue positions are looked for this far from the head; beyond, None
+POSITIONS_PERIOD_S = 1.0
 
 # A claim is two keys: KEYS[1] names the task for as long as a flight may live (ARGV[3] s), so a
 # request arriving after its claimer died still joins the running task; KEYS[2] is the claimer's
@@ -168,13 +169,15 @@ class FrontService:
         self._flights: Dict[str, Flight] = {}
         self._flights_lock = threading.Lock()
         self._waiting: Dict[str, Tuple[Flight, asyncio.AbstractEventLoop, "asyncio.Future[None]"]] = {}
-        self._last_positions = 0.0
         # Two small pools: cache reads (hits) never queue behind claims, submits and cache writes.
         self._reads = ThreadPoolExecutor(config.front_threads, thread_name_prefix="sdgate-read")
         self._work = ThreadPoolExecutor(config.front_threads, thread_name_prefix="sdgate-work")
         self._stop = threading.Event()
         self._keeper = threading.Thread(target=self._keep_claims, name="sdgate-claims", daemon=True)
         self._keeper.start()
+        # Queue positions are cosmetic: their own timer, so they can never delay or skip a renewal.
+        self._positions = threading.Thread(target=self._keep_positions, name="sdgate-positions", daemon=True)
+        self._positions.start()
 
     @property
     def pending_misses(self) -> int:
@@ -447,12 +450,17 @@ class FrontService:
             relayed["preview"] = event["preview"]
         flight.emit(relayed)
 
-    def _publish_queue_positions(self, flights: List[Flight]) -> None:
-        """At most once a second: each queued flight's place in its model's queue, and an ETA."""
-        now = time.monotonic()
-        if now - self._last_positions < 1.0:
-            return
-        self._last_positions = now
+    def _keep_positions(self) -> None:
+        while not self._stop.wait(POSITIONS_PERIOD_S):
+            try:
+                self.publish_queue_positions()
+            except Exception as exc:  # noqa: BLE001 - a missing position is not worth more than a debug line
+                log.debug("queue positions failed: %s", exc)
+
+    def publish_queue_positions(self) -> None:
+        """Each queued flight's place in its model's queue, and an ETA, to its waiters."""
+        with self._flights_lock:
+            flights = [f for f in self._flights.values() if f.task_id and not f.future.done()]
         by_queue: Dict[str, List[Flight]] = {}
         for flight in flights:
             if not flight._started and flight.events:
@@ -528,7 +536,8 @@ class FrontService:
                 log.exception("renewing claims failed")
 
     def keep_claims_once(self) -> None:
-        """One round of the keeper: time out overdue flights, renew owned claims, watch the others."""
+        """One round of the keeper: time out overdue flights, renew waiter leases and owned claims,
+        take over the others' lapsed ones. Only Redis errors can stop a round (the keeper retries)."""
         now = time.monotonic()
         with self._flights_lock:
             flights = [f for f in self._flights.values() if f.task_id and not f.future.done()]
@@ -541,7 +550,6 @@ class FrontService:
                 live.append(flight)
         if not live:
             return
-        self._publish_queue_positions(live)
         pipe = self._redis.pipeline(transaction=False)
         for flight in live:
             self._renew_waiters(flight, pipe)

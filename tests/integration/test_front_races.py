@@ -222,3 +222,28 @@ def test_http_meta_and_internal_errors_hide_hosts_and_exception_texts(cluster):
     error = outcome["error"]
     assert isinstance(error, ProtocolError) and error.code == protocol.E_INTERNAL
     assert "gpu-node-7" not in error.message and task_id in error.message
+
+
+def test_a_failing_queue_position_never_skips_a_lease_renewal(cluster, monkeypatch):
+    """Queue positions are cosmetic; waiter leases and claims are what correctness rests on. A
+    positions step that raises (the worker count read failing) once skipped every renewal."""
+    front = cluster.replica()
+    request = resolved(GenerationRequest("positions fail, leases hold", seed=4))
+    thread, outcome = in_loop(lambda: front.generate_async(request, on_event=lambda event: None, waiter_id="w-lease"))
+    task_id = wait_for(lambda: cluster.queued() and cluster.queued()[0], what="task queued")
+
+    def broken(model):
+        raise RuntimeError("the worker count is unreadable")
+
+    monkeypatch.setattr(front.catalogue, "live_count", broken)
+    with pytest.raises(RuntimeError):
+        front.publish_queue_positions()
+    alive_key, waiters_key = redis_keys.CLAIM_ALIVE + request.cache_key(), redis_keys.WAITERS + task_id
+    cluster.redis.delete(alive_key)
+    cluster.redis.zadd(waiters_key, {"w-lease": 0})  # a lease about to lapse
+    front.keep_claims_once()
+    assert cluster.redis.zscore(waiters_key, "w-lease") > 0, "the waiter's lease was renewed"
+    assert cluster.redis.get(alive_key) == task_id.encode(), "the claim's heartbeat was renewed"
+    cluster.render(task_id, request)
+    thread.join(10)
+    assert outcome["value"].png == PNG
