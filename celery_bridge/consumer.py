@@ -39,29 +39,60 @@ def graceful_shutdown_timeout_s(config: CeleryConfig) -> float:
     return drain_timeout_s(config) + DRAIN_MARGIN_S
 
 
-def drain(adapter: Any, timeout_s: float, resend_every_s: float = 2.0) -> bool:
+def drain(consumer: Optional["ServeConsumer"], timeout_s: float, resend_every_s: float = 2.0) -> bool:
     """Warm-shut the Celery worker thread of Serve's adapter; True once it has exited.
 
     Celery's remote `shutdown` stops consuming and lets the running task finish and ack. It goes
     through the worker's pidbox, which a worker that is still starting (or reconnecting to
     Redis) does not hear yet, so it is sent again until the thread exits or `timeout_s` passes.
     """
-    thread = getattr(adapter, "_worker_thread", None)
+    thread = consumer.thread if consumer is not None else None
     if thread is None:
         return True
     deadline = time.monotonic() + timeout_s
-    destination = [f"celery@{adapter._worker_hostname}"]
     while thread.is_alive() and time.monotonic() < deadline:
         try:
-            adapter._app.control.broadcast("shutdown", destination=destination)
+            consumer.ask_to_shut_down()
         except Exception as exc:  # noqa: BLE001 - Redis away: try again until the deadline
             log.warning("could not ask the Celery worker to stop (%s); retrying", exc)
         thread.join(min(resend_every_s, max(0.0, deadline - time.monotonic())))
     if thread.is_alive():
         log.warning("the Celery worker did not stop within %.0f s; the replica exits anyway", timeout_s)
         return False
-    adapter._worker_thread = None
+    consumer.forget_thread()
     return True
+
+
+class ServeConsumer:
+    """The only place that reads Ray Serve's Celery adapter's private attributes (`_adapter` of a
+    task-consumer replica; its `_app`, `_worker_thread`, `_worker_hostname`): Serve's public
+    stop_consumer() sends one shutdown and waits 10 s, too little for a render in progress.
+    tests/unit/test_serve_consumer.py fails loudly when a Ray upgrade renames any of them."""
+
+    REPLICA_ATTRIBUTE = "_adapter"
+    ADAPTER_ATTRIBUTES = ("_app", "_worker_thread", "_worker_hostname")
+
+    def __init__(self, adapter: Any):
+        self._adapter = adapter
+
+    @classmethod
+    def of(cls, replica: Any) -> Optional["ServeConsumer"]:
+        adapter = getattr(replica, cls.REPLICA_ATTRIBUTE, None)
+        return cls(adapter) if adapter is not None else None
+
+    @property
+    def thread(self) -> Any:
+        return self._adapter._worker_thread
+
+    def stopped(self) -> bool:
+        """The consumer thread was started and has exited."""
+        return self.thread is not None and not self.thread.is_alive()
+
+    def ask_to_shut_down(self) -> None:
+        self._adapter._app.control.broadcast("shutdown", destination=[f"celery@{self._adapter._worker_hostname}"])
+
+    def forget_thread(self) -> None:
+        self._adapter._worker_thread = None
 
 
 def task_processor_config(config: CeleryConfig, model: str) -> TaskProcessorConfig:
@@ -89,33 +120,17 @@ def consumer_class(celery_config: CeleryConfig, model: str):
         """One Ray-managed worker: the resident pipeline behind Serve's Celery consumer thread."""
 
         def __init__(self, worker_config: Dict[str, Any]):
-            from celery_bridge.lease import LeaseKeeper
-            from celery_bridge.presence import Heartbeat, count_rendered
-            from celery_bridge.worker import GenerationService
+            from celery_bridge.worker import WorkerRuntime
 
-            from celery_bridge.redis_check import require_redis_version
-
-            client = celery_config.redis_client(socket_timeout=5, socket_connect_timeout=5)
-            require_redis_version(client, "the Ray worker replica")
-            self.service = GenerationService(WorkerConfig(**worker_config),
-                                             time_limit_s=celery_config.soft_time_limit_s,
-                                             on_rendered=lambda name: count_rendered(client, name),
-                                             redis_client=client)
-            self.leases = LeaseKeeper(client, celery_config.lease_renew_s).start()
-            self.presence = Heartbeat(client, model, self.service.name).start()
+            self.runtime = WorkerRuntime(celery_config, WorkerConfig(**worker_config), "the Ray worker replica")
 
         @task_handler(name=TASK_NAME)
         def generate(self, payload: Any) -> Dict[str, Any]:
-            return self.service.handle(payload)
-
-        def __del__(self) -> None:
-            presence = getattr(self, "presence", None)
-            if presence is not None:
-                presence.stop()
+            return self.runtime.service.handle(payload)
 
         def check_health(self) -> None:
-            thread = getattr(getattr(self, "_adapter", None), "_worker_thread", None)
-            if thread is not None and not thread.is_alive():
+            consumer = ServeConsumer.of(self)
+            if consumer is not None and consumer.stopped():
                 raise RuntimeError("the Celery consumer thread of this replica has stopped")
 
     class DrainingGenerationConsumer(GenerationConsumer):
@@ -125,11 +140,11 @@ def consumer_class(celery_config: CeleryConfig, model: str):
             # Serve calls this when it stops the replica. The adapter's own stop waits 10 s, and
             # Serve would then kill a render in progress; wait for the whole task time limit.
             try:
-                drain(getattr(self, "_adapter", None), drain_timeout_s(celery_config))
+                drain(ServeConsumer.of(self), drain_timeout_s(celery_config))
             finally:
-                leases = getattr(self, "leases", None)
-                if leases is not None:
-                    leases.stop()  # after the drain: the running task kept its lease until acked
+                runtime = getattr(self, "runtime", None)
+                if runtime is not None:
+                    runtime.stop()  # after the drain: the running task kept its lease until acked
 
     DrainingGenerationConsumer.__name__ = DrainingGenerationConsumer.__qualname__ = "GenerationConsumer"
     return DrainingGenerationConsumer

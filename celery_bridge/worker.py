@@ -170,35 +170,52 @@ def worker_argv(celery_config: CeleryConfig, hostname: str, loglevel: str, model
             f"--loglevel={loglevel}", "--without-gossip", "--without-mingle"]
 
 
+class WorkerRuntime:
+    """What every worker holds, built the same way whoever runs it (`sdgate worker` or a Ray
+    replica): the Redis version and the catalogue checked, the resident pipeline loaded, the
+    leases of held tasks renewed, and the heartbeat that tells gateways the model is served."""
+
+    def __init__(self, celery_config: CeleryConfig, worker_config: WorkerConfig, what: str):
+        from celery_bridge.lease import LeaseKeeper
+        from celery_bridge.presence import Heartbeat, count_rendered
+        from celery_bridge.redis_check import require_redis_version
+
+        # 1. Checks that must fail in seconds, before a model loads.
+        client = celery_config.redis_client(socket_timeout=5, socket_connect_timeout=5)
+        require_redis_version(client, what)
+        require_catalogued(worker_config.model)
+        # 2. Load the pipeline once, before taking any task; a model that cannot load fails here.
+        self.service = GenerationService(worker_config, time_limit_s=celery_config.soft_time_limit_s,
+                                         on_rendered=lambda model: count_rendered(client, model), redis_client=client)
+        log.info("%s: model %r loaded in %.1f s", what, worker_config.model, self.service.load_seconds)
+        # 3. Renew the leases of held tasks, and tell gateways we serve the model.
+        self.leases = LeaseKeeper(client, celery_config.lease_renew_s).start()
+        self.presence = Heartbeat(client, worker_config.model, self.service.name).start()
+
+    def stop(self) -> None:
+        """After the last task is acked: its lease is no longer needed, and gateways stop counting us."""
+        self.presence.stop()
+        self.leases.stop()
+
+
 def run_worker(celery_overrides: Dict[str, Any], worker_overrides: Dict[str, Any], gpu: Optional[str] = None,
                loglevel: str = "INFO") -> None:
     """`sdgate worker`: load the pipeline of one catalogued model, then consume that model's queue
     until stopped (blocks)."""
     from celery_bridge.app import make_celery_app
-    from celery_bridge.lease import LeaseKeeper
-    from celery_bridge.redis_check import require_redis_version
-    from celery_bridge.presence import Heartbeat, count_rendered
 
     # 1. Pin the GPU before anything imports torch.
     pin_gpu(gpu)
     celery_config = load_celery_config(**celery_overrides)
     worker_config = load_worker_config(**worker_overrides)
-    require_redis_version(celery_config.redis_client(socket_timeout=5, socket_connect_timeout=5), "sdgate worker")
-    require_catalogued(worker_config.model)
-    # 2. Load the pipeline once, before taking any task; a model that cannot load fails here.
-    client = celery_config.redis_client(socket_timeout=5, socket_connect_timeout=5)
-    service = GenerationService(worker_config, time_limit_s=celery_config.soft_time_limit_s,
-                                on_rendered=lambda model: count_rendered(client, model), redis_client=client)
-    print(f"sdgate worker: model {worker_config.model!r} loaded in {service.load_seconds:.1f} s", flush=True)
-    # 3. Register the task body, renew the leases of held tasks, and tell gateways we serve the model.
+    runtime = WorkerRuntime(celery_config, worker_config, "sdgate worker")
+    print(f"sdgate worker: model {worker_config.model!r} loaded in {runtime.service.load_seconds:.1f} s", flush=True)
+    # 2. Register the task body; consume: solo pool, one task at a time, so one pipeline is never
+    #    used by two threads; with batching, B threads feed one render thread (celery_bridge/batching.py).
     app = make_celery_app(celery_config, name="sdgate-worker")
-    app.task(name=TASK_NAME)(service.handle)
-    LeaseKeeper(client, celery_config.lease_renew_s).start()
-    presence = Heartbeat(client, worker_config.model, service.name).start()
-    # 4. Consume: solo pool, one task at a time, so one pipeline is never used by two threads;
-    #    with batching, B threads feed one render thread (celery_bridge/batching.py).
+    app.task(name=TASK_NAME)(runtime.service.handle)
     try:
         app.worker_main(worker_argv(celery_config, f"sdgate-{os.getpid()}@{socket.gethostname()}", loglevel,
-                                    worker_config.model, service.max_batch_size))
+                                    worker_config.model, runtime.service.max_batch_size))
     finally:
-        presence.stop()
+        runtime.stop()

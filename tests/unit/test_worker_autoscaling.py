@@ -140,19 +140,19 @@ class FakeAdapter:
 
 
 def test_drain_resends_the_stop_until_the_worker_hears_it_and_waits_for_the_render():
-    from celery_bridge.consumer import drain
+    from celery_bridge.consumer import ServeConsumer, drain
 
     adapter = FakeAdapter(deaf=2)
-    assert drain(adapter, timeout_s=30, resend_every_s=0.01)
+    assert drain(ServeConsumer(adapter), timeout_s=30, resend_every_s=0.01)
     assert adapter.broadcasts == 3 and adapter.render_done.is_set()
     assert adapter._worker_thread is None
 
 
 def test_drain_gives_up_at_its_deadline():
-    from celery_bridge.consumer import drain
+    from celery_bridge.consumer import ServeConsumer, drain
 
     adapter = FakeAdapter(deaf=10**9)
-    assert not drain(adapter, timeout_s=0.05, resend_every_s=0.01)
+    assert not drain(ServeConsumer(adapter), timeout_s=0.05, resend_every_s=0.01)
     adapter.stop_heard.set()
 
 
@@ -166,7 +166,7 @@ def test_a_stopping_worker_replica_drains_for_the_task_time_limit_then_stops_its
     monkeypatch.setattr(consumer, "drain", lambda adapter, timeout_s: events.append(("drain", timeout_s)))
     replica = cls.__new__(cls)  # no pipeline, no Celery thread: only the shutdown path
     replica._adapter = object()
-    replica.leases = SimpleNamespace(stop=lambda: events.append(("leases", None)))
+    replica.runtime = SimpleNamespace(stop=lambda: events.append(("leases", None)))
     replica.__del__()
     assert events[0][0] == "drain" and events[0][1] >= config.time_limit_s, \
         "waits out the longest render, not the adapter's 10 s"
