@@ -14,7 +14,7 @@ import threading
 import time
 import uuid
 from concurrent.futures import Future
-from typing import Any, Callable, Dict, Iterator, List, Optional, Set
+from typing import Any, Callable, Dict, Iterator, List, Optional, Set, Tuple
 
 import redis
 from kombu.transport.redis import Channel as KombuRedisChannel
@@ -90,11 +90,32 @@ class GenerationProducer:
         While the task is watched it is queued again if the broker loses it (see _requeue_lost).
         `previews`: a preview every k steps; `expires_s`: Celery drops it unstarted after that long.
         """
+        payload, queue = self._message(request, previews)
+        self.app.send_task(TASK_NAME, args=[payload], task_id=task_id, queue=queue, expires=expires_s)
+        self._remember(task_id, payload, queue)
+
+    def adopt(self, request: GenerationRequest, task_id: str, previews: int = 0,
+              expires_s: Optional[float] = None) -> bool:
+        """Take `task_id` over from a gateway that stopped renewing its claim (it died). From now on
+        this process re-queues it if the broker loses it (_requeue_lost: the one recovery path), and
+        it is queued now if it is nowhere (its first owner died before queueing it, or the broker
+        lost it since). True when it was queued now."""
+        payload, queue = self._message(request, previews)
+        queued_now = not self.task_known(task_id, payload["model"])
+        if queued_now:
+            self.app.send_task(TASK_NAME, args=[payload], task_id=task_id, queue=queue, expires=expires_s)
+        self._remember(task_id, payload, queue)
+        return queued_now
+
+    def _message(self, request: GenerationRequest, previews: int) -> Tuple[Dict[str, Any], str]:
+        """The task's payload and the queue of its model (only that model's workers consume it)."""
         payload = task_payload(request)
-        queue = queue_for(self.config.queue, payload["model"])  # only workers of that model consume it
         if previews:
             payload["previews"] = int(previews)  # the worker pops it: not part of the request or its key
-        self.app.send_task(TASK_NAME, args=[payload], task_id=task_id, queue=queue, expires=expires_s)
+        return payload, queue_for(self.config.queue, payload["model"])
+
+    def _remember(self, task_id: str, payload: Dict[str, Any], queue: str) -> None:
+        """While `task_id` is watched, this process queues it again if the broker loses it."""
         with self._lock:
             watch = self._watches.get(task_id)
             if watch is not None:

@@ -344,16 +344,24 @@ class FrontService:
 
         future.add_done_callback(done)
 
-    def _submit(self, flight: Flight) -> None:
+    def _submit(self, flight: Flight, adopting: bool = False) -> bool:
+        """Queue the flight's task (or, `adopting` a dead replica's claim, only if it is nowhere);
+        True when it was queued now. ProtocolError when the broker is unreachable."""
+        args = dict(previews=flight.previews, expires_s=self.config.flight_timeout_s)
         try:
-            self.producer.submit(flight.request, flight.task_id, previews=flight.previews,
-                                 expires_s=self.config.flight_timeout_s)
+            if adopting:
+                queued_now = self.producer.adopt(flight.request, flight.task_id, **args)
+            else:
+                self.producer.submit(flight.request, flight.task_id, **args)
+                queued_now = True
         except Exception as exc:  # noqa: BLE001 - kombu raises several families on a dead broker
             log.warning("could not queue %s: %s", flight.task_id, exc)
             raise ProtocolError(protocol.E_UNAVAILABLE, "could not queue the generation; retry in a few "
                                 "seconds") from None
-        self.counters.incr(stats.GENERATIONS)
-        self.hooks.after_submit(flight.key, flight.task_id)
+        if queued_now:
+            self.counters.incr(stats.GENERATIONS)
+            self.hooks.after_submit(flight.key, flight.task_id)
+        return queued_now
 
     def _complete(self, flight: Flight, future: "Future[GenerationResult]", started: float) -> None:
         """The task's result arrived: store the image, then finish the flight (always)."""
@@ -570,21 +578,19 @@ class FrontService:
                 self._take_over(flight)
 
     def _take_over(self, flight: Flight) -> None:
-        """The claimer stopped renewing (it died): claim the same task, and queue it if it never was."""
+        """The claimer stopped renewing (it died): claim the same task and adopt it (producer.adopt)."""
         if not self._renew_claim(keys=[redis_keys.CLAIM + flight.key, redis_keys.CLAIM_ALIVE + flight.key],
                                  args=self._claim_args(flight.task_id, "takeover")):
             return  # another replica took over first, or the key has a newer task; we keep waiting
         flight.owner = True
-        if self.producer.task_known(flight.task_id, flight.request.model):
-            log.warning("took over the claim for %s from a replica that stopped renewing it; task %s is "
-                        "queued or running", flight.key[:12], flight.task_id)
-            return
-        log.warning("took over the claim for %s from a replica that stopped renewing it; its task %s was "
-                    "never queued, queueing it now", flight.key[:12], flight.task_id)
         try:
-            self._submit(flight)
+            queued_now = self._submit(flight, adopting=True)
         except ProtocolError as exc:
             self._finish(flight, exc)
+            return
+        log.warning("took over the claim for %s from a replica that stopped renewing it; its task %s %s",
+                    flight.key[:12], flight.task_id, "was nowhere, queued it now" if queued_now else
+                    "is queued or running, and is re-queued from here if the broker loses it")
 
     # -- the cache -----------------------------------------------------------------------------------
 

@@ -247,3 +247,31 @@ def test_a_failing_queue_position_never_skips_a_lease_renewal(cluster, monkeypat
     cluster.render(task_id, request)
     thread.join(10)
     assert outcome["value"].png == PNG
+
+
+def test_a_taken_over_task_the_broker_then_loses_is_queued_again_by_its_new_owner(cluster):
+    """One recovery path (producer.adopt, then _requeue_lost): A queued the task and died; B took
+    the claim over. When the broker then loses the message (a Redis restart between BRPOP and the
+    unacked record), B queues it again; before, only the dead A would have."""
+    a, b = cluster.replica(), cluster.replica()
+    request = resolved(GenerationRequest("adopted then lost", seed=6))
+    dead = threading.Event()
+
+    def die(*_):
+        a.close()
+        a.producer.close()  # its lost-task checks stop too: A is gone
+        dead.set()
+        threading.Event().wait(60)
+
+    a.hooks.after_submit = die
+    in_loop(lambda: a.generate_async(request))
+    assert dead.wait(10)
+    [task_id] = cluster.queued()
+    b_thread, b_out = in_loop(lambda: b.generate_async(request))
+    wait_for(lambda: b._flights.get(request.cache_key()) and b._flights[request.cache_key()].owner, 10,
+             "B owning the claim")
+    cluster.redis.delete(queue_for(cluster.queue, cluster.model))  # the broker lost the message
+    assert wait_for(lambda: cluster.queued() == [task_id], 30, "the same task queued again by B")
+    cluster.render(task_id, request)
+    b_thread.join(10)
+    assert b_out["value"].png == PNG
