@@ -41,6 +41,7 @@ class StackConfig:
     redis_port: Port = 6379
     ray_port: Port = 6380  # Ray's GCS; never Redis's 6379
     dashboard_port: Port = 8265
+    dashboard: bool = True  # the Ray dashboard (and its job API); nothing of sdgate's own needs it
     worker_mode: Literal["celery", "ray"] = "celery"  # celery: `sdgate worker` process | ray: Serve task consumer
     workers: int = 1  # per catalogued model (configs/models.yaml); an entry's own `workers` wins
     ray_num_cpus: int = 4  # logical CPUs Ray may hand out on this machine
@@ -172,7 +173,7 @@ class LocalStack:
             "socket": f"{self.gateway.host}:{self.gateway.socket_port}",
             "http": f"{self._scheme}://{self.gateway.host}:{self.gateway.http_port}",
             "http_fast": f"{self._scheme}://{self.gateway.host}:{self.gateway.fast_http_port}",
-            "dashboard": f"http://127.0.0.1:{self.stack.dashboard_port}",
+            "dashboard": f"http://127.0.0.1:{self.stack.dashboard_port}" if self.stack.dashboard else "off",
             "redis": self.redis_url,
             "home": str(self.paths.home),
         }
@@ -272,7 +273,9 @@ class LocalStack:
             lines.append('requirepass "' + password.replace("\\", "\\\\").replace('"', '\\"') + '"')
         return "\n".join(lines) + "\n"
 
-    def _start_redis(self, binary: str) -> None:
+    def _start_redis(self, binary: Optional[str] = None) -> None:
+        """redis-server `binary` (default: the stack's, checked) with this stack's redis.conf."""
+        binary = binary or find_redis_server(self.stack.redis_server)
         password = load_celery_config().redis_password
         conf = self.paths.redis_conf
         conf.parent.mkdir(parents=True, exist_ok=True)
@@ -292,7 +295,8 @@ class LocalStack:
     def _start_ray(self) -> None:
         argv = [str(Path(sys.executable).parent / "ray"), "start", "--head", "--block",
                 f"--port={self.stack.ray_port}", f"--dashboard-port={self.stack.dashboard_port}",
-                "--dashboard-host=127.0.0.1", "--include-dashboard=true", f"--num-cpus={self.stack.ray_num_cpus}",
+                "--dashboard-host=127.0.0.1", f"--include-dashboard={str(self.stack.dashboard).lower()}",
+                f"--num-cpus={self.stack.ray_num_cpus}",
                 "--num-gpus=0", "--disable-usage-stats", "--node-ip-address=127.0.0.1",
                 ray_start_resources_flag()]  # the head takes the gateway replicas (serve_app.placement)
         if self.paths.ray_temp:
