@@ -91,6 +91,9 @@ class SharedStack:
     def with_gateway(self, **settings: object) -> LocalStack:
         if self._current is not None and settings == self._settings:
             return self._current
+        if self._base is not None and not self._base.running():
+            raise RuntimeError("the shared stack was stopped by a test; a test that stops its stack needs its own "
+                               "(harness.local_stack)")
         if self._base is None:
             self._base = _new_stack("celery", 1, **settings)
             self._base.up(log=lambda *_: None)

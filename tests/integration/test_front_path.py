@@ -21,7 +21,7 @@ from PIL import Image
 from client import protocol
 from client.protocol import GenerationRequest, ProtocolError
 from cluster.local import LocalStack, _group_tree, port_in_use
-from tests.integration.harness import ask, settled_counters
+from tests.integration.harness import ask, local_stack, settled_counters
 from tests.services import REPO
 
 pytestmark = pytest.mark.integration
@@ -181,7 +181,13 @@ def test_sdgate_stats_prints_the_counters(stack):
     assert figures["generations"] > 0 and figures["cache_hits"] > 0 and figures["errors"] > 0
 
 
-def test_down_stops_exactly_what_up_started(stack):
+def test_down_stops_exactly_what_up_started():
+    """A stack of its own: `down` ends it (the session's shared stack stays up for the others)."""
+    with local_stack("celery", workers=1) as stack:
+        check_down_stops_exactly_what_up_started(stack)
+
+
+def check_down_stops_exactly_what_up_started(stack: LocalStack) -> None:
     groups = dict(stack._load()["processes"])
     assert {"redis", "ray", "worker-tiny-0"} <= set(groups)
     bystander = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"], start_new_session=True)
