@@ -1,4 +1,9 @@
-"""The front service: cache lookup, single-flight, admission and deadlines for one replica.
+"""The front service: a request's steps in one replica, from the cache to a worker and back.
+
+It keeps the steps, readable top to bottom in `_generate` and `_start`; the parts they use have
+their own modules: `Flight` (serve_app/flight.py: one generation here, its waiters and outcome),
+`ClusterClaims` (claims.py: one task per key across replicas, renewals, take-overs) and
+`WaiterRelay` (waiters.py: waiter leases in Redis, progress, queue positions on their own timer).
 
 Both the socket server and the HTTP ingress await `FrontService.generate_async` on their event
 loops; it never imports torch. A hit is read from the store on a small pool. A miss becomes one
@@ -21,64 +26,25 @@ import threading
 import time
 import uuid
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
-from typing import Any, Callable, Dict, List, Optional, Set, Tuple
+from typing import Callable, Dict, List, Optional, Tuple
 
 import redis
 
 from client import protocol
 from client.protocol import GenerationRequest, InvalidRequest, ProtocolError
-from celery_bridge import progress
 from celery_bridge.contract import GenerationResult
-from celery_bridge.models import queue_for
-from celery_bridge.producer import GenerationProducer, new_task_id
+from celery_bridge.producer import GenerationProducer
 from serve_app import stats
 from serve_app.admission import Admission
 from serve_app.catalogue import GatewayCatalogue
+from serve_app.claims import ClusterClaims
 from serve_app.config import GatewayConfig
+from serve_app.flight import Answer, EventCallback, Flight, StatusCallback
 from serve_app.store import ImageStore
-from celery_bridge import redis_keys
+from serve_app.waiters import WaiterRelay
 
+__all__ = ["Answer", "FrontService", "Hooks"]
 log = logging.getLogger(__name__)
-StatusCallback = Callable[[str], None]
-EventCallback = Callable[[Dict[str, Any]], None]
-QUEUE_SCAN_LIMIT = 1000  # queue positions are looked for this far from the head; beyond, None
-POSITIONS_PERIOD_S = 1.0
-
-# A claim is two keys: KEYS[1] names the task for as long as a flight may live (ARGV[3] s), so a
-# request arriving after its claimer died still joins the running task; KEYS[2] is the claimer's
-# heartbeat (ARGV[2] ms). Joiners take over a claim whose heartbeat lapsed.
-# Claim: returns {1, id} when we won, else {0, the id that holds it}.
-_CLAIM = """
-if redis.call('set', KEYS[1], ARGV[1], 'NX', 'EX', ARGV[3]) then
-  redis.call('set', KEYS[2], ARGV[1], 'PX', ARGV[2])
-  return {1, ARGV[1]}
-end
-return {0, redis.call('get', KEYS[1])}
-"""
-# Renew (or, with the heartbeat lapsed, take over) the claim for task ARGV[1]: 1 if it is ours now.
-_RENEW_CLAIM = """
-local current = redis.call('get', KEYS[1])
-if current and current ~= ARGV[1] then return 0 end
-if ARGV[4] == 'takeover' and redis.call('exists', KEYS[2]) == 1 then return 0 end
-redis.call('set', KEYS[1], ARGV[1], 'EX', ARGV[3])
-redis.call('set', KEYS[2], ARGV[1], 'PX', ARGV[2])
-return 1
-"""
-# Deletes the claim only if it still names our task, so a late finisher never frees a newer claim.
-_RELEASE_CLAIM = """
-if redis.call('get', KEYS[1]) == ARGV[1] then redis.call('del', KEYS[2]) return redis.call('del', KEYS[1]) end
-return 0
-"""
-
-
-@dataclass
-class Answer:
-    """An image for the client: metadata, PNG bytes, and whether it came from the cache."""
-
-    meta: Dict[str, Any]
-    png: bytes
-    cached: bool
 
 
 class Hooks:
@@ -92,58 +58,6 @@ class Hooks:
 
     def after_submit(self, key: str, task_id: str) -> None:
         """The leader queued the task."""
-
-
-class Flight:
-    """One generation in this replica that every identical request waits on, as a future."""
-
-    def __init__(self, key: str, request: GenerationRequest, leader_status: Optional[StatusCallback] = None):
-        self.key, self.request = key, request
-        self.future: "Future[Answer]" = Future()
-        self.born = time.monotonic()
-        self.task_id: Optional[str] = None  # set once the claim is known
-        self.owner = False  # this replica holds the cluster claim and renews it
-        self.leader_status = leader_status
-        self._lock = threading.Lock()
-        self._started = False
-        self._listeners: List[Callable[[], None]] = []
-        self.previews = 0  # the leader's preview interval, sent with the task
-        self.waiters: Set[str] = set()  # ids of the waiters here (their leases renewed in Redis)
-        self.events: List[EventCallback] = []  # progress listeners of every waiter of this flight
-        self.last_event: Optional[Dict[str, Any]] = None
-        self.queue_position: Optional[int] = None
-
-    def emit(self, event: Dict[str, Any]) -> None:
-        """Hand a progress event to every waiter's listener (each one hops onto its own loop)."""
-        self.last_event = event
-        for listener in list(self.events):
-            _quietly(lambda: listener(event))
-
-    def on_started(self, listener: Callable[[], None]) -> None:
-        """Call `listener` once when a worker picks the task up (at once if it already has)."""
-        with self._lock:
-            if not self._started:
-                self._listeners.append(listener)
-                return
-        listener()
-
-    def mark_started(self) -> None:
-        with self._lock:
-            self._started, listeners, self._listeners = True, self._listeners, []
-        for listener in listeners:
-            _quietly(listener)
-
-    def finish(self, outcome: object) -> bool:
-        """Complete the flight with an Answer or a ProtocolError; False if it was already complete."""
-        with self._lock:
-            if self.future.done():
-                return False
-            if isinstance(outcome, BaseException):
-                self.future.set_exception(outcome)
-            else:
-                self.future.set_result(outcome)  # type: ignore[arg-type]
-            self._listeners = []
-        return True
 
 
 class FrontService:
@@ -163,21 +77,19 @@ class FrontService:
         self.hooks = Hooks()
         self.catalogue = catalogue or GatewayCatalogue.load(producer.redis, counters)
         self._redis: redis.Redis = producer.redis
-        self._release_claim = self._redis.register_script(_RELEASE_CLAIM)
-        self._renew_claim = self._redis.register_script(_RENEW_CLAIM)
-        self._claim_script = self._redis.register_script(_CLAIM)
         self._flights: Dict[str, Flight] = {}
         self._flights_lock = threading.Lock()
         self._waiting: Dict[str, Tuple[Flight, asyncio.AbstractEventLoop, "asyncio.Future[None]"]] = {}
         # Two small pools: cache reads (hits) never queue behind claims, submits and cache writes.
         self._reads = ThreadPoolExecutor(config.front_threads, thread_name_prefix="sdgate-read")
         self._work = ThreadPoolExecutor(config.front_threads, thread_name_prefix="sdgate-work")
+        self.claims = ClusterClaims(self._redis, config)
+        self.waiters = WaiterRelay(self._redis, max(3 * config.claim_lease_s, 2.0), self._work, producer.config.queue,
+                                   lambda model: self.catalogue.live_count(model))
         self._stop = threading.Event()
         self._keeper = threading.Thread(target=self._keep_claims, name="sdgate-claims", daemon=True)
         self._keeper.start()
-        # Queue positions are cosmetic: their own timer, so they can never delay or skip a renewal.
-        self._positions = threading.Thread(target=self._keep_positions, name="sdgate-positions", daemon=True)
-        self._positions.start()
+        self.waiters.keep_publishing(self._live_flights, self._stop)
 
     @property
     def pending_misses(self) -> int:
@@ -185,6 +97,7 @@ class FrontService:
 
     def close(self) -> None:
         self._stop.set()
+        self.waiters.close()
         self._reads.shutdown(wait=False, cancel_futures=True)
         self._work.shutdown(wait=False, cancel_futures=True)
 
@@ -305,7 +218,7 @@ class FrontService:
         key = flight.key
         # 1. Claim the key cluster-wide, or learn which task already renders it.
         try:
-            task_id, claimed = self._claim(key)
+            task_id, claimed = self.claims.claim(key)
         except redis.RedisError as exc:
             log.warning("claim for %s failed: %s", key[:12], exc)
             raise ProtocolError(protocol.E_UNAVAILABLE, "the task queue (Redis) is unreachable; "
@@ -324,7 +237,7 @@ class FrontService:
 
         # 3. Count our waiters cluster-wide, then watch before submitting so the result cannot slip
         #    past; finish from its callback.
-        self._register_waiters(flight, mark_watched=claimed)
+        self.waiters.register(flight, watched=claimed)
         self._watch(flight)
         if flight.leader_status:  # before submitting, so it always precedes `generating`
             flight.leader_status(protocol.STATUS_QUEUED if claimed else protocol.STATUS_JOINED)
@@ -334,7 +247,7 @@ class FrontService:
     def _watch(self, flight: Flight) -> None:
         started = time.monotonic()
         future = self.producer.watch(flight.task_id, on_started=flight.mark_started,
-                                     on_progress=lambda event: self._on_progress(flight, event))
+                                     on_progress=lambda event: self.waiters.relay_progress(flight, event))
 
         def done(result: "Future[GenerationResult]") -> None:
             try:
@@ -393,101 +306,21 @@ class FrontService:
             if flight.task_id and not isinstance(outcome, Answer):
                 self.producer.unwatch(flight.task_id)
             if (flight.owner or task_done) and flight.task_id:
-                self._release(flight.key, flight.task_id)
+                self.claims.release(flight.key, flight.task_id)
         finally:
             flight.finish(outcome)
 
-    # -- waiters, progress and cancel ------------------------------------------------------------
-
-    @property
-    def _waiter_lease_s(self) -> float:
-        return max(3 * self.config.claim_lease_s, 2.0)
+    # -- waiters and cancel ----------------------------------------------------------------------
 
     def _join_flight(self, flight: Flight, waiter_id: str, listener: Optional[EventCallback]) -> None:
-        with flight._lock:
-            flight.waiters.add(waiter_id)
-            if listener:
-                flight.events.append(listener)
-            task_id = flight.task_id
-        if listener and flight.last_event:
-            listener(flight.last_event)
+        task_id = flight.join(waiter_id, listener)
         if task_id:  # the leader registered the waiters it knew; this one came later
-            self._bookkeep(progress.add_waiters, self._redis, task_id, [waiter_id], self._waiter_lease_s)
+            self.waiters.joined(task_id, waiter_id)
 
     def _leave_flight(self, flight: Flight, waiter_id: str, listener: Optional[EventCallback], left: bool) -> None:
-        with flight._lock:
-            if listener in flight.events:
-                flight.events.remove(listener)
-            if not left:
-                return  # it timed out: its interest stays until the flight ends, so the image is made
-            flight.waiters.discard(waiter_id)
-            task_id = flight.task_id
-        if task_id and not flight.future.done():
-            self._bookkeep(progress.remove_waiter, self._redis, task_id, waiter_id)
-
-    def _bookkeep(self, fn: Callable[..., Any], *args: Any) -> None:
-        """Waiter bookkeeping in Redis, off the loop and best effort; dropped once this service is
-        closed (the replica is going away, and its waiters' leases lapse on their own)."""
-        try:
-            self._work.submit(self._quiet_redis, fn, *args)
-        except RuntimeError:  # the pool was shut down by close()
-            pass
-
-    def _register_waiters(self, flight: Flight, mark_watched: bool) -> None:
-        progress.add_waiters(self._redis, flight.task_id, list(flight.waiters), self._waiter_lease_s,
-                             watched=mark_watched)
-
-    def _renew_waiters(self, flight: Flight, pipe: Any) -> None:
-        """Queue on `pipe` a fresh lease in Redis for each waiter of `flight` (they count cluster-wide)."""
-        progress.add_waiters(self._redis, flight.task_id, list(flight.waiters), self._waiter_lease_s, pipe=pipe)
-
-    @staticmethod
-    def _quiet_redis(call: Callable[..., Any], *args: Any) -> None:
-        try:
-            call(*args)
-        except redis.RedisError as exc:  # the lease keeper retries; a leave lapses by itself
-            log.warning("waiter bookkeeping failed: %s", exc)
-
-    def _on_progress(self, flight: Flight, event: Dict[str, Any]) -> None:
-        """A step event from the worker (listener thread): relay it to every waiter of the flight."""
-        if not flight._started:
-            flight.mark_started()
-        relayed = {"state": protocol.STATUS_GENERATING, "step": event.get("step"), "steps": event.get("steps"),
-                   "queue_position": None, "eta_s": progress.step_eta_s(event)}
-        if isinstance(event.get("preview"), str):
-            relayed["preview"] = event["preview"]
-        flight.emit(relayed)
-
-    def _keep_positions(self) -> None:
-        while not self._stop.wait(POSITIONS_PERIOD_S):
-            try:
-                self.publish_queue_positions()
-            except Exception as exc:  # noqa: BLE001 - a missing position is not worth more than a debug line
-                log.debug("queue positions failed: %s", exc)
-
-    def publish_queue_positions(self) -> None:
-        """Each queued flight's place in its model's queue, and an ETA, to its waiters."""
-        with self._flights_lock:
-            flights = [f for f in self._flights.values() if f.task_id and not f.future.done()]
-        by_queue: Dict[str, List[Flight]] = {}
-        for flight in flights:
-            if not flight._started and flight.events:
-                by_queue.setdefault(queue_for(self.producer.config.queue, flight.request.model), []).append(flight)
-        for queue, queued in by_queue.items():
-            positions = progress.queue_positions(self._redis, queue, [f.task_id for f in queued], QUEUE_SCAN_LIMIT)
-            model = queued[0].request.model
-            per_image = progress.recent_render_s(self._redis, model)
-            workers = max(1, self.catalogue.live_count(model) or 1)
-            for flight in queued:
-                position = positions.get(flight.task_id)
-                if flight._started or (position == flight.queue_position and flight.last_event):
-                    continue
-                flight.queue_position = position
-                eta = None
-                if per_image is not None and position is not None:
-                    eta = round((position // workers + 1) * per_image, 1)
-                flight.emit({"state": protocol.STATUS_QUEUED, "step": None, "steps": flight.request.steps,
-                             "queue_position": position, "eta_s": eta})
+        task_id = flight.leave(waiter_id, listener, left)
+        if task_id:
+            self.waiters.left(task_id, waiter_id)
 
     def cancel(self, waiter_id: str) -> bool:
         """Cancel one waiter (thread-safe): it gets `cancelled` now; if it was the last waiter of its
@@ -497,40 +330,25 @@ class FrontService:
         if entry is None:
             return False
         flight, loop, cancelled = entry
-        with flight._lock:
-            flight.waiters.discard(waiter_id)
-            task_id = flight.task_id
+        task_id = flight.drop(waiter_id)
         if task_id:
-            self.cancel_task(task_id, waiter_id)
+            self.waiters.cancel(task_id, waiter_id)
         loop.call_soon_threadsafe(lambda: cancelled.done() or cancelled.set_result(None))
         return True
 
     def cancel_task(self, task_id: str, waiter_id: str) -> int:
         """`waiter_id` leaves `task_id`, cancelling it when it was the last live waiter; returns waiters left."""
-        try:
-            return progress.cancel(self._redis, task_id, waiter_id)
-        except redis.RedisError as exc:
-            log.warning("cancel of %s failed: %s", task_id, exc)
-            return -1
+        return self.waiters.cancel(task_id, waiter_id)
 
-    # -- claims ------------------------------------------------------------------------------------
+    def publish_queue_positions(self) -> None:
+        """Queue positions and ETAs to the waiters of every queued flight (the relay's timer calls it too)."""
+        self.waiters.publish_queue_positions(self._live_flights())
 
-    def _claim_args(self, task_id: str, *extra: str) -> list:
-        return [task_id, int(self.config.claim_lease_s * 1000), int(self.config.flight_timeout_s) + 1, *extra]
+    # -- the keeper: timeouts, leases, claims ---------------------------------------------------------
 
-    def _claim(self, key: str) -> Tuple[str, bool]:
-        for _ in range(5):
-            won, holder = self._claim_script(keys=[redis_keys.CLAIM + key, redis_keys.CLAIM_ALIVE + key],
-                                             args=self._claim_args(new_task_id(key)))
-            if holder is not None:
-                return (holder.decode() if isinstance(holder, bytes) else holder), bool(won)
-        raise redis.RedisError("the claim for this key kept changing hands")
-
-    def _release(self, key: str, task_id: str) -> None:
-        try:
-            self._release_claim(keys=[redis_keys.CLAIM + key, redis_keys.CLAIM_ALIVE + key], args=[task_id])
-        except redis.RedisError as exc:
-            log.warning("could not release claim %s (%s); it expires by itself", key[:12], exc)
+    def _live_flights(self) -> List[Flight]:
+        with self._flights_lock:
+            return [f for f in self._flights.values() if f.task_id and not f.future.done()]
 
     def _keep_claims(self) -> None:
         """Renew the leases this replica owns; take over those whose owner stopped renewing (died)."""
@@ -547,10 +365,8 @@ class FrontService:
         """One round of the keeper: time out overdue flights, renew waiter leases and owned claims,
         take over the others' lapsed ones. Only Redis errors can stop a round (the keeper retries)."""
         now = time.monotonic()
-        with self._flights_lock:
-            flights = [f for f in self._flights.values() if f.task_id and not f.future.done()]
         live = []
-        for flight in flights:
+        for flight in self._live_flights():
             if now - flight.born > self.config.flight_timeout_s:
                 self._finish(flight, ProtocolError(protocol.E_TIMEOUT, "the generation took longer than "
                                                    f"{self.config.flight_timeout_s:.0f} s; retry later"))
@@ -559,30 +375,14 @@ class FrontService:
         if not live:
             return
         pipe = self._redis.pipeline(transaction=False)
-        for flight in live:
-            self._renew_waiters(flight, pipe)
+        self.waiters.renew(live, pipe)
         pipe.execute()
-        pipe = self._redis.pipeline(transaction=False)
-        for flight in live:
-            if flight.owner:
-                self._renew_claim(keys=[redis_keys.CLAIM + flight.key, redis_keys.CLAIM_ALIVE + flight.key],
-                                  args=self._claim_args(flight.task_id, "renew"), client=pipe)
-            else:
-                pipe.exists(redis_keys.CLAIM_ALIVE + flight.key)
-        for flight, reply in zip(live, pipe.execute()):
-            if flight.owner:
-                if not reply:
-                    log.warning("claim for %s is held by another task now", flight.key[:12])
-                    flight.owner = False
-            elif not reply and not flight.future.done():
-                self._take_over(flight)
+        for flight in self.claims.renew(live, self._redis.pipeline(transaction=False)):
+            if self.claims.take_over(flight):
+                self._adopt(flight)
 
-    def _take_over(self, flight: Flight) -> None:
-        """The claimer stopped renewing (it died): claim the same task and adopt it (producer.adopt)."""
-        if not self._renew_claim(keys=[redis_keys.CLAIM + flight.key, redis_keys.CLAIM_ALIVE + flight.key],
-                                 args=self._claim_args(flight.task_id, "takeover")):
-            return  # another replica took over first, or the key has a newer task; we keep waiting
-        flight.owner = True
+    def _adopt(self, flight: Flight) -> None:
+        """We took over a dead claimer's claim: its task is ours to see through (producer.adopt)."""
         try:
             queued_now = self._submit(flight, adopting=True)
         except ProtocolError as exc:
@@ -637,13 +437,6 @@ def _on_loop(loop: asyncio.AbstractEventLoop, on_status: Optional[StatusCallback
             pass
 
     return call
-
-
-def _quietly(callback: Callable[[], None]) -> None:
-    try:
-        callback()
-    except Exception:  # noqa: BLE001 - one listener must not stop the others
-        log.exception("a flight listener failed")
 
 
 def _never_raises(on_status: Optional[StatusCallback]) -> Optional[StatusCallback]:
