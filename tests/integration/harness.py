@@ -30,6 +30,7 @@ from tests.services import free_port
 
 RESULT_PREFIX = "celery-task-meta-"  # Celery's Redis result backend: key and channel of each task's state
 GATEWAY_REPLICA = "ServeReplica:gateway:Gateway"
+DOWN_TIMEOUT_S = 2.0  # a test stack keeps nothing: SIGKILL what has not stopped after this long
 WORKER_REPLICA = "ServeReplica:workers-"  # workers-<model>:GenerationConsumer
 
 
@@ -67,7 +68,7 @@ def local_stack(mode: str = "celery", workers: int = 1, env: Optional[Dict[str, 
         stack.up(log=lambda *_: None)
         yield stack
     finally:
-        stack.down(log=lambda *_: None)
+        stack.down(log=lambda *_: None, timeout=DOWN_TIMEOUT_S)
         os.environ.clear()
         os.environ.update(saved)
         _remove_home(stack)
@@ -110,7 +111,7 @@ class SharedStack:
 
     def close(self) -> None:
         if self._base is not None:
-            self._base.down(log=lambda *_: None)
+            self._base.down(log=lambda *_: None, timeout=DOWN_TIMEOUT_S)
             _remove_home(self._base)
 
 
