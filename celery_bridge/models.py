@@ -17,8 +17,8 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from client import protocol
-from celery_bridge.config import config_dir
 from celery_bridge import redis_keys
+from celery_bridge.config import config_dir
 
 MODELS_FILE_ENV = "SDGATE_MODELS_FILE"
 SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt")

@@ -14,8 +14,8 @@ from typing import List
 
 import redis
 
-from celery_bridge.models import model_counter
 from celery_bridge import redis_keys
+from celery_bridge.models import model_counter
 
 log = logging.getLogger(__name__)
 PERIOD_S = 2.0

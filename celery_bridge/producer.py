@@ -20,12 +20,11 @@ import redis
 from kombu.transport.redis import Channel as KombuRedisChannel
 
 from client.protocol import E_INTERNAL, GenerationRequest
-from celery_bridge import progress
+from celery_bridge import progress, redis_keys
 from celery_bridge.app import make_celery_app
 from celery_bridge.config import CeleryConfig
 from celery_bridge.contract import TASK_NAME, GenerationResult, task_payload
 from celery_bridge.models import queue_for
-from celery_bridge import redis_keys
 
 log = logging.getLogger(__name__)
 STATE_STARTED, STATE_SUCCESS, STATE_FAILURE = "STARTED", "SUCCESS", "FAILURE"

@@ -24,11 +24,10 @@ from sse_starlette import ServerSentEvent
 
 from client import protocol
 from client.protocol import GenerationRequest, InvalidRequest, ProtocolError
-from celery_bridge import progress
+from celery_bridge import progress, redis_keys
 from celery_bridge.lifecycle import RECORD_SCRIPT, TERMINAL as TERMINAL_STATES, IllegalTransition, State, advance
 from serve_app import sse, stats
 from serve_app.front import FrontService
-from celery_bridge import redis_keys
 
 log = logging.getLogger(__name__)
 JOB_TTL_S = 3600

@@ -16,6 +16,7 @@ from typing import List
 import pytest
 import redis
 
+from celery_bridge import redis_keys
 from celery_bridge.config import CeleryConfig
 from celery_bridge.contract import GenerationResult
 from celery_bridge.models import load_catalogue, queue_for
@@ -25,7 +26,6 @@ from client import protocol
 from client.protocol import GenerationRequest, ProtocolError
 from serve_app import stats
 from serve_app.config import GatewayConfig
-from celery_bridge import redis_keys
 from serve_app.front import FrontService
 from serve_app.store import SQLiteImageStore
 from tests.resolve import resolved

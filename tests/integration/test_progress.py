@@ -14,6 +14,7 @@ from typing import Any, Dict, List
 import pytest
 import redis
 
+from celery_bridge import redis_keys
 from celery_bridge import progress
 from celery_bridge.config import CeleryConfig
 from celery_bridge.producer import GenerationProducer, new_task_id
@@ -27,7 +28,6 @@ from serve_app.store import SQLiteImageStore
 from tests.integration.conftest import PlainWorker
 from tests.integration import harness
 from tests.resolve import key_of, resolved
-from celery_bridge import redis_keys
 
 pytestmark = pytest.mark.integration
 RESULT_PREFIX = "celery-task-meta-"
