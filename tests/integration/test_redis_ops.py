@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import socket
 import stat
 import subprocess
 import sys
@@ -125,9 +126,12 @@ def celery_tool(acl_redis: int, *args: str) -> subprocess.CompletedProcess:
 
 def test_celery_inspect_sees_the_worker(acl_redis, acl_worker):
     """Operators' own tools load sdgate's module-level app: `celery -A celery_bridge inspect ...`."""
-    ping = celery_tool(acl_redis, "inspect", "ping", "--timeout", "10")
+    # Naming the worker (its hostname is sdgate-<pid>@<host>) lets inspect return on its reply
+    # instead of waiting out the whole timeout for workers that might exist.
+    worker = f"sdgate-{acl_worker.process.pid}@{socket.gethostname()}"
+    ping = celery_tool(acl_redis, "inspect", "ping", "--timeout", "10", "-d", worker)
     assert ping.returncode == 0 and "pong" in ping.stdout, ping.stdout + ping.stderr
-    stats = celery_tool(acl_redis, "inspect", "stats", "--timeout", "10")
+    stats = celery_tool(acl_redis, "inspect", "stats", "--timeout", "10", "-d", worker)
     assert stats.returncode == 0 and '"prefetch_count": 1' in stats.stdout, stats.stdout + stats.stderr
 
 
