@@ -224,10 +224,7 @@ def queue_for(base_queue: str, model: str) -> str:
     return f"{base_queue}.{model}"
 
 
-# Per-model counters sit in the cluster-wide counter hash (serve_app/stats.py reads it) as
-# `models:<model>:<counter>`; model names cannot contain ':'.
-
-
 def model_counter(model: str, counter: str) -> str:
-    """The counter-hash field of `counter` for `model`."""
+    """The counter-hash field of `counter` for `model`: per-model counters sit in the cluster-wide
+    counter hash (serve_app/stats.py reads it) as `models:<model>:<counter>`; names have no ':'."""
     return f"{redis_keys.MODEL_COUNTER}{model}:{counter}"

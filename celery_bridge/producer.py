@@ -144,7 +144,8 @@ class GenerationProducer:
 
     def task_known(self, task_id: str, model: str) -> bool:
         """Whether `task_id` has a state or result, waits in `model`'s queue, or is held by a worker."""
-        keys = [self._result_prefix + task_id, *_queue_lists(queue_for(self.config.queue, model)), redis_keys.KOMBU_UNACKED]
+        keys = [self._result_prefix + task_id, *_queue_lists(queue_for(self.config.queue, model)),
+                redis_keys.KOMBU_UNACKED]
         return not self._find_lost(keys=keys, args=[task_id])
 
     def queue_length(self, model: Optional[str] = None) -> int:

@@ -100,16 +100,12 @@ def remove_waiter(client: redis.Redis, task_id: str, waiter_id: str) -> None:
     client.zrem(redis_keys.WAITERS + task_id, waiter_id)
 
 
-def mark_watched(client: redis.Redis, task_id: str) -> None:
-    """The task is queued by a gateway that counts its waiters: the worker may skip it when none is left."""
-    client.set(redis_keys.WATCHED + task_id, "1", ex=TASK_TTL_S)
-
-
 def cancel(client: redis.Redis, task_id: str, waiter_id: str) -> int:
     """`waiter_id` cancels: it leaves, and if it was the last live waiter the task is cancelled.
     Returns the live waiters left (0 means the task stops)."""
     script = client.register_script(_LEAVE_AND_CANCEL)
-    return int(script(keys=[redis_keys.WAITERS + task_id, redis_keys.TASK_CANCEL + task_id], args=[waiter_id, TASK_TTL_S]))
+    return int(script(keys=[redis_keys.WAITERS + task_id, redis_keys.TASK_CANCEL + task_id],
+                      args=[waiter_id, TASK_TTL_S]))
 
 
 def queue_positions(client: redis.Redis, queue: str, task_ids: List[str], limit: int = 1000) -> Dict[str, Optional[int]]:
@@ -170,7 +166,8 @@ class ProgressReporter:
     def check_start(self) -> None:
         """Raise TaskCancelled when the task was cancelled, or every waiter left before it started."""
         cancelled, watched, live = self.client.register_script(_START_CHECK)(
-            keys=[redis_keys.TASK_CANCEL + self.task_id, redis_keys.WATCHED + self.task_id, redis_keys.WAITERS + self.task_id])
+            keys=[redis_keys.TASK_CANCEL + self.task_id, redis_keys.WATCHED + self.task_id,
+                  redis_keys.WAITERS + self.task_id])
         if cancelled:
             raise TaskCancelled(CANCELLED_MESSAGE)
         if watched and not live:

@@ -187,7 +187,6 @@ class WorkerRuntime:
         # 2. Load the pipeline once, before taking any task; a model that cannot load fails here.
         self.service = GenerationService(worker_config, time_limit_s=celery_config.soft_time_limit_s,
                                          on_rendered=lambda model: count_rendered(client, model), redis_client=client)
-        log.info("%s: model %r loaded in %.1f s", what, worker_config.model, self.service.load_seconds)
         # 3. Renew the leases of held tasks, and tell gateways we serve the model.
         self.leases = LeaseKeeper(client, celery_config.lease_renew_s).start()
         self.presence = Heartbeat(client, worker_config.model, self.service.name).start()

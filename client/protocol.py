@@ -434,7 +434,8 @@ class FrameDecoder:
                 return None
             kind, length = decode_header(bytes(self._buffer[:HEADER.size]))
             if self.accepted is not None and length > self.accepted.get(kind, 0):
-                raise ProtocolError(E_FRAME_TOO_LARGE, f"{FRAME_NAMES[kind]} frame of {length} bytes is not accepted here")
+                raise ProtocolError(E_FRAME_TOO_LARGE,
+                                    f"{FRAME_NAMES[kind]} frame of {length} bytes is not accepted here")
             del self._buffer[:HEADER.size]
             self._header = (kind, length)
         kind, length = self._header

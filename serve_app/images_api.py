@@ -8,6 +8,7 @@ import json
 from typing import Any, Dict, Optional, Tuple
 
 from starlette.requests import Request
+
 from client import protocol
 from client.protocol import GenerationRequest, InvalidRequest, ProtocolError
 from serve_app.admission import Admission, check_json_depth

@@ -54,15 +54,16 @@ def image_response(store: ImageStore, name: str, if_none_match: Optional[str]) -
     """The PNG behind a key, with its ETag; 304 on a matching If-None-Match; 404 when not cached."""
     key = image_key(name)
     if key is None:
-        return error_response(protocol.E_INVALID_REQUEST, f"{name[:80]!r} is not an image name: use /v1/images/<cache key>.png "
-                      "(64 lowercase hex characters, the `key` of a generation)", "key")
+        return error_response(protocol.E_INVALID_REQUEST, f"{name[:80]!r} is not an image name: use "
+                              "/v1/images/<cache key>.png (64 lowercase hex characters, the `key` of a generation)",
+                              "key")
     headers = {"ETag": f'"{key}"', "Cache-Control": IMMUTABLE}
     if not_modified(key, if_none_match):
         return Response(status_code=304, headers=headers)
     cached = store.get(key)
     if cached is None:
         return error_response(E_NOT_FOUND, f"no cached image for key {key[:12]}...: it was never rendered here or "
-                      "has been evicted; generate it again with the same parameters", "key")
+                              "has been evicted; generate it again with the same parameters", "key")
     return Response(cached.png, media_type="image/png", headers=headers)
 
 

@@ -30,8 +30,8 @@ from tests.services import free_port
 
 RESULT_PREFIX = "celery-task-meta-"  # Celery's Redis result backend: key and channel of each task's state
 GATEWAY_REPLICA = "ServeReplica:gateway:Gateway"
-DOWN_TIMEOUT_S = 2.0  # a test stack keeps nothing: SIGKILL what has not stopped after this long
 WORKER_REPLICA = "ServeReplica:workers-"  # workers-<model>:GenerationConsumer
+DOWN_TIMEOUT_S = 2.0  # a test stack keeps nothing: SIGKILL what has not stopped after this long
 
 
 def _new_stack(mode: str, workers: int, **gateway: object) -> LocalStack:

@@ -61,7 +61,8 @@ def test_a_sleep_source_must_name_its_milliseconds():
 
     from celery_bridge.models import ModelEntry
 
-    assert ModelEntry(name="s", source="sleep:250").sleep_ms == 250 and ModelEntry(name="s", source="sleep:250").kind == "sleep"
+    sleeper = ModelEntry(name="s", source="sleep:250")
+    assert sleeper.sleep_ms == 250 and sleeper.kind == "sleep"
     assert ModelEntry(name="t", source="tiny").sleep_ms is None
     with pytest.raises(ValueError, match="sleep:<milliseconds>"):
         ModelEntry(name="s", source="sleep:fast")
