@@ -17,6 +17,7 @@ Imports no torch at module level: the gateway uses the key helpers and the waite
 from __future__ import annotations
 
 import base64
+import functools
 import io
 import json
 import logging
@@ -24,6 +25,7 @@ import time
 from typing import Any, Dict, List, Optional
 
 import redis
+from redis.commands.core import Script
 
 from celery_bridge import redis_keys
 
@@ -80,6 +82,13 @@ return out
 """
 
 
+@functools.lru_cache(maxsize=256)
+def _script(client: redis.Redis, source: str) -> Script:
+    """`source` registered on `client` once (its SHA computed once): the lease keeper runs these for
+    every flight several times a second, and a pipeline checks each distinct script object it holds."""
+    return client.register_script(source)
+
+
 def channel(task_id: str) -> str:
     return redis_keys.PROGRESS_CHANNEL + task_id
 
@@ -91,7 +100,7 @@ def add_waiters(client: redis.Redis, task_id: str, waiter_ids: List[str], lease_
     if not waiter_ids and not watched:
         return
     keys = [redis_keys.WAITERS + task_id] + ([redis_keys.WATCHED + task_id] if watched else [])
-    client.register_script(_ADD_WAITERS)(keys=keys, args=[int(lease_s * 1000), TASK_TTL_S, *waiter_ids],
+    _script(client, _ADD_WAITERS)(keys=keys, args=[int(lease_s * 1000), TASK_TTL_S, *waiter_ids],
                                          client=pipe if pipe is not None else client)
 
 
@@ -103,7 +112,7 @@ def remove_waiter(client: redis.Redis, task_id: str, waiter_id: str) -> None:
 def cancel(client: redis.Redis, task_id: str, waiter_id: str) -> int:
     """`waiter_id` cancels: it leaves, and if it was the last live waiter the task is cancelled.
     Returns the live waiters left (0 means the task stops)."""
-    script = client.register_script(_LEAVE_AND_CANCEL)
+    script = _script(client, _LEAVE_AND_CANCEL)
     return int(script(keys=[redis_keys.WAITERS + task_id, redis_keys.TASK_CANCEL + task_id],
                       args=[waiter_id, TASK_TTL_S]))
 
@@ -112,7 +121,7 @@ def queue_positions(client: redis.Redis, queue: str, task_ids: List[str], limit:
     """0-based place of each task in `queue` (0: next to start), None when not within `limit` of the head."""
     if not task_ids:
         return {}
-    script = client.register_script(_QUEUE_POSITIONS)
+    script = _script(client, _QUEUE_POSITIONS)
     found = script(keys=[queue], args=[limit, *task_ids])
     return {task_id: (int(pos) if int(pos) >= 0 else None) for task_id, pos in zip(task_ids, found)}
 
@@ -165,7 +174,7 @@ class ProgressReporter:
 
     def check_start(self) -> None:
         """Raise TaskCancelled when the task was cancelled, or every waiter left before it started."""
-        cancelled, watched, live = self.client.register_script(_START_CHECK)(
+        cancelled, watched, live = _script(self.client, _START_CHECK)(
             keys=[redis_keys.TASK_CANCEL + self.task_id, redis_keys.WATCHED + self.task_id,
                   redis_keys.WAITERS + self.task_id])
         if cancelled:

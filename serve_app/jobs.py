@@ -52,6 +52,7 @@ class JobService:
         self.front = front
         self.redis: redis.Redis = front._redis
         self.replica = uuid.uuid4().hex[:12]
+        self._record_script = self.redis.register_script(RECORD_SCRIPT)
         self._local: Dict[str, Dict[str, Any]] = {}  # job id -> {"record", "listeners": [asyncio.Queue]}
         self._stop = threading.Event()
         threading.Thread(target=self._keep, name="sdgate-jobs", daemon=True).start()
@@ -262,7 +263,7 @@ class JobService:
         """Write a snapshot made by _next: refused (False) when a later one, or an end, is stored
         already (lifecycle.RECORD_SCRIPT), so the record never moves backwards."""
         pipe = self.redis.pipeline(transaction=False)
-        self.redis.register_script(RECORD_SCRIPT)(keys=[redis_keys.JOB + snapshot["id"]], client=pipe,
+        self._record_script(keys=[redis_keys.JOB + snapshot["id"]], client=pipe,
                                                   args=[json.dumps(snapshot, separators=(",", ":")), JOB_TTL_S])
         if own:
             pipe.set(redis_keys.JOB_OWNER + snapshot["id"], self.replica, ex=int(OWNER_LEASE_S))
