@@ -27,6 +27,7 @@ from typing import Any, Callable, Dict, Iterable, Optional, Tuple
 
 import redis
 from kombu.transport.redis import Channel as KombuRedisChannel
+from celery_bridge.fair_share import queue_held_key
 
 log = logging.getLogger(__name__)
 DEFAULT_POLL_INTERVAL_S = 2.0
@@ -70,14 +71,16 @@ def unacked_for_queue(raw_entries: Iterable[bytes], queue: str) -> int:
 
 
 def count_queue_work(client: redis.Redis, queue: str) -> QueueWork:
-    """One consistent snapshot (MULTI/EXEC) of `queue`'s queued and in-progress tasks."""
+    """One consistent snapshot (MULTI/EXEC) of `queue`'s queued (fair-share backlogs included) and
+    in-progress tasks."""
     keys = queue_keys(queue)
     with client.pipeline(transaction=True) as pipe:
         for key in keys:
             pipe.llen(key)
+        pipe.scard(queue_held_key(queue))  # waiting in tenants' fair-share backlogs: work all the same
         pipe.hvals(KombuRedisChannel.unacked_key)
         replies = pipe.execute()
-    return QueueWork(queued=int(sum(replies[:len(keys)])), in_progress=unacked_for_queue(replies[-1], queue))
+    return QueueWork(queued=int(sum(replies[:len(keys) + 1])), in_progress=unacked_for_queue(replies[-1], queue))
 
 
 class WorkerLoadPolicy:

@@ -21,12 +21,14 @@ log = logging.getLogger(__name__)
 PERIOD_S = 2.0
 TTL_S = 6.0  # three missed heartbeats and a worker no longer counts
 
-# KEYS[1] set; ARGV: member, ttl. Drops expired members on the way.
+# KEYS[1] set, KEYS[2] slots hash; ARGV: member, ttl, slots. Drops expired members on the way.
 _BEAT = """
 local now = tonumber(redis.call('TIME')[1])
 redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
 redis.call('ZADD', KEYS[1], now + tonumber(ARGV[2]), ARGV[1])
 redis.call('EXPIRE', KEYS[1], math.ceil(tonumber(ARGV[2]) * 10))
+redis.call('HSET', KEYS[2], ARGV[1], ARGV[3])
+redis.call('EXPIRE', KEYS[2], math.ceil(tonumber(ARGV[2]) * 10))
 return 1
 """
 _LIVE = """
@@ -48,8 +50,9 @@ class Heartbeat:
     """Announces one worker of one model until stopped (a daemon thread)."""
 
     def __init__(self, client: redis.Redis, model: str, worker: str, period_s: float = PERIOD_S,
-                 ttl_s: float = TTL_S):
-        self.client, self.model, self.worker = client, model, worker
+                 ttl_s: float = TTL_S, slots: int = 1):
+        """`slots`: tasks the worker takes at once (its batch size); fair share fills that many."""
+        self.client, self.model, self.worker, self.slots = client, model, worker, max(1, int(slots))
         self.period_s, self.ttl_s = period_s, ttl_s
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="sdgate-presence", daemon=True)
@@ -61,7 +64,8 @@ class Heartbeat:
 
     def beat(self) -> None:
         try:
-            self.client.eval(_BEAT, 1, presence_key(self.model), self.worker, self.ttl_s)
+            self.client.eval(_BEAT, 2, presence_key(self.model), redis_keys.WORKER_SLOTS + self.model,
+                             self.worker, self.ttl_s, self.slots)
         except redis.RedisError as exc:  # the broker is down: nobody can route to us anyway
             log.debug("presence heartbeat failed: %s", exc)
 
@@ -70,6 +74,7 @@ class Heartbeat:
         self._stop.set()
         try:
             self.client.zrem(presence_key(self.model), self.worker)
+            self.client.hdel(redis_keys.WORKER_SLOTS + self.model, self.worker)
         except redis.RedisError:
             pass
 

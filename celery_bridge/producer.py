@@ -21,6 +21,7 @@ from kombu.transport.redis import Channel as KombuRedisChannel
 
 from client.protocol import E_INTERNAL, GenerationRequest
 from celery_bridge import progress, redis_keys
+from celery_bridge.fair_share import Dispatcher, FairShare
 from celery_bridge.app import make_celery_app
 from celery_bridge.config import CeleryConfig
 from celery_bridge.contract import TASK_NAME, GenerationResult, task_payload
@@ -36,8 +37,10 @@ LOST_CHECK_S = 5.0  # how often submitted tasks are looked for; lost after two m
 SUBSCRIBE_LAG_S = 0.05
 SUBSCRIBE_BATCH = 500  # channels per SUBSCRIBE/UNSUBSCRIBE command
 
-# KEYS: result key of each task id, then the queue lists, then the unacked hash. ARGV: the task ids.
-# Returns the ids with no result (not even STARTED), in no queue list and held by no worker: lost.
+# KEYS: result key of each task id, then the queue lists, then the fair-share held hash (or a key
+# that is never written), then the unacked hash. ARGV: the task ids.
+# Returns the ids with no result (not even STARTED), in no queue list or backlog and held by no
+# worker: lost.
 # One script, so a task cannot move between those places while we look.
 _FIND_LOST = """
 local n = #ARGV
@@ -47,11 +50,13 @@ local function scan(raws)
     for id in string.gmatch(raw, '__PREFIX__[%w%-]+') do seen[id] = true end
   end
 end
-for q = n + 1, #KEYS - 1 do scan(redis.call('LRANGE', KEYS[q], 0, -1)) end
+for q = n + 1, #KEYS - 2 do scan(redis.call('LRANGE', KEYS[q], 0, -1)) end
 scan(redis.call('HVALS', KEYS[#KEYS]))
 local lost = {}
 for i = 1, n do
-  if not seen[ARGV[i]] and redis.call('EXISTS', KEYS[i]) == 0 then lost[#lost + 1] = ARGV[i] end
+  if not seen[ARGV[i]] and redis.call('EXISTS', KEYS[i]) == 0 and redis.call('HEXISTS', KEYS[#KEYS - 1], ARGV[i]) == 0 then
+    lost[#lost + 1] = ARGV[i]
+  end
 end
 return lost
 """.replace("__PREFIX__", redis_keys.TASK_ID.replace("-", "%-"))
@@ -79,38 +84,65 @@ class GenerationProducer:
         self._listener = threading.Thread(target=self._listen, name="sdgate-results", daemon=True)
         self._listener.start()
         self._find_lost = self.redis.register_script(_FIND_LOST)
+        self.fair = FairShare(self.redis)
+        self.dispatcher: Optional[Dispatcher] = None
         self._poller = threading.Thread(target=self._poll_pending, name="sdgate-results-poll", daemon=True)
         self._poller.start()
 
     def submit(self, request: GenerationRequest, task_id: str, previews: int = 0,
-               expires_s: Optional[float] = None) -> None:
+               expires_s: Optional[float] = None, tenant: Optional[str] = None) -> None:
         """Queue one generation under `task_id` (call watch() first so no result is missed).
 
-        While the task is watched it is queued again if the broker loses it (see _requeue_lost).
-        `previews`: a preview every k steps; `expires_s`: Celery drops it unstarted after that long.
+        With a `tenant` it waits in that tenant's fair-share backlog until the model's workers can
+        start it (celery_bridge/fair_share.py; start_dispatcher must run in some process); without,
+        it goes to the model's Celery queue now. While the task is watched it is queued again if
+        the broker loses it (see _requeue_lost). `previews`: a preview every k steps; `expires_s`:
+        Celery drops it unstarted that long after it reaches the queue.
         """
-        payload, queue = self._message(request, previews)
-        self.app.send_task(TASK_NAME, args=[payload], task_id=task_id, queue=queue, expires=expires_s)
+        payload, queue = self._message(request, previews, tenant)
+        if tenant is None:
+            self.app.send_task(TASK_NAME, args=[payload], task_id=task_id, queue=queue, expires=expires_s)
+        else:
+            self.fair.enqueue(queue, tenant, task_id, {"payload": payload, "queue": queue, "expires_s": expires_s})
         self._remember(task_id, payload, queue)
 
+    def start_dispatcher(self, models: Callable[[], List[str]]) -> Dispatcher:
+        """Release fair-share backlogs of `models` from this process (one per gateway replica)."""
+        def queues() -> List[Tuple[str, str]]:
+            return [(queue_for(self.config.queue, model), model) for model in models()]
+
+        def send(task_id: str, entry: Dict[str, Any]) -> None:
+            self.app.send_task(TASK_NAME, args=[entry["payload"]], task_id=task_id, queue=entry["queue"],
+                               expires=entry.get("expires_s"))
+
+        def known(task_id: str, entry: Dict[str, Any]) -> bool:
+            return self.task_known(task_id, entry["payload"]["model"], held=False)
+
+        self.dispatcher = Dispatcher(self.fair, queues, send, known).start()
+        return self.dispatcher
+
     def adopt(self, request: GenerationRequest, task_id: str, previews: int = 0,
-              expires_s: Optional[float] = None) -> bool:
+              expires_s: Optional[float] = None, tenant: Optional[str] = None) -> bool:
         """Take `task_id` over from a gateway that stopped renewing its claim (it died). From now on
         this process re-queues it if the broker loses it (_requeue_lost: the one recovery path), and
         it is queued now if it is nowhere (its first owner died before queueing it, or the broker
         lost it since). True when it was queued now."""
-        payload, queue = self._message(request, previews)
+        payload, queue = self._message(request, previews, tenant)
         queued_now = not self.task_known(task_id, payload["model"])
         if queued_now:
-            self.app.send_task(TASK_NAME, args=[payload], task_id=task_id, queue=queue, expires=expires_s)
-        self._remember(task_id, payload, queue)
+            self.submit(request, task_id, previews, expires_s, tenant)
+        else:
+            self._remember(task_id, payload, queue)
         return queued_now
 
-    def _message(self, request: GenerationRequest, previews: int) -> Tuple[Dict[str, Any], str]:
+    def _message(self, request: GenerationRequest, previews: int,
+                 tenant: Optional[str] = None) -> Tuple[Dict[str, Any], str]:
         """The task's payload and the queue of its model (only that model's workers consume it)."""
         payload = task_payload(request)
         if previews:
             payload["previews"] = int(previews)  # the worker pops it: not part of the request or its key
+        if tenant is not None:
+            payload["tenant"] = tenant  # popped too: whose usage the render is
         return payload, queue_for(self.config.queue, payload["model"])
 
     def _remember(self, task_id: str, payload: Dict[str, Any], queue: str) -> None:
@@ -142,10 +174,11 @@ class GenerationProducer:
             self._watches.pop(task_id, None)
         self._subscriptions_stale.set()
 
-    def task_known(self, task_id: str, model: str) -> bool:
-        """Whether `task_id` has a state or result, waits in `model`'s queue, or is held by a worker."""
+    def task_known(self, task_id: str, model: str, held: bool = True) -> bool:
+        """Whether `task_id` has a state or result, waits in `model`'s queue (or, `held`, in a
+        fair-share backlog), or is held by a worker."""
         keys = [self._result_prefix + task_id, *_queue_lists(queue_for(self.config.queue, model)),
-                redis_keys.KOMBU_UNACKED]
+                redis_keys.FAIR_HELD if held else redis_keys.FAIR_HELD + ":none", redis_keys.KOMBU_UNACKED]
         return not self._find_lost(keys=keys, args=[task_id])
 
     def queue_length(self, model: Optional[str] = None) -> int:
@@ -154,6 +187,8 @@ class GenerationProducer:
 
     def close(self) -> None:
         self._stop.set()
+        if self.dispatcher is not None:
+            self.dispatcher.stop()
 
     # -- result delivery -------------------------------------------------------------------------
 
@@ -302,7 +337,8 @@ class GenerationProducer:
             return
         ids = list(submitted)
         queues = [name for queue in sorted({watch.queue for watch in submitted.values()}) for name in _queue_lists(queue)]
-        keys = [self._result_prefix + task_id for task_id in ids] + queues + [redis_keys.KOMBU_UNACKED]
+        keys = [self._result_prefix + task_id for task_id in ids] + queues + [redis_keys.FAIR_HELD,
+                                                                                  redis_keys.KOMBU_UNACKED]
         lost = {raw.decode() if isinstance(raw, bytes) else raw for raw in self._find_lost(keys=keys, args=ids)}
         for task_id, watch in submitted.items():
             if task_id not in lost:

@@ -18,6 +18,7 @@ from celery.worker.consumer import Consumer
 from client.protocol import E_CANCELLED, E_INTERNAL, E_TIMEOUT, MAX_PREVIEWS, GenerationRequest, InvalidRequest
 from celery_bridge.config import CeleryConfig, WorkerConfig, load_celery_config, load_worker_config
 from celery_bridge.contract import TASK_NAME, GenerationResult
+from celery_bridge.fair_share import FairShare
 from celery_bridge.models import queue_for
 from celery_bridge.progress import ProgressReporter, TaskCancelled, record_render
 
@@ -69,6 +70,7 @@ class GenerationService:
         self.tasks_done = 0
         self.on_rendered = on_rendered
         self.redis = redis_client
+        self.fair = FairShare(redis_client) if redis_client is not None else None
         # 1 renders in the calling thread as before; more needs that many consumer threads (worker_argv).
         self.max_batch_size = batch_size_for(config.max_batch_size, self.runner.entry.max_batch_size,
                                              self.runner.device)
@@ -89,7 +91,30 @@ class GenerationService:
                                 previews if isinstance(previews, int) and 0 < previews <= MAX_PREVIEWS else 0)
 
     def handle(self, payload: Any) -> Dict[str, Any]:
-        """Render one request; never raises, so both worker modes report errors the same way."""
+        """Render one request; never raises, so both worker modes report errors the same way.
+        Whatever the outcome, the task's fair-share slot is freed and its tenant's usage counted."""
+        tenant = payload.pop("tenant", None) if isinstance(payload, dict) else None  # not part of the request
+        outcome = self._handle(payload)
+        if self.redis is not None:
+            self._finished(tenant, outcome)
+        return outcome
+
+    def _finished(self, tenant: Any, outcome: Dict[str, Any]) -> None:
+        from celery import current_task
+
+        request = getattr(current_task, "request", None) if current_task else None
+        task_id, delivery = getattr(request, "id", None), getattr(request, "delivery_info", None) or {}
+        if not task_id or not isinstance(tenant, str):
+            return
+        gpu_ms = outcome.get("pipeline_ms") if outcome.get("ok") else None
+        batch_size = outcome.get("batch_size") or 1
+        try:
+            self.fair.finished(delivery.get("routing_key") or "", tenant, task_id,
+                               None if gpu_ms is None else float(gpu_ms) / batch_size)
+        except Exception as exc:  # noqa: BLE001 - the slot lapses by itself; the image must not be lost
+            log.warning("could not report task %s finished to fair share: %s", task_id, exc)
+
+    def _handle(self, payload: Any) -> Dict[str, Any]:
         GenerationTimeout = self._timeout_error  # noqa: N806 - the runner's exception class
 
         previews = payload.pop("previews", 0) if isinstance(payload, dict) else 0  # not part of the request
@@ -189,7 +214,8 @@ class WorkerRuntime:
                                          on_rendered=lambda model: count_rendered(client, model), redis_client=client)
         # 3. Renew the leases of held tasks, and tell gateways we serve the model.
         self.leases = LeaseKeeper(client, celery_config.lease_renew_s).start()
-        self.presence = Heartbeat(client, worker_config.model, self.service.name).start()
+        self.presence = Heartbeat(client, worker_config.model, self.service.name,
+                                  slots=self.service.max_batch_size).start()
 
     def stop(self) -> None:
         """After the last task is acked: its lease is no longer needed, and gateways stop counting us."""

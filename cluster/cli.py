@@ -65,20 +65,63 @@ def _status(args: argparse.Namespace) -> int:
     return 0
 
 
-def _stats(args: argparse.Namespace) -> int:
-    import redis
-
+def _redis_config(args: argparse.Namespace):
+    """The Celery config of --broker, else the local stack's Redis if one ran here, else configs/celery.yaml."""
     from celery_bridge.config import load_celery_config
-    from serve_app.stats import read_stats
 
     broker = args.broker
     if broker is None and "SDGATE_REDIS_URL" not in os.environ:
-        broker = _stack(args).status()["addresses"].get("redis")  # the local stack's, if one ran here
-    config = load_celery_config(redis_url=broker)
+        broker = _stack(args).status()["addresses"].get("redis")
+    return load_celery_config(redis_url=broker)
+
+
+def _stats(args: argparse.Namespace) -> int:
+    import redis
+
+    from serve_app.stats import read_stats
+
+    config = _redis_config(args)
     try:
         print(json.dumps(read_stats(config.redis_client(socket_timeout=5))))
     except redis.RedisError as exc:
         print(f"sdgate stats: cannot read counters from {config.redis_url}: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _tenant(args: argparse.Namespace) -> int:
+    """`sdgate tenant add|key|list|revoke|usage`; keys are printed alone on the last line, once."""
+    import redis
+
+    from serve_app.tenants import Tenant, TenantRegistry
+
+    config = _redis_config(args)
+    registry = TenantRegistry(config.redis_client(socket_timeout=5, socket_connect_timeout=5))
+    try:
+        if args.action == "add":
+            limits = {name: getattr(args, name) for name in ("rate_per_s", "max_queued", "max_running", "max_size",
+                                                            "max_steps") if getattr(args, name) is not None}
+            key = registry.add(Tenant(args.name, weight=args.weight, **limits))
+            print(f"tenant {args.name!r} added; its key is shown once, here:")
+            print(key)
+        elif args.action == "key":
+            key = registry.add_key(args.name)
+            print(f"a new key for tenant {args.name!r}, shown once, here:")
+            print(key)
+        elif args.action == "revoke":
+            count = registry.revoke(args.name, args.key_id)
+            print(f"revoked {count} key(s) of tenant {args.name!r}")
+            if not count:
+                return 1
+        elif args.action == "list":
+            print(json.dumps([dict(vars(tenant), key_ids=ids) for tenant, ids in registry.listing()], indent=2))
+        else:
+            print(json.dumps(registry.usage(), indent=2))
+    except ValueError as exc:
+        print(f"sdgate tenant {args.action}: {exc}", file=sys.stderr)
+        return 2
+    except redis.RedisError as exc:
+        print(f"sdgate tenant {args.action}: cannot reach Redis at {config.redis_url}: {exc}", file=sys.stderr)
         return 1
     return 0
 
@@ -127,6 +170,27 @@ def build_parser() -> argparse.ArgumentParser:
     stats.add_argument("--broker", help="Redis URL (default: the local stack's, else configs/celery.yaml or "
                                         "SDGATE_REDIS_URL)")
     stats.set_defaults(run=_stats)
+
+    tenant = commands.add_parser("tenant", help="tenants: their keys, weights, limits and usage")
+    actions = tenant.add_subparsers(dest="action", required=True)
+    add = actions.add_parser("add", help="create a tenant and print its first key (shown once)")
+    add.add_argument("name")
+    add.add_argument("--weight", type=float, default=1.0, help="its share of busy workers (default 1)")
+    add.add_argument("--rate-per-s", dest="rate_per_s", type=float, help="requests a second, all replicas together")
+    add.add_argument("--max-queued", dest="max_queued", type=int, help="misses waiting for a worker at once")
+    add.add_argument("--max-running", dest="max_running", type=int, help="renders at once; more wait their turn")
+    add.add_argument("--max-size", dest="max_size", type=int, help="largest width or height, in pixels")
+    add.add_argument("--max-steps", dest="max_steps", type=int, help="most denoising steps")
+    actions.add_parser("key", help="print a new key for a tenant (shown once)").add_argument("name")
+    revoke = actions.add_parser("revoke", help="revoke one key of a tenant (--key ID), or all of them")
+    revoke.add_argument("name")
+    revoke.add_argument("--key", dest="key_id", help="the key id `sdgate tenant list` shows")
+    actions.add_parser("list", help="tenants, weights, limits and key ids as JSON")
+    actions.add_parser("usage", help="per tenant: images served, images rendered, GPU milliseconds")
+    for action in actions.choices.values():
+        action.add_argument("--broker", help="Redis URL (default: the local stack's, else configs/celery.yaml or "
+                                             "SDGATE_REDIS_URL)")
+    tenant.set_defaults(run=_tenant)
     return parser
 
 

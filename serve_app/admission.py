@@ -1,4 +1,4 @@
-"""One admission path for the socket front and HTTP: token, rate limit, size limits, caps.
+"""One admission path for the socket front and HTTP: who asks (key), rate limit, size limits, caps.
 
 Everything here is cheap and non-blocking, so it runs on the event loop before a request costs
 a thread: a stranger or a slow peer costs a coroutine and a few counters, nothing more.
@@ -17,6 +17,7 @@ from typing import Dict, Optional, Tuple
 from client import protocol
 from client.protocol import ProtocolError
 from serve_app.config import GatewayConfig
+from serve_app.tenants import ANONYMOUS, OPERATOR, Tenant, TenantRegistry
 
 log = logging.getLogger(__name__)
 MAX_REQUEST_BYTES = protocol.MAX_PAYLOAD[protocol.REQUEST]  # a REQUEST frame and an HTTP body alike
@@ -77,8 +78,9 @@ class Admission:
     """The replica's gatekeeper: who may talk (token), how often (rate), how much (sizes), and how
     many may wait at once (connections and waiters, per replica and per client address)."""
 
-    def __init__(self, config: GatewayConfig):
+    def __init__(self, config: GatewayConfig, tenants: Optional[TenantRegistry] = None):
         self.config = config
+        self.tenants = tenants
         self.rate_limiter = RateLimiter(config.rate_limit_per_s, config.rate_limit_burst)
         self._lock = threading.Lock()
         self._connections = CountPerClient(
@@ -103,9 +105,28 @@ class Admission:
     # -- per request ------------------------------------------------------------------------------
 
     def check_token(self, given: Optional[str]) -> None:
-        check_token(self.config.auth_token, given)
+        self.authenticate(given)
 
-    def check_rate(self, client: str) -> None:
+    def authenticate(self, given: Optional[str]) -> Tenant:
+        """The tenant `given` (a key, or the shared token) names; raises `unauthorized`. With auth
+        off (no shared token) everyone is the anonymous tenant."""
+        expected = self.config.auth_token
+        if not expected:
+            return ANONYMOUS
+        if given and hmac.compare_digest(given.encode(), expected.encode()):
+            return OPERATOR
+        tenant = self.tenants.resolve(given) if given and self.tenants is not None else None
+        if tenant is None:
+            raise ProtocolError(protocol.E_UNAUTHORIZED, "missing, wrong or revoked key; pass --token or set "
+                                "SDGATE_TOKEN to your key (`sdgate tenant add` makes one)")
+        return tenant
+
+    def check_rate(self, client: str, tenant: Tenant = ANONYMOUS) -> None:
+        """The tenant's own rate (cluster-wide) for a tenant, the address's for anonymous callers."""
+        if tenant.authenticated:
+            if self.tenants is not None:
+                self.tenants.check_rate(tenant)
+            return
         if not self.rate_limiter.allow(client):
             raise ProtocolError(protocol.E_RATE_LIMITED, "too many requests from this address "
                                 f"(limit {self.config.rate_limit_per_s:g}/s); slow down")

@@ -42,6 +42,8 @@ class GatewayConfig:
     fast_http_port: int = 8001  # HTTP served by each replica itself (SO_REUSEPORT), no Serve proxy hop
     tls_certfile: Optional[str] = None  # PEM certificate chain; with tls_keyfile, TLS is on for the socket port and HTTP
     tls_keyfile: Optional[str] = None  # PEM private key of tls_certfile
+    # -- tenants (issue 18): keys, limits and fair share (serve_app/tenants.py, celery_bridge/fair_share.py) --
+    fair_share: bool = True  # misses wait in per-tenant backlogs and start by weight; off: first in, first out
 
     def resolved_cache_path(self) -> Path:
         return Path(self.cache_path).expanduser() if self.cache_path else sdgate_home() / "cache" / "images.db"

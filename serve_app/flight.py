@@ -40,6 +40,7 @@ class Flight:
         self.owner = False  # this replica holds the cluster claim and renews it
         self.leader_status = leader_status
         self.previews = 0  # the leader's preview interval, sent with the task
+        self.tenant: Optional[str] = None  # the leader's tenant: whose fair share and usage the task is
         self.last_event: Optional[Dict[str, Any]] = None
         self.queue_position: Optional[int] = None
         self._lock = threading.Lock()

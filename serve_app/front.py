@@ -41,10 +41,14 @@ from serve_app.claims import ClusterClaims
 from serve_app.config import GatewayConfig
 from serve_app.flight import Answer, EventCallback, Flight, StatusCallback
 from serve_app.store import ImageStore
+from serve_app.tenants import ANONYMOUS, Tenant
 from serve_app.waiters import WaiterRelay
+from celery_bridge import redis_keys
+from celery_bridge.fair_share import IMAGES_SERVED, tenant_counter
 
 __all__ = ["Answer", "FrontService", "Hooks"]
 log = logging.getLogger(__name__)
+GALLERY_KEPT = 1000  # newest entries of a tenant's own gallery
 
 
 class Hooks:
@@ -90,6 +94,8 @@ class FrontService:
         self._keeper = threading.Thread(target=self._keep_claims, name="sdgate-claims", daemon=True)
         self._keeper.start()
         self.waiters.keep_publishing(self._live_flights, self._stop)
+        if config.fair_share:
+            producer.start_dispatcher(lambda: self.catalogue.catalogue.names)
 
     @property
     def pending_misses(self) -> int:
@@ -104,31 +110,55 @@ class FrontService:
     async def generate_async(self, request: GenerationRequest, on_status: Optional[StatusCallback] = None,
                              client: str = "?", on_event: Optional[EventCallback] = None,
                              waiter_id: Optional[str] = None, timeout_s: Optional[float] = None,
-                             previews: int = 0) -> Answer:
+                             previews: int = 0, tenant: Tenant = ANONYMOUS) -> Answer:
         """The image for `request`, from the cache or a worker; raises ProtocolError with a code.
 
         Call it on an event loop; `on_status` and `on_event` (progress: state, step, steps,
         queue_position, eta_s, preview) are always called on that loop, and never raise into the
         generation (a vanished client only loses its own statuses). `waiter_id` names this waiter
-        for cancel(); `timeout_s` replaces the request deadline; `previews` asks a preview every k steps.
+        for cancel(); `timeout_s` replaces the request deadline; `previews` asks a preview every k steps;
+        `tenant`: whose limits, fair share, usage and gallery the request counts in.
         """
         waiter_id = waiter_id or uuid.uuid4().hex
         try:
-            return await self._generate(request, _never_raises(on_status), client, _never_raises(on_event),
-                                        waiter_id, timeout_s, previews)
+            answer = await self._generate(request, _never_raises(on_status), client, _never_raises(on_event),
+                                          waiter_id, timeout_s, previews, tenant)
         except ProtocolError as exc:
             self.counters.error(exc.code)
             raise
+        self.served(tenant, answer)
+        return answer
+
+    def served(self, tenant: Tenant, answer: Answer) -> None:
+        """Count an image served to `tenant` (hit or miss) and list it in the tenant's gallery."""
+        self.counters.incr(tenant_counter(tenant.name, IMAGES_SERVED))
+        if tenant.authenticated:
+            self._reads.submit(self._note_in_gallery, tenant, answer)
+
+    def _note_in_gallery(self, tenant: Tenant, answer: Answer) -> None:
+        """The tenant's own gallery lists what it asked for (the cache itself is shared)."""
+        key = answer.meta.get("key")
+        if not key:
+            return
+        gallery = redis_keys.TENANT_GALLERY + tenant.name
+        try:
+            pipe = self._redis.pipeline(transaction=False)
+            pipe.zadd(gallery, {key: time.time()})
+            pipe.zremrangebyrank(gallery, 0, -GALLERY_KEPT - 1)
+            pipe.execute()
+        except redis.RedisError as exc:
+            log.debug("could not note %s in %s's gallery: %s", key[:12], tenant.name, exc)
 
     async def _generate(self, request: GenerationRequest, on_status: Optional[StatusCallback], client: str,
                         on_event: Optional[EventCallback], waiter_id: str, timeout_s: Optional[float],
-                        previews: int) -> Answer:
+                        previews: int, tenant: Tenant) -> Answer:
         loop = asyncio.get_running_loop()
         # 1. Fill the model and its defaults from the catalogue, then normalise and key.
         try:
             normalized = self.catalogue.resolve(request).normalized()
         except InvalidRequest as exc:
             raise ProtocolError(protocol.E_INVALID_REQUEST, str(exc), field=exc.field) from None
+        tenant.check_request(normalized.width, normalized.height, normalized.steps)
         self.catalogue.count_request(normalized.model)
         key = normalized.cache_key()
         timeout_s = self.config.request_timeout_s if timeout_s is None else timeout_s
@@ -143,12 +173,15 @@ class FrontService:
             return cached
         self.counters.incr(stats.CACHE_MISSES)
         self.catalogue.check_served(normalized.model)  # fail fast: nobody would render it
+        if tenant.max_queued:
+            tenant.check_queued(await loop.run_in_executor(self._reads, self.producer.fair.held, tenant.name))
 
         # 3. Miss: count the waiter, then join this replica's flight for the key or lead a new one.
-        self.admission.enter_wait(client)
+        who = tenant.limit_key(client)
+        self.admission.enter_wait(who)
         try:
             threadsafe = _on_loop(loop, on_status)
-            flight, leading = self._join_or_lead(key, normalized, threadsafe)
+            flight, leading = self._join_or_lead(key, normalized, threadsafe, tenant)
             listener = _on_loop(loop, on_event)
             cancelled: "asyncio.Future[None]" = loop.create_future()
             self._waiting[waiter_id] = (flight, loop, cancelled)
@@ -180,7 +213,7 @@ class FrontService:
                 self._leave_flight(flight, waiter_id, listener, left)
         finally:
             self._waiting.pop(waiter_id, None)
-            self.admission.leave_wait(client)
+            self.admission.leave_wait(who)
 
     def _lookup(self, key: str) -> Optional[Answer]:
         cached = self._cache_get(key)
@@ -188,8 +221,8 @@ class FrontService:
             self.hooks.after_cache_miss(key)
         return cached
 
-    def _join_or_lead(self, key: str, request: GenerationRequest,
-                      leader_status: Optional[StatusCallback]) -> Tuple[Flight, bool]:
+    def _join_or_lead(self, key: str, request: GenerationRequest, leader_status: Optional[StatusCallback],
+                      tenant: Tenant = ANONYMOUS) -> Tuple[Flight, bool]:
         with self._flights_lock:
             flight = self._flights.get(key)
             if flight is not None:
@@ -199,6 +232,7 @@ class FrontService:
                                     f"(limit {self.config.max_pending_misses}); cache hits are still served, "
                                     "retry in a few seconds")
             flight = self._flights[key] = Flight(key, request, leader_status)
+            flight.tenant = tenant.name
             return flight, True
 
     # -- the leader's work, on the work pool --------------------------------------------------------
@@ -260,7 +294,8 @@ class FrontService:
     def _submit(self, flight: Flight, adopting: bool = False) -> bool:
         """Queue the flight's task (or, `adopting` a dead replica's claim, only if it is nowhere);
         True when it was queued now. ProtocolError when the broker is unreachable."""
-        args = dict(previews=flight.previews, expires_s=self.config.flight_timeout_s)
+        args = dict(previews=flight.previews, expires_s=self.config.flight_timeout_s,
+                    tenant=flight.tenant if self.config.fair_share else None)
         try:
             if adopting:
                 queued_now = self.producer.adopt(flight.request, flight.task_id, **args)

@@ -36,6 +36,7 @@ from serve_app.metrics import RayMetrics
 from serve_app.placement import ingress_actor_options
 from serve_app.socket_server import SocketFrontServer
 from serve_app.store import open_store
+from serve_app.tenants import ANONYMOUS, Tenant, TenantRegistry
 
 log = logging.getLogger(__name__)
 QUEUE_DEPTH_PERIOD_S = 2.0
@@ -76,7 +77,8 @@ class Gateway:
         counters = stats.Counters(producer.redis, self.config.stats_flush_s)
         self.metrics = RayMetrics()
         counters.listeners.append(self.metrics.on_count)
-        self.admission = Admission(self.config)
+        self.tenants = TenantRegistry(producer.redis)
+        self.admission = Admission(self.config, self.tenants)
         self.front = FrontService(self.config, producer, store, counters, on_generated=self._observe_generation,
                                   admission=self.admission)
         self.socket_server = SocketFrontServer(self.front, self.config).start()
@@ -91,15 +93,15 @@ class Gateway:
         """OpenAI Images API: returns data[0].b64_json, plus sdgate's metadata."""
         client = request.client.host if request.client else "?"
         try:
-            generation, extras = await read_generation(self.admission, request, ("stream", "partial_images"))
+            generation, extras, tenant = await read_generation(self.admission, request, ("stream", "partial_images"))
         except ProtocolError as exc:
             self.front.counters.error(exc.code)
             return http_error(exc)
         streaming, partial_images = extras.get("stream", False), extras.get("partial_images", 0)
         if streaming:  # OpenAI's image streaming (serve_app/jobs_api.py)
-            return await jobs_api.stream_generation(self, generation, partial_images, client)
+            return await jobs_api.stream_generation(self, generation, partial_images, client, tenant)
         try:
-            answer = await self.front.generate_async(generation, client=client)
+            answer = await self.front.generate_async(generation, client=client, tenant=tenant)
         except ProtocolError as exc:
             return http_error(exc)
         meta = public_meta(answer.meta)
@@ -145,9 +147,14 @@ class Gateway:
                                                   request.path_params["name"], request.headers.get("if-none-match"))
 
     async def gallery(self, request: Request) -> Response:
-        """Cache entries with their parameters, newest first: `?limit=N&before=CURSOR`."""
-        refused = self._refused(request)
-        return refused or await asyncio.to_thread(webui.gallery, self.front.store, dict(request.query_params))
+        """Cache entries with their parameters, newest first: `?limit=N&before=CURSOR`; a tenant's
+        key lists only the images that tenant asked for."""
+        tenant, refused = self.authenticate(request)
+        if refused:
+            return refused
+        own = tenant.name if tenant.authenticated and tenant.name != "operator" else None
+        return await asyncio.to_thread(webui.gallery, self.front.store, dict(request.query_params),
+                                       self.front._redis if own else None, own)
 
     def healthz(self, request: Request) -> Dict[str, Any]:
         return {"ok": self.socket_server.alive(), "socket_port": self.socket_server.port,
@@ -160,13 +167,16 @@ class Gateway:
         return refused or stats.read_stats(self.front.producer.redis)
 
     def _refused(self, request: Request) -> Optional[JSONResponse]:
-        """The error answer for a request without the right token, else None."""
+        """The error answer for a request without a valid key, else None."""
+        return self.authenticate(request)[1]
+
+    def authenticate(self, request: Request) -> Tuple[Tenant, Optional[JSONResponse]]:
+        """(the tenant its key names, None), or (anonymous, the error answer)."""
         try:
-            self.admission.check_token(bearer(request))
+            return self.admission.authenticate(bearer(request)), None
         except ProtocolError as exc:
             self.front.counters.error(exc.code)
-            return http_error(exc)
-        return None
+            return ANONYMOUS, http_error(exc)
 
     def record_autoscaling_stats(self) -> Dict[str, float]:
         """Socket and fast-HTTP load for serve_app.autoscaling.gateway_load_policy (Serve sees neither)."""

@@ -12,6 +12,7 @@ from starlette.requests import Request
 from client import protocol
 from client.protocol import GenerationRequest, InvalidRequest, ProtocolError
 from serve_app.admission import Admission, check_json_depth
+from serve_app.tenants import Tenant
 
 PRIVATE_META = ("worker",)  # host names stay inside the cluster
 
@@ -62,18 +63,19 @@ async def bounded_body(request: Request) -> bytes:
     return bytes(body)
 
 
-async def read_generation(admission: Admission, request: Request,
-                          extras: Tuple[str, ...] = ()) -> Tuple[GenerationRequest, Dict[str, Any]]:
-    """Token, rate, bounded body, then the Images API body as a request plus those of the `extras`
-    fields it has (taken out before the request is checked, as they are not part of it)."""
-    admission.check_token(bearer(request))
-    admission.check_rate(request.client.host if request.client else "?")
+async def read_generation(admission: Admission, request: Request, extras: Tuple[str, ...] = ()
+                          ) -> Tuple[GenerationRequest, Dict[str, Any], Tenant]:
+    """Key, rate, bounded body, then the Images API body as a request plus those of the `extras`
+    fields it has (taken out before the request is checked, as they are not part of it), and the
+    tenant asking."""
+    tenant = admission.authenticate(bearer(request))
+    admission.check_rate(request.client.host if request.client else "?", tenant)
     body = await bounded_body(request)
     try:
         check_json_depth(body)
         fields = json.loads(body)
         taken = {name: fields.pop(name) for name in extras if isinstance(fields, dict) and name in fields}
-        return request_from_openai(fields), taken
+        return request_from_openai(fields), taken, tenant
     except RecursionError:
         raise ProtocolError(protocol.E_INVALID_REQUEST, "body nests too deep; send a flat JSON object") from None
     except (ValueError, UnicodeDecodeError) as exc:

@@ -28,6 +28,7 @@ from celery_bridge import progress, redis_keys
 from celery_bridge.lifecycle import RECORD_SCRIPT, TERMINAL as TERMINAL_STATES, IllegalTransition, State, advance
 from serve_app import sse, stats
 from serve_app.front import FrontService
+from serve_app.tenants import ANONYMOUS, OPERATOR, Tenant
 
 log = logging.getLogger(__name__)
 JOB_TTL_S = 3600
@@ -62,35 +63,38 @@ class JobService:
 
     # -- create and run -----------------------------------------------------------------------------
 
-    async def submit(self, request: GenerationRequest, previews: int = 0, client: str = "?") -> Dict[str, Any]:
-        """Create a job for `request`; a cache hit is done at once. Raises ProtocolError."""
+    async def submit(self, request: GenerationRequest, previews: int = 0, client: str = "?",
+                     tenant: Tenant = ANONYMOUS) -> Dict[str, Any]:
+        """Create a job for `request`, owned by `tenant`; a cache hit is done at once. Raises ProtocolError."""
         protocol.check_previews(previews)
         try:
             normalized = self.front.catalogue.resolve(request).normalized()
         except InvalidRequest as exc:
             raise ProtocolError(protocol.E_INVALID_REQUEST, str(exc), field=exc.field) from None
+        tenant.check_request(normalized.width, normalized.height, normalized.steps)
         record = {"id": "job-" + uuid.uuid4().hex, "object": "sdgate.job", "state": "queued",
                   "model": normalized.model, "key": normalized.cache_key(), "step": None, "steps": normalized.steps,
                   "queue_position": None, "eta_s": None, "created": int(time.time()), "cached": False,
                   "params": _params(normalized), "error": None, "previews": previews, "task_id": None,
-                  "request": normalized.to_dict(), "seq": 0}
+                  "request": normalized.to_dict(), "seq": 0, "tenant": tenant.name}
         loop = asyncio.get_running_loop()
         cached = await loop.run_in_executor(None, self.front._cache_get, record["key"])
         if cached is not None:  # answered here; a miss is counted by the front when the job runs
             self.front.catalogue.count_request(normalized.model)
             self.front.counters.incr(stats.CACHE_HITS)
+            self.front.served(tenant, cached)
             record.update(state="done", cached=True, step=normalized.steps)
             await loop.run_in_executor(None, self._save, _next(record))
             return record
         await loop.run_in_executor(None, self._save, _next(record), True)
-        self._start(record, normalized, client)
+        self._start(record, normalized, client, tenant)
         return record
 
-    def _start(self, record: Dict[str, Any], request: GenerationRequest, client: str) -> None:
+    def _start(self, record: Dict[str, Any], request: GenerationRequest, client: str, tenant: Tenant) -> None:
         self._local[record["id"]] = {"record": record, "listeners": []}
-        asyncio.get_running_loop().create_task(self._run(record, request, client))
+        asyncio.get_running_loop().create_task(self._run(record, request, client, tenant))
 
-    async def _run(self, record: Dict[str, Any], request: GenerationRequest, client: str) -> None:
+    async def _run(self, record: Dict[str, Any], request: GenerationRequest, client: str, tenant: Tenant) -> None:
         job_id = record["id"]
         loop = asyncio.get_running_loop()
         last_saved = [0.0]
@@ -130,7 +134,7 @@ class JobService:
         try:
             answer = await self.front.generate_async(request, on_status=on_status, client=client, on_event=on_event,
                                                      waiter_id=job_id, timeout_s=self.front.config.flight_timeout_s,
-                                                     previews=record.get("previews") or 0)
+                                                     previews=record.get("previews") or 0, tenant=tenant)
             final = dict(state="done", cached=answer.cached, step=record.get("steps"), queue_position=None, eta_s=0.0)
         except ProtocolError as exc:
             state = "cancelled" if exc.code == protocol.E_CANCELLED else "failed"
@@ -179,8 +183,16 @@ class JobService:
             return False
         log.warning("adopting job %s: the replica that ran it stopped renewing it", record["id"])
         request = GenerationRequest.from_dict(record["request"])
-        asyncio.get_running_loop().call_soon(self._start, record, request, "adopted")
+        asyncio.get_running_loop().call_soon(self._start, record, request, "adopted", self._tenant_of(record))
         return True
+
+    def _tenant_of(self, record: Dict[str, Any]) -> Tenant:
+        """The tenant that submitted `record` (its limits and share as they are now)."""
+        name = record.get("tenant") or ANONYMOUS.name
+        if name in (ANONYMOUS.name, OPERATOR.name):
+            return ANONYMOUS if name == ANONYMOUS.name else OPERATOR
+        tenants = self.front.admission.tenants
+        return (tenants.get(name) if tenants is not None else None) or Tenant(name)
 
     async def read(self, job_id: str) -> Optional[Dict[str, Any]]:
         """get() off the loop, adopting an orphaned job."""

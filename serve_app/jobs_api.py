@@ -22,6 +22,7 @@ from serve_app import sse
 from serve_app.images_api import public_meta, read_generation
 from serve_app.openai_errors import E_NOT_FOUND, error_body, error_response, http_error
 from serve_app.jobs import job_body
+from serve_app.tenants import ANONYMOUS, Tenant
 
 MAX_PARTIAL_IMAGES = 3
 
@@ -39,21 +40,25 @@ def _not_found(job_id: str) -> JSONResponse:
 async def create_job(gateway: Any, request: Request) -> Response:
     """POST /v1/jobs: 202 Job (queued/generating), or 200 Job (done) on a cache hit."""
     try:
-        generation, extras = await read_generation(gateway.admission, request, ("previews",))
+        generation, extras, tenant = await read_generation(gateway.admission, request, ("previews",))
         record = await gateway.jobs.submit(generation, extras.get("previews", 0) or 0,
-                                           client=request.client.host if request.client else "?")
+                                           client=request.client.host if request.client else "?", tenant=tenant)
     except ProtocolError as exc:
         return _error(gateway, exc)
     return JSONResponse(job_body(record), status_code=200 if record["state"] == "done" else 202)
 
 
 async def _job_or_refusal(gateway: Any, request: Request):
-    refused = gateway._refused(request)
+    """The job, if the caller's tenant owns it; another tenant's job is not found (404, so ids are
+    not confirmed)."""
+    tenant, refused = gateway.authenticate(request)
     if refused is not None:
         return None, refused
     job_id = request.path_params.get("job_id", "")
     record = await gateway.jobs.read(job_id)
-    return (record, None) if record is not None else (None, _not_found(job_id))
+    if record is None or record.get("tenant", ANONYMOUS.name) != tenant.name:
+        return None, _not_found(job_id)
+    return record, None
 
 
 async def get_job(gateway: Any, request: Request) -> Response:
@@ -95,7 +100,8 @@ async def delete_job(gateway: Any, request: Request) -> Response:
 
 # -- OpenAI image streaming ------------------------------------------------------------------------
 
-async def stream_generation(gateway: Any, generation: GenerationRequest, partial_images: Any, client: str) -> Response:
+async def stream_generation(gateway: Any, generation: GenerationRequest, partial_images: Any, client: str,
+                            tenant: Tenant = ANONYMOUS) -> Response:
     """`stream: true`: SSE with image_generation.partial_image (up to `partial_images`) and
     image_generation.completed, as OpenAI's Images API sends them."""
     if not isinstance(partial_images, int) or isinstance(partial_images, bool) or \
@@ -110,11 +116,11 @@ async def stream_generation(gateway: Any, generation: GenerationRequest, partial
     # A preview every k steps gives `partial_images` of them before the last step.
     every = max(1, steps // (partial_images + 1)) if partial_images else 0
     size = f"{generation.width}x{generation.height}" if generation.width and generation.height else "auto"
-    return sse.response(_stream(gateway, generation, partial_images, every, size, client))
+    return sse.response(_stream(gateway, generation, partial_images, every, size, client, tenant))
 
 
 async def _stream(gateway: Any, generation: GenerationRequest, partial_images: int, every: int, size: str,
-                  client: str) -> AsyncIterator[ServerSentEvent]:
+                  client: str, tenant: Tenant) -> AsyncIterator[ServerSentEvent]:
     queue: "asyncio.Queue[Dict[str, Any]]" = asyncio.Queue()
     common = {"size": size, "quality": "auto", "background": "opaque", "output_format": "png"}
 
@@ -123,7 +129,7 @@ async def _stream(gateway: Any, generation: GenerationRequest, partial_images: i
             queue.put_nowait(event)
 
     task = asyncio.ensure_future(gateway.front.generate_async(generation, client=client, on_event=on_event,
-                                                              previews=every))
+                                                              previews=every, tenant=tenant))
     sent = 0
     try:
         while True:

@@ -31,4 +31,8 @@ def error_response(code: str, message: str, param: Optional[str] = None,
 
 
 def http_error(exc: ProtocolError) -> JSONResponse:
+    retry_after = getattr(exc, "retry_after_s", None)  # serve_app.tenants.OverLimit: a tenant's limit
+    if retry_after is not None:
+        return JSONResponse(error_body(exc.code, exc.message, exc.field), status_code=429,
+                            headers={"Retry-After": str(retry_after)})
     return error_response(exc.code, exc.message, exc.field)

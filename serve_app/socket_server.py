@@ -18,6 +18,7 @@ from typing import Optional
 from client import protocol
 from client.protocol import ProtocolError
 from serve_app.admission import Admission, check_token, insecure_auth_warning, server_ssl_context
+from serve_app.tenants import ANONYMOUS
 from serve_app.config import GatewayConfig
 from serve_app.load_meter import LoadMeter
 from serve_app.front import FrontService
@@ -168,16 +169,18 @@ class SocketFrontServer:
                       reader: asyncio.StreamReader) -> bool:
         """Returns True when the connection may carry another request."""
         try:
+            tenant = ANONYMOUS
             if self.config.auth_token:  # before validation, so strangers learn nothing about the fields
                 body = frame.json()
-                self.admission.check_token(body.get("token") if isinstance(body, dict) else None)
+                token = body.get("token") if isinstance(body, dict) else None
+                tenant = self.admission.authenticate(token if isinstance(token, str) else None)
             if frame.kind == protocol.LIST_MODELS:
-                self.admission.check_rate(client)
+                self.admission.check_rate(client, tenant)
                 listing = await asyncio.to_thread(self.front.catalogue.listing)  # reads live workers in Redis
                 return await self._send(writer, protocol.encode_models(listing))
             request, _ = protocol.decode_request(frame)
             previews = protocol.request_previews(frame)
-            self.admission.check_rate(client)
+            self.admission.check_rate(client, tenant)
         except ProtocolError as exc:
             return await self._send_error(writer, exc)
         self.load.add(+1)
@@ -192,7 +195,7 @@ class SocketFrontServer:
 
         generation = asyncio.ensure_future(self.front.generate_async(
             request, on_status=lambda state: writer.write(protocol.encode_status(state)), client=client,
-            on_event=on_event, waiter_id=waiter_id, previews=previews))
+            on_event=on_event, waiter_id=waiter_id, previews=previews, tenant=tenant))
         peer = asyncio.ensure_future(self._watch_peer(reader, waiter_id))
         try:
             await asyncio.wait({generation, peer}, return_when=asyncio.FIRST_COMPLETED)

@@ -9,11 +9,14 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple
+
+import redis
 
 from starlette.responses import JSONResponse, Response
 
 from client import protocol
+from celery_bridge import redis_keys
 from serve_app.openai_errors import E_NOT_FOUND, error_response
 from serve_app.store import ImageStore, ListedImage
 
@@ -97,14 +100,33 @@ def gallery_item(item: ListedImage) -> Dict[str, Any]:
             "image_url": f"/v1/images/{item.key}.png"}
 
 
-def gallery(store: ImageStore, query: Dict[str, str]) -> Response:
-    """`{"object": "list", "data": [...], "next": cursor|null}`, newest first."""
+def tenant_recent(store: ImageStore, client: redis.Redis, tenant: str, limit: int,
+                  before: Optional[Tuple[float, str]]) -> List[ListedImage]:
+    """The newest images `tenant` asked for that are still cached, before the `before` cursor."""
+    listed: List[ListedImage] = []
+    high = "+inf" if before is None else f"({before[0]!r}"
+    for raw, score in client.zrevrangebyscore(redis_keys.TENANT_GALLERY + tenant, high, "-inf", start=0,
+                                              num=limit * 2, withscores=True):
+        key = raw.decode() if isinstance(raw, bytes) else raw
+        cached = store.get(key)
+        if cached is not None:
+            listed.append(ListedImage(key, float(score), cached.meta))
+        if len(listed) >= limit:
+            break
+    return listed
+
+
+def gallery(store: ImageStore, query: Dict[str, str], client: Optional[redis.Redis] = None,
+            tenant: Optional[str] = None) -> Response:
+    """`{"object": "list", "data": [...], "next": cursor|null}`, newest first; with a `tenant`, only
+    the images it asked for (its index in Redis, `client`), else every cached image."""
     try:
         limit, before = parse_gallery_query(query)
     except ValueError as exc:
         param = str(exc).split(":", 1)[0]
         return error_response(protocol.E_INVALID_REQUEST, str(exc), param)
-    listed = store.recent(limit + 1, before)
+    listed = store.recent(limit + 1, before) if tenant is None else tenant_recent(store, client, tenant, limit + 1,
+                                                                                  before)
     page = listed[:limit]
     return JSONResponse({"object": "list", "data": [gallery_item(item) for item in page],
                          "next": cursor(page[-1]) if len(listed) > limit else None})

@@ -1,0 +1,258 @@
+"""Fair share between tenants: no tenant's backlog in front of another's first image.
+
+A miss is not sent to its model's Celery queue at once. It waits in its tenant's backlog in Redis
+(`enqueue`), and a model's Celery queue is given only what its live workers can start now
+(`release`): the slots the workers announce, less the tasks released and not finished yet. Which
+tenant goes next is start-time fair queueing: each tenant has a virtual time that grows by
+1/weight per released task; the backlogged tenant with the least goes next, first in first out
+within it, and a tenant that comes back starts at the model's virtual clock (no credit saved up
+while idle). A tenant's `max_running` caps its released tasks.
+
+Every step is one Lua script, so Redis holds the whole state and no process is special: every
+gateway replica runs a `Dispatcher`, the scripts serialise them, and killing any of them loses
+nothing. A released task is sent with Celery's own `send_task` by the dispatcher that released
+it; until that send is confirmed it sits under a short lease, and if the dispatcher dies first,
+the next release hands it out again (sent again only if the broker does not have it).
+
+Workers call `finished` when a task ends, whatever its outcome: it frees the slot, counts the
+tenant's usage and wakes a dispatcher.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple
+
+import redis
+
+from celery_bridge import redis_keys
+
+log = logging.getLogger(__name__)
+SEND_LEASE_MS = 5000  # a released task whose send is not confirmed within this is handed out again
+OUT_TTL_MS = 15 * 60 * 1000  # a released task no worker reports finished stops holding its slot after this
+RELEASE_BATCH = 64  # tasks released by one script call at most
+WAKE_LIMIT = 64  # pending wake-ups kept (more say nothing new)
+IDLE_PERIOD_S = 0.5  # a dispatcher looks at every queue this often even when nobody wakes it
+
+# KEYS: tenants, backlog, held, vtime, clock, tenant held, wake, queue held.
+# ARGV: tenant, task id, entry (JSON), queue. Returns the tenant's tasks held after this one.
+_ENQUEUE = """
+if redis.call('HEXISTS', KEYS[3], ARGV[2]) == 1 then return redis.call('SCARD', KEYS[6]) end
+redis.call('SADD', KEYS[1], ARGV[1])
+if redis.call('LLEN', KEYS[2]) == 0 then
+  local clock = tonumber(redis.call('GET', KEYS[5]) or '0') or 0
+  local vt = tonumber(redis.call('HGET', KEYS[4], ARGV[1]) or '0') or 0
+  if vt < clock then redis.call('HSET', KEYS[4], ARGV[1], tostring(clock)) end
+end
+redis.call('RPUSH', KEYS[2], ARGV[2])
+redis.call('HSET', KEYS[3], ARGV[2], ARGV[3])
+redis.call('SADD', KEYS[6], ARGV[2])
+redis.call('SADD', KEYS[8], ARGV[2])
+redis.call('LPUSH', KEYS[7], ARGV[4])
+redis.call('LTRIM', KEYS[7], 0, __WAKE_LIMIT__)
+return redis.call('SCARD', KEYS[6])
+""".replace("__WAKE_LIMIT__", str(WAKE_LIMIT - 1))
+
+# KEYS: tenants, held, vtime, clock, out, presence, slots, sending, queue held.
+# ARGV: backlog prefix, tenant record prefix, tenant out prefix, tenant held prefix, send lease ms,
+#       out ttl ms, most to release.
+# Returns {task id, entry, retry} for each task to send now (retry: an unconfirmed send of before).
+_RELEASE = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local lease, ttl = tonumber(ARGV[5]), tonumber(ARGV[6])
+local released = {}
+for _, id in ipairs(redis.call('ZRANGEBYSCORE', KEYS[8], '-inf', now, 'LIMIT', 0, 16)) do
+  local entry = redis.call('HGET', KEYS[2], id)
+  if entry then
+    redis.call('ZADD', KEYS[8], now + lease, id)
+    released[#released + 1] = {id, entry, '1'}
+  else
+    redis.call('ZREM', KEYS[8], id)
+  end
+end
+redis.call('ZREMRANGEBYSCORE', KEYS[5], '-inf', now)
+local capacity = 0
+for _, worker in ipairs(redis.call('ZRANGEBYSCORE', KEYS[6], '(' .. t[1], '+inf')) do
+  capacity = capacity + (tonumber(redis.call('HGET', KEYS[7], worker) or '1') or 1)
+end
+if capacity == 0 then capacity = 1 end  -- nobody serves it yet: one queued task shows there is work
+local free = math.min(capacity - redis.call('ZCARD', KEYS[5]), tonumber(ARGV[7]))
+if free <= 0 then return released end
+local tenants = redis.call('SMEMBERS', KEYS[1])
+local clock = tonumber(redis.call('GET', KEYS[4]) or '0') or 0
+while free > 0 do
+  local best, best_vt, best_weight = nil, 0, 1
+  for _, name in ipairs(tenants) do
+    if redis.call('LLEN', ARGV[1] .. name) > 0 then
+      local record = ARGV[2] .. name
+      local cap = tonumber(redis.call('HGET', record, 'max_running') or '0') or 0
+      local open = true
+      if cap > 0 then
+        redis.call('ZREMRANGEBYSCORE', ARGV[3] .. name, '-inf', now)
+        open = redis.call('ZCARD', ARGV[3] .. name) < cap
+      end
+      if open then
+        local vt = tonumber(redis.call('HGET', KEYS[3], name) or '0') or 0
+        if best == nil or vt < best_vt or (vt == best_vt and name < best) then
+          best, best_vt = name, vt
+          best_weight = tonumber(redis.call('HGET', record, 'weight') or '1') or 1
+        end
+      end
+    end
+  end
+  if best == nil then break end
+  local id = redis.call('LPOP', ARGV[1] .. best)
+  redis.call('SREM', ARGV[4] .. best, id)
+  redis.call('SREM', KEYS[9], id)
+  local entry = redis.call('HGET', KEYS[2], id)
+  if entry then
+    if best_weight <= 0 then best_weight = 1 end
+    redis.call('HSET', KEYS[3], best, tostring(best_vt + 1 / best_weight))
+    if best_vt > clock then clock = best_vt end
+    redis.call('ZADD', KEYS[5], now + ttl, id)
+    redis.call('ZADD', ARGV[3] .. best, now + ttl, id)
+    redis.call('ZADD', KEYS[8], now + lease, id)
+    released[#released + 1] = {id, entry, '0'}
+    free = free - 1
+  end
+end
+redis.call('SET', KEYS[4], tostring(clock))
+return released
+"""
+
+# KEYS: out, tenant out, wake. ARGV: task id, queue.
+_FINISHED = """
+redis.call('ZREM', KEYS[1], ARGV[1])
+redis.call('ZREM', KEYS[2], ARGV[1])
+redis.call('LPUSH', KEYS[3], ARGV[2])
+redis.call('LTRIM', KEYS[3], 0, __WAKE_LIMIT__)
+return 1
+""".replace("__WAKE_LIMIT__", str(WAKE_LIMIT - 1))
+
+
+def backlog_key(queue: str, tenant: str) -> str:
+    return f"{redis_keys.FAIR_BACKLOG}{queue}:{tenant}"
+
+
+def queue_held_key(queue: str) -> str:
+    return f"{redis_keys.FAIR_QUEUED}{queue}"
+
+
+def tenant_counter(tenant: str, counter: str) -> str:
+    """The STATS field of `counter` for `tenant` (tenant names have no ':')."""
+    return f"{redis_keys.TENANT_COUNTER}{tenant}:{counter}"
+
+
+IMAGES_RENDERED, GPU_MS, IMAGES_SERVED = "images_rendered", "gpu_ms", "images_served"
+
+
+class FairShare:
+    """The scripts, registered once per client."""
+
+    def __init__(self, client: redis.Redis, send_lease_ms: int = SEND_LEASE_MS):
+        self.client, self.send_lease_ms = client, send_lease_ms
+        self._enqueue = client.register_script(_ENQUEUE)
+        self._release = client.register_script(_RELEASE)
+        self._finished = client.register_script(_FINISHED)
+
+    def enqueue(self, queue: str, tenant: str, task_id: str, entry: Dict[str, Any]) -> int:
+        """Put `task_id` at the end of `tenant`'s backlog for `queue`; returns the tenant's held tasks."""
+        keys = [redis_keys.FAIR_TENANTS + queue, backlog_key(queue, tenant), redis_keys.FAIR_HELD,
+                redis_keys.FAIR_VTIME + queue, redis_keys.FAIR_CLOCK + queue, redis_keys.TENANT_HELD + tenant,
+                redis_keys.FAIR_WAKE, queue_held_key(queue)]
+        return int(self._enqueue(keys=keys, args=[tenant, task_id, json.dumps(entry), queue]))
+
+    def held(self, tenant: str) -> int:
+        """Tasks of `tenant` waiting in backlogs (every model)."""
+        return int(self.client.scard(redis_keys.TENANT_HELD + tenant))
+
+    def release(self, queue: str, model: str, most: int = RELEASE_BATCH) -> List[Tuple[str, Dict[str, Any], bool]]:
+        """Hand out what `queue`'s workers can start now: [(task id, entry, retry)]; send each, then
+        `confirm` it."""
+        keys = [redis_keys.FAIR_TENANTS + queue, redis_keys.FAIR_HELD, redis_keys.FAIR_VTIME + queue,
+                redis_keys.FAIR_CLOCK + queue, redis_keys.FAIR_OUT + queue, redis_keys.PRESENCE + model,
+                redis_keys.WORKER_SLOTS + model, redis_keys.FAIR_SENDING, queue_held_key(queue)]
+        args = [backlog_key(queue, ""), redis_keys.TENANT, redis_keys.TENANT_OUT, redis_keys.TENANT_HELD,
+                self.send_lease_ms, OUT_TTL_MS, most]
+        rows = self._release(keys=keys, args=args)
+        return [(_text(task_id), json.loads(entry), _text(retry) == "1") for task_id, entry, retry in rows]
+
+    def confirm(self, task_ids: Iterable[str]) -> None:
+        """These released tasks are with the broker now."""
+        task_ids = list(task_ids)
+        if task_ids:
+            pipe = self.client.pipeline(transaction=True)
+            pipe.zrem(redis_keys.FAIR_SENDING, *task_ids)
+            pipe.hdel(redis_keys.FAIR_HELD, *task_ids)
+            pipe.execute()
+
+    def finished(self, queue: str, tenant: str, task_id: str, gpu_ms: Optional[float]) -> None:
+        """A worker is done with `task_id` (any outcome): free its slot, count the tenant's usage
+        (`gpu_ms` for a rendered image, None otherwise), wake a dispatcher."""
+        pipe = self.client.pipeline(transaction=False)
+        self._finished(keys=[redis_keys.FAIR_OUT + queue, redis_keys.TENANT_OUT + tenant, redis_keys.FAIR_WAKE],
+                       args=[task_id, queue], client=pipe)
+        if gpu_ms is not None:
+            pipe.hincrby(redis_keys.STATS, tenant_counter(tenant, IMAGES_RENDERED), 1)
+            pipe.hincrby(redis_keys.STATS, tenant_counter(tenant, GPU_MS), int(round(gpu_ms)))
+        pipe.execute()
+
+    def held_on(self, queue: str) -> int:
+        """Tasks of every tenant waiting in backlogs for `queue` (work the autoscaler must see)."""
+        return int(self.client.scard(queue_held_key(queue)))
+
+
+class Dispatcher:
+    """One per gateway replica: releases work when woken (a task queued or finished) and every
+    IDLE_PERIOD_S, and sends what it released with `send(task_id, entry)`; `known(task_id, entry)`
+    says whether a released task the previous dispatcher may have sent is with the broker already."""
+
+    def __init__(self, fair: FairShare, queues: Callable[[], Iterable[Tuple[str, str]]],
+                 send: Callable[[str, Dict[str, Any]], None], known: Callable[[str, Dict[str, Any]], bool]):
+        self.fair, self.queues, self.send, self.known = fair, queues, send, known
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="sdgate-fair-share", daemon=True)
+
+    def start(self) -> "Dispatcher":
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def release_once(self, queue: str, model: str) -> int:
+        """Release and send what `queue` can start now; returns how many were sent."""
+        sent = []
+        for task_id, entry, retry in self.fair.release(queue, model):
+            if not (retry and self.known(task_id, entry)):
+                self.send(task_id, entry)
+            sent.append(task_id)
+        self.fair.confirm(sent)
+        return len(sent)
+
+    def _run(self) -> None:
+        backoff = 0.1
+        while not self._stop.is_set():
+            try:
+                woken = self.fair.client.blpop([redis_keys.FAIR_WAKE], timeout=IDLE_PERIOD_S)
+                queues = list(self.queues())
+                if woken is not None:
+                    queue = _text(woken[1])
+                    queues = [pair for pair in queues if pair[0] == queue] or queues
+                for queue, model in queues:
+                    self.release_once(queue, model)
+                backoff = 0.1
+            except redis.RedisError as exc:
+                log.warning("fair-share dispatch lost Redis (%s); retrying in %.1f s", exc, backoff)
+                self._stop.wait(backoff)
+                backoff = min(2 * backoff, 2.0)
+            except Exception:  # noqa: BLE001 - e.g. kombu failing to publish; the lease hands it out again
+                log.exception("fair-share dispatch failed; retrying in 1 s")
+                self._stop.wait(1.0)
+
+
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)

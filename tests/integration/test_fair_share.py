@@ -1,0 +1,137 @@
+"""Fair share's scripts on a real Redis: who goes next, by weight, under caps, and after a
+dispatcher dies between releasing a task and sending it. Workers are played by heartbeats (their
+slots) and by `finished`, as a worker reports a task's end."""
+
+from __future__ import annotations
+
+import itertools
+from typing import Dict, List
+
+import pytest
+import redis
+
+from celery_bridge import redis_keys
+from celery_bridge.fair_share import FairShare
+from celery_bridge.presence import Heartbeat
+from serve_app.tenants import Tenant, TenantRegistry
+from tests.integration import harness
+
+pytestmark = pytest.mark.integration
+QUEUE, MODEL = "fair-q.tiny", "tiny"
+_ids = itertools.count()
+
+
+@pytest.fixture
+def client(redis_server):
+    client = redis.Redis.from_url(redis_server.url)
+    client.flushall()
+    yield client
+    client.close()
+
+
+def workers(client: redis.Redis, count: int, slots: int = 1) -> List[Heartbeat]:
+    beats = [Heartbeat(client, MODEL, f"worker-{n}", slots=slots) for n in range(count)]
+    for beat in beats:
+        beat.beat()  # announced once: no thread, the test is over long before the heartbeat expires
+    return beats
+
+
+def enqueue(fair: FairShare, tenant: str, count: int) -> List[str]:
+    ids = []
+    for _ in range(count):
+        task_id = f"sdgate-{tenant}-{next(_ids)}"
+        fair.enqueue(QUEUE, tenant, task_id, {"payload": {"model": MODEL, "tenant": tenant}, "queue": QUEUE})
+        ids.append(task_id)
+    return ids
+
+
+def run_one_worker(fair: FairShare, count: int) -> List[str]:
+    """Release and finish one task at a time, as one busy worker would: the order tasks started."""
+    started = []
+    for _ in range(count):
+        released = fair.release(QUEUE, MODEL)
+        assert len(released) == 1, "one worker with one slot takes exactly one task at a time"
+        task_id, entry, retry = released[0]
+        assert not retry
+        fair.confirm([task_id])
+        assert fair.release(QUEUE, MODEL) == [], "nothing more while the only slot is busy"
+        fair.finished(QUEUE, entry["payload"]["tenant"], task_id, gpu_ms=100.0)
+        started.append(task_id)
+    return started
+
+
+def test_a_light_tenant_never_waits_behind_a_heavy_backlog(client):
+    fair = FairShare(client)
+    workers(client, 1)
+    a = enqueue(fair, "a", 32)
+    b, c = enqueue(fair, "b", 2), enqueue(fair, "c", 3)
+    order = run_one_worker(fair, 37)
+    assert [t for t in order if t in a] == a and [t for t in order if t in b] == b and \
+        [t for t in order if t in c] == c, "first in, first out within each tenant"
+    tenth_of_a = order.index(a[9])
+    assert all(order.index(t) < tenth_of_a for t in b + c), order[:12]
+    assert order.index(b[0]) <= 2 and order.index(c[0]) <= 2, "each first image starts within three renders"
+    assert client.scard(redis_keys.TENANT_HELD + "a") == 0 and client.hlen(redis_keys.FAIR_HELD) == 0
+
+
+def test_tenants_share_busy_workers_by_weight(client):
+    registry = TenantRegistry(client)
+    registry.add(Tenant("heavy", weight=2))
+    registry.add(Tenant("light", weight=1))
+    fair = FairShare(client)
+    workers(client, 1)
+    heavy, light = enqueue(fair, "heavy", 60), enqueue(fair, "light", 60)
+    order = run_one_worker(fair, 60)
+    counts = {"heavy": sum(t in heavy for t in order), "light": sum(t in light for t in order)}
+    assert counts == {"heavy": 40, "light": 20}, counts
+
+
+def test_a_tenant_that_comes_back_gets_no_credit_for_its_idle_time(client):
+    fair = FairShare(client)
+    workers(client, 1)
+    run_one_worker(fair, len(enqueue(fair, "early", 1)))
+    busy = enqueue(fair, "busy", 20)
+    run_one_worker(fair, 10)  # "early" idles while "busy" runs ten
+    back = enqueue(fair, "early", 5)
+    order = run_one_worker(fair, 10)
+    assert sum(t in back for t in order) == 5 and sum(t in busy for t in order) == 5, \
+        "it shares from now on; it does not get ten in a row for the time it was away"
+
+
+def test_slots_fill_every_worker_and_max_running_caps_a_tenant(client):
+    TenantRegistry(client).add(Tenant("capped", max_running=2))
+    fair = FairShare(client)
+    workers(client, 3, slots=2)  # six tasks at once
+    enqueue(fair, "capped", 10)
+    free = enqueue(fair, "free", 10)
+    released = fair.release(QUEUE, MODEL)
+    by_tenant: Dict[str, int] = {}
+    for _, entry, _ in released:
+        by_tenant[entry["payload"]["tenant"]] = by_tenant.get(entry["payload"]["tenant"], 0) + 1
+    assert by_tenant == {"capped": 2, "free": 4}, by_tenant
+    fair.confirm([task_id for task_id, _, _ in released])
+    assert fair.release(QUEUE, MODEL) == []
+    fair.finished(QUEUE, "free", free[0], gpu_ms=None)
+    again = fair.release(QUEUE, MODEL)
+    assert [entry["payload"]["tenant"] for _, entry, _ in again] == ["free"], "capped stays at its two"
+
+
+def test_a_release_whose_send_was_never_confirmed_is_handed_out_again(client):
+    fair = FairShare(client, send_lease_ms=200)
+    workers(client, 1)
+    (task_id,) = enqueue(fair, "a", 1)
+    first = fair.release(QUEUE, MODEL)
+    assert [(t, retry) for t, _, retry in first] == [(task_id, False)]
+    # The dispatcher died before it sent the task: after the lease another one gets it, marked as a retry.
+    again = harness.wait_for(lambda: fair.release(QUEUE, MODEL), 5, "the unconfirmed release handed out again")
+    assert [(t, retry) for t, _, retry in again] == [(task_id, True)]
+    fair.confirm([task_id])
+    assert client.hlen(redis_keys.FAIR_HELD) == 0 and client.zcard(redis_keys.FAIR_SENDING) == 0
+
+
+def test_usage_is_counted_per_tenant(client):
+    fair = FairShare(client)
+    workers(client, 1)
+    enqueue(fair, "a", 2)
+    run_one_worker(fair, 2)
+    assert TenantRegistry(client).usage()["a"] == {"images_served": 0, "images_rendered": 2, "gpu_ms": 200}
