@@ -122,8 +122,8 @@ class Admission:
         return tenant
 
     def check_rate(self, client: str, tenant: Tenant = ANONYMOUS) -> None:
-        """The tenant's own rate (cluster-wide) for a tenant, the address's for anonymous callers."""
-        if tenant.authenticated:
+        """The tenant's own rate (cluster-wide) for a tenant with its own keys, else the address's."""
+        if not tenant.shared:
             if self.tenants is not None:
                 self.tenants.check_rate(tenant)
             return

@@ -62,10 +62,11 @@ class Tenant:
     max_size: int = 0  # largest width or height
     max_steps: int = 0  # most denoising steps
     authenticated: bool = True
+    shared: bool = False  # many people behind one identity (auth off, the shared token): limits per address
 
     def limit_key(self, address: str) -> str:
-        """Whose per-client caps a request counts against: the tenant's, or (anonymous) its address."""
-        return f"tenant:{self.name}" if self.authenticated else address
+        """Whose per-client caps a request counts against: the tenant's, or (shared) its address's."""
+        return address if self.shared else f"tenant:{self.name}"
 
     def to_record(self) -> Dict[str, str]:
         return {"weight": repr(self.weight), **{name: repr(getattr(self, name)) for name in LIMITS}}
@@ -95,8 +96,8 @@ class Tenant:
                             f"{self.max_queued}); wait for some to finish")
 
 
-ANONYMOUS = Tenant("anonymous", authenticated=False)
-OPERATOR = Tenant("operator")
+ANONYMOUS = Tenant("anonymous", authenticated=False, shared=True)
+OPERATOR = Tenant("operator", shared=True)
 RESERVED = (ANONYMOUS.name, OPERATOR.name)
 
 
