@@ -4,7 +4,8 @@ Every field `name` of a config dataclass can be overridden by the environment va
 `SDGATE_<NAME>` (upper case), e.g. SDGATE_REDIS_URL. Field names are unique across sections so
 that one variable means one thing everywhere. Values are validated with pydantic at load: YAML
 values and overrides must have the field's type exactly (`fp16: "no"` is an error, not True),
-environment strings are parsed into it, and an unknown key is an error naming the file.
+environment strings are parsed into it (a list is comma-separated: SDGATE_TRUSTED_PROXIES=10.0.0.0/8,fd00::/8),
+and an unknown key is an error naming the file.
 
 Secrets (the Redis password, the gateway token) may also come from a secrets file,
 $SDGATE_SECRETS_FILE or configs/secrets.env (KEY=VALUE lines, as configs/secrets.env.example),
@@ -164,8 +165,11 @@ def unknown_variables(classes, environ: Optional[Dict[str, str]] = None) -> list
 def _from_env(raw: str, hint: Any, variable: str) -> Any:
     if raw == "" and type(None) in typing.get_args(hint):
         return None
+    value: Any = raw
+    if typing.get_origin(hint) is list:  # a list is comma-separated in one variable: "a, b"
+        value = [part.strip() for part in raw.split(",") if part.strip()]
     try:
-        return TypeAdapter(hint).validate_python(raw)  # lax: "8" -> 8, "no" -> False
+        return TypeAdapter(hint).validate_python(value)  # lax: "8" -> 8, "no" -> False
     except pydantic.ValidationError as exc:
         raise ConfigError(f"environment variable {variable}={raw!r} is not valid: "
                           f"{exc.errors()[0]['msg']}") from None

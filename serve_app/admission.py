@@ -1,4 +1,5 @@
-"""One admission path for the socket front and HTTP: who asks (key), rate limit, size limits, caps.
+"""One admission path for the socket front and HTTP: who asks (key), rate limit, size limits, caps,
+and the client address those per-address limits key on (behind trusted proxies, X-Forwarded-For's).
 
 Everything here is cheap and non-blocking, so it runs on the event loop before a request costs
 a thread: a stranger or a slow peer costs a coroutine and a few counters, nothing more.
@@ -12,16 +13,19 @@ import logging
 import ssl
 import threading
 import time
-from typing import Dict, Optional, Tuple
+from typing import Dict, Optional, Sequence, Tuple
 
 from client import protocol
 from client.protocol import ProtocolError
-from serve_app.config import GatewayConfig
+from serve_app.config import GatewayConfig, Network, parse_networks
 from serve_app.tenants import ANONYMOUS, OPERATOR, Tenant, TenantRegistry
 
 log = logging.getLogger(__name__)
 MAX_REQUEST_BYTES = protocol.MAX_PAYLOAD[protocol.REQUEST]  # a REQUEST frame and an HTTP body alike
 MAX_JSON_DEPTH = 32  # deeper bodies are refused before json.loads can recurse
+# A longer X-Forwarded-For is not believed (the peer is used): walking it must stay cheap.
+MAX_FORWARDED_CHARS = 2048
+MAX_FORWARDED_ENTRIES = 32
 
 
 class RateLimiter:
@@ -74,6 +78,39 @@ def check_json_depth(body: bytes, limit: int = MAX_JSON_DEPTH) -> None:
             depth -= 1
 
 
+def client_address(peer: str, forwarded_for: Optional[str], trusted: Sequence[Network]) -> str:
+    """The address per-address limits key on. From a peer in `trusted`, the right-most entry of
+    X-Forwarded-For that is not itself a trusted proxy (the left-most if all are); else the peer.
+
+    Only the entries that trusted proxies appended are believed: a client can write anything to
+    the left of them, so the walk stops at the first address no trusted proxy vouches for. A
+    malformed entry on the way, or a header over MAX_FORWARDED_CHARS/ENTRIES, leaves the peer."""
+    if not trusted or not forwarded_for or not _is_trusted(peer, trusted):
+        return peer
+    if len(forwarded_for) > MAX_FORWARDED_CHARS or forwarded_for.count(",") >= MAX_FORWARDED_ENTRIES:
+        return peer
+    address = None
+    for entry in reversed(forwarded_for.split(",")):
+        try:
+            address = ipaddress.ip_address(entry.strip())
+        except ValueError:  # a port, a name, "unknown", garbage: nothing to key on
+            return peer
+        if not _is_trusted(address, trusted):
+            break
+    return str(address)  # canonical, so one client's spellings share one bucket
+
+
+def _is_trusted(address, trusted: Sequence[Network]) -> bool:
+    if isinstance(address, str):
+        try:
+            address = ipaddress.ip_address(address)
+        except ValueError:  # "?" (no peer) or a unix socket path
+            return False
+    if address.version == 6 and address.ipv4_mapped is not None:  # a dual-stack socket's IPv4 peer
+        address = address.ipv4_mapped
+    return any(address in network for network in trusted)
+
+
 class Admission:
     """The replica's gatekeeper: who may talk (token), how often (rate), how much (sizes), and how
     many may wait at once (connections and waiters, per replica and per client address)."""
@@ -82,6 +119,7 @@ class Admission:
         self.config = config
         self.tenants = tenants
         self.rate_limiter = RateLimiter(config.rate_limit_per_s, config.rate_limit_burst)
+        self.trusted_proxies = parse_networks(config.trusted_proxies)  # once, not per request
         self._lock = threading.Lock()
         self._connections = CountPerClient(
             config.max_connections, config.max_connections_per_client,
@@ -103,6 +141,10 @@ class Admission:
         return self._waiters.count
 
     # -- per request ------------------------------------------------------------------------------
+
+    def client_address(self, peer: str, forwarded_for: Optional[str]) -> str:
+        """The client address of an HTTP request from `peer`; see client_address()."""
+        return client_address(peer, forwarded_for, self.trusted_proxies)
 
     def check_token(self, given: Optional[str]) -> None:
         self.authenticate(given)

@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
+import dataclasses
+import ipaddress
 import logging
 import os
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Any, Iterable, List, Literal, Optional, Tuple, Union
+
+from pydantic import field_validator
 
 from celery_bridge.config import Port, config_dataclass, load_config, sdgate_home
+
+Network = Union[ipaddress.IPv4Network, ipaddress.IPv6Network]
 
 log = logging.getLogger(__name__)
 
@@ -44,9 +50,34 @@ class GatewayConfig:
     tls_keyfile: Optional[str] = None  # PEM private key of tls_certfile
     # -- tenants (issue 18): keys, limits and fair share (serve_app/tenants.py, celery_bridge/fair_share.py) --
     fair_share: bool = True  # misses wait in per-tenant backlogs and start by weight; off: first in, first out
+    # CIDRs of the reverse proxies in front of HTTP: from these peers only, X-Forwarded-For names the client
+    trusted_proxies: List[str] = dataclasses.field(default_factory=list)
+
+    @field_validator("trusted_proxies")
+    @classmethod
+    def _check_networks(cls, value: List[str]) -> List[str]:
+        parse_networks(value)
+        return value
 
     def resolved_cache_path(self) -> Path:
         return Path(self.cache_path).expanduser() if self.cache_path else sdgate_home() / "cache" / "images.db"
+
+
+def parse_networks(cidrs: Iterable[str]) -> Tuple[Network, ...]:
+    """The networks of `cidrs` (a bare address is its /32 or /128); ValueError says what to write."""
+    networks = []
+    for cidr in cidrs:
+        try:
+            networks.append(ipaddress.ip_network(cidr.strip()))
+        except ValueError:
+            try:
+                loose = ipaddress.ip_network(cidr.strip(), strict=False)
+            except ValueError:
+                raise ValueError(f"trusted_proxies entry {cidr!r} is not an IP network; write a CIDR such as "
+                                 "10.0.0.0/8 or fd00::/8, or one address such as 10.1.2.3") from None
+            raise ValueError(f"trusted_proxies entry {cidr!r} has host bits set; write its network, "
+                             f"{loose.with_prefixlen}, or the one address {cidr.split('/')[0]}") from None
+    return tuple(networks)
 
 
 def load_gateway_config(**overrides: Any) -> GatewayConfig:

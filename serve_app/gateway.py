@@ -27,7 +27,7 @@ from serve_app.admission import Admission
 from serve_app.autoscaling import SOCKET_LOAD_METRIC
 from serve_app.config import load_gateway_config
 from serve_app.front import FrontService
-from serve_app.images_api import bearer, public_meta, read_generation
+from serve_app.images_api import bearer, client_of, public_meta, read_generation
 from serve_app.openai_errors import http_error
 from serve_app import jobs_api
 from serve_app.http_front import HttpFrontServer
@@ -91,9 +91,10 @@ class Gateway:
 
     async def generations(self, request: Request) -> JSONResponse:
         """OpenAI Images API: returns data[0].b64_json, plus sdgate's metadata."""
-        client = request.client.host if request.client else "?"
+        client = client_of(self.admission, request)
         try:
-            generation, extras, tenant = await read_generation(self.admission, request, ("stream", "partial_images"))
+            generation, extras, tenant = await read_generation(self.admission, request, client,
+                                                               ("stream", "partial_images"))
         except ProtocolError as exc:
             self.front.counters.error(exc.code)
             return http_error(exc)

@@ -64,7 +64,10 @@ class HttpFrontServer:
         self._server = uvicorn.Server(uvicorn.Config(
             self.app, loop="none", http="auto", lifespan="off", access_log=False, log_level="warning",
             ssl_certfile=certfile, ssl_keyfile=keyfile, timeout_keep_alive=int(config.idle_timeout_s),
-            limit_concurrency=config.max_connections, server_header=False))
+            limit_concurrency=config.max_connections, server_header=False,
+            # uvicorn would believe X-Forwarded-For from 127.0.0.1 whatever trusted_proxies says; the
+            # peer stays the TCP peer, and images_api.client_of applies the one rule.
+            proxy_headers=False))
         self._thread = threading.Thread(target=self._run, name="sdgate-http-front", daemon=True)
         self.load = LoadMeter()
 

@@ -51,6 +51,16 @@ def bearer(request: Request) -> Optional[str]:
     return header[7:] if header.lower().startswith("bearer ") else None
 
 
+def client_of(admission: Admission, request: Request) -> str:
+    """The address this request's per-address limits key on: its TCP peer, or behind a trusted
+    proxy the client X-Forwarded-For names (Admission.client_address)."""
+    peer = request.client.host if request.client else "?"
+    # Several X-Forwarded-For lines are one list (RFC 9110, 5.3): a proxy that adds its own line
+    # after the client's would otherwise leave us the client's forgery.
+    forwarded = request.headers.getlist("x-forwarded-for")
+    return admission.client_address(peer, ",".join(forwarded) if forwarded else None)
+
+
 async def bounded_body(request: Request) -> bytes:
     """The request body, refused (frame_too_large) as soon as it passes the size limit."""
     declared = request.headers.get("content-length")
@@ -63,13 +73,13 @@ async def bounded_body(request: Request) -> bytes:
     return bytes(body)
 
 
-async def read_generation(admission: Admission, request: Request, extras: Tuple[str, ...] = ()
+async def read_generation(admission: Admission, request: Request, client: str, extras: Tuple[str, ...] = ()
                           ) -> Tuple[GenerationRequest, Dict[str, Any], Tenant]:
-    """Key, rate, bounded body, then the Images API body as a request plus those of the `extras`
-    fields it has (taken out before the request is checked, as they are not part of it), and the
-    tenant asking."""
+    """Key, rate (of `client`, from client_of, or of the tenant), bounded body, then the Images API
+    body as a request plus those of the `extras` fields it has (taken out before the request is
+    checked, as they are not part of it), and the tenant asking."""
     tenant = admission.authenticate(bearer(request))
-    admission.check_rate(request.client.host if request.client else "?", tenant)
+    admission.check_rate(client, tenant)
     body = await bounded_body(request)
     try:
         check_json_depth(body)

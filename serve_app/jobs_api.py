@@ -19,7 +19,7 @@ from starlette.responses import JSONResponse, Response
 from client import protocol
 from client.protocol import GenerationRequest, InvalidRequest, ProtocolError
 from serve_app import sse
-from serve_app.images_api import public_meta, read_generation
+from serve_app.images_api import client_of, public_meta, read_generation
 from serve_app.openai_errors import E_NOT_FOUND, error_body, error_response, http_error
 from serve_app.jobs import job_body
 from serve_app.tenants import ANONYMOUS, Tenant
@@ -40,9 +40,9 @@ def _not_found(job_id: str) -> JSONResponse:
 async def create_job(gateway: Any, request: Request) -> Response:
     """POST /v1/jobs: 202 Job (queued/generating), or 200 Job (done) on a cache hit."""
     try:
-        generation, extras, tenant = await read_generation(gateway.admission, request, ("previews",))
-        record = await gateway.jobs.submit(generation, extras.get("previews", 0) or 0,
-                                           client=request.client.host if request.client else "?", tenant=tenant)
+        client = client_of(gateway.admission, request)
+        generation, extras, tenant = await read_generation(gateway.admission, request, client, ("previews",))
+        record = await gateway.jobs.submit(generation, extras.get("previews", 0) or 0, client=client, tenant=tenant)
     except ProtocolError as exc:
         return _error(gateway, exc)
     return JSONResponse(job_body(record), status_code=200 if record["state"] == "done" else 202)
