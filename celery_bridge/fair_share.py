@@ -6,7 +6,7 @@ A miss is not sent to its model's Celery queue at once. It waits in its tenant's
 tenant goes next is start-time fair queueing: each tenant has a virtual time that grows by
 1/weight per released task; the backlogged tenant with the least goes next, first in first out
 within it, and a tenant that comes back starts at the model's virtual clock (no credit saved up
-while idle). A tenant's `max_running` caps its released tasks.
+while idle, and, once all its work has finished, no debt either). A tenant's `max_running` caps its released tasks.
 
 Every step is one Lua script, so Redis holds the whole state and no process is special: every
 gateway replica runs a `Dispatcher`, the scripts serialise them, and killing any of them loses
@@ -36,15 +36,19 @@ RELEASE_BATCH = 64  # tasks released by one script call at most
 WAKE_LIMIT = 64  # pending wake-ups kept (more say nothing new)
 IDLE_PERIOD_S = 0.5  # a dispatcher looks at every queue this often even when nobody wakes it
 
-# KEYS: tenants, backlog, held, vtime, clock, tenant held, wake, queue held.
+# KEYS: tenants, backlog, held, vtime, clock, tenant held, wake, queue held, tenant out.
 # ARGV: tenant, task id, entry (JSON), queue. Returns the tenant's tasks held after this one.
+# A tenant with nothing held or running starts at the clock: no credit for its idle time, and no
+# debt for work of its that finished while nobody else waited.
 _ENQUEUE = """
 if redis.call('HEXISTS', KEYS[3], ARGV[2]) == 1 then return redis.call('SCARD', KEYS[6]) end
 redis.call('SADD', KEYS[1], ARGV[1])
 if redis.call('LLEN', KEYS[2]) == 0 then
   local clock = tonumber(redis.call('GET', KEYS[5]) or '0') or 0
   local vt = tonumber(redis.call('HGET', KEYS[4], ARGV[1]) or '0') or 0
-  if vt < clock then redis.call('HSET', KEYS[4], ARGV[1], tostring(clock)) end
+  local t = redis.call('TIME')
+  redis.call('ZREMRANGEBYSCORE', KEYS[9], '-inf', tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000))
+  if vt < clock or redis.call('ZCARD', KEYS[9]) == 0 then redis.call('HSET', KEYS[4], ARGV[1], tostring(clock)) end
 end
 redis.call('RPUSH', KEYS[2], ARGV[2])
 redis.call('HSET', KEYS[3], ARGV[2], ARGV[3])
@@ -162,7 +166,7 @@ class FairShare:
         """Put `task_id` at the end of `tenant`'s backlog for `queue`; returns the tenant's held tasks."""
         keys = [redis_keys.FAIR_TENANTS + queue, backlog_key(queue, tenant), redis_keys.FAIR_HELD,
                 redis_keys.FAIR_VTIME + queue, redis_keys.FAIR_CLOCK + queue, redis_keys.TENANT_HELD + tenant,
-                redis_keys.FAIR_WAKE, queue_held_key(queue)]
+                redis_keys.FAIR_WAKE, queue_held_key(queue), redis_keys.TENANT_OUT + tenant]
         return int(self._enqueue(keys=keys, args=[tenant, task_id, json.dumps(entry), queue]))
 
     def held(self, tenant: str) -> int:

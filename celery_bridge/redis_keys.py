@@ -58,13 +58,15 @@ TENANT_OUT = "sdgate:tenant-out:"
 
 # Tenants (serve_app/tenants.py): TENANT (record: weight, limits), TENANT_KEYS (sha256 of a key ->
 # tenant), TENANT_KEY_IDS (per tenant: its key hashes), TENANT_RATE (per tenant and second: requests),
-# TENANT_GALLERY (per tenant: cache keys it asked for, scored by time). TENANT_COUNTER: the prefix of
+# TENANT_WAITING (per tenant: its waiters on misses, scored by lease expiry), TENANT_GALLERY (per
+# tenant: cache keys it asked for, scored by time). TENANT_COUNTER: the prefix of
 # per-tenant fields in STATS.
 TENANT = "sdgate:tenant:"
 TENANTS = "sdgate:tenants"
 TENANT_KEYS = "sdgate:tenant-keys"
 TENANT_KEY_IDS = "sdgate:tenant-key-ids:"
 TENANT_RATE = "sdgate:tenant-rate:"
+TENANT_WAITING = "sdgate:tenant-waiting:"
 TENANT_GALLERY = "sdgate:tenant-gallery:"
 TENANT_COUNTER = "tenants:"  # a field of STATS: tenants:<tenant>:<counter>
 RENDER_MS = "sdgate:render-ms:"

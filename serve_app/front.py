@@ -41,7 +41,7 @@ from serve_app.claims import ClusterClaims
 from serve_app.config import GatewayConfig
 from serve_app.flight import Answer, EventCallback, Flight, StatusCallback
 from serve_app.store import ImageStore
-from serve_app.tenants import ANONYMOUS, Tenant
+from serve_app.tenants import ANONYMOUS, Tenant, TenantWaiting
 from serve_app.waiters import WaiterRelay
 from celery_bridge import redis_keys
 from celery_bridge.fair_share import IMAGES_SERVED, tenant_counter
@@ -88,6 +88,8 @@ class FrontService:
         self._reads = ThreadPoolExecutor(config.front_threads, thread_name_prefix="sdgate-read")
         self._work = ThreadPoolExecutor(config.front_threads, thread_name_prefix="sdgate-work")
         self.claims = ClusterClaims(self._redis, config)
+        self.tenant_waiting = TenantWaiting(self._redis)
+        self._counted_waiters: Dict[str, str] = {}  # waiter id -> tenant, for tenants with a max_queued
         self.waiters = WaiterRelay(self._redis, max(3 * config.claim_lease_s, 2.0), self._work, producer.config.queue,
                                    lambda model: self.catalogue.live_count(model))
         self._stop = threading.Event()
@@ -135,6 +137,13 @@ class FrontService:
         if tenant.authenticated:
             self._reads.submit(self._note_in_gallery, tenant, answer)
 
+    @staticmethod
+    def _quietly(call, *args) -> None:
+        try:
+            call(*args)
+        except redis.RedisError as exc:  # a lease left behind lapses by itself
+            log.debug("%s failed: %s", getattr(call, "__name__", call), exc)
+
     def _note_in_gallery(self, tenant: Tenant, answer: Answer) -> None:
         """The tenant's own gallery lists what it asked for (the cache itself is shared)."""
         key = answer.meta.get("key")
@@ -174,7 +183,8 @@ class FrontService:
         self.counters.incr(stats.CACHE_MISSES)
         self.catalogue.check_served(normalized.model)  # fail fast: nobody would render it
         if tenant.max_queued:
-            tenant.check_queued(await loop.run_in_executor(self._reads, self.producer.fair.held, tenant.name))
+            await loop.run_in_executor(self._reads, self.tenant_waiting.enter, tenant, waiter_id)
+            self._counted_waiters[waiter_id] = tenant.name
 
         # 3. Miss: count the waiter, then join this replica's flight for the key or lead a new one.
         who = tenant.limit_key(client)
@@ -214,6 +224,8 @@ class FrontService:
         finally:
             self._waiting.pop(waiter_id, None)
             self.admission.leave_wait(who)
+            if self._counted_waiters.pop(waiter_id, None) is not None:
+                self._reads.submit(self._quietly, self.tenant_waiting.leave, tenant.name, waiter_id)
 
     def _lookup(self, key: str) -> Optional[Answer]:
         cached = self._cache_get(key)
@@ -407,6 +419,8 @@ class FrontService:
                                                    f"{self.config.flight_timeout_s:.0f} s; retry later"))
             else:
                 live.append(flight)
+        if self._counted_waiters:
+            self.tenant_waiting.renew(dict(self._counted_waiters))
         if not live:
             return
         pipe = self._redis.pipeline(transaction=False)

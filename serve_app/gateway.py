@@ -189,6 +189,10 @@ class Gateway:
 
     def _watch_queue(self) -> None:
         while not self._stopped.wait(QUEUE_DEPTH_PERIOD_S):
+            try:
+                self.metrics.set_tenant_usage(self.tenants.usage())
+            except Exception:  # noqa: BLE001 - as below
+                pass
             for model in self.front.catalogue.catalogue.names:
                 try:
                     self.metrics.set_model_gauges(model, self.front.producer.queue_length(model),

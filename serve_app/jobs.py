@@ -86,6 +86,8 @@ class JobService:
             record.update(state="done", cached=True, step=normalized.steps)
             await loop.run_in_executor(None, self._save, _next(record))
             return record
+        if tenant.max_queued:  # refused now (429), not after the 202; the job's wait renews it
+            await loop.run_in_executor(None, self.front.tenant_waiting.enter, tenant, record["id"])
         await loop.run_in_executor(None, self._save, _next(record), True)
         self._start(record, normalized, client, tenant)
         return record
@@ -152,6 +154,8 @@ class JobService:
             for queue in (entry or {}).get("listeners", []):
                 queue.put_nowait(("end", dict(record)))
             await loop.run_in_executor(None, self._quiet, self.redis.delete, redis_keys.JOB_OWNER + job_id)
+            if tenant.max_queued:  # its place among the tenant's waiting images, whatever the outcome
+                await loop.run_in_executor(None, self._quiet, self.front.tenant_waiting.leave, tenant.name, job_id)
 
     # -- read ----------------------------------------------------------------------------------------
 

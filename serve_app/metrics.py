@@ -6,13 +6,30 @@ Ray prefixes application metrics with `ray_`: `ray_sdgate_cache_hits_total`, ...
 
 from __future__ import annotations
 
-from typing import Dict
+from typing import Dict, List, Tuple
 
 from ray.util import metrics
 
 from serve_app import stats
 
 GENERATION_MS_BOUNDARIES = [10, 25, 50, 100, 250, 500, 1000, 2500, 5000, 10000, 30000, 60000]
+
+
+TENANT_SERIES = {
+    "images_served": "images a tenant was given, cache hits included (cluster-wide)",
+    "images_rendered": "images rendered by workers for a tenant (cluster-wide; a shared render counts once)",
+    "gpu_seconds": "worker pipeline seconds spent on a tenant's images (cluster-wide)",
+}
+
+
+def tenant_series(usage: Dict[str, Dict[str, int]]) -> List[Tuple[str, str, float]]:
+    """(series, tenant name, value) for each tenant's usage; the series carry names, never keys."""
+    rows = []
+    for tenant, counters in sorted(usage.items()):
+        rows.append(("images_served", tenant, float(counters.get("images_served", 0))))
+        rows.append(("images_rendered", tenant, float(counters.get("images_rendered", 0))))
+        rows.append(("gpu_seconds", tenant, counters.get("gpu_ms", 0) / 1000.0))
+    return rows
 
 
 class RayMetrics:
@@ -44,6 +61,15 @@ class RayMetrics:
             for counter, text in ((stats.MODEL_REQUESTS, "requests accepted for a model"),
                                   (stats.MODEL_UNAVAILABLE, "requests refused: no worker serves the model"))
         }
+
+        self._tenant_gauges = {
+            name: metrics.Gauge(f"sdgate_tenant_{name}", description=text, tag_keys=("tenant",))
+            for name, text in TENANT_SERIES.items()}
+
+    def set_tenant_usage(self, usage: Dict[str, Dict[str, int]]) -> None:
+        """Cluster-wide usage per tenant (serve_app.tenants.TenantRegistry.usage), by tenant name."""
+        for name, tenant, value in tenant_series(usage):
+            self._tenant_gauges[name].set(value, tags={"tenant": tenant})
 
     def set_model_gauges(self, model: str, queue_depth: int, live_workers: int) -> None:
         self.queue_depth.set(queue_depth, tags={"model": model})

@@ -50,6 +50,23 @@ class OverLimit(ProtocolError):
         self.limit, self.retry_after_s = limit, retry_after_s
 
 
+# KEYS[1]: the tenant's waiting set. ARGV: waiter id, lease ms, limit (0: only renew). Adds or
+# renews the waiter; -1 when a new one would pass the limit.
+_WAIT = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
+if not redis.call('ZSCORE', KEYS[1], ARGV[1]) then
+  local limit = tonumber(ARGV[3])
+  if limit == 0 then return 0 end
+  if redis.call('ZCARD', KEYS[1]) >= limit then return -1 end
+end
+redis.call('ZADD', KEYS[1], now + tonumber(ARGV[2]), ARGV[1])
+redis.call('PEXPIRE', KEYS[1], 2 * tonumber(ARGV[2]))
+return redis.call('ZCARD', KEYS[1])
+"""
+
+
 @dataclass(frozen=True)
 class Tenant:
     """A tenant's share and limits; 0 means no limit."""
@@ -57,7 +74,7 @@ class Tenant:
     name: str
     weight: float = 1.0  # its share of busy workers, relative to the other tenants with work waiting
     rate_per_s: float = 0.0  # requests per second, every replica together
-    max_queued: int = 0  # misses waiting for a worker at once; more are refused (busy)
+    max_queued: int = 0  # new images waited for at once (queued or rendering); more are refused (busy)
     max_running: int = 0  # renders at once; more wait in its backlog
     max_size: int = 0  # largest width or height
     max_steps: int = 0  # most denoising steps
@@ -90,10 +107,7 @@ class Tenant:
             raise OverLimit("max_steps", f"tenant {self.name!r} may ask for at most {self.max_steps} steps; "
                             "ask for fewer", field="steps")
 
-    def check_queued(self, held: int) -> None:
-        if self.max_queued and held >= self.max_queued:
-            raise OverLimit("max_queued", f"tenant {self.name!r} has {held} images waiting for a worker (at most "
-                            f"{self.max_queued}); wait for some to finish")
+
 
 
 ANONYMOUS = Tenant("anonymous", authenticated=False, shared=True)
@@ -215,6 +229,32 @@ class TenantRegistry:
         if int(self._rate(keys=[f"{redis_keys.TENANT_RATE}{tenant.name}:"])) > tenant.rate_per_s:
             raise OverLimit("rate_per_s", f"tenant {tenant.name!r} may send {tenant.rate_per_s:g} requests a "
                             "second; slow down", retry_after_s=1)
+
+
+class TenantWaiting:
+    """The misses each tenant with a `max_queued` waits on, cluster-wide: a lease per waiter in
+    Redis (Redis's clock), renewed by the replica it waits on, so a dead replica's lapse."""
+
+    def __init__(self, client: redis.Redis, lease_ms: int = 30_000):
+        self.client, self.lease_ms = client, lease_ms
+        self._wait = client.register_script(_WAIT)
+
+    def enter(self, tenant: Tenant, waiter_id: str) -> None:
+        """Count `waiter_id` against the tenant's max_queued; OverLimit when it is full."""
+        if int(self._wait(keys=[redis_keys.TENANT_WAITING + tenant.name],
+                          args=[waiter_id, self.lease_ms, tenant.max_queued])) < 0:
+            raise OverLimit("max_queued", f"tenant {tenant.name!r} already waits for {tenant.max_queued} new "
+                            "images (queued or rendering); wait for some to finish")
+
+    def renew(self, waiters: Dict[str, str]) -> None:
+        """Renew the leases of {waiter id: tenant name} (waiters no longer counted stay gone)."""
+        pipe = self.client.pipeline(transaction=False)
+        for waiter_id, name in waiters.items():
+            self._wait(keys=[redis_keys.TENANT_WAITING + name], args=[waiter_id, self.lease_ms, 0], client=pipe)
+        pipe.execute()
+
+    def leave(self, tenant_name: str, waiter_id: str) -> None:
+        self.client.zrem(redis_keys.TENANT_WAITING + tenant_name, waiter_id)
 
 
 def _text(value: Any) -> str:

@@ -1,0 +1,241 @@
+"""Tenants on the shared stack (one worker): fair share, keys, limits, isolation and usage.
+
+Tenants are made as an operator makes them (TenantRegistry, as `sdgate tenant add` does), with
+names of this run's own, since the stack's Redis is shared by the session.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+import uuid
+from typing import Dict, List, Optional, Tuple
+
+import pytest
+import redis
+
+from client import protocol
+from client.protocol import GenerationRequest, ProtocolError
+from celery_bridge.config import CeleryConfig
+from celery_bridge.producer import GenerationProducer, new_task_id
+from serve_app.tenants import Tenant, TenantRegistry
+from tests.integration.harness import ask, wait_for
+from tests.resolve import resolved
+
+pytestmark = pytest.mark.integration
+TOKEN = "tenants-operator-token"
+STEPS = 8  # renders of a few tenths of a second
+RUN = uuid.uuid4().hex[:6]
+
+
+@pytest.fixture(scope="module")
+def stack(shared_stack):
+    return shared_stack.with_gateway(auth_token=TOKEN)
+
+
+@pytest.fixture(scope="module")
+def registry(stack):
+    return TenantRegistry(redis.Redis.from_url(stack.redis_url, socket_timeout=5))
+
+
+def tenant(registry: TenantRegistry, name: str, **settings) -> Tuple[str, str]:
+    """(tenant name, its key) for a new tenant of this run."""
+    full = f"{name}-{RUN}-{uuid.uuid4().hex[:4]}"
+    return full, registry.add(Tenant(full, **settings))
+
+
+def http(stack, method: str, path: str, key: str, body: Optional[dict] = None):
+    """(status, JSON answer, headers) on the replica's fast port."""
+    data = json.dumps(body).encode() if body is not None else None
+    request = urllib.request.Request(f"http://127.0.0.1:{stack.gateway.fast_http_port}{path}", data=data,
+                                     method=method, headers={"Authorization": f"Bearer {key}",
+                                                             "Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=60) as response:
+            raw = response.read()
+            return response.status, (json.loads(raw) if raw[:1] in (b"{", b"[") else raw), response.headers
+    except urllib.error.HTTPError as error:
+        return error.code, json.loads(error.read()), error.headers
+
+
+def submit(stack, key: str, prompt: str, steps: int = STEPS) -> str:
+    status, job, _ = http(stack, "POST", "/v1/jobs", key, {"prompt": prompt, "steps": steps})
+    assert status == 202, job
+    return job["id"]
+
+
+def finish_times(stack, jobs: Dict[str, str], deadline_s: float = 240) -> Dict[str, float]:
+    """Each job's first-seen `done` time (monotonic), polling every job until all are done."""
+    return _poll_done(stack, jobs, deadline_s)[0]
+
+
+def finished_on_worker(stack, jobs: Dict[str, str], deadline_s: float = 240) -> Tuple[Dict[str, float], Dict[str, str]]:
+    """(first-seen `done` times, each job's `date_done` as its worker stored it): one worker, one
+    clock, so the second is the true finishing order."""
+    return _poll_done(stack, jobs, deadline_s, worker_times=True)
+
+
+def _poll_done(stack, jobs: Dict[str, str], deadline_s: float, worker_times: bool = False):
+    client = redis.Redis.from_url(stack.redis_url, socket_timeout=5)
+    seen: Dict[str, float] = {}
+    on_worker: Dict[str, str] = {}
+    end = time.monotonic() + deadline_s
+    while len(seen) < len(jobs):
+        assert time.monotonic() < end, f"{len(jobs) - len(seen)} jobs not done within {deadline_s} s"
+        for job_id, key in jobs.items():
+            if job_id not in seen:
+                status, job, _ = http(stack, "GET", f"/v1/jobs/{job_id}", key)
+                assert status == 200 and job["state"] in ("queued", "generating", "done"), job
+                if job["state"] == "done":
+                    seen[job_id] = time.monotonic()
+                    if worker_times:  # read at once: results expire after result_expires_s
+                        task_id = json.loads(client.get(f"sdgate:job:{job_id}"))["task_id"]
+                        on_worker[job_id] = json.loads(client.get(f"celery-task-meta-{task_id}"))["date_done"]
+        time.sleep(0.05)  # poll interval: polling flat out would take the worker's CPU
+    return seen, on_worker
+
+
+def lone_render_s(stack, key: str) -> float:
+    started = time.monotonic()
+    job_id = submit(stack, key, f"lone render {uuid.uuid4().hex}")
+    return finish_times(stack, {job_id: key})[job_id] - started
+
+
+def test_no_tenants_backlog_delays_anothers_first_image(stack, registry):
+    (_, a), (_, b), (_, c) = (tenant(registry, n) for n in ("heavy", "light-b", "light-c"))
+    render_s = lone_render_s(stack, TOKEN)
+    heavy = [submit(stack, a, f"a's backlog {n} {RUN}") for n in range(32)]
+    submitted = time.monotonic()
+    light_b = [submit(stack, b, f"b's image {n} {RUN}") for n in range(2)]
+    light_c = [submit(stack, c, f"c's image {n} {RUN}") for n in range(3)]
+    seen, done = finished_on_worker(stack, {**{j: b for j in light_b}, **{j: c for j in light_c},
+                                            **{j: a for j in heavy}})
+    tenth_of_a = sorted(done[j] for j in heavy)[9]
+    assert all(done[j] < tenth_of_a for j in light_b + light_c), "a light tenant's image waited behind a's backlog"
+    for first in (light_b[0], light_c[0]):
+        assert seen[first] - submitted <= 3 * render_s + 1.0, (seen[first] - submitted, render_s)
+    assert [done[j] for j in heavy] == sorted(done[j] for j in heavy), "a's own jobs first in, first out"
+
+
+def test_a_tenant_on_another_replica_is_served_fairly_too(stack, registry):
+    """B asks through another gateway process (its own producer and dispatcher over the same Redis)."""
+    (_, a), (b_name, _) = tenant(registry, "heavy"), tenant(registry, "other-replica")
+    heavy = [submit(stack, a, f"a's backlog elsewhere {n} {RUN}") for n in range(16)]
+    other = GenerationProducer(CeleryConfig(redis_url=stack.redis_url))
+    other.start_dispatcher(lambda: ["tiny"])
+    try:
+        requests = [resolved(GenerationRequest(f"b elsewhere {n} {RUN}", steps=STEPS)).normalized() for n in range(2)]
+        futures, b_tasks = [], []
+        for request in requests:
+            task_id = new_task_id(request.cache_key())
+            b_tasks.append(task_id)
+            futures.append(other.watch(task_id))
+            other.submit(request, task_id, tenant=b_name)
+        for future in futures:
+            assert future.result(timeout=120).ok
+        b_done = [json.loads(other.redis.get(f"celery-task-meta-{task_id}"))["date_done"] for task_id in b_tasks]
+        _, done = finished_on_worker(stack, {j: a for j in heavy})
+        assert sum(t < max(b_done) for t in done.values()) <= 6, "b waited behind a's backlog"
+    finally:
+        other.close()
+
+
+def test_each_limit_is_refused_with_its_name(stack, registry):
+    _, small = tenant(registry, "small", max_size=64, max_steps=5)
+    status, body, headers = http(stack, "POST", "/v1/images/generations", small,
+                                 {"prompt": "too big", "size": "128x128", "steps": 2})
+    assert status == 429 and body["error"]["message"].startswith("limit max_size") and headers["Retry-After"]
+    status, body, _ = http(stack, "POST", "/v1/images/generations", small, {"prompt": "too long", "steps": 9})
+    assert status == 429 and body["error"]["message"].startswith("limit max_steps")
+    with pytest.raises(ProtocolError) as caught:
+        ask(stack, GenerationRequest("too long on the socket", steps=9), token=small)
+    assert caught.value.code == protocol.E_BUSY and caught.value.message.startswith("limit max_steps")
+
+    _, limited = tenant(registry, "rate", rate_per_s=2)
+    statuses = [http(stack, "POST", "/v1/images/generations", limited, {"prompt": "rate", "steps": 2})
+                for _ in range(12)]
+    refused = [body for status, body, _ in statuses if status == 429]
+    assert refused and all(body["error"]["message"].startswith("limit rate_per_s") for body in refused)
+
+    _, queued = tenant(registry, "queued", max_queued=2)
+    answers = [http(stack, "POST", "/v1/jobs", queued, {"prompt": f"queued {n} {RUN}", "steps": 40})
+               for n in range(6)]
+    accepted = [body["id"] for status, body, _ in answers if status == 202]
+    refusals = [body for status, body, _ in answers if status == 429]
+    assert refusals and all(body["error"]["message"].startswith("limit max_queued") for body in refusals)
+    finish_times(stack, {job_id: queued for job_id in accepted})  # nothing accepted is lost
+
+
+def test_max_running_holds_the_rest_in_the_backlog(stack, registry):
+    name, key = tenant(registry, "one-at-a-time", max_running=1)
+    jobs = [submit(stack, key, f"one at a time {n} {RUN}") for n in range(3)]
+    client = registry.client
+    wait_for(lambda: client.zcard(f"sdgate:tenant-out:{name}") == 1 and client.scard(f"sdgate:tenant-held:{name}"),
+             30, "one released, the others held")
+    finish_times(stack, {job_id: key for job_id in jobs})
+
+
+def test_a_revoked_key_is_refused_within_a_second_and_keys_stay_secret(stack, registry):
+    name, key = tenant(registry, "revoked")
+    status, _, _ = http(stack, "POST", "/v1/images/generations", key, {"prompt": f"before revoking {RUN}", "steps": 2})
+    assert status == 200
+    ask(stack, GenerationRequest(f"socket before revoking {RUN}", steps=2), token=key)
+    assert registry.revoke(name) == 1
+    wait_for(lambda: http(stack, "GET", "/v1/models", key)[0] == 401, 1.0, "the revoked key refused")
+    with pytest.raises(ProtocolError) as caught:
+        ask(stack, GenerationRequest(f"socket after revoking {RUN}", steps=2), token=key)
+    assert caught.value.code == protocol.E_UNAUTHORIZED and key not in caught.value.message
+    listing = subprocess.run([sys.executable, "-m", "cluster.cli", "tenant", "list", "--broker", stack.redis_url],
+                             capture_output=True, text=True, timeout=60)
+    assert listing.returncode == 0 and name in listing.stdout and key not in listing.stdout
+    stats = http(stack, "GET", "/v1/stats", TOKEN)[1]
+    assert key not in json.dumps(stats)
+    folders = [stack.paths.home] + ([stack.paths.ray_temp] if stack.paths.ray_temp else [])
+    logged = [path for folder in folders for path in folder.rglob("*") if path.is_file()
+              and path.suffix in (".log", ".out", ".err") and key.encode() in path.read_bytes()]
+    assert logged == [], f"the key is in {logged}"
+
+
+def test_a_tenant_sees_only_its_own_jobs_and_gallery(stack, registry):
+    (_, a), (_, b) = tenant(registry, "owner"), tenant(registry, "stranger")
+    job_id = submit(stack, a, f"a's private job {RUN}", steps=2)
+    finish_times(stack, {job_id: a})
+    for method, path in (("GET", f"/v1/jobs/{job_id}"), ("GET", f"/v1/jobs/{job_id}/events"),
+                         ("GET", f"/v1/jobs/{job_id}/image"), ("DELETE", f"/v1/jobs/{job_id}")):
+        status, body, _ = http(stack, method, path, b)
+        assert status == 404 and body["error"]["code"] == "not_found", (method, path, body)
+    assert http(stack, "GET", f"/v1/jobs/{job_id}", a)[0] == 200
+    key_of_a = http(stack, "GET", f"/v1/jobs/{job_id}", a)[1]["key"]
+
+    def listed(tenant_key: str) -> List[str]:
+        return [item["key"] for item in http(stack, "GET", "/v1/gallery?limit=100", tenant_key)[1]["data"]]
+
+    wait_for(lambda: key_of_a in listed(a), 10, "a's image in a's gallery")
+    assert key_of_a not in listed(b)
+    # The cache stays shared: b asking for the same image gets the same bytes, and then lists it too.
+    status, same, _ = http(stack, "POST", "/v1/images/generations", b, {"prompt": f"a's private job {RUN}", "steps": 2})
+    assert status == 200 and same["sdgate"]["cached"] and same["sdgate"]["key"] == key_of_a
+    wait_for(lambda: key_of_a in listed(b), 10, "the image b asked for in b's gallery")
+
+
+def test_usage_counts_renders_once_and_hits_at_no_gpu_cost(stack, registry):
+    (a_name, a), (b_name, b) = tenant(registry, "usage-a"), tenant(registry, "usage-b")
+    body = {"prompt": f"usage {RUN}", "steps": 2}
+    assert http(stack, "POST", "/v1/images/generations", a, body)[0] == 200
+    assert http(stack, "POST", "/v1/images/generations", b, body)[0] == 200  # a hit for b
+
+    def usage() -> dict:
+        out = subprocess.run([sys.executable, "-m", "cluster.cli", "tenant", "usage", "--broker", stack.redis_url],
+                             capture_output=True, text=True, timeout=60)
+        assert out.returncode == 0, out.stderr
+        return json.loads(out.stdout)
+
+    counted = wait_for(lambda: (lambda u: u if u.get(a_name, {}).get("images_served") == 1 and
+                                u.get(b_name, {}).get("images_served") == 1 else None)(usage()), 15,
+                       "both images served counted")
+    assert counted[a_name]["images_rendered"] == 1 and counted[a_name]["gpu_ms"] > 0
+    assert counted[b_name]["images_rendered"] == 0 and counted[b_name]["gpu_ms"] == 0
