@@ -239,3 +239,55 @@ def test_usage_counts_renders_once_and_hits_at_no_gpu_cost(stack, registry):
                        "both images served counted")
     assert counted[a_name]["images_rendered"] == 1 and counted[a_name]["gpu_ms"] > 0
     assert counted[b_name]["images_rendered"] == 0 and counted[b_name]["gpu_ms"] == 0
+
+
+_REPLICA = """
+import sys, time
+from client.protocol import GenerationRequest
+from celery_bridge.config import CeleryConfig
+from celery_bridge.producer import GenerationProducer
+from tests.resolve import resolved
+producer = GenerationProducer(CeleryConfig(redis_url=sys.argv[1]))
+producer.start_dispatcher(lambda: ["tiny"])
+for line in sys.stdin:
+    tenant, task_id, prompt = line.split()
+    producer.submit(resolved(GenerationRequest(prompt, steps=%d)).normalized(), task_id, tenant=tenant)
+    print(task_id, flush=True)
+""" % STEPS
+
+
+def test_a_replica_killed_mid_run_loses_no_accepted_render_and_renders_none_twice(stack, registry):
+    """The replica that accepted the work (and dispatched it) is SIGKILLed with most of it still held:
+    another replica's dispatcher releases the rest, each task renders exactly once, fair share holds."""
+    (a_name, _), (b_name, _) = tenant(registry, "killed-a"), tenant(registry, "killed-b")
+    client = registry.client
+    rendered_before = int(client.hget("sdgate:stats", "models:tiny:rendered") or 0)
+    watcher = GenerationProducer(CeleryConfig(redis_url=stack.redis_url))
+    replica = subprocess.Popen([sys.executable, "-c", _REPLICA, stack.redis_url], stdin=subprocess.PIPE,
+                               stdout=subprocess.PIPE, text=True)
+    try:
+        work = [(a_name, f"killed-a-{n}-{RUN}") for n in range(12)] + [(b_name, f"killed-b-{n}-{RUN}") for n in range(3)]
+        futures = {}
+        for name, prompt in work:
+            task_id = new_task_id(resolved(GenerationRequest(prompt, steps=STEPS)).normalized().cache_key())
+            futures[task_id] = (name, watcher.watch(task_id))
+            replica.stdin.write(f"{name} {task_id} {prompt}\n")
+        replica.stdin.flush()
+        for _ in work:
+            assert replica.stdout.readline().strip() in futures  # accepted: in its tenant's backlog
+        wait_for(lambda: sum(f.done() for _, f in futures.values()) >= 2, 60, "the first renders")
+        replica.kill()
+        replica.wait(timeout=10)
+        assert client.scard(f"sdgate:tenant-held:{a_name}") > 0, "the kill came with work still held"
+        watcher.start_dispatcher(lambda: ["tiny"])  # the surviving replica
+        results = {task_id: future.result(timeout=180) for task_id, (_, future) in futures.items()}
+        assert all(result.ok for result in results.values())
+        finished = {task_id: json.loads(client.get(f"celery-task-meta-{task_id}"))["date_done"] for task_id in futures}
+        a_done = sorted(finished[t] for t, (name, _) in futures.items() if name == a_name)
+        assert all(finished[t] < a_done[6] for t, (name, _) in futures.items() if name == b_name), "b behind a's backlog"
+        wait_for(lambda: int(client.hget("sdgate:stats", "models:tiny:rendered") or 0) - rendered_before == len(work),
+                 10, "each accepted task rendered once")
+        assert int(client.hget("sdgate:stats", "models:tiny:rendered") or 0) - rendered_before == len(work)
+    finally:
+        replica.kill()
+        watcher.close()
