@@ -37,7 +37,8 @@ WAKE_LIMIT = 64  # pending wake-ups kept (more say nothing new)
 IDLE_PERIOD_S = 0.5  # a dispatcher looks at every queue this often even when nobody wakes it
 
 # KEYS: tenants, backlog, held, vtime, clock, tenant held, wake, queue held, tenant out.
-# ARGV: tenant, task id, entry (JSON), queue. Returns the tenant's tasks held after this one.
+# ARGV: tenant, task id, entry (JSON), queue, wake ('1': wake a dispatcher). Returns the tenant's
+# tasks held after this one.
 # A tenant with nothing held or running starts at the clock: no credit for its idle time, and no
 # debt for work of its that finished while nobody else waited.
 _ENQUEUE = """
@@ -54,8 +55,10 @@ redis.call('RPUSH', KEYS[2], ARGV[2])
 redis.call('HSET', KEYS[3], ARGV[2], ARGV[3])
 redis.call('SADD', KEYS[6], ARGV[2])
 redis.call('SADD', KEYS[8], ARGV[2])
-redis.call('LPUSH', KEYS[7], ARGV[4])
-redis.call('LTRIM', KEYS[7], 0, __WAKE_LIMIT__)
+if ARGV[5] == '1' then
+  redis.call('LPUSH', KEYS[7], ARGV[4])
+  redis.call('LTRIM', KEYS[7], 0, __WAKE_LIMIT__)
+end
 return redis.call('SCARD', KEYS[6])
 """.replace("__WAKE_LIMIT__", str(WAKE_LIMIT - 1))
 
@@ -162,12 +165,13 @@ class FairShare:
         self._release = client.register_script(_RELEASE)
         self._finished = client.register_script(_FINISHED)
 
-    def enqueue(self, queue: str, tenant: str, task_id: str, entry: Dict[str, Any]) -> int:
-        """Put `task_id` at the end of `tenant`'s backlog for `queue`; returns the tenant's held tasks."""
+    def enqueue(self, queue: str, tenant: str, task_id: str, entry: Dict[str, Any], wake: bool = True) -> int:
+        """Put `task_id` at the end of `tenant`'s backlog for `queue`; returns the tenant's held tasks.
+        `wake`: wake a dispatcher (False when the caller releases right after)."""
         keys = [redis_keys.FAIR_TENANTS + queue, backlog_key(queue, tenant), redis_keys.FAIR_HELD,
                 redis_keys.FAIR_VTIME + queue, redis_keys.FAIR_CLOCK + queue, redis_keys.TENANT_HELD + tenant,
                 redis_keys.FAIR_WAKE, queue_held_key(queue), redis_keys.TENANT_OUT + tenant]
-        return int(self._enqueue(keys=keys, args=[tenant, task_id, json.dumps(entry), queue]))
+        return int(self._enqueue(keys=keys, args=[tenant, task_id, json.dumps(entry), queue, "1" if wake else "0"]))
 
     def held(self, tenant: str) -> int:
         """Tasks of `tenant` waiting in backlogs (every model)."""

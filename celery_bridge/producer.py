@@ -103,8 +103,14 @@ class GenerationProducer:
         if tenant is None:
             self.app.send_task(TASK_NAME, args=[payload], task_id=task_id, queue=queue, expires=expires_s)
         else:
-            self.fair.enqueue(queue, tenant, task_id, {"payload": payload, "queue": queue, "expires_s": expires_s})
+            self.fair.enqueue(queue, tenant, task_id, {"payload": payload, "queue": queue, "expires_s": expires_s},
+                              wake=self.dispatcher is None)
         self._remember(task_id, payload, queue)
+        if tenant is not None and self.dispatcher is not None:  # a free worker starts it now, not on a wake-up
+            try:
+                self.dispatcher.release_once(queue, payload["model"])
+            except Exception as exc:  # noqa: BLE001 - it is held safely; the dispatcher's next round sends it
+                log.warning("releasing %s now failed (%s); the dispatcher will", task_id, exc)
 
     def start_dispatcher(self, models: Callable[[], List[str]]) -> Dispatcher:
         """Release fair-share backlogs of `models` from this process (one per gateway replica)."""

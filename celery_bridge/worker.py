@@ -11,6 +11,7 @@ import logging
 import os
 import socket
 import time
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable, Dict, List, Optional
 
 from celery.worker.consumer import Consumer
@@ -71,6 +72,7 @@ class GenerationService:
         self.on_rendered = on_rendered
         self.redis = redis_client
         self.fair = FairShare(redis_client) if redis_client is not None else None
+        self._reports = ThreadPoolExecutor(1, thread_name_prefix="sdgate-fair-report")
         # 1 renders in the calling thread as before; more needs that many consumer threads (worker_argv).
         self.max_batch_size = batch_size_for(config.max_batch_size, self.runner.entry.max_batch_size,
                                              self.runner.device)
@@ -95,22 +97,20 @@ class GenerationService:
         Whatever the outcome, the task's fair-share slot is freed and its tenant's usage counted."""
         tenant = payload.pop("tenant", None) if isinstance(payload, dict) else None  # not part of the request
         outcome = self._handle(payload)
-        if self.redis is not None:
-            self._finished(tenant, outcome)
+        if self.redis is not None and isinstance(tenant, str):
+            from celery import current_task
+
+            request = getattr(current_task, "request", None) if current_task else None
+            task_id, delivery = getattr(request, "id", None), getattr(request, "delivery_info", None) or {}
+            if task_id:  # reported beside the result's return, not before it
+                gpu_ms = outcome.get("pipeline_ms") if outcome.get("ok") else None
+                self._reports.submit(self._finished, delivery.get("routing_key") or "", tenant, task_id,
+                                     None if gpu_ms is None else float(gpu_ms) / (outcome.get("batch_size") or 1))
         return outcome
 
-    def _finished(self, tenant: Any, outcome: Dict[str, Any]) -> None:
-        from celery import current_task
-
-        request = getattr(current_task, "request", None) if current_task else None
-        task_id, delivery = getattr(request, "id", None), getattr(request, "delivery_info", None) or {}
-        if not task_id or not isinstance(tenant, str):
-            return
-        gpu_ms = outcome.get("pipeline_ms") if outcome.get("ok") else None
-        batch_size = outcome.get("batch_size") or 1
+    def _finished(self, queue: str, tenant: str, task_id: str, gpu_ms: Optional[float]) -> None:
         try:
-            self.fair.finished(delivery.get("routing_key") or "", tenant, task_id,
-                               None if gpu_ms is None else float(gpu_ms) / batch_size)
+            self.fair.finished(queue, tenant, task_id, gpu_ms)
         except Exception as exc:  # noqa: BLE001 - the slot lapses by itself; the image must not be lost
             log.warning("could not report task %s finished to fair share: %s", task_id, exc)
 

@@ -39,6 +39,7 @@ from serve_app.admission import Admission
 from serve_app.catalogue import GatewayCatalogue
 from serve_app.claims import ClusterClaims
 from serve_app.config import GatewayConfig
+from serve_app.fair_pool import FairPool
 from serve_app.flight import Answer, EventCallback, Flight, StatusCallback
 from serve_app.store import ImageStore
 from serve_app.tenants import ANONYMOUS, Tenant, TenantWaiting
@@ -87,6 +88,7 @@ class FrontService:
         # Two small pools: cache reads (hits) never queue behind claims, submits and cache writes.
         self._reads = ThreadPoolExecutor(config.front_threads, thread_name_prefix="sdgate-read")
         self._work = ThreadPoolExecutor(config.front_threads, thread_name_prefix="sdgate-work")
+        self._leads = FairPool(config.front_threads)  # a new miss's first steps, round robin by tenant
         self.claims = ClusterClaims(self._redis, config)
         self.tenant_waiting = TenantWaiting(self._redis)
         self._counted_waiters: Dict[str, str] = {}  # waiter id -> tenant, for tenants with a max_queued
@@ -108,6 +110,7 @@ class FrontService:
         self.waiters.close()
         self._reads.shutdown(wait=False, cancel_futures=True)
         self._work.shutdown(wait=False, cancel_futures=True)
+        self._leads.shutdown()
 
     async def generate_async(self, request: GenerationRequest, on_status: Optional[StatusCallback] = None,
                              client: str = "?", on_event: Optional[EventCallback] = None,
@@ -198,7 +201,7 @@ class FrontService:
             self._join_flight(flight, waiter_id, listener)
             if leading:
                 flight.previews = previews
-                self._work.submit(self._lead, flight)
+                self._leads.submit(tenant.name, self._lead, flight)
             else:
                 self.counters.incr(stats.SINGLEFLIGHT_JOINS)
                 if on_status:

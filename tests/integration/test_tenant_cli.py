@@ -17,6 +17,12 @@ from serve_app.tenants import Tenant, TenantRegistry, key_hash
 pytestmark = pytest.mark.integration
 
 
+@pytest.fixture(autouse=True)
+def empty_redis(redis_server):
+    """The Redis is the session's: start from nothing (no tenants of other tests)."""
+    redis.Redis.from_url(redis_server.url).flushall()
+
+
 def sdgate(redis_server, *args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "cluster.cli", "tenant", *args, "--broker", redis_server.url],
                           capture_output=True, text=True, timeout=60)
