@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import http.client
 import json
-import os
 
 import pytest
 from starlette.requests import Request
@@ -93,15 +92,6 @@ def test_several_header_lines_are_one_list():
 
 # -- configuration ---------------------------------------------------------------------------------
 
-@pytest.fixture
-def configs(tmp_path, monkeypatch):
-    """An empty config dir (and no secrets file or SDGATE_* variables) for one test."""
-    monkeypatch.setenv("SDGATE_CONFIG_DIR", str(tmp_path))
-    monkeypatch.delenv("SDGATE_SECRETS_FILE", raising=False)
-    for name in list(os.environ):
-        if name.startswith("SDGATE_") and name not in ("SDGATE_CONFIG_DIR", "SDGATE_HOME"):
-            monkeypatch.delenv(name)
-    return tmp_path
 
 
 def test_trusted_proxies_load_from_yaml_and_from_a_comma_separated_variable(configs, monkeypatch):

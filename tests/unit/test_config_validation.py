@@ -16,15 +16,6 @@ from serve_app.config import load_gateway_config
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 
 
-@pytest.fixture
-def configs(tmp_path, monkeypatch):
-    """An empty config dir (and no secrets file) for one test."""
-    monkeypatch.setenv("SDGATE_CONFIG_DIR", str(tmp_path))
-    monkeypatch.delenv("SDGATE_SECRETS_FILE", raising=False)
-    for name in list(os.environ):
-        if name.startswith("SDGATE_") and name not in ("SDGATE_CONFIG_DIR", "SDGATE_HOME"):
-            monkeypatch.delenv(name)
-    return tmp_path
 
 
 def test_every_shipped_yaml_loads():
