@@ -130,6 +130,43 @@ redis.call('SET', KEYS[4], tostring(clock))
 return released
 """
 
+# KEYS: held, the Celery queue, vtime, tenants. ARGV: backlog prefix, tenant record prefix, task ids.
+# Returns each held task's place in line (the Celery queue's length, plus the held tasks that fair
+# share would release first: its own tenant's ahead of it and, from each other tenant, those whose
+# start tags come before its own), or -1 for a task not held.
+_POSITIONS = """
+local in_queue = redis.call('LLEN', KEYS[2])
+local backlogged = {}
+for _, name in ipairs(redis.call('SMEMBERS', KEYS[4])) do
+  local length = redis.call('LLEN', ARGV[1] .. name)
+  if length > 0 then
+    backlogged[name] = {tonumber(redis.call('HGET', KEYS[3], name) or '0') or 0,
+                        tonumber(redis.call('HGET', ARGV[2] .. name, 'weight') or '1') or 1, length}
+  end
+end
+local places = {}
+for i = 3, #ARGV do
+  local place = -1
+  local entry = redis.call('HGET', KEYS[1], ARGV[i])
+  if entry then
+    local tenant = cjson.decode(entry)['payload']['tenant']
+    local own = backlogged[tenant]
+    local index = own and redis.call('LPOS', ARGV[1] .. tenant, ARGV[i])
+    if index then
+      local tag = own[1] + index / own[2]
+      place = in_queue + index
+      for name, other in pairs(backlogged) do
+        if name ~= tenant and tag > other[1] then
+          place = place + math.min(other[3], math.ceil((tag - other[1]) * other[2]))
+        end
+      end
+    end
+  end
+  places[#places + 1] = place
+end
+return places
+"""
+
 # KEYS: out, tenant out, wake. ARGV: task id, queue.
 _FINISHED = """
 redis.call('ZREM', KEYS[1], ARGV[1])
@@ -164,6 +201,7 @@ class FairShare:
         self._enqueue = client.register_script(_ENQUEUE)
         self._release = client.register_script(_RELEASE)
         self._finished = client.register_script(_FINISHED)
+        self._positions = client.register_script(_POSITIONS)
 
     def enqueue(self, queue: str, tenant: str, task_id: str, entry: Dict[str, Any], wake: bool = True) -> int:
         """Put `task_id` at the end of `tenant`'s backlog for `queue`; returns the tenant's held tasks.
@@ -172,6 +210,14 @@ class FairShare:
                 redis_keys.FAIR_VTIME + queue, redis_keys.FAIR_CLOCK + queue, redis_keys.TENANT_HELD + tenant,
                 redis_keys.FAIR_WAKE, queue_held_key(queue), redis_keys.TENANT_OUT + tenant]
         return int(self._enqueue(keys=keys, args=[tenant, task_id, json.dumps(entry), queue, "1" if wake else "0"]))
+
+    def positions(self, queue: str, task_ids: List[str]) -> Dict[str, int]:
+        """Each held task's 0-based place in line for `queue` (0: next to start); tasks not held are left out."""
+        if not task_ids:
+            return {}
+        keys = [redis_keys.FAIR_HELD, queue, redis_keys.FAIR_VTIME + queue, redis_keys.FAIR_TENANTS + queue]
+        places = self._positions(keys=keys, args=[backlog_key(queue, ""), redis_keys.TENANT, *task_ids])
+        return {task_id: int(place) for task_id, place in zip(task_ids, places) if int(place) >= 0}
 
     def held(self, tenant: str) -> int:
         """Tasks of `tenant` waiting in backlogs (every model)."""

@@ -20,6 +20,7 @@ import redis
 
 from client import protocol
 from celery_bridge import progress
+from celery_bridge.fair_share import FairShare
 from celery_bridge.models import queue_for
 from serve_app.flight import Flight
 
@@ -38,6 +39,7 @@ class WaiterRelay:
         self._pool = pool
         self._base_queue = base_queue
         self._live_workers = live_workers
+        self._fair = FairShare(client)
         self._closed = False
 
     def close(self) -> None:
@@ -99,6 +101,8 @@ class WaiterRelay:
                 by_queue.setdefault(queue_for(self._base_queue, flight.request.model), []).append(flight)
         for queue, queued in by_queue.items():
             positions = progress.queue_positions(self._redis, queue, [f.task_id for f in queued], QUEUE_SCAN_LIMIT)
+            # Not in the Celery queue yet: waiting in its tenant's fair-share backlog.
+            positions.update(self._fair.positions(queue, [task_id for task_id, at in positions.items() if at is None]))
             model = queued[0].request.model
             per_image = progress.recent_render_s(self._redis, model)
             workers = max(1, self._live_workers(model) or 1)

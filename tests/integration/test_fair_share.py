@@ -135,3 +135,17 @@ def test_usage_is_counted_per_tenant(client):
     enqueue(fair, "a", 2)
     run_one_worker(fair, 2)
     assert TenantRegistry(client).usage()["a"] == {"images_served": 0, "images_rendered": 2, "gpu_ms": 200}
+
+
+def test_a_held_tasks_place_in_line_is_where_fair_share_will_start_it(client):
+    fair = FairShare(client)
+    workers(client, 1)
+    a = enqueue(fair, "a", 6)
+    b = enqueue(fair, "b", 2)
+    fair.confirm([task_id for task_id, _, _ in fair.release(QUEUE, MODEL)])  # a[0] is with the broker now
+    places = fair.positions(QUEUE, a + b)
+    assert a[0] not in places, "a released task has no place among the held"
+    fair.finished(QUEUE, "a", a[0], gpu_ms=None)
+    order = run_one_worker(fair, 7)  # the order they really start in
+    assert [places[t] for t in order] == sorted(places[t] for t in order), (order, places)
+    assert places[b[0]] == 0, "b's first goes next"
