@@ -27,7 +27,9 @@ from client.protocol import GenerationRequest, ProtocolError
 from cluster.local import LocalStack, _reap, port_in_use
 from serve_app.store import SQLiteImageStore
 from celery_bridge.models import queue_for
-from tests.resolve import key_of
+from celery_bridge.config import CeleryConfig
+from celery_bridge.producer import GenerationProducer, new_task_id
+from tests.resolve import key_of, resolved
 from tests.integration.harness import (GATEWAY_REPLICA, WORKER_REPLICA, TaskRuns, ask, cache_entries,
                                        cache_integrity, cached_pngs, connect, healthz, local_stack, replica_pids,
                                        settled_counters, slow_request, wait_for)
@@ -235,11 +237,22 @@ class TestPlainWorkers:
     def test_a_queued_task_the_broker_lost_is_queued_again(self, plain_stack):
         """kombu's Redis transport drops a message it has popped (BRPOP) but not yet recorded as
         unacked when the worker's broker connection restarts at that moment, which happens after a
-        Redis restart. Simulated here by popping the queued message; the gateway requeues it."""
+        Redis restart. Simulated here by popping the queued message; the gateway requeues it.
+
+        The two renders that keep the workers busy are sent straight to the Celery queue (no
+        tenant, as the requeue path sends), outside fair share, so the gateway's dispatcher sees
+        both slots free and the lost request waits in the Celery queue, where kombu can lose it."""
         stack = plain_stack
-        busy = [slow_request(stack, f"keeps worker {i} busy while a task is lost", seconds=5) for i in range(2)]
+        busy = [resolved(slow_request(stack, f"keeps worker {i} busy while a task is lost", seconds=5)).normalized()
+                for i in range(2)]
         runs = [TaskRuns(stack.redis_url, key_of(request)) for request in busy]
-        blockers = [in_thread(lambda r=r: ask(stack, r)) for r in busy]
+        sender = GenerationProducer(CeleryConfig(redis_url=stack.redis_url))
+        blockers = []
+        for request in busy:
+            task_id = new_task_id(request.cache_key())
+            future = sender.watch(task_id)
+            sender.submit(request, task_id)
+            blockers.append(in_thread(lambda f=future: f.result(timeout=120)))
         try:
             for watcher in runs:
                 watcher.wait_started(60)
@@ -260,7 +273,8 @@ class TestPlainWorkers:
         print(f"\n[lost task] requeued and served {time.monotonic() - lost_at:.1f} s after the broker lost it")
         for thread, result in blockers:
             thread.join(60)
-            assert "reply" in result, result
+            assert "reply" in result and result["reply"].ok, result
+        sender.close()
 
     @pytest.mark.parametrize("stop_signal", [signal.SIGTERM, signal.SIGKILL], ids=["sigterm", "sigkill"])
     def test_redis_restarted_while_requests_are_in_flight(self, plain_stack, stop_signal):
