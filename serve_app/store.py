@@ -83,6 +83,10 @@ class ImageStore(abc.ABC):
         """
 
     @abc.abstractmethod
+    def metas(self, keys: List[str]) -> List[Optional[dict]]:
+        """The metadata of each of `keys` (None where absent or unreadable), read as a listing reads it."""
+
+    @abc.abstractmethod
     def close(self) -> None:
         """Release connections and background threads; the store is unusable afterwards."""
 
@@ -176,6 +180,7 @@ _UPSERT = """INSERT INTO images (key, png, meta, sha256, size, last_access, crea
     ON CONFLICT (key) DO UPDATE SET png = excluded.png, meta = excluded.meta, sha256 = excluded.sha256,
     size = excluded.size, last_access = excluded.last_access"""
 # CASTs: a damaged row may hold text where bytes belong; read it as bytes and let the checksum judge.
+_METAS = "SELECT key, CAST(meta AS BLOB) FROM images WHERE key IN ({marks})"
 _SELECT = "SELECT CAST(png AS BLOB), CAST(meta AS BLOB), CAST(sha256 AS BLOB) FROM images WHERE key = ?"
 _TOUCH = "UPDATE images SET last_access = ?1 WHERE key = ?2 AND last_access < ?1"
 _BUSY_TIMEOUT_MS = 2000
@@ -291,6 +296,14 @@ class SQLiteImageStore(ImageStore):
             if meta is not None:  # an unreadable one is dropped by the next get()
                 listed.append(ListedImage(key, created, meta))
         return listed
+
+    def metas(self, keys: List[str]) -> List[Optional[dict]]:
+        if not keys:
+            return []
+        conn = self._conn()
+        query = _METAS.format(marks=",".join("?" * len(keys)))
+        found = dict(self._retrying(lambda: conn.execute(query, keys).fetchall()))
+        return [_parse_meta(found[key]) if found.get(key) is not None else None for key in keys]
 
     def integrity_check(self) -> bool:
         """True when SQLite's PRAGMA integrity_check finds the file sound."""
@@ -626,13 +639,13 @@ class RedisImageStore(ImageStore):
             members = [(m.decode() if isinstance(m, bytes) else m, score) for m, score in batch]
             members = [(k, score) for k, score in members
                        if before is None or score < before[0] or k < before[1]]
-            for (k, score), meta in zip(members, self._metas([k for k, _ in members])):
+            for (k, score), meta in zip(members, self.metas([k for k, _ in members])):
                 if meta is not None and len(listed) < limit:
                     listed.append(ListedImage(k, score, meta))
         return listed
 
-    def _metas(self, keys: List[str]) -> List[Optional[dict]]:
-        """The metadata of each entry, read by range (not the PNG); None where it is gone or unreadable."""
+    def metas(self, keys: List[str]) -> List[Optional[dict]]:
+        """Read by range (not the PNG)."""
         if not keys:
             return []
         pipe = self._client.pipeline(transaction=False)

@@ -103,17 +103,12 @@ def gallery_item(item: ListedImage) -> Dict[str, Any]:
 def tenant_recent(store: ImageStore, client: redis.Redis, tenant: str, limit: int,
                   before: Optional[Tuple[float, str]]) -> List[ListedImage]:
     """The newest images `tenant` asked for that are still cached, before the `before` cursor."""
-    listed: List[ListedImage] = []
     high = "+inf" if before is None else f"({before[0]!r}"
-    for raw, score in client.zrevrangebyscore(redis_keys.TENANT_GALLERY + tenant, high, "-inf", start=0,
-                                              num=limit * 2, withscores=True):
-        key = raw.decode() if isinstance(raw, bytes) else raw
-        cached = store.get(key)
-        if cached is not None:
-            listed.append(ListedImage(key, float(score), cached.meta))
-        if len(listed) >= limit:
-            break
-    return listed
+    asked = [(raw.decode() if isinstance(raw, bytes) else raw, float(score)) for raw, score in client.zrevrangebyscore(
+        redis_keys.TENANT_GALLERY + tenant, high, "-inf", start=0, num=limit * 2, withscores=True)]
+    listed = [ListedImage(key, score, meta) for (key, score), meta in zip(asked, store.metas([k for k, _ in asked]))
+              if meta is not None]
+    return listed[:limit]
 
 
 def gallery(store: ImageStore, query: Dict[str, str], client: Optional[redis.Redis] = None,

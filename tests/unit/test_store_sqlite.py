@@ -103,6 +103,19 @@ def test_access_times_reach_disk_without_a_put(store, db):
         time.sleep(0.05)
 
 
+def test_metas_read_metadata_only_and_are_no_access(store, db):
+    """What a tenant's gallery lists with: an entry's metadata, in the order asked, without touching it."""
+    store.put(key(1), png_for(1), {"seed": 1})
+    store.put(key(2), png_for(2), {"seed": 2})
+    assert store.metas([key(2), key(3), key(1)]) == [{"seed": 2}, None, {"seed": 1}]
+    store.flush_access_times()
+    before = dict(raw(db).execute("SELECT key, last_access FROM images").fetchall())
+    store.metas([key(1), key(2)])
+    store.flush_access_times()
+    assert dict(raw(db).execute("SELECT key, last_access FROM images").fetchall()) == before
+    assert store.metas([]) == []
+
+
 def test_oversized_entry_is_not_cached(db):
     store = SQLiteImageStore(db, max_bytes=2000)
     try:
