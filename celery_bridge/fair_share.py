@@ -6,7 +6,8 @@ A miss is not sent to its model's Celery queue at once. It waits in its tenant's
 tenant goes next is start-time fair queueing: each tenant has a virtual time that grows by
 1/weight per released task; the backlogged tenant with the least goes next, first in first out
 within it, and a tenant that comes back starts at the model's virtual clock (no credit saved up
-while idle, and, once all its work has finished, no debt either). A tenant's `max_running` caps its released tasks.
+while idle, and, once all its work has finished, no debt either). A tenant's `max_running` caps
+its released tasks.
 
 Every step is one Lua script, so Redis holds the whole state and no process is special: every
 gateway replica runs a `Dispatcher`, the scripts serialise them, and killing any of them loses
@@ -36,40 +37,39 @@ RELEASE_BATCH = 64  # tasks released by one script call at most
 WAKE_LIMIT = 64  # pending wake-ups kept (more say nothing new)
 IDLE_PERIOD_S = 0.5  # a dispatcher looks at every queue this often even when nobody wakes it
 
-# KEYS: tenants, backlog, held, vtime, clock, tenant held, wake, queue held, tenant out.
+# KEYS: tenants, backlog, held, vtime, clock, wake, queue held, tenant out.
 # ARGV: tenant, task id, entry (JSON), queue, wake ('1': wake a dispatcher). Returns the tenant's
-# tasks held after this one.
+# tasks held for this queue after this one.
 # A tenant with nothing held or running starts at the clock: no credit for its idle time, and no
 # debt for work of its that finished while nobody else waited.
 _ENQUEUE = """
-if redis.call('HEXISTS', KEYS[3], ARGV[2]) == 1 then return redis.call('SCARD', KEYS[6]) end
+if redis.call('HEXISTS', KEYS[3], ARGV[2]) == 1 then return redis.call('LLEN', KEYS[2]) end
 redis.call('SADD', KEYS[1], ARGV[1])
 if redis.call('LLEN', KEYS[2]) == 0 then
   local clock = tonumber(redis.call('GET', KEYS[5]) or '0') or 0
   local vt = tonumber(redis.call('HGET', KEYS[4], ARGV[1]) or '0') or 0
   local t = redis.call('TIME')
-  redis.call('ZREMRANGEBYSCORE', KEYS[9], '-inf', tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000))
-  if vt < clock or redis.call('ZCARD', KEYS[9]) == 0 then redis.call('HSET', KEYS[4], ARGV[1], tostring(clock)) end
+  redis.call('ZREMRANGEBYSCORE', KEYS[8], '-inf', tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000))
+  if vt < clock or redis.call('ZCARD', KEYS[8]) == 0 then redis.call('HSET', KEYS[4], ARGV[1], tostring(clock)) end
 end
 redis.call('RPUSH', KEYS[2], ARGV[2])
 redis.call('HSET', KEYS[3], ARGV[2], ARGV[3])
-redis.call('SADD', KEYS[6], ARGV[2])
-redis.call('SADD', KEYS[8], ARGV[2])
+redis.call('SADD', KEYS[7], ARGV[2])
 if ARGV[5] == '1' then
-  redis.call('LPUSH', KEYS[7], ARGV[4])
-  redis.call('LTRIM', KEYS[7], 0, __WAKE_LIMIT__)
+  redis.call('LPUSH', KEYS[6], ARGV[4])
+  redis.call('LTRIM', KEYS[6], 0, __WAKE_LIMIT__)
 end
-return redis.call('SCARD', KEYS[6])
+return redis.call('LLEN', KEYS[2])
 """.replace("__WAKE_LIMIT__", str(WAKE_LIMIT - 1))
 
 # KEYS: tenants, held, vtime, clock, out, presence, slots, sending, queue held.
-# ARGV: backlog prefix, tenant record prefix, tenant out prefix, tenant held prefix, send lease ms,
-#       out ttl ms, most to release.
+# ARGV: backlog prefix, tenant record prefix, tenant out prefix, send lease ms, out ttl ms, most to
+#       release.
 # Returns {task id, entry, retry} for each task to send now (retry: an unconfirmed send of before).
 _RELEASE = """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-local lease, ttl = tonumber(ARGV[5]), tonumber(ARGV[6])
+local lease, ttl = tonumber(ARGV[4]), tonumber(ARGV[5])
 local released = {}
 for _, id in ipairs(redis.call('ZRANGEBYSCORE', KEYS[8], '-inf', now, 'LIMIT', 0, 16)) do
   local entry = redis.call('HGET', KEYS[2], id)
@@ -86,7 +86,7 @@ for _, worker in ipairs(redis.call('ZRANGEBYSCORE', KEYS[6], '(' .. t[1], '+inf'
   capacity = capacity + (tonumber(redis.call('HGET', KEYS[7], worker) or '1') or 1)
 end
 if capacity == 0 then capacity = 1 end  -- nobody serves it yet: one queued task shows there is work
-local free = math.min(capacity - redis.call('ZCARD', KEYS[5]), tonumber(ARGV[7]))
+local free = math.min(capacity - redis.call('ZCARD', KEYS[5]), tonumber(ARGV[6]))
 if free <= 0 then return released end
 local tenants = redis.call('SMEMBERS', KEYS[1])
 local clock = tonumber(redis.call('GET', KEYS[4]) or '0') or 0
@@ -112,7 +112,6 @@ while free > 0 do
   end
   if best == nil then break end
   local id = redis.call('LPOP', ARGV[1] .. best)
-  redis.call('SREM', ARGV[4] .. best, id)
   redis.call('SREM', KEYS[9], id)
   local entry = redis.call('HGET', KEYS[2], id)
   if entry then
@@ -204,11 +203,11 @@ class FairShare:
         self._positions = client.register_script(_POSITIONS)
 
     def enqueue(self, queue: str, tenant: str, task_id: str, entry: Dict[str, Any], wake: bool = True) -> int:
-        """Put `task_id` at the end of `tenant`'s backlog for `queue`; returns the tenant's held tasks.
+        """Put `task_id` at the end of `tenant`'s backlog for `queue`; returns how many it holds there.
         `wake`: wake a dispatcher (False when the caller releases right after)."""
         keys = [redis_keys.FAIR_TENANTS + queue, backlog_key(queue, tenant), redis_keys.FAIR_HELD,
-                redis_keys.FAIR_VTIME + queue, redis_keys.FAIR_CLOCK + queue, redis_keys.TENANT_HELD + tenant,
-                redis_keys.FAIR_WAKE, queue_held_key(queue), redis_keys.TENANT_OUT + tenant]
+                redis_keys.FAIR_VTIME + queue, redis_keys.FAIR_CLOCK + queue, redis_keys.FAIR_WAKE,
+                queue_held_key(queue), redis_keys.TENANT_OUT + tenant]
         return int(self._enqueue(keys=keys, args=[tenant, task_id, json.dumps(entry), queue, "1" if wake else "0"]))
 
     def positions(self, queue: str, task_ids: List[str]) -> Dict[str, int]:
@@ -219,20 +218,16 @@ class FairShare:
         places = self._positions(keys=keys, args=[backlog_key(queue, ""), redis_keys.TENANT, *task_ids])
         return {task_id: int(place) for task_id, place in zip(task_ids, places) if int(place) >= 0}
 
-    def held(self, tenant: str) -> int:
-        """Tasks of `tenant` waiting in backlogs (every model)."""
-        return int(self.client.scard(redis_keys.TENANT_HELD + tenant))
-
     def release(self, queue: str, model: str, most: int = RELEASE_BATCH) -> List[Tuple[str, Dict[str, Any], bool]]:
         """Hand out what `queue`'s workers can start now: [(task id, entry, retry)]; send each, then
         `confirm` it."""
         keys = [redis_keys.FAIR_TENANTS + queue, redis_keys.FAIR_HELD, redis_keys.FAIR_VTIME + queue,
                 redis_keys.FAIR_CLOCK + queue, redis_keys.FAIR_OUT + queue, redis_keys.PRESENCE + model,
                 redis_keys.WORKER_SLOTS + model, redis_keys.FAIR_SENDING, queue_held_key(queue)]
-        args = [backlog_key(queue, ""), redis_keys.TENANT, redis_keys.TENANT_OUT, redis_keys.TENANT_HELD,
-                self.send_lease_ms, OUT_TTL_MS, most]
+        args = [backlog_key(queue, ""), redis_keys.TENANT, redis_keys.TENANT_OUT, self.send_lease_ms, OUT_TTL_MS,
+                most]
         rows = self._release(keys=keys, args=args)
-        return [(_text(task_id), json.loads(entry), _text(retry) == "1") for task_id, entry, retry in rows]
+        return [(text(task_id), json.loads(entry), text(retry) == "1") for task_id, entry, retry in rows]
 
     def confirm(self, task_ids: Iterable[str]) -> None:
         """These released tasks are with the broker now."""
@@ -253,10 +248,6 @@ class FairShare:
             pipe.hincrby(redis_keys.STATS, tenant_counter(tenant, IMAGES_RENDERED), 1)
             pipe.hincrby(redis_keys.STATS, tenant_counter(tenant, GPU_MS), int(round(gpu_ms)))
         pipe.execute()
-
-    def held_on(self, queue: str) -> int:
-        """Tasks of every tenant waiting in backlogs for `queue` (work the autoscaler must see)."""
-        return int(self.client.scard(queue_held_key(queue)))
 
 
 class Dispatcher:
@@ -294,7 +285,7 @@ class Dispatcher:
                 woken = self.fair.client.blpop([redis_keys.FAIR_WAKE], timeout=IDLE_PERIOD_S)
                 queues = list(self.queues())
                 if woken is not None:
-                    queue = _text(woken[1])
+                    queue = text(woken[1])
                     queues = [pair for pair in queues if pair[0] == queue] or queues
                 for queue, model in queues:
                     self.release_once(queue, model)
@@ -308,5 +299,6 @@ class Dispatcher:
                 self._stop.wait(1.0)
 
 
-def _text(value: Any) -> str:
+def text(value: Any) -> str:
+    """A Redis reply as str (redis-py gives bytes unless decode_responses is on)."""
     return value.decode() if isinstance(value, bytes) else str(value)

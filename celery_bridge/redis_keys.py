@@ -41,9 +41,9 @@ WORKER_SLOTS = "sdgate:worker-slots:"  # per model: hash worker -> tasks it hold
 # Fair share (celery_bridge/fair_share.py). Per model queue: FAIR_TENANTS (tenants that ever queued),
 # FAIR_BACKLOG<queue>:<tenant> (task ids, oldest first), FAIR_QUEUED (every tenant's held task ids),
 # FAIR_VTIME (tenant -> virtual time), FAIR_CLOCK (the queue's virtual clock), FAIR_OUT (released and
-# unfinished task ids, scored by expiry). Across models: FAIR_HELD (task id -> what to send), FAIR_SENDING (released, send not yet
-# confirmed, scored by lease expiry), FAIR_WAKE (wake-ups for the dispatchers). Per tenant:
-# TENANT_HELD (its task ids in backlogs), TENANT_OUT (its released, unfinished task ids).
+# unfinished task ids, scored by expiry). Across models: FAIR_HELD (task id -> what to send),
+# FAIR_SENDING (released, send not yet confirmed, scored by lease expiry), FAIR_WAKE (wake-ups for
+# the dispatchers). Per tenant: TENANT_OUT (its released, unfinished task ids).
 FAIR_TENANTS = "sdgate:fair-tenants:"
 FAIR_BACKLOG = "sdgate:fair-backlog:"
 FAIR_QUEUED = "sdgate:fair-queued:"
@@ -53,7 +53,6 @@ FAIR_OUT = "sdgate:fair-out:"
 FAIR_HELD = "sdgate:fair-held"
 FAIR_SENDING = "sdgate:fair-sending"
 FAIR_WAKE = "sdgate:fair-wake"
-TENANT_HELD = "sdgate:tenant-held:"
 TENANT_OUT = "sdgate:tenant-out:"
 
 # Tenants (serve_app/tenants.py): TENANT (record: weight, limits), TENANT_KEYS (sha256 of a key ->

@@ -12,7 +12,7 @@ import os
 import socket
 import time
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 from celery.worker.consumer import Consumer
 
@@ -84,9 +84,7 @@ class GenerationService:
 
     def _reporter(self, request: GenerationRequest, previews: Any):
         """The progress reporter of the Celery task being run, or None (no Redis, no task id)."""
-        from celery import current_task
-
-        task_id = getattr(getattr(current_task, "request", None), "id", None) if current_task else None
+        task_id, _ = _current_task()
         if self.redis is None or not task_id:
             return None
         return ProgressReporter(self.redis, task_id, request.steps or 0,
@@ -97,15 +95,11 @@ class GenerationService:
         Whatever the outcome, the task's fair-share slot is freed and its tenant's usage counted."""
         tenant = payload.pop("tenant", None) if isinstance(payload, dict) else None  # not part of the request
         outcome = self._handle(payload)
-        if self.redis is not None and isinstance(tenant, str):
-            from celery import current_task
-
-            request = getattr(current_task, "request", None) if current_task else None
-            task_id, delivery = getattr(request, "id", None), getattr(request, "delivery_info", None) or {}
-            if task_id:  # reported beside the result's return, not before it
-                gpu_ms = outcome.get("pipeline_ms") if outcome.get("ok") else None
-                self._reports.submit(self._finished, delivery.get("routing_key") or "", tenant, task_id,
-                                     None if gpu_ms is None else float(gpu_ms) / (outcome.get("batch_size") or 1))
+        task_id, queue = _current_task()
+        if self.redis is not None and isinstance(tenant, str) and task_id:  # reported beside the result, not before
+            gpu_ms = outcome.get("pipeline_ms") if outcome.get("ok") else None
+            self._reports.submit(self._finished, queue, tenant, task_id,
+                                 None if gpu_ms is None else float(gpu_ms) / (outcome.get("batch_size") or 1))
         return outcome
 
     def _finished(self, queue: str, tenant: str, task_id: str, gpu_ms: Optional[float]) -> None:
@@ -158,6 +152,15 @@ class GenerationService:
         result = GenerationResult.success(request, png, pipeline_ms, self.name)
         result.pipeline_loads, result.batch_size = type(self.runner).loads, batch_size
         return result.to_json()
+
+
+def _current_task() -> Tuple[Optional[str], str]:
+    """(id, queue) of the Celery task this thread runs, or (None, "") outside one."""
+    from celery import current_task
+
+    request = getattr(current_task, "request", None) if current_task else None
+    delivery = getattr(request, "delivery_info", None) or {}
+    return getattr(request, "id", None), delivery.get("routing_key") or ""
 
 
 def require_catalogued(model: str) -> None:

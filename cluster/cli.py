@@ -93,14 +93,13 @@ def _tenant(args: argparse.Namespace) -> int:
     """`sdgate tenant add|key|list|revoke|usage`; keys are printed alone on the last line, once."""
     import redis
 
-    from serve_app.tenants import Tenant, TenantRegistry
+    from serve_app.tenants import LIMITS, Tenant, TenantRegistry
 
     config = _redis_config(args)
     registry = TenantRegistry(config.redis_client(socket_timeout=5, socket_connect_timeout=5))
     try:
         if args.action == "add":
-            limits = {name: getattr(args, name) for name in ("rate_per_s", "max_queued", "max_running", "max_size",
-                                                            "max_steps") if getattr(args, name) is not None}
+            limits = {name: getattr(args, name) for name in LIMITS if getattr(args, name) is not None}
             key = registry.add(Tenant(args.name, weight=args.weight, **limits))
             print(f"tenant {args.name!r} added; its key is shown once, here:")
             print(key)

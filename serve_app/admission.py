@@ -50,12 +50,6 @@ class RateLimiter:
             return allowed
 
 
-def check_token(expected: Optional[str], given: Optional[str]) -> None:
-    """Constant-time shared-token check; raises `unauthorized`."""
-    if expected and not hmac.compare_digest((given or "").encode(), expected.encode()):
-        raise ProtocolError(protocol.E_UNAUTHORIZED, "missing or wrong token; pass --token or set SDGATE_TOKEN")
-
-
 def check_json_depth(body: bytes, limit: int = MAX_JSON_DEPTH) -> None:
     """Refuse JSON nested deeper than `limit` (brackets outside strings), in one linear pass."""
     depth, in_string, escaped = 0, False, False
@@ -145,9 +139,6 @@ class Admission:
     def client_address(self, peer: str, forwarded_for: Optional[str]) -> str:
         """The client address of an HTTP request from `peer`; see client_address()."""
         return client_address(peer, forwarded_for, self.trusted_proxies)
-
-    def check_token(self, given: Optional[str]) -> None:
-        self.authenticate(given)
 
     def authenticate(self, given: Optional[str]) -> Tenant:
         """The tenant `given` (a key, or the shared token) names; raises `unauthorized`. With auth

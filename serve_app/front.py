@@ -93,7 +93,7 @@ class FrontService:
         self.tenant_waiting = TenantWaiting(self._redis)
         self._counted_waiters: Dict[str, str] = {}  # waiter id -> tenant, for tenants with a max_queued
         self.waiters = WaiterRelay(self._redis, max(3 * config.claim_lease_s, 2.0), self._work, producer.config.queue,
-                                   lambda model: self.catalogue.live_count(model))
+                                   lambda model: self.catalogue.live_count(model), producer.fair)
         self._stop = threading.Event()
         self._keeper = threading.Thread(target=self._keep_claims, name="sdgate-claims", daemon=True)
         self._keeper.start()
@@ -137,15 +137,8 @@ class FrontService:
     def served(self, tenant: Tenant, answer: Answer) -> None:
         """Count an image served to `tenant` (hit or miss) and list it in the tenant's gallery."""
         self.counters.incr(tenant_counter(tenant.name, IMAGES_SERVED))
-        if tenant.authenticated:
+        if not tenant.shared:  # the shared identities see the whole gallery
             self._reads.submit(self._note_in_gallery, tenant, answer)
-
-    @staticmethod
-    def _quietly(call, *args) -> None:
-        try:
-            call(*args)
-        except redis.RedisError as exc:  # a lease left behind lapses by itself
-            log.debug("%s failed: %s", getattr(call, "__name__", call), exc)
 
     def _note_in_gallery(self, tenant: Tenant, answer: Answer) -> None:
         """The tenant's own gallery lists what it asked for (the cache itself is shared)."""
@@ -228,7 +221,7 @@ class FrontService:
             self._waiting.pop(waiter_id, None)
             self.admission.leave_wait(who)
             if self._counted_waiters.pop(waiter_id, None) is not None:
-                self._reads.submit(self._quietly, self.tenant_waiting.leave, tenant.name, waiter_id)
+                self._reads.submit(self.tenant_waiting.leave, tenant.name, waiter_id)
 
     def _lookup(self, key: str) -> Optional[Answer]:
         cached = self._cache_get(key)

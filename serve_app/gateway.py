@@ -153,9 +153,9 @@ class Gateway:
         tenant, refused = self.authenticate(request)
         if refused:
             return refused
-        own = tenant.name if tenant.authenticated and tenant.name != "operator" else None
+        own = None if tenant.shared else tenant.name  # the shared identities see every cached image
         return await asyncio.to_thread(webui.gallery, self.front.store, dict(request.query_params),
-                                       self.front._redis if own else None, own)
+                                       self.front._redis, own)
 
     def healthz(self, request: Request) -> Dict[str, Any]:
         return {"ok": self.socket_server.alive(), "socket_port": self.socket_server.port,

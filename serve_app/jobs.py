@@ -155,7 +155,7 @@ class JobService:
                 queue.put_nowait(("end", dict(record)))
             await loop.run_in_executor(None, self._quiet, self.redis.delete, redis_keys.JOB_OWNER + job_id)
             if tenant.max_queued:  # its place among the tenant's waiting images, whatever the outcome
-                await loop.run_in_executor(None, self._quiet, self.front.tenant_waiting.leave, tenant.name, job_id)
+                await loop.run_in_executor(None, self.front.tenant_waiting.leave, tenant.name, job_id)
 
     # -- read ----------------------------------------------------------------------------------------
 
@@ -193,10 +193,9 @@ class JobService:
     def _tenant_of(self, record: Dict[str, Any]) -> Tenant:
         """The tenant that submitted `record` (its limits and share as they are now)."""
         name = record.get("tenant") or ANONYMOUS.name
-        if name in (ANONYMOUS.name, OPERATOR.name):
-            return ANONYMOUS if name == ANONYMOUS.name else OPERATOR
+        shared = {ANONYMOUS.name: ANONYMOUS, OPERATOR.name: OPERATOR}
         tenants = self.front.admission.tenants
-        return (tenants.get(name) if tenants is not None else None) or Tenant(name)
+        return shared.get(name) or (tenants.get(name) if tenants is not None else None) or Tenant(name)
 
     async def read(self, job_id: str) -> Optional[Dict[str, Any]]:
         """get() off the loop, adopting an orphaned job."""

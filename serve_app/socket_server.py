@@ -17,13 +17,13 @@ from typing import Optional
 
 from client import protocol
 from client.protocol import ProtocolError
-from serve_app.admission import Admission, check_token, insecure_auth_warning, server_ssl_context
+from serve_app.admission import Admission, insecure_auth_warning, server_ssl_context
 from serve_app.tenants import ANONYMOUS
 from serve_app.config import GatewayConfig
 from serve_app.load_meter import LoadMeter
 from serve_app.front import FrontService
 
-__all__ = ["SocketFrontServer", "check_token"]
+__all__ = ["SocketFrontServer"]
 log = logging.getLogger(__name__)
 # Clients send requests and model listings only.
 ACCEPTED_PAYLOADS = {kind: protocol.MAX_PAYLOAD[kind] for kind in (protocol.REQUEST, protocol.LIST_MODELS)}

@@ -9,8 +9,8 @@ shared SDGATE_TOKEN is the operator's own tenant; with auth off everyone is one 
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
+import logging
 import re
 import secrets
 import threading
@@ -23,8 +23,9 @@ import redis
 from client import protocol
 from client.protocol import ProtocolError
 from celery_bridge import redis_keys
-from celery_bridge.fair_share import GPU_MS, IMAGES_RENDERED, IMAGES_SERVED
+from celery_bridge.fair_share import GPU_MS, IMAGES_RENDERED, IMAGES_SERVED, text
 
+log = logging.getLogger(__name__)
 KEY_CACHE_S = 0.5  # a revoked key is refused by every replica within this
 KEY_ID_CHARS = 12
 NAME = re.compile(r"[a-z0-9][a-z0-9_.-]{0,63}")
@@ -78,7 +79,6 @@ class Tenant:
     max_running: int = 0  # renders at once; more wait in its backlog
     max_size: int = 0  # largest width or height
     max_steps: int = 0  # most denoising steps
-    authenticated: bool = True
     shared: bool = False  # many people behind one identity (auth off, the shared token): limits per address
 
     def limit_key(self, address: str) -> str:
@@ -90,12 +90,12 @@ class Tenant:
 
     @classmethod
     def from_record(cls, name: str, record: Dict[Any, Any]) -> "Tenant":
-        fields = {_text(k): _text(v) for k, v in record.items()}
+        fields = {text(k): text(v) for k, v in record.items()}
         values: Dict[str, Any] = {}
-        for field in dataclasses.fields(cls):
-            if field.name in fields and field.name in ("weight", *LIMITS):
-                kind = float if field.name in ("weight", "rate_per_s") else int
-                values[field.name] = kind(float(fields[field.name]))
+        for field in ("weight", *LIMITS):
+            if field in fields:
+                kind = float if field in ("weight", "rate_per_s") else int
+                values[field] = kind(float(fields[field]))
         return cls(name=name, **values)
 
     def check_request(self, width: Optional[int], height: Optional[int], steps: Optional[int]) -> None:
@@ -110,7 +110,7 @@ class Tenant:
 
 
 
-ANONYMOUS = Tenant("anonymous", authenticated=False, shared=True)
+ANONYMOUS = Tenant("anonymous", shared=True)
 OPERATOR = Tenant("operator", shared=True)
 RESERVED = (ANONYMOUS.name, OPERATOR.name)
 
@@ -169,7 +169,7 @@ class TenantRegistry:
 
     def revoke(self, name: str, key_id: Optional[str] = None) -> int:
         """Revoke `name`'s key whose id starts with `key_id` (all its keys without one); returns how many."""
-        digests = [_text(d) for d in self.client.smembers(redis_keys.TENANT_KEY_IDS + name)]
+        digests = [text(d) for d in self.client.smembers(redis_keys.TENANT_KEY_IDS + name)]
         if key_id is not None:
             digests = [d for d in digests if d.startswith(key_id)]
         if digests:
@@ -186,10 +186,10 @@ class TenantRegistry:
     def listing(self) -> List[Tuple[Tenant, List[str]]]:
         """Every tenant with the ids of its live keys, by name."""
         rows = []
-        for name in sorted(_text(n) for n in self.client.smembers(redis_keys.TENANTS)):
+        for name in sorted(text(n) for n in self.client.smembers(redis_keys.TENANTS)):
             tenant = self.get(name)
             if tenant is not None:
-                ids = sorted(_text(d)[:KEY_ID_CHARS] for d in self.client.smembers(redis_keys.TENANT_KEY_IDS + name))
+                ids = sorted(text(d)[:KEY_ID_CHARS] for d in self.client.smembers(redis_keys.TENANT_KEY_IDS + name))
                 rows.append((tenant, ids))
         return rows
 
@@ -197,7 +197,7 @@ class TenantRegistry:
         """Per tenant: images served (hits and misses), images rendered, GPU milliseconds."""
         usage: Dict[str, Dict[str, int]] = {}
         for field, value in self.client.hgetall(redis_keys.STATS).items():
-            field = _text(field)
+            field = text(field)
             if field.startswith(redis_keys.TENANT_COUNTER):
                 name, _, counter = field[len(redis_keys.TENANT_COUNTER):].rpartition(":")
                 if counter in USAGE_COUNTERS:
@@ -215,7 +215,7 @@ class TenantRegistry:
             if hit is not None and hit[1] > now:
                 return hit[0]
         name = self.client.hget(redis_keys.TENANT_KEYS, digest)
-        tenant = self.get(_text(name)) if name is not None else None
+        tenant = self.get(text(name)) if name is not None else None
         with self._lock:
             if len(self._cache) > 10_000:
                 self._cache.clear()
@@ -233,7 +233,7 @@ class TenantRegistry:
 
 class TenantWaiting:
     """The misses each tenant with a `max_queued` waits on, cluster-wide: a lease per waiter in
-    Redis (Redis's clock), renewed by the replica it waits on, so a dead replica's lapse."""
+    Redis (Redis's clock), renewed by the replica it waits on, so a dead replica's leases lapse."""
 
     def __init__(self, client: redis.Redis, lease_ms: int = 30_000):
         self.client, self.lease_ms = client, lease_ms
@@ -254,8 +254,9 @@ class TenantWaiting:
         pipe.execute()
 
     def leave(self, tenant_name: str, waiter_id: str) -> None:
-        self.client.zrem(redis_keys.TENANT_WAITING + tenant_name, waiter_id)
+        try:
+            self.client.zrem(redis_keys.TENANT_WAITING + tenant_name, waiter_id)
+        except redis.RedisError as exc:  # a lease left behind lapses by itself
+            log.debug("could not remove waiter %s of %s: %s", waiter_id, tenant_name, exc)
 
 
-def _text(value: Any) -> str:
-    return value.decode() if isinstance(value, bytes) else str(value)

@@ -33,13 +33,13 @@ class WaiterRelay:
     """Waiter leases, progress and queue positions for one replica's flights."""
 
     def __init__(self, client: redis.Redis, lease_s: float, pool: Executor, base_queue: str,
-                 live_workers: Callable[[str], Optional[int]]):
+                 live_workers: Callable[[str], Optional[int]], fair: FairShare):
         self._redis = client
         self.lease_s = lease_s
         self._pool = pool
         self._base_queue = base_queue
         self._live_workers = live_workers
-        self._fair = FairShare(client)
+        self._fair = fair  # the producer's: where held tasks' places in line come from
         self._closed = False
 
     def close(self) -> None:

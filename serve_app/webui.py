@@ -17,6 +17,7 @@ from starlette.responses import JSONResponse, Response
 
 from client import protocol
 from celery_bridge import redis_keys
+from celery_bridge.fair_share import text
 from serve_app.openai_errors import E_NOT_FOUND, error_response
 from serve_app.store import ImageStore, ListedImage
 
@@ -104,7 +105,7 @@ def tenant_recent(store: ImageStore, client: redis.Redis, tenant: str, limit: in
                   before: Optional[Tuple[float, str]]) -> List[ListedImage]:
     """The newest images `tenant` asked for that are still cached, before the `before` cursor."""
     high = "+inf" if before is None else f"({before[0]!r}"
-    asked = [(raw.decode() if isinstance(raw, bytes) else raw, float(score)) for raw, score in client.zrevrangebyscore(
+    asked = [(text(raw), float(score)) for raw, score in client.zrevrangebyscore(
         redis_keys.TENANT_GALLERY + tenant, high, "-inf", start=0, num=limit * 2, withscores=True)]
     listed = [ListedImage(key, score, meta) for (key, score), meta in zip(asked, store.metas([k for k, _ in asked]))
               if meta is not None]

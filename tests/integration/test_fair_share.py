@@ -11,7 +11,7 @@ import pytest
 import redis
 
 from celery_bridge import redis_keys
-from celery_bridge.fair_share import FairShare
+from celery_bridge.fair_share import FairShare, backlog_key
 from celery_bridge.presence import Heartbeat
 from serve_app.tenants import Tenant, TenantRegistry
 from tests.integration import harness
@@ -71,7 +71,7 @@ def test_a_light_tenant_never_waits_behind_a_heavy_backlog(client):
     tenth_of_a = order.index(a[9])
     assert all(order.index(t) < tenth_of_a for t in b + c), order[:12]
     assert order.index(b[0]) <= 2 and order.index(c[0]) <= 2, "each first image starts within three renders"
-    assert client.scard(redis_keys.TENANT_HELD + "a") == 0 and client.hlen(redis_keys.FAIR_HELD) == 0
+    assert client.llen(backlog_key(QUEUE, "a")) == 0 and client.hlen(redis_keys.FAIR_HELD) == 0
 
 
 def test_tenants_share_busy_workers_by_weight(client):

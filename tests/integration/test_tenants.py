@@ -21,6 +21,8 @@ import redis
 from client import protocol
 from client.protocol import GenerationRequest, ProtocolError
 from celery_bridge.config import CeleryConfig
+from celery_bridge.fair_share import backlog_key
+from celery_bridge.models import queue_for
 from celery_bridge.producer import GenerationProducer, new_task_id
 from serve_app.tenants import Tenant, TenantRegistry
 from tests.integration.harness import ask, wait_for
@@ -30,6 +32,7 @@ pytestmark = pytest.mark.integration
 TOKEN = "tenants-operator-token"
 STEPS = 8  # renders of a few tenths of a second
 RUN = uuid.uuid4().hex[:6]
+TINY_QUEUE = queue_for("sdgate", "tiny")  # the default model's Celery queue on the shared stack
 
 
 @pytest.fixture(scope="module")
@@ -174,7 +177,7 @@ def test_max_running_holds_the_rest_in_the_backlog(stack, registry):
     name, key = tenant(registry, "one-at-a-time", max_running=1)
     jobs = [submit(stack, key, f"one at a time {n} {RUN}") for n in range(3)]
     client = registry.client
-    wait_for(lambda: client.zcard(f"sdgate:tenant-out:{name}") == 1 and client.scard(f"sdgate:tenant-held:{name}"),
+    wait_for(lambda: client.zcard(f"sdgate:tenant-out:{name}") == 1 and client.llen(backlog_key(TINY_QUEUE, name)),
              30, "one released, the others held")
     finish_times(stack, {job_id: key for job_id in jobs})
 
@@ -245,6 +248,8 @@ _REPLICA = """
 import sys, time
 from client.protocol import GenerationRequest
 from celery_bridge.config import CeleryConfig
+from celery_bridge.fair_share import backlog_key
+from celery_bridge.models import queue_for
 from celery_bridge.producer import GenerationProducer
 from tests.resolve import resolved
 producer = GenerationProducer(CeleryConfig(redis_url=sys.argv[1]))
@@ -278,7 +283,7 @@ def test_a_replica_killed_mid_run_loses_no_accepted_render_and_renders_none_twic
         wait_for(lambda: sum(f.done() for _, f in futures.values()) >= 2, 60, "the first renders")
         replica.kill()
         replica.wait(timeout=10)
-        assert client.scard(f"sdgate:tenant-held:{a_name}") > 0, "the kill came with work still held"
+        assert client.llen(backlog_key(TINY_QUEUE, a_name)) > 0, "the kill came with work still held"
         watcher.start_dispatcher(lambda: ["tiny"])  # the surviving replica
         results = {task_id: future.result(timeout=180) for task_id, (_, future) in futures.items()}
         assert all(result.ok for result in results.values())

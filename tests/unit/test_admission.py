@@ -23,9 +23,9 @@ def code_of(call) -> str:
 
 def test_token_rate_and_size():
     admission = Admission(GatewayConfig(auth_token="t0k", rate_limit_per_s=0.001, rate_limit_burst=2))
-    admission.check_token("t0k")
-    assert code_of(lambda: admission.check_token("nope")) == protocol.E_UNAUTHORIZED
-    assert code_of(lambda: admission.check_token(None)) == protocol.E_UNAUTHORIZED
+    admission.authenticate("t0k")
+    assert code_of(lambda: admission.authenticate("nope")) == protocol.E_UNAUTHORIZED
+    assert code_of(lambda: admission.authenticate(None)) == protocol.E_UNAUTHORIZED
     admission.check_rate("10.0.0.1")
     admission.check_rate("10.0.0.1")
     assert code_of(lambda: admission.check_rate("10.0.0.1")) == protocol.E_RATE_LIMITED
