@@ -49,6 +49,9 @@ redis.call('expire', KEYS[1], ARGV[2])
 if KEYS[2] then redis.call('set', KEYS[2], '1', 'EX', ARGV[2]) end
 return 1
 """
+# The same, extending only waiters still registered: a renewal queued just before a waiter left
+# must not add it back after its removal.
+_RENEW_WAITERS = _ADD_WAITERS.replace("redis.call('zadd', KEYS[1], now", "redis.call('zadd', KEYS[1], 'XX', now")
 # KEYS[1] waiters zset, KEYS[2] cancel flag. ARGV: waiter id, ttl s.
 # Removes the waiter and the lapsed ones; when none is left, raises the cancel flag. Returns the
 # number of live waiters left (0: this cancel stops the task).
@@ -94,14 +97,15 @@ def channel(task_id: str) -> str:
 
 
 def add_waiters(client: redis.Redis, task_id: str, waiter_ids: List[str], lease_s: float, pipe=None,
-                watched: bool = False) -> None:
-    """Register (or renew) `waiter_ids` on `task_id` for `lease_s` of Redis server time, and with
-    `watched` mark the task watched; in one round trip, or queued on `pipe` when given."""
+                watched: bool = False, renew: bool = False) -> None:
+    """Register `waiter_ids` on `task_id` for `lease_s` of Redis server time (`renew`: only extend
+    those still registered), and with `watched` mark the task watched; in one round trip, or queued
+    on `pipe` when given."""
     if not waiter_ids and not watched:
         return
     keys = [redis_keys.WAITERS + task_id] + ([redis_keys.WATCHED + task_id] if watched else [])
-    _script(client, _ADD_WAITERS)(keys=keys, args=[int(lease_s * 1000), TASK_TTL_S, *waiter_ids],
-                                         client=pipe if pipe is not None else client)
+    _script(client, _RENEW_WAITERS if renew else _ADD_WAITERS)(
+        keys=keys, args=[int(lease_s * 1000), TASK_TTL_S, *waiter_ids], client=pipe if pipe is not None else client)
 
 
 def remove_waiter(client: redis.Redis, task_id: str, waiter_id: str) -> None:

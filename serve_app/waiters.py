@@ -52,9 +52,9 @@ class WaiterRelay:
         progress.add_waiters(self._redis, flight.task_id, flight.waiter_ids(), self.lease_s, watched=watched)
 
     def renew(self, flights: List[Flight], pipe: Any) -> None:
-        """Queue on `pipe` a fresh lease for each waiter of each flight."""
+        """Queue on `pipe` a fresh lease for each waiter of each flight (one that left meanwhile stays gone)."""
         for flight in flights:
-            progress.add_waiters(self._redis, flight.task_id, flight.waiter_ids(), self.lease_s, pipe=pipe)
+            progress.add_waiters(self._redis, flight.task_id, flight.waiter_ids(), self.lease_s, pipe=pipe, renew=True)
 
     def joined(self, task_id: str, waiter_id: str) -> None:
         """A waiter joined a flight whose task was known already: lease it now (off the loop)."""

@@ -422,3 +422,15 @@ def test_jobs_api_follows_the_contract(replicas):
         assert _http(http.port, "GET", "/v1/jobs/job-nope")[0] == 404
     finally:
         http.close()
+
+
+def test_a_renewal_queued_before_a_waiter_left_does_not_bring_it_back(redis_server):
+    """The keeper snapshots a flight's waiters, then its pipeline renews them; a waiter that left in
+    between (its removal ran first) must stay gone, not come back with a fresh lease."""
+    r = redis.Redis.from_url(redis_server.url)
+    task_id = f"sdgate-renew-{uuid.uuid4().hex[:8]}"
+    progress.add_waiters(r, task_id, ["stays", "leaves"], 5.0)
+    snapshot = ["stays", "leaves"]  # what the keeper read before the leave
+    progress.remove_waiter(r, task_id, "leaves")
+    progress.add_waiters(r, task_id, snapshot, 5.0, renew=True)
+    assert sorted(m.decode() for m in r.zrange(redis_keys.WAITERS + task_id, 0, -1)) == ["stays"]
