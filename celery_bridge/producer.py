@@ -266,7 +266,9 @@ class GenerationProducer:
                         backoff = 0.1
                         if added:  # published before the subscription took effect: read the keys
                             self._poll_once(added)
-                    if not subscribed:
+                    # Idle only once the last unsubscribe is confirmed: a result published before it
+                    # (already delivered by the poll) is still read off the connection, not left there.
+                    if not subscribed and not pubsub.subscribed:
                         self._subscriptions_stale.wait(1.0)
                         continue
                     message = pubsub.get_message(timeout=SUBSCRIBE_LAG_S)
