@@ -30,9 +30,9 @@ RenderBatch = Callable[[List[GenerationRequest], Optional[OnStep]], Tuple[List[b
 
 
 def shape_of(request: GenerationRequest) -> Shape:
-    """What one pipeline call must share: everything but the prompts and the seeds."""
-    return (request.model, request.width, request.height, request.steps, request.scheduler,
-            float(request.guidance_scale))
+    """What one pipeline call must share: everything but the prompts, the seeds and the images."""
+    return (request.model, request.kind, request.width, request.height, request.steps, request.scheduler,
+            float(request.guidance_scale), request.strength)
 
 
 def batch_size_for(configured: Optional[int], catalogued: int, device: str) -> int:

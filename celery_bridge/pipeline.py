@@ -48,8 +48,9 @@ def a1111_parameters(request: GenerationRequest) -> str:
     lines = [request.prompt]
     if request.negative_prompt:
         lines.append(f"Negative prompt: {request.negative_prompt}")
+    strength = f", Denoising strength: {request.strength}" if request.init_image is not None else ""
     lines.append(f"Steps: {request.steps}, Sampler: {request.scheduler}, CFG scale: {request.guidance_scale}, "
-                 f"Seed: {request.seed}, Size: {request.width}x{request.height}, Model: {request.model}")
+                 f"Seed: {request.seed}, Size: {request.width}x{request.height}, Model: {request.model}{strength}")
     return "\n".join(lines)
 
 
@@ -105,6 +106,7 @@ class PipelineRunner:
         type(self).loads += 1
         self._default_scheduler = self.pipe.scheduler
         self._schedulers: Dict[str, Any] = {"default": self._default_scheduler}
+        self._derived: Dict[str, Any] = {"txt2img": self.pipe}  # img2img, inpaint: from_pipe, same weights
         log.info("pipeline %r loaded on %s (%s, %d torch threads) in %.1f s", config.model, self.device, self.dtype,
                  torch.get_num_threads(), self.load_seconds)
 
@@ -170,6 +172,19 @@ class PipelineRunner:
             self._schedulers[name] = cls.from_config(self._default_scheduler.config)
         return self._schedulers[name]
 
+    def pipeline_for(self, kind: str):
+        """The pipeline of a request kind: the resident one for txt2img; for img2img and inpaint one
+        derived from it with from_pipe on first use, sharing its modules (no second copy of the weights)."""
+        if kind not in self._derived:
+            import diffusers
+
+            cls = diffusers.AutoPipelineForImage2Image if kind == "img2img" else diffusers.AutoPipelineForInpainting
+            derived = cls.from_pipe(self.pipe)
+            derived.set_progress_bar_config(disable=True)
+            self._derived[kind] = derived
+            log.info("%s pipeline %s derived from the resident one", kind, type(derived).__name__)
+        return self._derived[kind]
+
     def _call(self, request: GenerationRequest, time_limit_s: Optional[float] = None,
               on_step: Optional[Callable[[int, int, Any], None]] = None,
               batch: Optional[List[GenerationRequest]] = None):
@@ -177,9 +192,10 @@ class PipelineRunner:
         # A CPU generator gives the same noise on every device, so both worker modes agree. A batch
         # (requests of one shape, celery_bridge/batching.py) gets one generator per request, so each
         # seed keeps its own noise; it returns the list of images, in the order of `batch`.
-        inputs = batch_inputs(batch) if batch else {}
+        inputs = batch_inputs(batch) if batch else image_inputs([request])
         generator = inputs.pop("generator", None) or torch.Generator(device="cpu").manual_seed(request.seed)
-        self.pipe.scheduler = self._scheduler(request.scheduler)
+        pipe = self.pipeline_for(request.kind)
+        pipe.scheduler = self._scheduler(request.scheduler)
         deadline = time.monotonic() + time_limit_s if time_limit_s else None
 
         def stop_past_deadline(pipe, step, timestep, callback_kwargs):
@@ -192,11 +208,14 @@ class PipelineRunner:
                 on_step(step, getattr(pipe, "num_timesteps", None) or request.steps, callback_kwargs.get("latents"))
             return callback_kwargs
 
-        return self.pipe(
-            prompt=inputs.get("prompt", request.prompt),
-            negative_prompt=inputs["negative_prompt"] if batch else request.negative_prompt or None,
-            width=request.width,
-            height=request.height,
+        if request.kind != "img2img":  # img2img takes its size from the (resized) init image
+            inputs.update(width=request.width, height=request.height)
+        if request.init_image is not None:
+            inputs["strength"] = request.strength
+        return pipe(
+            prompt=inputs.pop("prompt", request.prompt),
+            negative_prompt=inputs.pop("negative_prompt") if batch else request.negative_prompt or None,
+            **inputs,
             num_inference_steps=request.steps,
             guidance_scale=request.guidance_scale,
             generator=generator,
@@ -249,7 +268,27 @@ def batch_inputs(batch: List[GenerationRequest]) -> Dict[str, Any]:
     negatives = [request.negative_prompt or "" for request in batch]  # "" is what None means to diffusers
     return {"prompt": [request.prompt for request in batch],
             "negative_prompt": negatives if any(negatives) else None,
-            "generator": [torch.Generator(device="cpu").manual_seed(request.seed) for request in batch]}
+            "generator": [torch.Generator(device="cpu").manual_seed(request.seed) for request in batch],
+            **image_inputs(batch)}
+
+
+def image_inputs(batch: List[GenerationRequest]) -> Dict[str, Any]:
+    """`image` (and `mask_image`) for img2img and inpainting: each request's own, decoded and resized
+    to its output size (the gateway checked them whole and within the pixel cap); {} for txt2img."""
+    if batch[0].init_image is None:
+        return {}
+    size = (batch[0].width, batch[0].height)
+
+    def decoded(data: bytes, mode: str) -> Image.Image:
+        with Image.open(io.BytesIO(data)) as image:
+            return image.convert(mode).resize(size, Image.LANCZOS)
+
+    images = [decoded(request.init_image, "RGB") for request in batch]
+    inputs: Dict[str, Any] = {"image": images if len(batch) > 1 else images[0]}
+    if batch[0].mask is not None:
+        masks = [decoded(request.mask, "L") for request in batch]
+        inputs["mask_image"] = masks if len(batch) > 1 else masks[0]
+    return inputs
 
 
 def catalogue_entry(model: str) -> ModelEntry:

@@ -69,6 +69,11 @@ TENANT_WAITING = "sdgate:tenant-waiting:"
 TENANT_GALLERY = "sdgate:tenant-gallery:"
 TENANT_COUNTER = "tenants:"  # a field of STATS: tenants:<tenant>:<counter>
 RENDER_MS = "sdgate:render-ms:"
+# The A1111 API (serve_app/a1111_api.py) and signed image URLs (serve_app/signed_urls.py).
+URL_SECRET = "sdgate:url-secret"  # the HMAC key of signed image URLs, made once, shared by every replica
+A1111_OPTIONS = "sdgate:a1111-options:"  # per caller: hash of its /sdapi/v1/options (sd_model_checkpoint)
+A1111_WORK = "sdgate:a1111-work:"  # per caller: hash waiter -> its progress (JSON), what /progress reads
+A1111_INTERRUPT = "sdgate:a1111-interrupt:"  # per waiter: /interrupt reached another replica than its own
 IMAGE = "sdgate:img:"
 
 TASK_ID = "sdgate-"  # not a key: every task id starts with it, so patterns can find sdgate's results

@@ -6,6 +6,8 @@ module; nobody re-implements any part of it. See docs/protocol.md for the byte l
 
 from __future__ import annotations
 
+import base64
+import binascii
 import dataclasses
 import hashlib
 import json
@@ -33,6 +35,13 @@ MAX_SEED = 2**32 - 1
 MAX_MODEL_CHARS = 200
 _MODEL_PATTERN = re.compile(r"^[A-Za-z0-9._/\-]+$")
 KEY_VERSION = "sdgate-key-v1"
+# An init image (img2img) or mask (inpainting) travels by content: PNG, JPEG or WebP bytes, base64
+# on the wire. The gateway also checks the pixel count from the header before decoding (bombs).
+MAX_IMAGE_BYTES = 4 * 1024 * 1024
+MAX_IMAGE_PIXELS = MAX_SIDE * MAX_SIDE
+IMAGE_FIELDS = ("init_image", "mask")
+MIN_STRENGTH, MAX_STRENGTH = 0.0, 1.0
+DEFAULT_STRENGTH, DEFAULT_INPAINT_STRENGTH = 0.75, 1.0  # A1111's img2img default; inpainting repaints the mask
 
 
 class InvalidRequest(ValueError):
@@ -58,6 +67,11 @@ class GenerationRequest:
     seed: Optional[int] = None
     scheduler: Optional[str] = None
     model: Optional[str] = None
+    # img2img: start from `init_image` (bytes) and keep `strength` of the way to noise; with a
+    # `mask` (white repaints, black keeps), inpainting. All three stay None for text to image.
+    init_image: Optional[bytes] = None
+    mask: Optional[bytes] = None
+    strength: Optional[float] = None
 
     @classmethod
     def from_dict(cls, data: Any) -> "GenerationRequest":
@@ -70,13 +84,38 @@ class GenerationRequest:
             raise InvalidRequest(unknown[0], f"unknown field; allowed fields are {sorted(known)}")
         if "prompt" not in data:
             raise InvalidRequest("prompt", "is required")
+        data = dict(data)
+        for name in IMAGE_FIELDS:
+            if data.get(name) is not None:
+                data[name] = decode_image_field(name, data[name])
         request = cls(**data)
         request.validate()
         return request
 
     def to_dict(self) -> Dict[str, Any]:
-        """The request as a JSON-ready dict (the task payload and the wire body)."""
-        return dataclasses.asdict(self)
+        """The request as a JSON-ready dict (the task payload and the wire body): images in base64,
+        and the img2img fields left out when unset, so a text request reads as it always did."""
+        fields = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        for name in IMAGE_FIELDS + ("strength",):
+            if fields[name] is None:
+                del fields[name]
+            elif name in IMAGE_FIELDS:
+                fields[name] = base64.b64encode(fields[name]).decode("ascii")
+        return fields
+
+    def summary(self) -> Dict[str, Any]:
+        """to_dict with each image replaced by its sha256 (`init_image_sha256`): what an image's
+        metadata, a job's params and logs carry instead of megabytes of base64."""
+        fields = self.to_dict()
+        for name in IMAGE_FIELDS:
+            if fields.pop(name, None) is not None:
+                fields[name + "_sha256"] = hashlib.sha256(getattr(self, name)).hexdigest()
+        return fields
+
+    @property
+    def kind(self) -> str:
+        """txt2img, img2img or inpaint: which pipeline renders it."""
+        return "txt2img" if self.init_image is None else ("img2img" if self.mask is None else "inpaint")
 
     def validate(self) -> None:
         """Raise InvalidRequest naming the first field that is wrong, its value and the limit."""
@@ -104,6 +143,22 @@ class GenerationRequest:
             raise InvalidRequest("scheduler", f"{self.scheduler!r} is not one of {', '.join(SCHEDULERS)}")
         if self.model is not None:
             check_model_name(self.model)
+        for name in IMAGE_FIELDS:
+            if getattr(self, name) is not None:
+                check_image_bytes(name, getattr(self, name))
+        if self.init_image is None:
+            for name in ("mask", "strength"):
+                if getattr(self, name) is not None:
+                    raise InvalidRequest(name, "needs an init_image to apply to; send one, or leave it out")
+        if self.strength is not None:
+            if isinstance(self.strength, bool) or not isinstance(self.strength, (int, float)):
+                raise InvalidRequest("strength", f"must be a number, got {self.strength!r}")
+            if not (MIN_STRENGTH < self.strength <= MAX_STRENGTH):
+                raise InvalidRequest("strength", f"{self.strength} is outside (0, 1]: 0.1 keeps the init image "
+                                     "nearly as it is, 1.0 keeps only its layout")
+            if self.steps is not None and int(self.steps * self.strength) < 1:
+                raise InvalidRequest("strength", f"{self.strength} of {self.steps} steps leaves no denoising step; "
+                                     f"use at least {1 / self.steps:.3g} or more steps")
 
     def with_defaults(self, model: str, width: int, height: int, steps: int, guidance_scale: float,
                       scheduler: str) -> "GenerationRequest":
@@ -112,9 +167,6 @@ class GenerationRequest:
         The gateway calls it with its catalogue's default model and that model's defaults; the
         result, not the request as sent, is what gets normalised and keyed.
         """
-        def pick(mine: Any, default: Any) -> Any:
-            return default if mine is None else mine
-
         return dataclasses.replace(
             self, model=pick(self.model, model), width=pick(self.width, width), height=pick(self.height, height),
             steps=pick(self.steps, steps), guidance_scale=pick(self.guidance_scale, guidance_scale),
@@ -137,6 +189,10 @@ class GenerationRequest:
             negative_prompt=normalize_prompt(self.negative_prompt),
             guidance_scale=float(self.guidance_scale) + 0.0,  # + 0.0 turns -0.0 into 0.0
         )
+        if resolved.init_image is not None:
+            strength = DEFAULT_STRENGTH if resolved.mask is None else DEFAULT_INPAINT_STRENGTH
+            resolved = dataclasses.replace(resolved, strength=float(pick(resolved.strength, strength)))
+            resolved.validate()
         if resolved.seed is None:
             digest = hashlib.sha256(_canonical_bytes(resolved, include_seed=False)).digest()
             resolved = dataclasses.replace(resolved, seed=int.from_bytes(digest[:4], "big"))
@@ -164,8 +220,53 @@ def normalize_prompt(text: str) -> str:
     return " ".join(text.split()).lower()
 
 
+def pick(mine: Any, default: Any) -> Any:
+    return default if mine is None else mine
+
+
+def sniff_image(data: bytes) -> Optional[str]:
+    """"png", "jpeg" or "webp" from the file's signature; None for anything else."""
+    if data.startswith(b"\x89PNG\r\n\x1a\n"):
+        return "png"
+    if data.startswith(b"\xff\xd8\xff"):
+        return "jpeg"
+    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+        return "webp"
+    return None
+
+
+def check_image_bytes(name: str, data: Any) -> None:
+    """Raise InvalidRequest unless `data` is bytes of a PNG, JPEG or WebP within MAX_IMAGE_BYTES."""
+    if not isinstance(data, (bytes, bytearray)):
+        raise InvalidRequest(name, f"must be image bytes (base64 on the wire), got {type(data).__name__}")
+    if not data:
+        raise InvalidRequest(name, "is empty; send a PNG, JPEG or WebP image")
+    if len(data) > MAX_IMAGE_BYTES:
+        raise InvalidRequest(name, f"is {len(data)} bytes; the limit is {MAX_IMAGE_BYTES} (scale the image down "
+                             "or send it as JPEG)")
+    if sniff_image(bytes(data[:16])) is None:
+        raise InvalidRequest(name, "is not a PNG, JPEG or WebP image (its first bytes match none of them)")
+
+
+def decode_image_field(name: str, value: Any) -> bytes:
+    """Image bytes from a wire value: base64 text, optionally a `data:image/...;base64,` URL (bytes
+    given in-process pass as they are)."""
+    if isinstance(value, (bytes, bytearray)):
+        return bytes(value)
+    if not isinstance(value, str):
+        raise InvalidRequest(name, f"must be base64 text of a PNG, JPEG or WebP image, got {type(value).__name__}")
+    if value.startswith("data:"):
+        value = value.partition(",")[2]
+    if len(value) > (MAX_IMAGE_BYTES + 2) // 3 * 4 + 4:
+        raise InvalidRequest(name, f"is over the {MAX_IMAGE_BYTES}-byte limit for an image")
+    try:
+        return base64.b64decode(value, validate=True)
+    except (binascii.Error, ValueError):
+        raise InvalidRequest(name, "is not valid base64") from None
+
+
 def _canonical_bytes(request: GenerationRequest, include_seed: bool) -> bytes:
-    fields = request.to_dict()
+    fields = request.summary()
     if not include_seed:
         fields.pop("seed")
     return (KEY_VERSION + json.dumps(fields, sort_keys=True, separators=(",", ":"))).encode("utf-8")
@@ -208,7 +309,8 @@ PREVIEW, CANCEL = 7, 8
 FRAME_NAMES = {REQUEST: "REQUEST", STATUS: "STATUS", IMAGE: "IMAGE", ERROR: "ERROR", LIST_MODELS: "LIST_MODELS",
                MODELS: "MODELS", PREVIEW: "PREVIEW", CANCEL: "CANCEL"}
 # Checked against the header before a single payload byte is read or allocated.
-MAX_PAYLOAD = {REQUEST: 16 * 1024, STATUS: 4 * 1024, IMAGE: 32 * 1024 * 1024, ERROR: 16 * 1024,
+MAX_TEXT_REQUEST = 16 * 1024  # a request without images
+MAX_PAYLOAD = {REQUEST: MAX_TEXT_REQUEST + 2 * (MAX_IMAGE_BYTES * 4 // 3 + 4), STATUS: 4 * 1024, IMAGE: 32 * 1024 * 1024, ERROR: 16 * 1024,
                LIST_MODELS: 1024, MODELS: 256 * 1024, PREVIEW: 96 * 1024, CANCEL: 256}
 MAX_PREVIEWS = 150  # "previews": k asks a preview every k denoising steps
 IMAGE_META_LEN = struct.Struct(">I")

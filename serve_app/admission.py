@@ -168,7 +168,7 @@ class Admission:
     def check_size(length: int) -> None:
         if length > MAX_REQUEST_BYTES:
             raise ProtocolError(protocol.E_FRAME_TOO_LARGE, f"request body of {length} bytes is over the "
-                                f"{MAX_REQUEST_BYTES}-byte limit; shorten the prompt")
+                                f"{MAX_REQUEST_BYTES}-byte limit; shorten the prompt, or send smaller images")
 
     # -- connections ------------------------------------------------------------------------------
 

@@ -9,7 +9,7 @@ import os
 from pathlib import Path
 from typing import Any, Iterable, List, Literal, Optional, Tuple, Union
 
-from pydantic import field_validator
+from pydantic import Field, field_validator
 
 from celery_bridge.config import Port, config_dataclass, load_config, sdgate_home
 
@@ -52,6 +52,8 @@ class GatewayConfig:
     fair_share: bool = True  # misses wait in per-tenant backlogs and start by weight; off: first in, first out
     # CIDRs of the reverse proxies in front of HTTP: from these peers only, X-Forwarded-For names the client
     trusted_proxies: List[str] = dataclasses.field(default_factory=list)
+    # -- clients (issue 19): Images API URLs, the A1111 API --
+    image_url_ttl_s: int = Field(default=3600, ge=1, le=7 * 86400)  # response_format "url": how long a URL works
 
     @field_validator("trusted_proxies")
     @classmethod

@@ -21,6 +21,7 @@ rendered and cached, and the claim stays alive so a retry joins instead of rende
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import threading
 import time
@@ -40,6 +41,7 @@ from serve_app.catalogue import GatewayCatalogue
 from serve_app.claims import ClusterClaims
 from serve_app.config import GatewayConfig
 from serve_app.fair_pool import FairPool
+from serve_app.init_images import check_images, fitted_size
 from serve_app.flight import Answer, EventCallback, Flight, StatusCallback
 from serve_app.store import ImageStore
 from serve_app.tenants import ANONYMOUS, Tenant, TenantWaiting
@@ -134,6 +136,16 @@ class FrontService:
         self.served(tenant, answer)
         return answer
 
+    async def generate_seeds(self, request: GenerationRequest, n: int, **options) -> List[Answer]:
+        """n images of `request` with seeds seed, seed+1, ... (its own seed, or the one derived from
+        it), as A1111 numbers a batch: each its own cache key, all in flight at once so a batching
+        worker can render them together. Raises the first error; the others still finish and are cached."""
+        if n == 1:
+            return [await self.generate_async(request, **options)]
+        seed = (await self.prepare(request)).seed
+        variants = [dataclasses.replace(request, seed=(seed + i) % (protocol.MAX_SEED + 1)) for i in range(n)]
+        return list(await asyncio.gather(*(self.generate_async(variant, **options) for variant in variants)))
+
     def served(self, tenant: Tenant, answer: Answer) -> None:
         """Count an image served to `tenant` (hit or miss) and list it in the tenant's gallery."""
         self.counters.incr(tenant_counter(tenant.name, IMAGES_SERVED))
@@ -158,11 +170,8 @@ class FrontService:
                         on_event: Optional[EventCallback], waiter_id: str, timeout_s: Optional[float],
                         previews: int, tenant: Tenant) -> Answer:
         loop = asyncio.get_running_loop()
-        # 1. Fill the model and its defaults from the catalogue, then normalise and key.
-        try:
-            normalized = self.catalogue.resolve(request).normalized()
-        except InvalidRequest as exc:
-            raise ProtocolError(protocol.E_INVALID_REQUEST, str(exc), field=exc.field) from None
+        # 1. Check its images, fill the model and its defaults from the catalogue, then normalise and key.
+        normalized = await self.prepare(request)
         tenant.check_request(normalized.width, normalized.height, normalized.steps)
         self.catalogue.count_request(normalized.model)
         key = normalized.cache_key()
@@ -222,6 +231,20 @@ class FrontService:
             self.admission.leave_wait(who)
             if self._counted_waiters.pop(waiter_id, None) is not None:
                 self._reads.submit(self.tenant_waiting.leave, tenant.name, waiter_id)
+
+    async def prepare(self, request: GenerationRequest) -> GenerationRequest:
+        """`request` as it is keyed and rendered: its init image and mask checked whole (on the read
+        pool), an init image's own size where no size was asked, the model's defaults filled, then
+        normalised. Raises ProtocolError `invalid_request` naming the field."""
+        try:
+            if request.init_image is not None:
+                size = await asyncio.get_running_loop().run_in_executor(self._reads, check_images, request)
+                if request.width is None and request.height is None:
+                    width, height = fitted_size(size, self.catalogue.entry(request.model).limits.max_side)
+                    request = dataclasses.replace(request, width=width, height=height)
+            return self.catalogue.resolve(request).normalized()
+        except InvalidRequest as exc:
+            raise ProtocolError(protocol.E_INVALID_REQUEST, str(exc), field=exc.field) from None
 
     def _lookup(self, key: str) -> Optional[Answer]:
         cached = self._cache_get(key)
@@ -449,7 +472,7 @@ class FrontService:
 
     def _store(self, key: str, result: GenerationResult, request: GenerationRequest) -> Answer:
         # The normalised request rides along, so the gallery can show what made each image.
-        png, meta = result.png, dict(result.meta(), params=request.to_dict())
+        png, meta = result.png, dict(result.meta(), params=request.summary())
         if result.key != key:
             log.error("worker answered key %s for %s", result.key[:12], key[:12])
             raise ProtocolError(protocol.E_INTERNAL, "the worker answered for another request; retry")

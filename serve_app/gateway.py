@@ -18,7 +18,7 @@ from fastapi.responses import JSONResponse, Response
 from ray import serve
 
 from client import protocol
-from client.protocol import ProtocolError
+from client.protocol import GenerationRequest, ProtocolError
 from celery_bridge.config import load_celery_config
 from celery_bridge.producer import GenerationProducer
 from celery_bridge.redis_check import require_redis_version
@@ -27,9 +27,10 @@ from serve_app.admission import Admission
 from serve_app.autoscaling import SOCKET_LOAD_METRIC
 from serve_app.config import load_gateway_config
 from serve_app.front import FrontService
-from serve_app.images_api import bearer, client_of, public_meta, read_generation
-from serve_app.openai_errors import http_error
-from serve_app import jobs_api
+from serve_app.images_api import client_of, credential, images_options, public_meta, read_edit, read_generation
+from serve_app.openai_errors import error_response, http_error
+from serve_app.signed_urls import SignedUrls
+from serve_app import a1111_api, jobs_api
 from serve_app.http_front import HttpFrontServer
 from serve_app.jobs import JobService
 from serve_app.metrics import RayMetrics
@@ -52,6 +53,7 @@ ROUTES: List[Tuple[str, str, List[str]]] = [
     ("/static/{name}", "static", ["GET"]),
     ("/healthz", "healthz", ["GET"]),
     ("/v1/images/generations", "generations", ["POST"]),
+    ("/v1/images/edits", "edits", ["POST"]),
     ("/v1/images/{name}", "image", ["GET"]),
     ("/v1/gallery", "gallery", ["GET"]),
     ("/v1/models", "models", ["GET"]),
@@ -61,6 +63,7 @@ ROUTES: List[Tuple[str, str, List[str]]] = [
     ("/v1/jobs/{job_id}", "delete_job", ["DELETE"]),
     ("/v1/jobs/{job_id}/events", "job_events", ["GET"]),
     ("/v1/jobs/{job_id}/image", "job_image", ["GET"]),
+    *((path, name, methods) for path, name, methods in a1111_api.ROUTES),
 ]
 
 
@@ -85,6 +88,8 @@ class Gateway:
         self._stopped = threading.Event()
         threading.Thread(target=self._watch_queue, name="sdgate-queue-depth", daemon=True).start()
         self.jobs = JobService(self.front)
+        self.urls = SignedUrls(producer.redis, self.config.image_url_ttl_s)
+        self.a1111 = a1111_api.A1111Api(self)
         self.http_front = HttpFrontServer(self.config, [(path, getattr(self, name), methods)
                                                         for path, name, methods in ROUTES]).start()
         log.info("gateway replica serving sockets on %s:%s", self.config.host, self.socket_server.port)
@@ -94,23 +99,48 @@ class Gateway:
         client = client_of(self.admission, request)
         try:
             generation, extras, tenant = await read_generation(self.admission, request, client,
-                                                               ("stream", "partial_images"))
+                                                               ("stream", "partial_images", "n", "response_format"))
         except ProtocolError as exc:
             self.front.counters.error(exc.code)
             return http_error(exc)
         streaming, partial_images = extras.get("stream", False), extras.get("partial_images", 0)
         if streaming:  # OpenAI's image streaming (serve_app/jobs_api.py)
+            if extras.get("n", 1) != 1:
+                return http_error(ProtocolError(protocol.E_INVALID_REQUEST, "a stream is one image; send n=1 "
+                                                "with stream", field="n"))
             return await jobs_api.stream_generation(self, generation, partial_images, client, tenant)
+        return await self._images(request, generation, extras, client, tenant)
+
+    async def edits(self, request: Request) -> JSONResponse:
+        """OpenAI's image edits (multipart: image, optional mask, prompt, n, size, response_format):
+        img2img, or inpainting with a mask; answered as generations are."""
+        client = client_of(self.admission, request)
         try:
-            answer = await self.front.generate_async(generation, client=client, tenant=tenant)
+            generation, n, response_format, tenant = await read_edit(self.admission, request, client)
+        except ProtocolError as exc:
+            self.front.counters.error(exc.code)
+            return http_error(exc)
+        return await self._images(request, generation, {"n": n, "response_format": response_format}, client, tenant)
+
+    async def _images(self, request: Request, generation: GenerationRequest, extras: Dict[str, Any], client: str,
+                      tenant: Tenant) -> JSONResponse:
+        """The Images API answer: n images, each as b64_json or a signed URL, plus sdgate's metadata."""
+        try:
+            n, response_format = images_options(extras)
+            answers = await self.front.generate_seeds(generation, n, client=client, tenant=tenant)
+            if response_format == "url":
+                base = str(request.base_url)
+                urls = await asyncio.to_thread(lambda: [self.urls.url(base, a.meta["key"]) for a in answers])
         except ProtocolError as exc:
             return http_error(exc)
-        meta = public_meta(answer.meta)
+        revised = protocol.normalize_prompt(generation.prompt)
+        data = [{"url": urls[i]} if response_format == "url" else
+                {"b64_json": base64.b64encode(answer.png).decode("ascii")} for i, answer in enumerate(answers)]
+        metas = [dict(public_meta(answer.meta), cached=answer.cached) for answer in answers]
         return JSONResponse({
             "created": int(time.time()),
-            "data": [{"b64_json": base64.b64encode(answer.png).decode("ascii"),
-                      "revised_prompt": protocol.normalize_prompt(generation.prompt)}],
-            "sdgate": dict(meta, cached=answer.cached),
+            "data": [dict(item, revised_prompt=revised) for item in data],
+            "sdgate": dict(metas[0], images=metas) if n > 1 else metas[0],
         })
 
     # Jobs (serve_app/jobs_api.py): a generation that outlives its request, readable from any replica.
@@ -142,10 +172,22 @@ class Gateway:
         return webui.asset(request.path_params["name"])
 
     async def image(self, request: Request) -> Response:
-        """A cached PNG by key (`<key>.png`), with a strong ETag and a year of Cache-Control."""
-        refused = self._refused(request)
-        return refused or await asyncio.to_thread(webui.image_response, self.front.store,
-                                                  request.path_params["name"], request.headers.get("if-none-match"))
+        """A cached PNG by key (`<key>.png`), with a strong ETag and a year of Cache-Control; with a
+        signed URL's `expires` and `signature` (response_format "url"), without the key until it expires."""
+        name, query = request.path_params["name"], request.query_params
+        if "signature" in query or "expires" in query:
+            key = webui.image_key(name)
+            valid = key is not None and await asyncio.to_thread(self.urls.valid, key, query.get("expires", ""),
+                                                                 query.get("signature", ""))
+            if not valid:
+                return error_response(protocol.E_UNAUTHORIZED, "this image URL has expired or is not one sdgate "
+                                      "signed; ask for the image again (response_format url gives a fresh URL)",
+                                      status=403)
+        else:
+            refused = self._refused(request)
+            if refused:
+                return refused
+        return await asyncio.to_thread(webui.image_response, self.front.store, name, request.headers.get("if-none-match"))
 
     async def gallery(self, request: Request) -> Response:
         """Cache entries with their parameters, newest first: `?limit=N&before=CURSOR`; a tenant's
@@ -174,7 +216,7 @@ class Gateway:
     def authenticate(self, request: Request) -> Tuple[Tenant, Optional[JSONResponse]]:
         """(the tenant its key names, None), or (anonymous, the error answer)."""
         try:
-            return self.admission.authenticate(bearer(request)), None
+            return self.admission.authenticate(credential(request)), None
         except ProtocolError as exc:
             self.front.counters.error(exc.code)
             return ANONYMOUS, http_error(exc)
@@ -218,6 +260,8 @@ class Gateway:
             self.front.counters.close()
 
 
+for _path, _name, _methods, _target in a1111_api.ROUTES_TO:
+    setattr(Gateway, _name, a1111_api.gateway_method(_name, _target))
 for _path, _name, _methods in ROUTES:
     api.add_api_route(_path, getattr(Gateway, _name), methods=_methods)
 Gateway = serve.deployment(name="Gateway", max_ongoing_requests=256, health_check_period_s=5,

@@ -4,6 +4,8 @@ takes an Images API body (gateway.py's generations, jobs_api.py's jobs and strea
 
 from __future__ import annotations
 
+import base64
+import binascii
 import json
 from typing import Any, Dict, Optional, Tuple
 
@@ -22,6 +24,24 @@ def public_meta(meta: Dict[str, Any]) -> Dict[str, Any]:
     return {k: v for k, v in meta.items() if k not in PRIVATE_META}
 
 
+MAX_N = 10  # images per Images API call, as OpenAI allows
+RESPONSE_FORMATS = ("b64_json", "url")
+# Edits form fields OpenAI defines that change nothing here (sdgate answers PNG, opaque, one quality).
+IGNORED_EDIT_FIELDS = ("user", "quality", "background", "input_fidelity", "output_format", "output_compression")
+EDIT_NUMBERS = {"steps": int, "seed": int, "guidance_scale": float, "strength": float}
+
+
+def images_options(extras: Dict[str, Any]) -> Tuple[int, str]:
+    """(n, response_format) of an Images API call; `invalid_request` naming the field."""
+    n, response_format = extras.get("n", 1), extras.get("response_format", "b64_json")
+    if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= MAX_N:
+        raise ProtocolError(protocol.E_INVALID_REQUEST, f"n {n!r} must be an integer 1..{MAX_N}", field="n")
+    if response_format not in RESPONSE_FORMATS:
+        raise ProtocolError(protocol.E_INVALID_REQUEST, f"response_format {response_format!r} must be one of "
+                            f"{', '.join(RESPONSE_FORMATS)}", field="response_format")
+    return n, response_format
+
+
 def request_from_openai(body: Any) -> GenerationRequest:
     """Map an Images API body (prompt, size "WxH", n=1, response_format b64_json, sdgate extras)."""
     if not isinstance(body, dict):
@@ -29,10 +49,11 @@ def request_from_openai(body: Any) -> GenerationRequest:
     fields = dict(body)
     n = fields.pop("n", 1)
     if n != 1:
-        raise InvalidRequest("n", f"{n!r}: sdgate renders one image per request; send n=1")
+        raise InvalidRequest("n", f"{n!r}: a job or a stream is one image; send n=1, or POST "
+                             "/v1/images/generations for up to 10")
     response_format = fields.pop("response_format", "b64_json")
     if response_format != "b64_json":
-        raise InvalidRequest("response_format", f"{response_format!r}: only b64_json is supported")
+        raise InvalidRequest("response_format", f"{response_format!r}: only b64_json is supported here")
     fields.pop("user", None)
     size = fields.pop("size", None)
     if size is not None:
@@ -45,10 +66,20 @@ def request_from_openai(body: Any) -> GenerationRequest:
     return GenerationRequest.from_dict(fields)
 
 
-def bearer(request: Request) -> Optional[str]:
-    """The token of an `Authorization: Bearer` header, or None."""
+def credential(request: Request) -> Optional[str]:
+    """The key a request carries: an `Authorization: Bearer` token, or the password of HTTP basic auth
+    (as A1111 clients send it; the user name is not read); None for none or an empty one."""
     header = request.headers.get("authorization", "")
-    return header[7:] if header.lower().startswith("bearer ") else None
+    scheme, _, value = header.partition(" ")
+    if scheme.lower() == "bearer":
+        return value or None
+    if scheme.lower() == "basic" and value.strip():
+        try:
+            decoded = base64.b64decode(value.strip(), validate=True).decode("utf-8")
+        except (binascii.Error, ValueError):
+            raise ProtocolError(protocol.E_UNAUTHORIZED, "the basic auth header is not base64 of user:key") from None
+        return decoded.partition(":")[2] or None
+    return None
 
 
 def client_of(admission: Admission, request: Request) -> str:
@@ -78,7 +109,7 @@ async def read_generation(admission: Admission, request: Request, client: str, e
     """Key, rate (of `client`, from client_of, or of the tenant), bounded body, then the Images API
     body as a request plus those of the `extras` fields it has (taken out before the request is
     checked, as they are not part of it), and the tenant asking."""
-    tenant = admission.authenticate(bearer(request))
+    tenant = admission.authenticate(credential(request))
     admission.check_rate(client, tenant)
     body = await bounded_body(request)
     try:
@@ -94,3 +125,79 @@ async def read_generation(admission: Admission, request: Request, client: str, e
         raise ProtocolError(protocol.E_INVALID_REQUEST, f"body is not valid JSON: {exc}") from None
     except TypeError as exc:
         raise ProtocolError(protocol.E_INVALID_REQUEST, f"wrong shape: {exc}") from None
+
+
+async def read_edit(admission: Admission, request: Request, client: str
+                    ) -> Tuple[GenerationRequest, int, str, Tenant]:
+    """`POST /v1/images/edits` (multipart, as OpenAI's SDK sends it): the request (image, optional
+    mask, prompt, size, sdgate's extras), n, response_format and the tenant asking."""
+    tenant = admission.authenticate(credential(request))
+    admission.check_rate(client, tenant)
+    body = await bounded_body(request)
+
+    async def replay() -> Dict[str, Any]:
+        return {"type": "http.request", "body": body, "more_body": False}
+
+    try:
+        form = await Request(request.scope, replay).form(max_files=4, max_fields=32,
+                                                          max_part_size=protocol.MAX_IMAGE_BYTES + 1)
+    except Exception as exc:  # noqa: BLE001 - python-multipart's and starlette's parse errors alike
+        raise ProtocolError(protocol.E_INVALID_REQUEST, f"body is not a multipart form OpenAI's edits take: "
+                            f"{getattr(exc, 'detail', None) or exc}") from None
+    try:
+        fields: Dict[str, Any] = {}
+        images = form.getlist("image") + form.getlist("image[]")
+        if len(images) != 1 or isinstance(images[0], str):
+            raise InvalidRequest("image", f"send exactly one image file (got {len(images)}); sdgate edits one "
+                                 "init image per call")
+        fields["init_image"] = await images[0].read()
+        mask = form.get("mask")
+        if mask is not None:
+            if isinstance(mask, str):
+                raise InvalidRequest("mask", "must be an image file")
+            fields["mask"] = openai_mask(await mask.read())
+        options: Dict[str, Any] = {}
+        for name, value in form.multi_items():
+            if name in ("image", "image[]", "mask") or name in IGNORED_EDIT_FIELDS:
+                continue
+            if not isinstance(value, str):
+                raise InvalidRequest(name, "must be a text field, not a file")
+            if name == "n":
+                options["n"] = int(value) if value.strip().lstrip("-").isdigit() else value
+            elif name == "response_format":
+                options["response_format"] = value
+            elif name in EDIT_NUMBERS:
+                try:
+                    fields[name] = EDIT_NUMBERS[name](value)
+                except ValueError:
+                    raise InvalidRequest(name, f"{value[:40]!r} is not a number") from None
+            elif name in ("stream", "partial_images"):
+                raise InvalidRequest(name, "edits are not streamed here; leave it out (generations stream)")
+            else:
+                fields[name] = value
+        n, response_format = images_options(options)
+        return request_from_openai(fields), n, response_format, tenant
+    except InvalidRequest as exc:
+        raise ProtocolError(protocol.E_INVALID_REQUEST, str(exc), field=exc.field) from None
+    finally:
+        await form.close()
+
+
+def openai_mask(data: bytes) -> bytes:
+    """OpenAI's mask (repaint where it is fully transparent) as sdgate's (white repaints, black keeps).
+    A mask without transparency is taken as it is."""
+    import io
+
+    from PIL import Image
+
+    from serve_app.init_images import image_size
+
+    image_size("mask", data)  # a whole image within the caps before it is decoded here
+    with Image.open(io.BytesIO(data)) as image:
+        if "A" not in image.getbands() and "transparency" not in image.info:
+            return data
+        alpha = image.convert("RGBA").getchannel("A")
+    repaint = alpha.point(lambda a: 255 if a == 0 else 0)
+    out = io.BytesIO()
+    repaint.save(out, format="PNG")
+    return out.getvalue()

@@ -23,7 +23,7 @@ import redis
 from sse_starlette import ServerSentEvent
 
 from client import protocol
-from client.protocol import GenerationRequest, InvalidRequest, ProtocolError
+from client.protocol import GenerationRequest, ProtocolError
 from celery_bridge import progress, redis_keys
 from celery_bridge.lifecycle import RECORD_SCRIPT, TERMINAL as TERMINAL_STATES, IllegalTransition, State, advance
 from serve_app import sse, stats
@@ -67,10 +67,7 @@ class JobService:
                      tenant: Tenant = ANONYMOUS) -> Dict[str, Any]:
         """Create a job for `request`, owned by `tenant`; a cache hit is done at once. Raises ProtocolError."""
         protocol.check_previews(previews)
-        try:
-            normalized = self.front.catalogue.resolve(request).normalized()
-        except InvalidRequest as exc:
-            raise ProtocolError(protocol.E_INVALID_REQUEST, str(exc), field=exc.field) from None
+        normalized = await self.front.prepare(request)
         tenant.check_request(normalized.width, normalized.height, normalized.steps)
         record = {"id": "job-" + uuid.uuid4().hex, "object": "sdgate.job", "state": "queued",
                   "model": normalized.model, "key": normalized.cache_key(), "step": None, "steps": normalized.steps,
@@ -320,6 +317,7 @@ def _next(record: Dict[str, Any]) -> Dict[str, Any]:
 
 
 def _params(request: GenerationRequest) -> Dict[str, Any]:
-    return {"prompt": request.prompt, "negative_prompt": request.negative_prompt, "width": request.width,
+    images = {k: v for k, v in request.summary().items() if k.endswith("_sha256") or k == "strength"}
+    return images | {"prompt": request.prompt, "negative_prompt": request.negative_prompt, "width": request.width,
             "height": request.height, "steps": request.steps, "guidance": request.guidance_scale,
             "seed": request.seed, "scheduler": request.scheduler, "model": request.model}

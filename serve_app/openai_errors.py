@@ -23,11 +23,12 @@ def error_body(code: str, message: str, param: Optional[str] = None) -> Dict[str
 
 
 def error_response(code: str, message: str, param: Optional[str] = None,
-                   headers: Optional[Mapping[str, str]] = None) -> JSONResponse:
-    """The error answer with the HTTP status for `code`; retryable codes say when to retry."""
+                   headers: Optional[Mapping[str, str]] = None, status: Optional[int] = None) -> JSONResponse:
+    """The error answer with the HTTP status for `code` (or `status`); retryable codes say when to retry."""
     if code in protocol.RETRYABLE_CODES:
         headers = dict(headers or {}, **{"Retry-After": "5"})
-    return JSONResponse(error_body(code, message, param), status_code=HTTP_STATUS.get(code, 500), headers=headers)
+    return JSONResponse(error_body(code, message, param), status_code=status or HTTP_STATUS.get(code, 500),
+                        headers=headers)
 
 
 def http_error(exc: ProtocolError) -> JSONResponse:

@@ -1,6 +1,7 @@
 """The wire contract: framing over real sockets, caps from the header alone, every malformed frame's
 code, timeouts, fuzzing of the decoders, and the request model's validation and cache key."""
 
+import base64
 import dataclasses
 import hashlib
 import json
@@ -442,15 +443,25 @@ def changed_value(field: dataclasses.Field, value):
         return value + " under a full moon"
     if field.type in ("int", "Optional[int]"):
         return value + (8 if field.name in ("width", "height") else 1)
+    if field.name == "strength":
+        return 0.75 if value != 0.75 else 0.5
     if field.type in ("float", "Optional[float]"):
         return value + 0.5
+    if field.type == "Optional[bytes]":
+        return value + b"-changed"  # still a PNG by its signature, which is all validate() reads
     pytest.fail(f"no rule to change GenerationRequest.{field.name} ({field.type}): add one here, and make sure "
                 "the field is part of cache_key()")
 
 
-@pytest.mark.parametrize("base", [BASE, resolved(GenerationRequest("a red fox"))], ids=["explicit", "defaults"])
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+BASE_IMG2IMG = dataclasses.replace(BASE, init_image=PNG_SIGNATURE + b"init", mask=PNG_SIGNATURE + b"mask", strength=0.5)
+
+
+@pytest.mark.parametrize("base", [BASE_IMG2IMG, resolved(GenerationRequest("a red fox", init_image=BASE_IMG2IMG.init_image,
+                                                                           mask=BASE_IMG2IMG.mask))],
+                         ids=["explicit", "defaults"])
 def test_changing_any_field_changes_the_cache_key(base):
-    explicit = BASE  # values to change from when `base` leaves a field to its default
+    explicit = BASE_IMG2IMG  # values to change from when `base` leaves a field to its default
     keys = {"base": base.cache_key()}
     for field in dataclasses.fields(GenerationRequest):
         current = getattr(base, field.name)
@@ -459,6 +470,53 @@ def test_changing_any_field_changes_the_cache_key(base):
         changed.validate()
         keys[field.name] = changed.cache_key()
     assert len(set(keys.values())) == len(keys), f"fields sharing a key: {keys}"
+
+
+def test_a_text_request_keys_as_before_the_img2img_fields_existed():
+    """The img2img fields are left out of a text request's key: caches made before them still hit."""
+    fields = {"prompt": "a red fox", "negative_prompt": "blurry", "width": 64, "height": 64, "steps": 2,
+              "guidance_scale": 7.5, "seed": 1, "scheduler": "default", "model": "tiny"}
+    before = hashlib.sha256((protocol.KEY_VERSION + json.dumps(fields, sort_keys=True, separators=(",", ":")))
+                            .encode()).hexdigest()
+    assert BASE.cache_key() == before
+    assert BASE_IMG2IMG.cache_key() != before
+
+
+def test_an_image_is_keyed_by_its_content_and_travels_as_base64():
+    request = BASE_IMG2IMG
+    wire = json.loads(json.dumps(request.to_dict()))
+    assert wire["init_image"] == base64.b64encode(request.init_image).decode()
+    again = GenerationRequest.from_dict(wire)
+    assert again == request and again.cache_key() == request.cache_key()
+    assert "init_image" not in request.summary() and request.summary()["init_image_sha256"] == \
+        hashlib.sha256(request.init_image).hexdigest()
+    other = dataclasses.replace(request, init_image=request.init_image + b"x")
+    assert other.cache_key() != request.cache_key()
+
+
+@pytest.mark.parametrize("change, field, words", [
+    ({"strength": 0.5, "init_image": None, "mask": None}, "strength", "needs an init_image"),
+    ({"mask": PNG_SIGNATURE, "init_image": None, "strength": None}, "mask", "needs an init_image"),
+    ({"init_image": b"GIF89a...."}, "init_image", "not a PNG, JPEG or WebP"),
+    ({"init_image": b""}, "init_image", "empty"),
+    ({"init_image": PNG_SIGNATURE + b"x" * protocol.MAX_IMAGE_BYTES}, "init_image", "the limit is"),
+    ({"strength": 0.0}, "strength", "outside (0, 1]"),
+    ({"strength": 1.5}, "strength", "outside (0, 1]"),
+    ({"strength": 0.2, "steps": 2}, "strength", "leaves no denoising step"),
+])
+def test_bad_img2img_fields_are_refused_naming_the_field(change, field, words):
+    with pytest.raises(InvalidRequest) as caught:
+        dataclasses.replace(BASE_IMG2IMG, **change).validate()
+    assert caught.value.field == field and words in caught.value.message
+
+
+def test_an_init_image_on_the_wire_must_be_base64_within_the_cap():
+    for value, words in [("@@@", "not valid base64"), (12, "base64 text"),
+                         ("A" * (protocol.MAX_IMAGE_BYTES * 2), "limit")]:
+        with pytest.raises(InvalidRequest, match=words):
+            GenerationRequest.from_dict({"prompt": "x", "init_image": value})
+    data_url = "data:image/png;base64," + base64.b64encode(PNG_SIGNATURE + b"x").decode()
+    assert GenerationRequest.from_dict({"prompt": "x", "init_image": data_url}).init_image == PNG_SIGNATURE + b"x"
 
 
 def test_normalisation_does_not_change_the_key():
