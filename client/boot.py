@@ -2,6 +2,8 @@
 
     python client/boot.py "a red fox in the snow" --out images/
     python client/boot.py                      # interactive: one prompt per line, `exit` quits
+    python client/boot.py "as a watercolour" --init photo.png --strength 0.6   # img2img
+    python client/boot.py "a red door" --init house.jpg --mask door-mask.png   # inpainting
 
 stdout gets exactly one line per saved image, its path, so scripts can use it; progress and
 errors go to stderr. Exit status: 0 done, 1 the server or the network failed, 2 invalid input.
@@ -40,7 +42,8 @@ DROP_CONNECTION_CODES = (protocol.E_BAD_FRAME, protocol.E_FRAME_TOO_LARGE, proto
                          protocol.E_TIMEOUT)
 FLAGS = {"prompt": "the prompt", "negative_prompt": "--negative", "width": "--width", "height": "--height",
          "steps": "--steps", "guidance_scale": "--guidance", "seed": "--seed", "scheduler": "--scheduler",
-         "model": "--model", "token": "--token"}
+         "model": "--model", "token": "--token", "init_image": "--init", "mask": "--mask",
+         "strength": "--strength"}
 ADVICE = {
     protocol.E_BUSY: "the server is busy with other generations; retry in a few seconds",
     protocol.E_RATE_LIMITED: "too many requests from this machine; slow down and retry",
@@ -82,19 +85,59 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     parser.add_argument("--connect-timeout", type=float, default=10.0, help="seconds to connect (default 10)")
     parser.add_argument("--tls", action="store_true", help="talk TLS (the server has tls_certfile set)")
     parser.add_argument("--cacert", help="PEM file of the CA (or self-signed certificate) to trust; implies --tls")
+    parser.add_argument("--init", metavar="PATH", help="img2img: start from this PNG, JPEG or WebP (the output "
+                        "keeps its size, fitted to the model, unless --width/--height say otherwise)")
+    parser.add_argument("--strength", type=float, metavar="S", help="with --init: how far to move from it, in (0, 1] "
+                        f"(default {protocol.DEFAULT_STRENGTH}; {protocol.DEFAULT_INPAINT_STRENGTH} with --mask)")
+    parser.add_argument("--mask", metavar="PATH", help="with --init: inpainting mask of the init image's size "
+                        "(white repaints, black keeps)")
     args = parser.parse_args(argv)
     if not 0 < args.port < 65536:
         parser.error(f"--port {args.port} is outside 1..65535")
     if not (args.timeout > 0 and args.connect_timeout > 0):  # also refuses NaN
         parser.error("--timeout and --connect-timeout must be positive numbers of seconds")
+    if args.init is None:
+        if args.strength is not None:
+            parser.error("--strength needs --init: it says how far to move from the init image")
+        if args.mask is not None:
+            parser.error("--mask needs --init: it marks which part of the init image to repaint")
+    # Read once here, so a bad file is refused before connecting and every prompt reuses the bytes.
+    try:
+        args.init_image = None if args.init is None else read_image("--init", args.init)
+        args.mask_image = None if args.mask is None else read_image("--mask", args.mask)
+    except ClientError as exc:  # a file problem, not a usage one: no usage text, as main() prints errors
+        parser.exit(EXIT_INVALID, f"error: {exc}\n")
     return args
+
+
+def read_image(option: str, path: str) -> bytes:
+    """The bytes of the image file `option` names, at most MAX_IMAGE_BYTES of PNG, JPEG or WebP;
+    ClientError otherwise. A file over the cap is refused from its size, before it is read."""
+    limit = protocol.MAX_IMAGE_BYTES
+    too_large = (f"{option} {path!r} is over the {limit}-byte ({limit // 2**20} MiB) limit for an image; "
+                 "scale it down or save it as JPEG")
+    try:
+        if os.stat(path).st_size > limit:
+            raise ClientError(too_large, protocol.E_INVALID_REQUEST)
+        with open(path, "rb") as file:
+            data = file.read(limit + 1)  # bounded: a pipe or a growing file can hold more than stat said
+    except OSError as exc:
+        raise ClientError(f"cannot read {option} {path!r}: {exc.strerror or exc}", protocol.E_INVALID_REQUEST) from None
+    if len(data) > limit:
+        raise ClientError(too_large, protocol.E_INVALID_REQUEST)
+    try:
+        protocol.check_image_bytes(option, data)  # the server's own check, so the words match
+    except InvalidRequest as exc:
+        raise ClientError(f"{option} {path!r} {exc.message}", protocol.E_INVALID_REQUEST) from None
+    return data
 
 
 def build_request(prompt: str, args: argparse.Namespace) -> GenerationRequest:
     """The request for `prompt`, validated here so bad input never leaves the machine."""
     request = GenerationRequest(prompt=prompt, negative_prompt=args.negative, width=args.width, height=args.height,
                                 steps=args.steps, guidance_scale=args.guidance, seed=args.seed,
-                                scheduler=args.scheduler, model=args.model)
+                                scheduler=args.scheduler, model=args.model, init_image=args.init_image,
+                                mask=args.mask_image, strength=args.strength)
     try:
         request.validate()
     except InvalidRequest as exc:

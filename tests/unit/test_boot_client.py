@@ -28,11 +28,11 @@ REPO = Path(__file__).resolve().parents[2]
 BOOT = REPO / "client" / "boot.py"
 
 
-def tiny_png(width: int = 2, height: int = 2) -> bytes:
-    """A valid RGB PNG built with zlib alone."""
+def tiny_png(width: int = 2, height: int = 2, rgb: bytes = b"\xff\x80\x00") -> bytes:
+    """A valid RGB PNG of one colour built with zlib alone."""
     def chunk(kind: bytes, data: bytes) -> bytes:
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
-    rows = b"".join(b"\x00" + b"\xff\x80\x00" * width for _ in range(height))
+    rows = b"".join(b"\x00" + rgb * width for _ in range(height))
     return (boot.PNG_SIGNATURE + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0))
             + chunk(b"IDAT", zlib.compress(rows)) + chunk(b"IEND", b""))
 
@@ -290,6 +290,136 @@ def test_bad_flags_are_refused_before_the_first_prompt(serve, tmp_path):
     result = run_boot("--scheduler", "warp", port=server.port, out=tmp_path / "out", stdin="a cat\n")
     assert result.returncode == boot.EXIT_INVALID and "scheduler" in result.stderr
     assert server.connections == 0
+
+
+# ---------------------------------------------------------------------------------------------
+# Init images: --init, --strength, --mask
+# ---------------------------------------------------------------------------------------------
+
+@pytest.fixture
+def pictures(tmp_path):
+    """An init image and a mask of its size on disk: {"init": (path, bytes), "mask": (path, bytes)}."""
+    files = {"init": ("photo.png", tiny_png(16, 16)), "mask": ("mask.png", tiny_png(16, 16, b"\xff\xff\xff"))}
+    for name, data in files.values():
+        (tmp_path / name).write_bytes(data)
+    return {option: (str(tmp_path / name), data) for option, (name, data) in files.items()}
+
+
+def test_init_mask_and_strength_travel_in_the_request(serve, tmp_path, pictures):
+    server = serve()
+    (init, init_bytes), (mask, mask_bytes) = pictures["init"], pictures["mask"]
+    result = run_boot("a red door", "--init", init, "--mask", mask, "--strength", "0.6", port=server.port,
+                      out=tmp_path / "out")
+    assert result.returncode == 0, result.stderr
+    assert server.requests == [(GenerationRequest("a red door", init_image=init_bytes, mask=mask_bytes,
+                                                  strength=0.6), None)]
+    assert server.requests[0][0].kind == "inpaint"
+    assert Path(result.stdout.strip()).read_bytes() == PNG
+
+
+def test_init_alone_leaves_strength_and_size_to_the_server(serve, tmp_path, pictures):
+    server = serve()
+    init, init_bytes = pictures["init"]
+    result = run_boot("as a watercolour", "--init", init, port=server.port, out=tmp_path / "out")
+    assert result.returncode == 0, result.stderr
+    sent = server.requests[0][0]
+    assert sent == GenerationRequest("as a watercolour", init_image=init_bytes) and sent.kind == "img2img"
+    assert (sent.width, sent.height, sent.strength, sent.mask) == (None,) * 4
+    key = sent.with_defaults("tiny", 64, 64, 2, 7.5, "default").cache_key()
+    assert Path(result.stdout.strip()).name == f"as-a-watercolour-{key[:12]}.png"
+    assert key != GenerationRequest("as a watercolour").with_defaults("tiny", 64, 64, 2, 7.5, "default").cache_key()
+
+
+def test_interactive_reads_the_init_image_once_for_every_prompt(serve, tmp_path, pictures):
+    server = serve()
+    init, init_bytes = pictures["init"]
+    result = run_boot("--init", init, "--strength", "0.5", port=server.port, out=tmp_path / "out",
+                      stdin="a cat\na dog\n")
+    assert result.returncode == 0 and "error" not in result.stderr, result.stderr
+    assert len(result.stdout.splitlines()) == 2 and server.connections == 1
+    assert [(r.prompt, r.init_image, r.strength) for r, _ in server.requests] == [
+        ("a cat", init_bytes, 0.5), ("a dog", init_bytes, 0.5)]
+
+
+@pytest.mark.parametrize("flags, words", [
+    (["--strength", "0.5"], "--strength needs --init"),
+    (["--mask", "MASK"], "--mask needs --init"),
+])
+def test_strength_or_mask_without_init_is_a_usage_error(serve, tmp_path, pictures, flags, words):
+    server = serve()
+    flags = [pictures["mask"][0] if flag == "MASK" else flag for flag in flags]
+    result = run_boot("a red fox", *flags, port=server.port, out=tmp_path / "out")
+    assert result.returncode == boot.EXIT_INVALID and result.stdout == ""
+    assert words in result.stderr and "usage:" in result.stderr
+    time.sleep(0.2)
+    assert server.connections == 0
+
+
+@pytest.mark.parametrize("option", ["--init", "--mask"])
+def test_a_file_over_the_image_cap_is_refused_naming_the_option(serve, tmp_path, pictures, option):
+    server = serve()
+    big = tmp_path / "huge.png"
+    with open(big, "wb") as file:  # sparse: a PNG signature, then a hole up to one byte over the cap
+        file.write(boot.PNG_SIGNATURE)
+        file.truncate(protocol.MAX_IMAGE_BYTES + 1)
+    flags = ["--init", str(big)] if option == "--init" else ["--init", pictures["init"][0], "--mask", str(big)]
+    result = run_boot("a red fox", *flags, port=server.port, out=tmp_path / "out")
+    assert result.returncode == boot.EXIT_INVALID and result.stdout == ""
+    assert f"error: {option} {str(big)!r} is over the {protocol.MAX_IMAGE_BYTES}-byte (4 MiB) limit" in result.stderr
+    assert "usage:" not in result.stderr
+    time.sleep(0.2)
+    assert server.connections == 0
+
+
+@pytest.mark.parametrize("option", ["--init", "--mask"])
+@pytest.mark.parametrize("content", [b"GIF89a\x01\x00\x01\x00", b"a note, not a picture\n"])
+def test_a_file_that_is_not_png_jpeg_or_webp_is_refused_naming_the_option(serve, tmp_path, pictures, option,
+                                                                          content):
+    server = serve()
+    other = tmp_path / "other.gif"
+    other.write_bytes(content)
+    flags = ["--init", str(other)] if option == "--init" else ["--init", pictures["init"][0], "--mask", str(other)]
+    result = run_boot("a red fox", *flags, port=server.port, out=tmp_path / "out")
+    assert result.returncode == boot.EXIT_INVALID and result.stdout == ""
+    assert f"error: {option} {str(other)!r} is not a PNG, JPEG or WebP image" in result.stderr
+    time.sleep(0.2)
+    assert server.connections == 0
+
+
+def test_a_missing_file_and_a_bad_strength_are_refused_naming_the_option(serve, tmp_path, pictures):
+    server = serve()
+    missing = str(tmp_path / "no-such.png")
+    result = run_boot("a red fox", "--init", missing, port=server.port, out=tmp_path / "out")
+    assert result.returncode == boot.EXIT_INVALID
+    assert f"cannot read --init {missing!r}: No such file or directory" in result.stderr
+    result = run_boot("a red fox", "--init", pictures["init"][0], "--strength", "1.5", port=server.port,
+                      out=tmp_path / "out")
+    assert result.returncode == boot.EXIT_INVALID
+    assert "invalid request: strength: 1.5 is outside (0, 1]" in result.stderr
+    assert "(set by --strength)" in result.stderr
+    time.sleep(0.2)
+    assert server.connections == 0
+
+
+def test_read_image_judges_an_oversized_file_by_its_size_without_reading_it(tmp_path, monkeypatch):
+    big = tmp_path / "huge.png"
+    with open(big, "wb") as file:
+        file.write(boot.PNG_SIGNATURE)
+        file.truncate(64 * 2**30)  # sparse: 64 GiB that nobody should try to read
+
+    def no_open(*args, **kwargs):
+        raise AssertionError("read_image opened a file it could refuse from its size")
+
+    monkeypatch.setattr(boot, "open", no_open, raising=False)
+    with pytest.raises(boot.ClientError, match="--init .* is over the 4194304-byte"):
+        boot.read_image("--init", str(big))
+
+
+@pytest.mark.skipif(not os.path.exists("/dev/zero"), reason="needs /dev/zero")
+def test_read_image_reads_at_most_one_byte_over_the_cap():
+    # /dev/zero says it is 0 bytes and never ends: only a bounded read comes back.
+    with pytest.raises(boot.ClientError, match="is over the"):
+        boot.read_image("--mask", "/dev/zero")
 
 
 # ---------------------------------------------------------------------------------------------
