@@ -1,14 +1,16 @@
 // sdgate's page: plain JS, no build step. It talks to the same origin's API: /v1/models,
 // /v1/jobs (live progress over Server-Sent Events, read with fetch() because EventSource cannot
 // send the Authorization header), /v1/images/generations when the jobs API is absent,
-// /v1/gallery and /v1/images/{key}.png.
+// /v1/gallery and /v1/images/{key}.png. An init image (img2img) goes as a data: URL in `init_image`.
 "use strict";
 
 const $ = (id) => document.getElementById(id);
 const TOKEN_KEY = "sdgate.token";
 const GALLERY_PAGE = 12;
 const MAX_SEED = 4294967295;
-const state = { models: {}, last: null, imageUrl: null, galleryNext: null, socketPort: 5555, busy: false };
+const MAX_IMAGE_BYTES = 4 * 1024 * 1024;  // client/protocol.py MAX_IMAGE_BYTES: the server refuses more
+const state = { models: {}, last: null, imageUrl: null, blob: null, galleryNext: null, socketPort: 5555, busy: false,
+                init: null };  // init: {file, dataUrl} of the image to start from, or null
 // What the progress bar showed, in order ("indeterminate" or a fraction): the browser tests read it.
 window.sdgateProgressLog = [];
 
@@ -50,11 +52,17 @@ async function api(path, options = {}) {
 }
 
 async function errorText(response) {
+  return (await apiError(response)).message;
+}
+
+// An Error of an API answer, with the OpenAI error body's `param` (the field at fault) when it has one.
+async function apiError(response) {
+  let message = `${response.status} ${response.statusText}`, param = null;
   try {
     const body = await response.json();
-    if (body && body.error) return body.error.message;
+    if (body && body.error) { message = body.error.message; param = body.error.param || null; }
   } catch (_) { /* not JSON */ }
-  return `${response.status} ${response.statusText}`;
+  return Object.assign(new Error(message), { param });
 }
 
 // -- models and the form ----------------------------------------------------------------------
@@ -77,7 +85,8 @@ function applyDefaults() {
   const model = state.models[$("model").value];
   if (!model) return;
   const d = model.defaults, limits = model.limits;
-  $("width").value = d.width; $("height").value = d.height; $("steps").value = d.steps;
+  if (!state.init) { $("width").value = d.width; $("height").value = d.height; }  // else: the image's size
+  $("steps").value = d.steps;
   $("guidance").value = d.guidance_scale; $("scheduler").value = d.scheduler;
   $("width").max = $("height").max = limits.max_side;
   $("steps").max = limits.max_steps;
@@ -92,7 +101,153 @@ function readForm() {
   }
   if ($("guidance").value !== "") params.guidance_scale = parseFloat($("guidance").value);
   params.scheduler = $("scheduler").value;
+  if (state.init) {
+    params.init_image = state.init.dataUrl;
+    params.strength = strengthValue();
+  }
   return params;
+}
+
+// The slider's value, rounded to its 0.05 steps (the browser's arithmetic may leave 0.30000000000000004).
+function strengthValue() {
+  return Math.round(parseFloat($("strength").value) * 100) / 100;
+}
+
+// -- the init image (img2img) ---------------------------------------------------------------------
+
+// What the server accepts, by the file's first bytes as client/protocol.py sniff_image reads them.
+async function sniffImage(blob) {
+  const b = new Uint8Array(await blob.slice(0, 12).arrayBuffer());
+  const ascii = (from, to) => String.fromCharCode(...b.subarray(from, to));
+  if (b.length >= 8 && [0x89, 0x50, 0x4e, 0x47, 0x0d, 0x0a, 0x1a, 0x0a].every((v, i) => b[i] === v)) return "png";
+  if (b.length >= 3 && b[0] === 0xff && b[1] === 0xd8 && b[2] === 0xff) return "jpeg";
+  if (b.length >= 12 && ascii(0, 4) === "RIFF" && ascii(8, 12) === "WEBP") return "webp";
+  return null;
+}
+
+function readDataUrl(blob) {
+  return new Promise((resolve, reject) => {
+    const reader = new FileReader();
+    reader.onload = () => resolve(reader.result);
+    reader.onerror = () => reject(reader.error || new Error("the file could not be read"));
+    reader.readAsDataURL(blob);
+  });
+}
+
+function sizeText(bytes) {
+  return bytes < 1024 * 1024 ? `${Math.max(1, Math.round(bytes / 1024))} KB` : `${(bytes / 1048576).toFixed(1)} MiB`;
+}
+
+function initError(message) {
+  $("init-error").textContent = message;
+  $("init-error").hidden = !message;
+}
+
+// Check `file` (a File, or a Blob with a name given) and make it the init image; a refused one
+// leaves the previous init image in place and says why.
+async function setInit(file, name) {
+  if (!(file instanceof File)) file = new File([file], name || "image.png", { type: file.type || "image/png" });
+  const input = $("init-file");
+  const keepPrevious = () => {
+    const files = new DataTransfer();
+    if (state.init) files.items.add(state.init.file);
+    input.files = files.files;
+  };
+  if (file.size > MAX_IMAGE_BYTES) {
+    keepPrevious();
+    initError(`${file.name} is ${sizeText(file.size)}; the limit is 4 MiB. Scale it down or save it as JPEG.`);
+    return false;
+  }
+  if (!(await sniffImage(file))) {
+    keepPrevious();
+    initError(`${file.name} is not a PNG, JPEG or WebP image; open it in an image editor and save it as one of them.`);
+    return false;
+  }
+  let dataUrl;
+  try {
+    dataUrl = await readDataUrl(file);
+  } catch (err) {
+    keepPrevious();
+    initError(`${file.name} could not be read: ${err.message}`);
+    return false;
+  }
+  initError("");
+  if (!state.init && ($("width").value !== "" || $("height").value !== "")) {
+    $("width").value = ""; $("height").value = "";  // empty: the server takes the image's size
+  }
+  state.init = { file, dataUrl };
+  if (input.files[0] !== file) {  // dropped or taken from a result: the file field names it too
+    const files = new DataTransfer();
+    files.items.add(file);
+    input.files = files.files;
+  }
+  const thumb = $("init-thumb");
+  thumb.alt = "Init image: " + file.name;
+  thumb.onload = () => {
+    $("init-name").textContent = `${file.name}, ${thumb.naturalWidth}×${thumb.naturalHeight}, ${sizeText(file.size)}`;
+  };
+  $("init-name").textContent = `${file.name}, ${sizeText(file.size)}`;
+  thumb.src = dataUrl;
+  $("width").placeholder = $("height").placeholder = "the image's";
+  $("init-set").hidden = false;
+  $("strength-row").hidden = false;
+  return true;
+}
+
+function removeInit() {
+  state.init = null;
+  $("init-file").value = "";
+  $("init-thumb").removeAttribute("src");
+  $("init-set").hidden = true;
+  $("strength-row").hidden = true;
+  initError("");
+  $("width").placeholder = $("height").placeholder = "";
+  const model = state.models[$("model").value];
+  if (model && $("width").value === "" && $("height").value === "") {
+    $("width").value = model.defaults.width; $("height").value = model.defaults.height;
+  }
+  $("init-file").focus();
+}
+
+// "Use as init" (A1111's "send to img2img"): a result's PNG becomes the image to start from.
+async function useAsInit(blob, key) {
+  if (!blob) return;
+  if (await setInit(blob, `sdgate-${(key || "image").slice(0, 12)}.png`)) {
+    $("init-zone").scrollIntoView({ block: "nearest", behavior: "smooth" });
+    $("strength").focus({ preventScroll: true });
+  }
+}
+
+function watchInitZone() {
+  const zone = $("init-zone");
+  const hasFiles = (event) => event.dataTransfer && Array.from(event.dataTransfer.types).includes("Files");
+  $("init-file").addEventListener("change", () => {
+    const file = $("init-file").files[0];
+    if (file) setInit(file);
+    else if (state.init) removeInit();  // the picker's own "clear"
+  });
+  $("init-remove").addEventListener("click", removeInit);
+  $("strength").addEventListener("input", () => { $("strength-value").textContent = strengthValue().toFixed(2); });
+  zone.addEventListener("dragover", (event) => {
+    if (!hasFiles(event)) return;
+    event.preventDefault();
+    event.dataTransfer.dropEffect = "copy";
+    zone.classList.add("dragging");
+  });
+  zone.addEventListener("dragleave", (event) => {
+    if (!zone.contains(event.relatedTarget)) zone.classList.remove("dragging");
+  });
+  zone.addEventListener("drop", (event) => {
+    zone.classList.remove("dragging");
+    if (!hasFiles(event)) return;
+    event.preventDefault();
+    const file = event.dataTransfer.files[0];
+    if (file) setInit(file);
+  });
+  // A file dropped beside the zone would make the browser open it, leaving the page and its form.
+  for (const type of ["dragover", "drop"]) {
+    window.addEventListener(type, (event) => { if (hasFiles(event)) event.preventDefault(); });
+  }
 }
 
 // -- progress -------------------------------------------------------------------------------------
@@ -162,6 +317,7 @@ async function generate(params) {
   state.busy = true;
   $("generate").disabled = true;
   $("error").hidden = true;
+  initError("");
   $("empty").hidden = true;
   $("preview").hidden = true;
   window.sdgateProgressLog = [];
@@ -174,12 +330,13 @@ async function generate(params) {
     if (response.status === 404 || response.status === 405) {
       await generateWithoutJobs(params);  // a gateway without the jobs API
     } else if (!response.ok) {
-      throw new Error(await errorText(response));
+      throw await apiError(response);
     } else {
       await followJob(await response.json(), params);
     }
   } catch (err) {
     showError(err.message || String(err));
+    if (["init_image", "strength", "mask"].includes(err.param)) initError(err.message);  // beside the field too
   } finally {
     state.busy = false;
     $("generate").disabled = false;
@@ -222,7 +379,7 @@ async function generateWithoutJobs(params) {
   const response = await api("/v1/images/generations", {
     method: "POST", headers: { "Content-Type": "application/json" }, body: JSON.stringify(params),
   });
-  if (!response.ok) throw new Error(await errorText(response));
+  if (!response.ok) throw await apiError(response);
   const body = await response.json();
   const bytes = Uint8Array.from(atob(body.data[0].b64_json), (c) => c.charCodeAt(0));
   const meta = body.sdgate || {};
@@ -241,12 +398,13 @@ function showError(message) {
 function normalParams(p) {
   const guidance = p.guidance != null ? p.guidance : p.guidance_scale;
   return { prompt: p.prompt, negative_prompt: p.negative_prompt || "", model: p.model, width: p.width,
-           height: p.height, steps: p.steps, guidance, seed: p.seed, scheduler: p.scheduler };
+           height: p.height, steps: p.steps, guidance, seed: p.seed, scheduler: p.scheduler, strength: p.strength };
 }
 
 function showResult(key, blob, rawParams) {
   const params = normalParams(rawParams);
   state.last = { key, params };
+  state.blob = blob;
   if (state.imageUrl) URL.revokeObjectURL(state.imageUrl);
   state.imageUrl = URL.createObjectURL(blob);
   const image = $("image");
@@ -264,9 +422,17 @@ function showResult(key, blob, rawParams) {
   }
   if (key) { const kdt = document.createElement("dt"), kdd = document.createElement("dd");
     kdt.textContent = "key"; kdd.textContent = key.slice(0, 16) + "…"; kdd.title = key; list.append(kdt, kdd); }
+  const initSha = rawParams.init_image_sha256 || rawParams.init_image && "(sent)";
+  if (initSha) { const idt = document.createElement("dt"), idd = document.createElement("dd");
+    idt.textContent = "init image"; idd.textContent = initSha.slice(0, 16) + (initSha.length > 16 ? "…" : "");
+    idd.title = initSha; list.append(idt, idd); }
   $("download").href = state.imageUrl;
   $("download").download = `sdgate-${(key || "image").slice(0, 12)}.png`;
   $("command").value = bootCommand(params);
+  // client/boot.py sends no init image: its command would draw another picture.
+  const fromImage = Boolean(initSha || params.strength != null);
+  $("copy-command").hidden = fromImage;
+  if (fromImage) { $("command").hidden = true; $("command-label").hidden = true; }
   $("figure").hidden = false;
   $("actions").hidden = false;
   $("preview").hidden = true;
@@ -318,6 +484,10 @@ function fillForm(p) {
   if (p.model && state.models[p.model]) $("model").value = p.model;
   for (const id of ["width", "height", "steps", "guidance", "seed"]) if (p[id] != null) $(id).value = p[id];
   if (p.scheduler) $("scheduler").value = p.scheduler;
+  if (p.strength != null) {
+    $("strength").value = p.strength;
+    $("strength-value").textContent = strengthValue().toFixed(2);
+  }
 }
 
 // -- the gallery ----------------------------------------------------------------------------------
@@ -344,6 +514,7 @@ function galleryItem(item) {
   li.dataset.key = item.key;
   const button = document.createElement("button");
   button.type = "button";
+  button.className = "open";
   const img = document.createElement("img");
   const prompt = (item.params && item.params.prompt) || "(prompt not recorded)";
   img.alt = "Gallery: " + prompt;
@@ -352,7 +523,12 @@ function galleryItem(item) {
   caption.textContent = prompt;
   button.append(img, caption);
   button.title = prompt;
-  li.append(button);
+  const useInit = document.createElement("button");
+  useInit.type = "button";
+  useInit.className = "use-init";
+  useInit.textContent = "Use as init";
+  useInit.setAttribute("aria-label", "Use as init: " + prompt);
+  li.append(button, useInit);
   let blob = null;
   api(item.image_url).then((r) => (r.ok ? r.blob() : null)).then((b) => {
     if (b) { blob = b; img.src = URL.createObjectURL(b); }
@@ -362,6 +538,18 @@ function galleryItem(item) {
     fillForm(item.params || {});
     showResult(item.key, blob, item.params || {});
     $("result-title").scrollIntoView({ behavior: "smooth" });
+  });
+  useInit.addEventListener("click", async () => {
+    try {
+      if (!blob) {  // not loaded yet (lazy, or slow): fetch it now
+        const response = await api(item.image_url);
+        if (!response.ok) throw new Error(await errorText(response));
+        blob = await response.blob();
+      }
+      await useAsInit(blob, item.key);
+    } catch (err) {
+      initError("Could not fetch that image: " + (err.message || String(err)));
+    }
   });
   return li;
 }
@@ -375,6 +563,8 @@ async function start() {
   });
   $("model").addEventListener("change", applyDefaults);
   $("new-seed").addEventListener("click", newSeed);
+  $("use-init").addEventListener("click", () => useAsInit(state.blob, state.last && state.last.key));
+  watchInitZone();
   $("copy-command").addEventListener("click", copyCommand);
   $("more").addEventListener("click", () => loadGallery(state.galleryNext));
   $("token-button").addEventListener("click", () => askToken().then((saved) => saved && start.reload()));
