@@ -34,6 +34,7 @@ CLAIM_ALIVE = "sdgate:claim-alive:"
 JOB = "sdgate:job:"
 JOB_OWNER = "sdgate:job-owner:"
 JOB_CANCEL = "sdgate:job-cancel:"
+JOB_IMAGES = "sdgate:job-images:"  # hash: init_image, mask of a job (its record names them by sha256)
 
 PRESENCE = "sdgate:workers:"
 WORKER_SLOTS = "sdgate:worker-slots:"  # per model: hash worker -> tasks it holds at once

@@ -484,4 +484,5 @@ def gateway_method(name: str, target: str) -> Callable[..., Any]:
         return await getattr(self.a1111, target)(request)
 
     route.__name__, route.__qualname__ = name, f"Gateway.{name}"
+    route.__annotations__ = {"request": Request, "return": Response}  # types, not this module's strings, for FastAPI
     return route

@@ -73,7 +73,7 @@ class JobService:
                   "model": normalized.model, "key": normalized.cache_key(), "step": None, "steps": normalized.steps,
                   "queue_position": None, "eta_s": None, "created": int(time.time()), "cached": False,
                   "params": _params(normalized), "error": None, "previews": previews, "task_id": None,
-                  "request": normalized.to_dict(), "seq": 0, "tenant": tenant.name}
+                  "request": normalized.summary(), "seq": 0, "tenant": tenant.name}  # images by sha256: bytes beside it
         loop = asyncio.get_running_loop()
         cached = await loop.run_in_executor(None, self.front._cache_get, record["key"])
         if cached is not None:  # answered here; a miss is counted by the front when the job runs
@@ -85,6 +85,8 @@ class JobService:
             return record
         if tenant.max_queued:  # refused now (429), not after the 202; the job's wait renews it
             await loop.run_in_executor(None, self.front.tenant_waiting.enter, tenant, record["id"])
+        if normalized.init_image is not None:  # kept once beside the record, which is saved at every step
+            await loop.run_in_executor(None, self._save_images, record["id"], normalized)
         await loop.run_in_executor(None, self._save, _next(record), True)
         self._start(record, normalized, client, tenant)
         return record
@@ -183,7 +185,13 @@ class JobService:
         if not self.redis.set(redis_keys.JOB_OWNER + record["id"], self.replica, nx=True, ex=int(OWNER_LEASE_S)):
             return False
         log.warning("adopting job %s: the replica that ran it stopped renewing it", record["id"])
-        request = GenerationRequest.from_dict(record["request"])
+        fields = dict(record["request"])
+        if any(name + "_sha256" in fields for name in protocol.IMAGE_FIELDS):
+            images = self.redis.hgetall(redis_keys.JOB_IMAGES + record["id"])
+            for name in protocol.IMAGE_FIELDS:
+                if fields.pop(name + "_sha256", None) is not None:
+                    fields[name] = images[name.encode()]
+        request = GenerationRequest.from_dict(fields)
         asyncio.get_running_loop().call_soon(self._start, record, request, "adopted", self._tenant_of(record))
         return True
 
@@ -280,6 +288,13 @@ class JobService:
         if own:
             pipe.set(redis_keys.JOB_OWNER + snapshot["id"], self.replica, ex=int(OWNER_LEASE_S))
         return bool(pipe.execute()[0])
+
+    def _save_images(self, job_id: str, request: GenerationRequest) -> None:
+        images = {name: getattr(request, name) for name in protocol.IMAGE_FIELDS if getattr(request, name) is not None}
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.hset(redis_keys.JOB_IMAGES + job_id, mapping=images)
+        pipe.expire(redis_keys.JOB_IMAGES + job_id, JOB_TTL_S)
+        pipe.execute()
 
     def _save_quietly(self, record: Dict[str, Any]) -> None:
         self._quiet(self._save, record)

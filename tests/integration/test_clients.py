@@ -134,13 +134,13 @@ def test_progress_and_interrupt_are_the_callers_own(stack, registry):
     decoded(progress["current_image"]).verify()  # a preview, as A1111 sends current_image
     idle = call(stack, "GET", "/sdapi/v1/progress", headers=basic(theirs))[1]
     assert idle["progress"] == 0 and idle["state"]["job_count"] == 0  # what SillyTavern polls for
+    assert call(stack, "POST", "/sdapi/v1/interrupt", headers=basic(theirs))[0] == 200  # stops nothing of mine
+    assert long.is_alive() and call(stack, "GET", "/sdapi/v1/progress", headers=basic(mine))[1]["state"][
+        "job_count"] == 1
     short = threading.Thread(target=render, args=(theirs, {"prompt": f"a short day {RUN}", "steps": 4}, "short"))
     short.start()
     wait_for(lambda: call(stack, "GET", "/sdapi/v1/progress", headers=basic(theirs))[1]["state"]["job_count"] == 1,
              30, "the bystander's request in flight")
-    assert call(stack, "POST", "/sdapi/v1/interrupt", headers=basic(theirs))[0] == 200  # nothing of mine
-    assert long.is_alive() and call(stack, "GET", "/sdapi/v1/progress", headers=basic(mine))[1]["state"][
-        "job_count"] == 1
     assert call(stack, "POST", "/sdapi/v1/interrupt", headers=basic(mine))[0] == 200
     long.join(60)
     short.join(120)
@@ -149,7 +149,7 @@ def test_progress_and_interrupt_are_the_callers_own(stack, registry):
     assert status == 200 and body["images"] == []  # interrupted before its image existed
     wait_for(lambda: call(stack, "GET", "/sdapi/v1/progress", headers=basic(mine))[1]["state"]["job_count"] == 0,
              10, "the interrupted work gone from progress")
-    status, body = outcome["short"]  # the bystander's interrupt stopped nothing of its own later work
+    status, body = outcome["short"]  # my interrupt stopped nothing of the bystander's
     assert status == 200 and len(body["images"]) == 1
 
 

@@ -261,9 +261,15 @@ def test_a_late_save_never_moves_a_done_job_back(replicas):
     assert a.loop.run(a.jobs.read(record["id"]))["state"] == "done"
 
 
-def test_a_job_survives_its_replica_and_is_finished_by_another(replicas):
+@pytest.mark.parametrize("kind", ["txt2img", "img2img"])
+def test_a_job_survives_its_replica_and_is_finished_by_another(replicas, kind):
     a, b = replicas(), replicas()
-    request = GenerationRequest(f"a job {uuid.uuid4().hex[:6]}", width=64, height=64, steps=4)
+    images = {}
+    if kind == "img2img":  # its record names the image by sha256; the bytes are kept beside it
+        from tests.integration.test_clients import init_png
+
+        images = {"init_image": init_png((9, 99, 199)), "strength": 0.5}
+    request = GenerationRequest(f"a job {uuid.uuid4().hex[:6]}", width=64, height=64, steps=4, **images)
     record = a.loop.run(a.jobs.submit(request))
     assert record["state"] == "queued" and record["id"].startswith("job-")
     task_of(a, request)
@@ -277,6 +283,7 @@ def test_a_job_survives_its_replica_and_is_finished_by_another(replicas):
 
     final = wait_for(done, 180, "the job finished by the other replica")
     assert b.store.get(final["key"]) is not None
+    assert final["key"] == record["key"]  # the very request, images included, was rendered
 
 
 def test_a_job_counts_as_one_request_for_its_model_whether_it_renders_or_hits(replicas):
