@@ -156,8 +156,8 @@ def replica_batch_size(worker_config: WorkerConfig) -> int:
     from celery_bridge.models import load_catalogue
 
     entry = load_catalogue().get(worker_config.model)
-    return batch_size_for(worker_config.max_batch_size, entry.max_batch_size if entry else 1,
-                          "cuda" if worker_config.num_gpus > 0 else "cpu")
+    catalogued = entry.batch_slots(entry.batching != "window") if entry else 1  # before the pipeline says its mode
+    return batch_size_for(worker_config.max_batch_size, catalogued, "cuda" if worker_config.num_gpus > 0 else "cpu")
 
 
 def build_app(args: Optional[Dict[str, Any]] = None) -> serve.Application:

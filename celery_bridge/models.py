@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 import re
 from pathlib import Path
-from typing import Any, List, Optional
+from typing import Any, List, Literal, Optional
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -81,6 +81,12 @@ class ModelEntry(_Strict):
     scale_from_zero: bool = False
     # Requests of one shape a GPU worker renders in one pipeline call (WorkerConfig.max_batch_size overrides).
     max_batch_size: int = Field(default=1, ge=1, le=64)
+    # How a GPU worker batches (celery_bridge/continuous.py): `continuous` steps every active request
+    # in one loop, joining at the next step (Stable Diffusion 1.x/2.x); `window` groups requests of one
+    # shape per call; `auto` is continuous where the model's family supports it, else window.
+    batching: Literal["auto", "window", "continuous"] = "auto"
+    # Continuous batching: requests in the loop at once (memory on a GPU); None: max_batch_size.
+    max_active: Optional[int] = Field(default=None, ge=1, le=64)
 
     @field_validator("name")
     @classmethod
@@ -101,6 +107,10 @@ class ModelEntry(_Strict):
                 raise ValueError(f"source {value!r}: the bench/test stand-in is `sleep:<milliseconds>`, "
                                  "e.g. sleep:250")
         return value
+
+    def batch_slots(self, continuous: bool) -> int:
+        """Tasks a GPU worker of this model holds at once: max_active in a continuous loop, else max_batch_size."""
+        return (self.max_active or self.max_batch_size) if continuous else self.max_batch_size
 
     @property
     def sleep_ms(self) -> Optional[float]:

@@ -185,6 +185,11 @@ class PipelineRunner:
             log.info("%s pipeline %s derived from the resident one", kind, type(derived).__name__)
         return self._derived[kind]
 
+    def new_scheduler(self, name: str):
+        """A scheduler instance of its own for one request of the continuous loop (schedulers keep
+        per-call state), of class `name` over this model's scheduler config."""
+        return type(self._scheduler(name)).from_config(self._default_scheduler.config)
+
     def _call(self, request: GenerationRequest, time_limit_s: Optional[float] = None,
               on_step: Optional[Callable[[int, int, Any], None]] = None,
               batch: Optional[List[GenerationRequest]] = None):

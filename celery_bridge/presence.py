@@ -41,6 +41,13 @@ def presence_key(model: str) -> str:
     return f"{redis_keys.PRESENCE}{model}"
 
 
+def batching_modes(client: redis.Redis, model: str) -> List[str]:
+    """The batching modes of `model`'s live workers (solo, window, continuous), sorted, once each."""
+    live = set(live_workers(client, model))
+    modes = client.hgetall(redis_keys.WORKER_BATCHING + model)
+    return sorted({mode.decode() for worker, mode in modes.items() if worker.decode() in live})
+
+
 def live_workers(client: redis.Redis, model: str) -> List[str]:
     """Names of the workers whose heartbeat for `model` has not expired."""
     return [m.decode() if isinstance(m, bytes) else m for m in client.eval(_LIVE, 1, presence_key(model))]
@@ -50,14 +57,20 @@ class Heartbeat:
     """Announces one worker of one model until stopped (a daemon thread)."""
 
     def __init__(self, client: redis.Redis, model: str, worker: str, period_s: float = PERIOD_S,
-                 ttl_s: float = TTL_S, slots: int = 1):
-        """`slots`: tasks the worker takes at once (its batch size); fair share fills that many."""
+                 ttl_s: float = TTL_S, slots: int = 1, batching: str = "solo"):
+        """`slots`: tasks the worker takes at once (its batch size); fair share fills that many.
+        `batching`: its mode (solo, window or continuous), listed by /v1/models."""
         self.client, self.model, self.worker, self.slots = client, model, worker, max(1, int(slots))
+        self.batching = batching
         self.period_s, self.ttl_s = period_s, ttl_s
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="sdgate-presence", daemon=True)
 
     def start(self) -> "Heartbeat":
+        try:
+            self.client.hset(redis_keys.WORKER_BATCHING + self.model, self.worker, self.batching)
+        except redis.RedisError as exc:
+            log.debug("could not announce the batching mode: %s", exc)
         self.beat()
         self._thread.start()
         return self
@@ -75,6 +88,7 @@ class Heartbeat:
         try:
             self.client.zrem(presence_key(self.model), self.worker)
             self.client.hdel(redis_keys.WORKER_SLOTS + self.model, self.worker)
+            self.client.hdel(redis_keys.WORKER_BATCHING + self.model, self.worker)
         except redis.RedisError:
             pass
 

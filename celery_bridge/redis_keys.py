@@ -38,6 +38,7 @@ JOB_IMAGES = "sdgate:job-images:"  # hash: init_image, mask of a job (its record
 
 PRESENCE = "sdgate:workers:"
 WORKER_SLOTS = "sdgate:worker-slots:"  # per model: hash worker -> tasks it holds at once
+WORKER_BATCHING = "sdgate:worker-batching:"  # per model: hash worker -> solo | window | continuous
 
 # Fair share (celery_bridge/fair_share.py). Per model queue: FAIR_TENANTS (tenants that ever queued),
 # FAIR_BACKLOG<queue>:<tenant> (task ids, oldest first), FAIR_QUEUED (every tenant's held task ids),

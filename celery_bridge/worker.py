@@ -74,10 +74,21 @@ class GenerationService:
         self.fair = FairShare(redis_client) if redis_client is not None else None
         self._reports = ThreadPoolExecutor(1, thread_name_prefix="sdgate-fair-report")
         # 1 renders in the calling thread as before; more needs that many consumer threads (worker_argv).
-        self.max_batch_size = batch_size_for(config.max_batch_size, self.runner.entry.max_batch_size,
+        entry = self.runner.entry
+        self.batching = batching_mode(entry.batching, self.runner)
+        self.max_batch_size = batch_size_for(config.max_batch_size, entry.batch_slots(self.batching == "continuous"),
                                              self.runner.device)
-        self.batcher = (ShapeBatcher(self._render_batch, self.max_batch_size, config.batch_wait_ms / 1000)
-                        if self.max_batch_size > 1 else None)
+        self.batcher = self.loop = None
+        if self.max_batch_size <= 1:
+            self.batching = "solo"
+        elif self.batching == "continuous":
+            from celery_bridge.continuous import ContinuousLoop, DiffusersStepper
+
+            self.loop = ContinuousLoop(DiffusersStepper(self.runner), self.max_batch_size, time_limit_s,
+                                       lock=self.runner._lock, timeout_error=self._timeout_error)
+        else:
+            self.batcher = ShapeBatcher(self._render_batch, self.max_batch_size, config.batch_wait_ms / 1000)
+        log.info("model %r batching: %s (%d at once)", config.model, self.batching, self.max_batch_size)
 
     def _render_batch(self, requests: List[GenerationRequest], on_step=None):
         return self.runner.render_batch(requests, self.time_limit_s, on_step)
@@ -126,7 +137,10 @@ class GenerationService:
         try:
             if reporter is not None:
                 reporter.check_start()  # cancelled, or nobody waits any more: free the GPU for others
-            if self.batcher is not None:  # one call for several tasks, each with its own progress
+            if self.loop is not None and request.kind == "txt2img":  # joins the running loop at its next step
+                rendered = self.loop.submit(request, reporter.on_step if reporter else None)
+                png, pipeline_ms, batch_size = rendered.png, rendered.pipeline_ms, rendered.batch_size
+            elif self.batcher is not None:  # one call for several tasks, each with its own progress
                 rendered = self.batcher.submit(request, reporter.on_step if reporter else None)
                 png, pipeline_ms, batch_size = rendered.png, rendered.pipeline_ms, rendered.batch_size
             else:
@@ -152,6 +166,19 @@ class GenerationService:
         result = GenerationResult.success(request, png, pipeline_ms, self.name)
         result.pipeline_loads, result.batch_size = type(self.runner).loads, batch_size
         return result.to_json()
+
+
+def batching_mode(configured: str, runner: Any) -> str:
+    """continuous or window, from the catalogue's `batching` and what the model's pipeline supports
+    (a sleep stand-in or a family the loop cannot step gets window batching)."""
+    from celery_bridge.continuous import supports_continuous
+
+    supported = supports_continuous(getattr(runner, "pipe", None))
+    if configured == "continuous" and not supported:
+        log.warning("model %r: continuous batching asked for, but its pipeline (%s) is not one the loop steps "
+                    "(Stable Diffusion 1.x/2.x); batching by window instead", runner.config.model,
+                    type(getattr(runner, "pipe", None)).__name__)
+    return "continuous" if configured != "window" and supported else "window"
 
 
 def _current_task() -> Tuple[Optional[str], str]:
@@ -218,7 +245,7 @@ class WorkerRuntime:
         # 3. Renew the leases of held tasks, and tell gateways we serve the model.
         self.leases = LeaseKeeper(client, celery_config.lease_renew_s).start()
         self.presence = Heartbeat(client, worker_config.model, self.service.name,
-                                  slots=self.service.max_batch_size).start()
+                                  slots=self.service.max_batch_size, batching=self.service.batching).start()
 
     def stop(self) -> None:
         """After the last task is acked: its lease is no longer needed, and gateways stop counting us."""

@@ -10,14 +10,14 @@ from __future__ import annotations
 
 import threading
 import time
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 import redis
 
 from client import protocol
 from client.protocol import GenerationRequest, ProtocolError
 from celery_bridge.models import Catalogue, ModelEntry, load_catalogue
-from celery_bridge.presence import live_workers
+from celery_bridge.presence import batching_modes, live_workers
 from serve_app import stats
 
 LIVE_CACHE_S = 1.0
@@ -108,8 +108,9 @@ class GatewayCatalogue:
         for entry in self.catalogue.models:
             try:
                 live: Optional[int] = len(live_workers(self._client, entry.name))
+                batching: Optional[List[str]] = batching_modes(self._client, entry.name)
             except redis.RedisError:
-                live = None  # unknown, not zero
+                live, batching = None, None  # unknown, not zero
             data.append({
                 "id": entry.name, "object": "model", "created": 0, "owned_by": "sdgate",
                 "default": entry.name == self.catalogue.default,
@@ -117,6 +118,7 @@ class GatewayCatalogue:
                 "defaults": entry.defaults.model_dump(),
                 "limits": entry.limits.model_dump(),
                 "live_workers": live,
+                "batching": batching,  # the modes its live workers run: solo, window, continuous
                 "scale_from_zero": entry.scale_from_zero,
             })
         return {"object": "list", "data": data}

@@ -138,8 +138,9 @@ SOCKET_CASES = {
     "an IMAGE frame from a client": (frame(protocol.IMAGE, b"x" * 10), protocol.E_FRAME_TOO_LARGE, None, False),
     "length 2**31": (frame(protocol.REQUEST, b"", length=2**31), protocol.E_FRAME_TOO_LARGE, None, False),
     "length 2**32-1": (frame(protocol.REQUEST, b"", length=2**32 - 1), protocol.E_FRAME_TOO_LARGE, None, False),
-    "length one over the cap": (frame(protocol.REQUEST, b"", length=16385), protocol.E_FRAME_TOO_LARGE, None, False),
-    "a 20 KiB prompt": (request_body(prompt="x" * 20000), protocol.E_FRAME_TOO_LARGE, None, False),
+    "length one over the cap": (frame(protocol.REQUEST, b"", length=protocol.MAX_PAYLOAD[protocol.REQUEST] + 1),
+                                protocol.E_FRAME_TOO_LARGE, None, False),
+    "a 20 KiB prompt": (request_body(prompt="x" * 20000), protocol.E_INVALID_REQUEST, "prompt", True),
     "a STATUS frame instead of a REQUEST": (frame(protocol.STATUS, b""), protocol.E_BAD_FRAME, None, True),
     "non-UTF-8 payload": (frame(protocol.REQUEST, b"\xff\xfe\xfd{}"), protocol.E_BAD_FRAME, None, True),
     "not JSON": (frame(protocol.REQUEST, b"draw me a fox"), protocol.E_BAD_FRAME, None, True),
@@ -349,10 +350,11 @@ HTTP_CASES = {
     "size 0x0": (b'{"prompt": "x", "size": "0x0"}', 400, "width"),
     "size 1000000x64": (b'{"prompt": "x", "size": "1000000x64"}', 400, "width"),
     "size 64x1000000": (b'{"prompt": "x", "size": "64x1000000"}', 400, "height"),
-    "n=2": (b'{"prompt": "x", "n": 2}', 400, "n"),
+    "n=11": (b'{"prompt": "x", "n": 11}', 400, "n"),
     "n=0": (b'{"prompt": "x", "n": 0}', 400, "n"),
-    "response_format url": (b'{"prompt": "x", "response_format": "url"}', 400, "response_format"),
-    "too large body": (json.dumps({"prompt": "x" * 20000}).encode(), 413, None),
+    "n a string": (b'{"prompt": "x", "n": "2"}', 400, "n"),
+    "response_format png": (b'{"prompt": "x", "response_format": "png"}', 400, "response_format"),
+    "a 20 KiB prompt": (json.dumps({"prompt": "x" * 20000}).encode(), 400, "prompt"),
 }
 
 
@@ -370,8 +372,16 @@ def test_bad_http_input_gets_a_clear_error(stack, good_client, name):
     good_client.assert_served_since(since)
 
 
+def test_too_large_http_body_is_refused_by_its_declared_length(stack):
+    """Refused from the header, before a byte of the body is read (only a few are sent)."""
+    status, payload, _ = http_post(stack, b'{"prompt": "x"}',
+                                   headers={"Content-Length": str(protocol.MAX_PAYLOAD[protocol.REQUEST] + 1)})
+    assert status == 413 and payload["error"]["code"] == protocol.E_FRAME_TOO_LARGE
+
+
 def test_too_large_http_body_without_a_length_is_refused(stack):
-    status, payload, _ = http_post(stack, json.dumps({"prompt": "x" * 40000}).encode(), chunked=True)
+    body = json.dumps({"prompt": "x" * (protocol.MAX_PAYLOAD[protocol.REQUEST] + 20000)}).encode()
+    status, payload, _ = http_post(stack, body, chunked=True)
     assert status == 413 and payload["error"]["code"] == protocol.E_FRAME_TOO_LARGE
 
 

@@ -33,12 +33,29 @@ BATCH_ENV = {"SDGATE_VISIBILITY_TIMEOUT_S": "3", "SDGATE_LEASE_RENEW_S": "0.5", 
              "SDGATE_BATCH_WAIT_MS": "2000", "SDGATE_MODELS_FILE": str(SLEEP_CATALOGUE), "SDGATE_CPU_THREADS": "1"}
 
 
-def test_worker_sigkilled_mid_batch_loses_nothing():
-    with local_stack("celery", workers=1, env=BATCH_ENV, request_timeout_s=90) as stack:
-        requests = [GenerationRequest(f"batch victim {i} {time.time()}") for i in range(3)]
+# The continuous loop steps a real Stable Diffusion pipeline (the tiny one): three requests of
+# different steps, schedulers and guidance, long enough at 256 px for the kill to land mid-loop.
+LOOP_ENV = {"SDGATE_VISIBILITY_TIMEOUT_S": "3", "SDGATE_LEASE_RENEW_S": "0.5", "SDGATE_MAX_BATCH_SIZE": "3"}
+
+
+def loop_requests() -> list:
+    return [GenerationRequest(f"loop victim {i} {time.time()}", width=256, height=256, steps=steps,
+                              scheduler=scheduler, guidance_scale=guidance)
+            for i, (steps, scheduler, guidance) in enumerate([(60, "ddim", 7.5), (80, "euler", 1.0),
+                                                                (70, "euler_a", 4.0)])]
+
+
+@pytest.mark.parametrize("mode", ["window", "continuous"])
+def test_worker_sigkilled_mid_batch_loses_nothing(mode):
+    env = BATCH_ENV if mode == "window" else LOOP_ENV
+    with local_stack("celery", workers=1, env=env, request_timeout_s=300) as stack:
+        requests = ([GenerationRequest(f"batch victim {i} {time.time()}") for i in range(3)] if mode == "window"
+                    else loop_requests())
+        model = stack.catalogue().default
+        wait_for(lambda: _models(stack)[model]["batching"] == [mode], 30, f"the worker announcing {mode} batching")
         runs = {key_of(r): TaskRuns(stack.redis_url, key_of(r)) for r in requests}
         try:
-            clients = [in_thread(lambda r=r: ask(stack, r, timeout=150)) for r in requests]
+            clients = [in_thread(lambda r=r: ask(stack, r, timeout=280)) for r in requests]
             # 1. All three held by the one worker, in one batch (the sleep render is running).
             starts = wait_for(lambda: all(run.started() for run in runs.values())
                               and [run.started()[0] for run in runs.values()], 60, "the batch starting")
@@ -48,7 +65,7 @@ def test_worker_sigkilled_mid_batch_loses_nothing():
             # 2. Kill it inside the render; the new worker gets every task of the batch again.
             os.kill(victim, signal.SIGKILL)
             for thread, outcome in clients:
-                thread.join(150)
+                thread.join(290)
                 assert not thread.is_alive(), "a client hung"
                 assert "reply" in outcome, f"a client got {outcome.get('error')!r} instead of its image"
             for request, (_, outcome) in zip(requests, clients):
@@ -63,6 +80,13 @@ def test_worker_sigkilled_mid_batch_loses_nothing():
         finally:
             for run in runs.values():
                 run.close()
+
+
+def _models(stack) -> dict:
+    import urllib.request
+
+    with urllib.request.urlopen(f"http://127.0.0.1:{stack.gateway.fast_http_port}/v1/models", timeout=10) as answer:
+        return {entry["id"]: entry for entry in json.loads(answer.read())["data"]}
 
 
 def batch_sizes(stack, key: str) -> list:

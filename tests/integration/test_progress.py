@@ -313,8 +313,12 @@ class HttpShim:
         from serve_app.admission import Admission
         from serve_app.gateway import Gateway
 
+        from serve_app.signed_urls import SignedUrls
+
         cls = Gateway.func_or_class
         self.front, self.jobs, self.admission = replica.front, replica.jobs, Admission(replica.front.config)
+        self.urls = SignedUrls(replica.front._redis, 60)
+        self._images = lambda *args: cls._images(self, *args)
 
         def bound(method):
             async def endpoint(request):

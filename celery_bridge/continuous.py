@@ -1,0 +1,306 @@
+"""Continuous batching: requests join a running denoising loop at its next step.
+
+Window batching (celery_bridge/batching.py) renders requests of one identical shape in one
+pipeline call and takes the next group only when the call ends. Here one loop thread keeps a set
+of active requests, each with its own latents, scheduler instance, step index, guidance, seed and
+prompt embeddings. Each iteration runs the denoiser once over every active request, each at its
+own timestep, then advances each with its own scheduler. A new request joins at the next
+iteration, after its prompt is encoded; a finished one is decoded and leaves; one whose step
+callback raises (cancelled, or nobody waits) leaves at once. Requests share a loop when they share
+the model and the resolution; steps, scheduler, guidance, prompts and seeds may all differ.
+
+The worker holds at most `max_active` tasks (that many Celery consumer threads, one prefetched
+message each, late acks), so a task is acknowledged only once its own image exists, a worker
+killed mid-loop leaves every task unacknowledged for redelivery, and nothing waits in the loop
+that the loop could not admit.
+
+`Stepper` is the model side: DiffusersStepper for Stable Diffusion 1.x/2.x pipelines (one UNet
+call per iteration over every request's rows); tests inject a deterministic stand-in.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Dict, List, Optional, Tuple
+
+from client.protocol import GenerationRequest
+from celery_bridge.batching import OnStep, Rendered
+
+log = logging.getLogger(__name__)
+Group = Tuple[object, ...]
+
+
+def group_of(request: GenerationRequest) -> Group:
+    """What requests in one iteration must share: the model and the resolution."""
+    return (request.model, request.width, request.height)
+
+
+@dataclass
+class Active:
+    """One request in the loop: the stepper's state for it (`state`), its steps and its waiter."""
+
+    request: GenerationRequest
+    on_step: Optional[OnStep]
+    deadline: Optional[float]
+    arrived: float
+    state: Any = None  # the stepper's: latents, scheduler, embeddings, generator...
+    steps: int = 0  # denoising steps it runs (some schedulers run one more than asked)
+    index: int = 0  # steps done
+    started: float = 0.0
+    shared: float = 0.0  # sum over its iterations of the requests in each: its share of the GPU
+    done: threading.Event = field(default_factory=threading.Event)
+    result: Optional[Rendered] = None
+    error: Optional[BaseException] = None
+
+
+class Stepper:
+    """The model side of the loop (the interface DiffusersStepper and test stand-ins implement)."""
+
+    def start(self, request: GenerationRequest) -> Tuple[Any, int]:
+        """(state, steps) for a new request: prompt encoded, latents drawn, scheduler set."""
+        raise NotImplementedError
+
+    def step(self, states: List[Any]) -> List[Any]:
+        """One denoising step of every state, in one denoiser call; returns each one's latents."""
+        raise NotImplementedError
+
+    def finish(self, state: Any) -> bytes:
+        """The PNG of a state whose steps are all done."""
+        raise NotImplementedError
+
+
+class TooLate(RuntimeError):
+    """A request ran past its time limit; it left the loop between two steps."""
+
+
+class ContinuousLoop:
+    """Admits submitted requests into one step-level denoising loop (one thread)."""
+
+    def __init__(self, stepper: Stepper, max_active: int, time_limit_s: Optional[float] = None,
+                 lock: Optional[threading.Lock] = None, clock: Callable[[], float] = time.monotonic,
+                 timeout_error: Callable[[str], BaseException] = TooLate, own_thread: bool = True):
+        """`lock` is held for each iteration (the runner's: nothing else may use the pipeline meanwhile);
+        without `own_thread` the caller drives the loop with iterate() (deterministic tests)."""
+        self.own_thread = own_thread
+        self.stepper = stepper
+        self.max_active = max_active
+        self.time_limit_s = time_limit_s
+        self._lock = lock or threading.Lock()
+        self._clock = clock
+        self._timeout_error = timeout_error
+        self._pending: List[Active] = []
+        self._active: List[Active] = []
+        self._cond = threading.Condition()
+        self._thread: Optional[threading.Thread] = None
+        self.iterations: List[int] = []  # active requests in each iteration (figures and tests)
+
+    @property
+    def active(self) -> int:
+        return len(self._active)
+
+    @property
+    def waiting(self) -> int:
+        return len(self._pending)
+
+    def submit(self, request: GenerationRequest, on_step: Optional[OnStep] = None) -> Rendered:
+        """Block until `request` is rendered; raises what its render or its own `on_step` raised."""
+        now = self._clock()
+        slot = Active(request, on_step, now + self.time_limit_s if self.time_limit_s else None, now)
+        with self._cond:
+            if self._thread is None and self.own_thread:
+                self._thread = threading.Thread(target=self._run, name="sdgate-continuous", daemon=True)
+                self._thread.start()
+            self._pending.append(slot)
+            self._cond.notify_all()
+        slot.done.wait()
+        if slot.error is not None:
+            raise slot.error
+        assert slot.result is not None
+        return slot.result
+
+    # -- the loop ------------------------------------------------------------------------------------
+
+    def _run(self) -> None:
+        while True:
+            self.iterate(block=True)
+
+    def iterate(self, block: bool = False) -> bool:
+        """One iteration: admit what waits (of the active group, up to max_active), one step of every
+        active request, then each one's callback; the finished are decoded and leave. False when idle."""
+        with self._cond:
+            while block and not self._pending and not self._active:
+                self._cond.wait()
+            joining = self._admissible()
+        with self._lock:
+            for slot in joining:
+                self._admit(slot)
+            if not self._active:
+                return bool(joining)
+            self._step()
+            self._finish()
+        return True
+
+    def _admissible(self) -> List[Active]:
+        """Waiting requests that may join now, oldest first, up to max_active in all, while they are of
+        the running group (model and size). The first of another group stops admission: the loop
+        drains and that group runs next, so no resolution waits behind an endless stream of another."""
+        group = group_of(self._active[0].request) if self._active else None
+        joining: List[Active] = []
+        while self._pending and len(self._active) + len(joining) < self.max_active:
+            candidate = group_of(self._pending[0].request)
+            if group is not None and candidate != group:
+                break
+            group = candidate
+            joining.append(self._pending.pop(0))
+        return joining
+
+    def _admit(self, slot: Active) -> None:
+        try:
+            slot.state, slot.steps = self.stepper.start(slot.request)
+        except BaseException as exc:  # noqa: BLE001 - its task reports it; the loop goes on
+            self._end(slot, error=exc)
+            return
+        slot.started = self._clock()
+        self._active.append(slot)
+
+    def _step(self) -> None:
+        active = list(self._active)
+        self.iterations.append(len(active))
+        try:
+            latents = self.stepper.step([slot.state for slot in active])
+        except BaseException as exc:  # noqa: BLE001 - every request of the iteration reports it
+            for slot in active:
+                self._end(slot, error=exc)
+            return
+        now = self._clock()
+        for slot, slot_latents in zip(active, latents):
+            slot.index += 1
+            slot.shared += len(active)
+            try:
+                if slot.deadline is not None and now > slot.deadline:
+                    raise self._timeout_error(f"stopped after step {slot.index} of {slot.steps}: over the "
+                                              f"{self.time_limit_s:.0f} s limit per image")
+                if slot.on_step is not None:  # progress, previews and cancel; may raise: it leaves
+                    slot.on_step(slot.index - 1, slot.steps, slot_latents)
+            except BaseException as exc:  # noqa: BLE001 - its task reports it; the others go on
+                self._end(slot, error=exc)
+
+    def _finish(self) -> None:
+        for slot in [slot for slot in self._active if slot.index >= slot.steps]:
+            try:
+                png = self.stepper.finish(slot.state)
+            except BaseException as exc:  # noqa: BLE001 - as above
+                self._end(slot, error=exc)
+                continue
+            milliseconds = (self._clock() - slot.started) * 1000
+            self._end(slot, result=Rendered(png, milliseconds, max(1, round(slot.shared / max(1, slot.index)))))
+
+    def _end(self, slot: Active, result: Optional[Rendered] = None, error: Optional[BaseException] = None) -> None:
+        if slot in self._active:
+            self._active.remove(slot)
+        slot.state = None  # its latents and embeddings go now, not when its task thread wakes
+        slot.result, slot.error = result, error
+        slot.done.set()
+
+
+# -- Stable Diffusion 1.x/2.x ------------------------------------------------------------------------
+
+def supports_continuous(pipe: Any) -> bool:
+    """Whether the loop can step this pipeline: a UNet2DConditionModel without extra conditioning
+    (Stable Diffusion 1.x/2.x) behind a text-to-image pipeline with encode_prompt."""
+    unet = getattr(pipe, "unet", None)
+    return (type(unet).__name__ == "UNet2DConditionModel" and unet.config.addition_embed_type is None
+            and unet.config.time_cond_proj_dim is None and hasattr(pipe, "encode_prompt")
+            and hasattr(pipe, "vae") and type(pipe).__name__ == "StableDiffusionPipeline")
+
+
+@dataclass
+class _SdState:
+    request: GenerationRequest
+    scheduler: Any
+    timesteps: Any
+    latents: Any
+    embeddings: Any  # (uncond, cond) rows with guidance, else (cond,)
+    guided: bool
+    generator: Any
+    step_kwargs: Dict[str, Any]
+    index: int = 0
+
+
+class DiffusersStepper(Stepper):
+    """Steps a resident StableDiffusionPipeline, doing per request what its __call__ does, so each
+    image stays within float noise of the same request rendered alone."""
+
+    def __init__(self, runner: Any):
+        """`runner`: celery_bridge.pipeline.PipelineRunner (its pipe, device and scheduler classes)."""
+        self.runner = runner
+        self.pipe = runner.pipe
+
+    def start(self, request: GenerationRequest) -> Tuple[Any, int]:
+        import torch
+        from diffusers.utils.torch_utils import randn_tensor
+
+        pipe, device = self.pipe, self.runner.device
+        generator = torch.Generator(device="cpu").manual_seed(request.seed)
+        guided = request.guidance_scale > 1
+        with torch.no_grad():
+            cond, uncond = pipe.encode_prompt(request.prompt, device, 1, guided, request.negative_prompt or None)
+        scheduler = self.runner.new_scheduler(request.scheduler)
+        scheduler.set_timesteps(request.steps, device=device)
+        shape = (1, pipe.unet.config.in_channels, request.height // pipe.vae_scale_factor,
+                 request.width // pipe.vae_scale_factor)
+        latents = randn_tensor(shape, generator=generator, device=torch.device(device), dtype=cond.dtype)
+        latents = latents * scheduler.init_noise_sigma
+        accepted = set(inspect.signature(scheduler.step).parameters)
+        step_kwargs = {"generator": generator} if "generator" in accepted else {}
+        if "eta" in accepted:
+            step_kwargs["eta"] = 0.0
+        state = _SdState(request, scheduler, scheduler.timesteps, latents,
+                         (uncond, cond) if guided else (cond,), guided, generator, step_kwargs)
+        return state, len(scheduler.timesteps)
+
+    def step(self, states: List[Any]) -> List[Any]:
+        import torch
+
+        inputs, times, embeddings = [], [], []
+        for state in states:
+            t = state.timesteps[state.index]
+            rows = torch.cat([state.latents] * 2) if state.guided else state.latents
+            rows = state.scheduler.scale_model_input(rows, t)
+            inputs.append(rows)
+            times.append(torch.full((rows.shape[0],), float(t), device=rows.device, dtype=torch.float32))
+            embeddings.extend(state.embeddings)
+        with torch.no_grad():
+            noise = self.pipe.unet(torch.cat(inputs), torch.cat(times), encoder_hidden_states=torch.cat(embeddings),
+                                   return_dict=False)[0]
+            at = 0
+            for state in states:
+                rows = 2 if state.guided else 1
+                prediction = noise[at:at + rows]
+                at += rows
+                if state.guided:
+                    uncond, text = prediction.chunk(2)
+                    prediction = uncond + state.request.guidance_scale * (text - uncond)
+                t = state.timesteps[state.index]
+                state.latents = state.scheduler.step(prediction, t, state.latents, **state.step_kwargs,
+                                                     return_dict=False)[0]
+                state.index += 1
+        return [state.latents for state in states]
+
+    def finish(self, state: Any) -> bytes:
+        import torch
+
+        from celery_bridge.pipeline import encode_png
+
+        pipe = self.pipe
+        with torch.no_grad():
+            image = pipe.vae.decode(state.latents / pipe.vae.config.scaling_factor, return_dict=False,
+                                    generator=state.generator)[0]
+            image, nsfw = pipe.run_safety_checker(image, self.runner.device, state.latents.dtype)
+        denormalize = [True] if nsfw is None else [not flagged for flagged in nsfw]
+        picture = pipe.image_processor.postprocess(image, output_type="pil", do_denormalize=denormalize)[0]
+        return encode_png(picture, state.request)
