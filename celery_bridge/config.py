@@ -268,6 +268,8 @@ class WorkerConfig:
     # catalogue entry's `max_batch_size` on a GPU, 1 on the CPU. 1 turns batching off.
     max_batch_size: Optional[int] = None
     batch_wait_ms: int = 50  # how long the oldest waiting request waits for others of its shape
+    # window | continuous | auto (celery_bridge/continuous.py); None: the catalogue entry's `batching`
+    batching: Optional[Literal["auto", "window", "continuous"]] = None
 
     def resolved_model_cache_dir(self) -> Path:
         return Path(self.model_cache_dir).expanduser() if self.model_cache_dir else sdgate_home() / "models"

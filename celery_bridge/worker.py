@@ -75,7 +75,7 @@ class GenerationService:
         self._reports = ThreadPoolExecutor(1, thread_name_prefix="sdgate-fair-report")
         # 1 renders in the calling thread as before; more needs that many consumer threads (worker_argv).
         entry = self.runner.entry
-        self.batching = batching_mode(entry.batching, self.runner)
+        self.batching = batching_mode(config.batching or entry.batching, self.runner)
         self.max_batch_size = batch_size_for(config.max_batch_size, entry.batch_slots(self.batching == "continuous"),
                                              self.runner.device)
         self.batcher = self.loop = None

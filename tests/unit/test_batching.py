@@ -246,7 +246,7 @@ def test_worker_batches_concurrent_tasks_and_results_name_their_request(tmp_path
     from celery_bridge.worker import GenerationService
 
     service = GenerationService(WorkerConfig(device="cpu", model_cache_dir=str(tmp_path), max_batch_size=3,
-                                             batch_wait_ms=60_000))
+                                             batch_wait_ms=60_000, batching="window"))
     requests = [req(f"prompt {i}", seed=i) for i in range(3)]
     results = handle_concurrently(service, requests)
     assert service.batcher.batches == [3]
@@ -273,7 +273,7 @@ def test_a_batching_worker_reports_each_tasks_steps_and_stops_a_cancelled_one(tm
                 raise TaskCancelled("cancelled")
 
     service = GenerationService(WorkerConfig(device="cpu", model_cache_dir=str(tmp_path), max_batch_size=2,
-                                             batch_wait_ms=60_000))
+                                             batch_wait_ms=60_000, batching="window"))
     reporters = {}
     service._reporter = lambda request, previews: reporters.setdefault(request.prompt, Reporter(request))
     results = handle_concurrently(service, [req("keep me", seed=1), req("cancel me", seed=2)])

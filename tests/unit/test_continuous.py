@@ -218,3 +218,44 @@ def test_a_lone_request_in_the_loop_takes_about_as_long_as_the_pipeline(runner):
         runner.render(request)
         timings["pipeline"].append(time.perf_counter() - started)
     assert min(timings["loop"]) < 1.5 * min(timings["pipeline"]), timings  # a ratio in one run, not a time
+
+
+def test_a_continuous_worker_renders_concurrent_tasks_in_its_loop_and_stops_a_cancelled_one(tmp_path):
+    """The worker's wiring: tasks of different steps and schedulers share the loop, each result names
+    its own request, a cancelled one leaves, and an img2img task renders outside the loop."""
+    from celery_bridge.config import WorkerConfig
+    from celery_bridge.progress import TaskCancelled
+    from celery_bridge.worker import GenerationService
+    from tests.unit.test_batching import handle_concurrently
+
+    class Reporter:  # ProgressReporter's interface, recording instead of publishing to Redis
+        def __init__(self, request):
+            self.prompt, self.steps = request.prompt, []
+
+        def check_start(self):
+            pass
+
+        def on_step(self, step, steps, latents):
+            self.steps.append((step, steps))
+            if self.prompt == "cancel me" and step == 1:
+                raise TaskCancelled("cancelled")
+
+    service = GenerationService(WorkerConfig(device="cpu", model_cache_dir=str(tmp_path), max_batch_size=3,
+                                             batching="continuous"))
+    assert service.batching == "continuous" and service.batcher is None
+    reporters = {}
+    service._reporter = lambda request, previews: reporters.setdefault(request.prompt, Reporter(request))
+    requests = [GenerationRequest("keep me", width=64, height=64, steps=6, scheduler="ddim", seed=1),
+                GenerationRequest("me too", width=64, height=64, steps=9, scheduler="euler", seed=2, guidance_scale=1.0),
+                GenerationRequest("cancel me", width=64, height=64, steps=6, seed=3)]
+    buffer = io.BytesIO()
+    Image.new("RGB", (64, 64), (40, 80, 120)).save(buffer, format="PNG")
+    img2img = GenerationRequest("from a picture", width=64, height=64, steps=4, init_image=buffer.getvalue())
+    results = handle_concurrently(service, requests + [img2img])
+    assert results["from a picture"]["ok"] and results["from a picture"]["batch_size"] == 1
+    assert max(service.loop.iterations) >= 2
+    for request in requests[:2]:
+        result = results[request.prompt]
+        assert result["ok"] and result["key"] == service.runner.resolve(request).cache_key()
+        assert [step for step, _ in reporters[request.prompt].steps] == list(range(request.steps))
+    assert results["cancel me"]["error_code"] == "cancelled" and len(reporters["cancel me"].steps) == 2
