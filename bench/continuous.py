@@ -36,8 +36,8 @@ def percentile(values: List[float], fraction: float) -> float:
     return ordered[min(len(ordered) - 1, int(round(fraction * (len(ordered) - 1))))]
 
 
-def mixed(runner: PipelineRunner, count: int, size: int, tag: str) -> List[GenerationRequest]:
-    shapes = [(steps, scheduler, guidance) for steps in STEPS for scheduler in SCHEDULERS for guidance in GUIDANCE]
+def mixed(runner: PipelineRunner, count: int, size: int, tag: str, step_counts=STEPS) -> List[GenerationRequest]:
+    shapes = [(steps, scheduler, guidance) for steps in step_counts for scheduler in SCHEDULERS for guidance in GUIDANCE]
     chooser = random.Random(7)
     return [runner.resolve(GenerationRequest(f"{tag} {i}", width=size, height=size, steps=steps, scheduler=scheduler,
                                              guidance_scale=guidance, seed=i))
@@ -91,41 +91,37 @@ def poisson(submit: Callable[[GenerationRequest], object], requests: List[Genera
             "p95_ms": round(percentile(latencies, 0.95) * 1000, 1)}
 
 
-def main(argv=None) -> dict:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--slots", type=int, default=4)
-    parser.add_argument("--requests", type=int, default=48)
-    parser.add_argument("--poisson-requests", type=int, default=40)
-    parser.add_argument("--size", type=int, default=64)
-    args = parser.parse_args(argv)
-
-    runner = PipelineRunner(WorkerConfig())
-    window = ShapeBatcher(lambda batch, on_step: runner.render_batch(batch, None, on_step), args.slots, 0.05)
-    loop = ContinuousLoop(DiffusersStepper(runner), args.slots, lock=runner._lock)
+def compare(runner: PipelineRunner, slots: int, size: int, requests: int, poisson_requests: int,
+            steps=STEPS, sync: Callable[[], None] = lambda: None) -> Dict[str, object]:
+    """Window against continuous batching on `runner`'s pipeline (bench continuous, bench gpu)."""
+    window = ShapeBatcher(lambda batch, on_step: runner.render_batch(batch, None, on_step), slots, 0.05)
+    loop = ContinuousLoop(DiffusersStepper(runner), slots, lock=runner._lock)
     systems = {"window": window.submit, "continuous": loop.submit}
     for name, submit in systems.items():  # warm-up: allocations, scheduler classes
-        saturated(submit, mixed(runner, args.slots, args.size, f"warm {name}"), args.slots)
+        saturated(submit, mixed(runner, slots, size, f"warm {name}", steps), slots)
 
-    figures: Dict[str, object] = {"slots": args.slots, "size": args.size, "steps": list(STEPS),
+    figures: Dict[str, object] = {"slots": slots, "size": size, "steps": list(steps),
                                   "schedulers": list(SCHEDULERS), "guidance": list(GUIDANCE)}
-    rates = {name: saturated(submit, mixed(runner, args.requests, args.size, f"saturate {name}"), args.slots)
+    rates = {name: saturated(submit, mixed(runner, requests, size, f"saturate {name}", steps), slots)
              for name, submit in systems.items()}
     figures["saturated_images_per_s"] = {name: round(rate, 3) for name, rate in rates.items()}
     figures["window_batch_sizes_mean"] = round(statistics.mean(window.batches), 2) if window.batches else None
     figures["continuous_active_mean"] = round(statistics.mean(loop.iterations), 2) if loop.iterations else None
     for load in (0.5, 0.8):
         figures[f"poisson_{int(load * 100)}"] = {
-            name: poisson(submit, mixed(runner, args.poisson_requests, args.size, f"poisson {load} {name}"),
-                          load * rates["window"], args.slots) for name, submit in systems.items()}
+            name: poisson(submit, mixed(runner, poisson_requests, size, f"poisson {load} {name}", steps),
+                          load * rates["window"], slots) for name, submit in systems.items()}
 
-    alone = runner.resolve(GenerationRequest("alone", width=args.size, height=args.size, steps=12, seed=5))
+    alone = runner.resolve(GenerationRequest("alone", width=size, height=size, steps=max(steps), seed=5))
     loop_s, bare_s = [], []
     for _ in range(5):  # interleaved
         started = time.perf_counter()
         loop.submit(alone)
+        sync()
         loop_s.append(time.perf_counter() - started)
         started = time.perf_counter()
         runner.bare_call(alone)
+        sync()
         bare_s.append(time.perf_counter() - started)
     figures["solo_ms"] = {"loop": round(statistics.median(loop_s) * 1000, 1),
                           "bare_pipeline": round(statistics.median(bare_s) * 1000, 1)}
@@ -136,3 +132,13 @@ def main(argv=None) -> dict:
         "solo_ratio": round(statistics.median(loop_s) / statistics.median(bare_s), 3),
         **figures,
     }
+
+
+def main(argv=None) -> dict:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--slots", type=int, default=4)
+    parser.add_argument("--requests", type=int, default=48)
+    parser.add_argument("--poisson-requests", type=int, default=40)
+    parser.add_argument("--size", type=int, default=64)
+    args = parser.parse_args(argv)
+    return compare(PipelineRunner(WorkerConfig()), args.slots, args.size, args.requests, args.poisson_requests)

@@ -10,6 +10,8 @@ folder), so the worker path is exactly `sdgate worker`'s task body: GenerationSe
 batch 1 (interleaved with the worker path, so drift hits both) and at batch 2, 4 and 8; at each
 of those batch sizes the worker also renders distinct same-shape prompts through its batcher
 (`speedup`: its best batch size over batch 1), and batched images are compared with unbatched ones.
+`continuous` is bench/continuous.py's comparison on this pipeline: continuous against window batching
+(saturated_speedup, p95_ratio_at_80, solo_ratio), mixed step counts, schedulers and guidance.
 
     python -m bench gpu [--images 10] [--size 512] [--steps 20]
     python -m bench gpu --smoke      # CPU, tiny shapes, 64x64, 2 steps, fp32: checks the code path
@@ -225,6 +227,13 @@ def measure(args: argparse.Namespace) -> Dict[str, Any]:
         # 5. Progress and previews: the step callback's cost on this GPU (bench/progress.py).
         progress_overhead = progress_on_gpu(runner, size, steps, args.images, device)
 
+        # 5b. Continuous against window batching, mixed steps, schedulers and guidance (bench/continuous.py).
+        from bench.continuous import compare
+
+        step_mix = (steps // 2 or 1, steps, steps + steps // 2)
+        continuous = compare(runner, slots=2 if args.smoke else 8, size=size, requests=4 * args.images,
+                             poisson_requests=3 * args.images, steps=step_mix, sync=lambda: _sync(device))
+
         # 6. What PNG encoding alone costs at this size (part of the worker path).
         image = pipe(prompt="png probe", height=size, width=size, num_inference_steps=1).images[0]
         probe = runner.resolve(GenerationRequest("png probe", width=size, height=size, steps=steps))
@@ -259,6 +268,7 @@ def measure(args: argparse.Namespace) -> Dict[str, Any]:
         "speedup": round(max(worker_batched.values()) / worker_ips, 3),  # worker: best batch / batch 1
         "max_pixel_difference_batched_vs_alone": pixel_difference,
         "progress": progress_overhead,
+        "continuous": continuous,
         "build_s": round(build_s, 1), "load_s": round(service.load_seconds, 1),
         "load_avg": load_average(),
     }

@@ -73,6 +73,9 @@ def test_gpu_bench_smoke_runs_the_worker_path_on_its_own_model(tmp_path):
     progress = figures["progress"]  # the progress overhead measurement, on the same runner
     assert set(progress["render_ms_p50"]) == {"off", "progress", "previews"}
     assert all(ms > 0 for ms in progress["callback_ms_per_render_p50"].values()), "the step callback ran"
+    continuous = figures["continuous"]  # bench continuous's comparison, on the same runner
+    assert all(continuous[name] > 0 for name in ("saturated_speedup", "p95_ratio_at_80", "solo_ratio"))
+    assert continuous["continuous_active_mean"] > 1, "requests shared the loop's iterations"
 
 
 def test_http_floor_server_sends_the_stored_png_in_the_images_api_shape(tmp_path):
