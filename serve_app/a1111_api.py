@@ -393,10 +393,11 @@ class _Work:
 
     def __init__(self, client: redis.Redis, caller: str, waiters: List[str], steps: int):
         self.redis, self.key, self.waiters, self.steps = client, redis_keys.A1111_WORK + caller, waiters, steps
-        self.started = time.time()
+        self.job_timestamp = time.strftime("%Y%m%d%H%M%S")  # shown as A1111 shows it, never compared
 
     def _entry(self, **fields: Any) -> str:
-        return json.dumps(dict({"state": "queued", "step": 0, "steps": self.steps, "started": self.started}, **fields))
+        return json.dumps(dict({"state": "queued", "step": 0, "steps": self.steps, "job_timestamp": self.job_timestamp},
+                               **fields))
 
     def start(self) -> None:
         pipe = self.redis.pipeline(transaction=False)
@@ -446,13 +447,13 @@ def progress_of(client: redis.Redis, caller: str, skip_image: bool = False) -> D
     steps = sum(max(1, e.get("steps") or 1) for e in entries)
     done = sum(min(e.get("step") or 0, e.get("steps") or 0) for e in entries)
     current = max(entries, key=lambda e: (e.get("state") == "generating", e.get("step") or 0))
-    fraction = done / steps
-    elapsed = time.time() - min(e.get("started") or time.time() for e in entries)
-    eta = elapsed / fraction - elapsed if fraction > 0 else (current.get("eta_s") or 0)
-    return {"progress": round(fraction, 4), "eta_relative": round(max(0.0, eta), 2),
+    # The workers' own estimates (queue position and step times, from Redis): no replica's clock
+    # is compared with another's.
+    eta = max((e.get("eta_s") or 0.0) for e in entries)
+    return {"progress": round(done / steps, 4), "eta_relative": round(max(0.0, eta), 2),
             "current_image": None if skip_image else current.get("preview"), "textinfo": None,
             "state": {"skipped": False, "interrupted": False, "job": "txt2img", "job_count": len(entries),
-                      "job_timestamp": time.strftime("%Y%m%d%H%M%S", time.localtime(current.get("started"))),
+                      "job_timestamp": current.get("job_timestamp") or "0",
                       "job_no": 0, "sampling_step": current.get("step") or 0,
                       "sampling_steps": current.get("steps") or 0}}
 
