@@ -65,27 +65,23 @@ class _Slot:
     error: Optional[BaseException] = None
 
 
-class ShapeBatcher:
-    """Collects concurrent `submit` calls into same-shape batches for one render function."""
+class HandOff:
+    """What both batchers share: task threads hand a slot (with `done`, `result`, `error`) to one
+    daemon render thread (`_run`, started on first use) through `_pending`, and wait for its outcome."""
 
-    def __init__(self, render: RenderBatch, max_batch_size: int, wait_s: float,
-                 clock: Callable[[], float] = time.monotonic):
-        self._render = render
-        self.max_batch_size = max_batch_size
-        self.wait_s = wait_s
-        self._clock = clock
-        self._pending: List[_Slot] = []
+    _thread_name = "sdgate-batcher"
+    own_thread = True
+
+    def _init_hand_off(self) -> None:
+        self._pending: List[Any] = []
         self._cond = threading.Condition()
         self._thread: Optional[threading.Thread] = None
-        self.batches: List[int] = []  # sizes of the batches rendered so far (figures and tests)
 
-    def submit(self, request: GenerationRequest, on_step: Optional[OnStep] = None) -> Rendered:
-        """Block until `request` has been rendered in some batch; raises what its render (or its own
-        `on_step`, which runs after each step of the batch's call) raised."""
-        slot = _Slot(request, shape_of(request), self._clock(), on_step)
+    def _hand_in(self, slot: Any) -> Rendered:
+        """Queue `slot` for the render thread and block until it has its image; raises its error."""
         with self._cond:
-            if self._thread is None:
-                self._thread = threading.Thread(target=self._run, name="sdgate-batcher", daemon=True)
+            if self._thread is None and self.own_thread:
+                self._thread = threading.Thread(target=self._run, name=self._thread_name, daemon=True)
                 self._thread.start()
             self._pending.append(slot)
             self._cond.notify_all()
@@ -94,6 +90,27 @@ class ShapeBatcher:
             raise slot.error
         assert slot.result is not None
         return slot.result
+
+    def _run(self) -> None:
+        raise NotImplementedError
+
+
+class ShapeBatcher(HandOff):
+    """Collects concurrent `submit` calls into same-shape batches for one render function."""
+
+    def __init__(self, render: RenderBatch, max_batch_size: int, wait_s: float,
+                 clock: Callable[[], float] = time.monotonic):
+        self._render = render
+        self.max_batch_size = max_batch_size
+        self.wait_s = wait_s
+        self._clock = clock
+        self._init_hand_off()
+        self.batches: List[int] = []  # sizes of the batches rendered so far (figures and tests)
+
+    def submit(self, request: GenerationRequest, on_step: Optional[OnStep] = None) -> Rendered:
+        """Block until `request` has been rendered in some batch; raises what its render (or its own
+        `on_step`, which runs after each step of the batch's call) raised."""
+        return self._hand_in(_Slot(request, shape_of(request), self._clock(), on_step))
 
     def next_batch(self) -> List[_Slot]:
         """The next batch: the oldest waiting request and up to B-1 more of its shape, once B are

@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
 from client.protocol import GenerationRequest
-from celery_bridge.batching import OnStep, Rendered
+from celery_bridge.batching import HandOff, OnStep, Rendered
 
 log = logging.getLogger(__name__)
 Group = Tuple[object, ...]
@@ -77,8 +77,10 @@ class TooLate(RuntimeError):
     """A request ran past its time limit; it left the loop between two steps."""
 
 
-class ContinuousLoop:
+class ContinuousLoop(HandOff):
     """Admits submitted requests into one step-level denoising loop (one thread)."""
+
+    _thread_name = "sdgate-continuous"
 
     def __init__(self, stepper: Stepper, max_active: int, time_limit_s: Optional[float] = None,
                  lock: Optional[threading.Lock] = None, clock: Callable[[], float] = time.monotonic,
@@ -92,10 +94,8 @@ class ContinuousLoop:
         self._lock = lock or threading.Lock()
         self._clock = clock
         self._timeout_error = timeout_error
-        self._pending: List[Active] = []
+        self._init_hand_off()
         self._active: List[Active] = []
-        self._cond = threading.Condition()
-        self._thread: Optional[threading.Thread] = None
         self.iterations: List[int] = []  # active requests in each iteration (figures and tests)
 
     @property
@@ -109,18 +109,7 @@ class ContinuousLoop:
     def submit(self, request: GenerationRequest, on_step: Optional[OnStep] = None) -> Rendered:
         """Block until `request` is rendered; raises what its render or its own `on_step` raised."""
         now = self._clock()
-        slot = Active(request, on_step, now + self.time_limit_s if self.time_limit_s else None, now)
-        with self._cond:
-            if self._thread is None and self.own_thread:
-                self._thread = threading.Thread(target=self._run, name="sdgate-continuous", daemon=True)
-                self._thread.start()
-            self._pending.append(slot)
-            self._cond.notify_all()
-        slot.done.wait()
-        if slot.error is not None:
-            raise slot.error
-        assert slot.result is not None
-        return slot.result
+        return self._hand_in(Active(request, on_step, now + self.time_limit_s if self.time_limit_s else None, now))
 
     # -- the loop ------------------------------------------------------------------------------------
 

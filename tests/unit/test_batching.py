@@ -256,31 +256,36 @@ def test_worker_batches_concurrent_tasks_and_results_name_their_request(tmp_path
         assert np.abs(pixels(__import__("base64").b64decode(result["png_b64"])) - expected).max() <= PIXEL_BOUND
 
 
+class Recorder:
+    """ProgressReporter's interface, recording (step, steps, rows of its latents) instead of publishing
+    to Redis; the task whose prompt is "cancel me" is cancelled at step `cancel_at`."""
+
+    def __init__(self, request, cancel_at: int):
+        self.prompt, self.cancel_at, self.steps = request.prompt, cancel_at, []
+
+    def check_start(self):
+        pass
+
+    def on_step(self, step, steps, latents):
+        from celery_bridge.progress import TaskCancelled
+
+        self.steps.append((step, steps, latents.shape[0]))
+        if self.prompt == "cancel me" and step == self.cancel_at:
+            raise TaskCancelled("cancelled")
+
+
 def test_a_batching_worker_reports_each_tasks_steps_and_stops_a_cancelled_one(tmp_path):
-    from celery_bridge.progress import TaskCancelled
     from celery_bridge.worker import GenerationService
-
-    class Reporter:  # ProgressReporter's interface, recording instead of publishing to Redis
-        def __init__(self, request):
-            self.prompt, self.steps = request.prompt, []
-
-        def check_start(self):
-            pass
-
-        def on_step(self, step, steps, latents):
-            self.steps.append((step, latents.shape[0]))
-            if self.prompt == "cancel me" and step == 0:
-                raise TaskCancelled("cancelled")
 
     service = GenerationService(WorkerConfig(device="cpu", model_cache_dir=str(tmp_path), max_batch_size=2,
                                              batch_wait_ms=60_000, batching="window"))
     reporters = {}
-    service._reporter = lambda request, previews: reporters.setdefault(request.prompt, Reporter(request))
+    service._reporter = lambda request, previews: reporters.setdefault(request.prompt, Recorder(request, cancel_at=0))
     results = handle_concurrently(service, [req("keep me", seed=1), req("cancel me", seed=2)])
     assert service.batcher.batches == [2]
     assert results["keep me"]["ok"] and results["cancel me"]["error_code"] == "cancelled"
-    assert len(reporters["keep me"].steps) >= 2 and all(rows == 1 for _, rows in reporters["keep me"].steps)
-    assert reporters["cancel me"].steps == [(0, 1)]
+    assert len(reporters["keep me"].steps) >= 2 and all(rows == 1 for _, _, rows in reporters["keep me"].steps)
+    assert [(step, rows) for step, _, rows in reporters["cancel me"].steps] == [(0, 1)]
 
 
 def test_both_worker_modes_get_one_consumer_thread_per_request_of_a_batch():

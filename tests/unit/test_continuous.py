@@ -10,12 +10,12 @@ import time
 from typing import Any, Dict, List, Tuple
 
 import numpy as np
-import pytest
 from PIL import Image
 
 from client.protocol import GenerationRequest
 from celery_bridge.continuous import ContinuousLoop, DiffusersStepper, Stepper, supports_continuous
 from tests.integration.harness import wait_for
+from tests.unit import test_batching
 
 
 class StandIn(Stepper):
@@ -164,21 +164,11 @@ def test_at_most_max_active_run_and_another_resolution_runs_once_the_loop_drains
 
 # -- the real loop on the tiny pipeline ----------------------------------------------------------------
 
+runner, pixels = test_batching.runner, test_batching.pixels  # the tiny pipeline fixture, and its pixel reader
+
 # Measured here: mixed requests in one loop came within 1 grey level of their solo renders (the batched
 # UNet's float sums); the bound allows 2 of 255 per pixel.
 PIXEL_BOUND = 2
-
-
-@pytest.fixture(scope="module")
-def runner(tmp_path_factory):
-    from celery_bridge.config import WorkerConfig
-    from celery_bridge.pipeline import PipelineRunner
-
-    return PipelineRunner(WorkerConfig(device="cpu", model_cache_dir=str(tmp_path_factory.mktemp("models"))))
-
-
-def pixels(png: bytes) -> np.ndarray:
-    return np.asarray(Image.open(io.BytesIO(png)).convert("RGB")).astype(int)
 
 
 def test_mixed_requests_in_one_real_loop_match_their_solo_images_and_are_never_swapped(runner):
@@ -224,27 +214,14 @@ def test_a_continuous_worker_renders_concurrent_tasks_in_its_loop_and_stops_a_ca
     """The worker's wiring: tasks of different steps and schedulers share the loop, each result names
     its own request, a cancelled one leaves, and an img2img task renders outside the loop."""
     from celery_bridge.config import WorkerConfig
-    from celery_bridge.progress import TaskCancelled
     from celery_bridge.worker import GenerationService
-    from tests.unit.test_batching import handle_concurrently
-
-    class Reporter:  # ProgressReporter's interface, recording instead of publishing to Redis
-        def __init__(self, request):
-            self.prompt, self.steps = request.prompt, []
-
-        def check_start(self):
-            pass
-
-        def on_step(self, step, steps, latents):
-            self.steps.append((step, steps))
-            if self.prompt == "cancel me" and step == 1:
-                raise TaskCancelled("cancelled")
+    from tests.unit.test_batching import Recorder, handle_concurrently
 
     service = GenerationService(WorkerConfig(device="cpu", model_cache_dir=str(tmp_path), max_batch_size=3,
                                              batching="continuous"))
     assert service.batching == "continuous" and service.batcher is None
     reporters = {}
-    service._reporter = lambda request, previews: reporters.setdefault(request.prompt, Reporter(request))
+    service._reporter = lambda request, previews: reporters.setdefault(request.prompt, Recorder(request, cancel_at=1))
     requests = [GenerationRequest("keep me", width=64, height=64, steps=6, scheduler="ddim", seed=1),
                 GenerationRequest("me too", width=64, height=64, steps=9, scheduler="euler", seed=2, guidance_scale=1.0),
                 GenerationRequest("cancel me", width=64, height=64, steps=6, seed=3)]
@@ -257,5 +234,5 @@ def test_a_continuous_worker_renders_concurrent_tasks_in_its_loop_and_stops_a_ca
     for request in requests[:2]:
         result = results[request.prompt]
         assert result["ok"] and result["key"] == service.runner.resolve(request).cache_key()
-        assert [step for step, _ in reporters[request.prompt].steps] == list(range(request.steps))
+        assert [step for step, _, _ in reporters[request.prompt].steps] == list(range(request.steps))
     assert results["cancel me"]["error_code"] == "cancelled" and len(reporters["cancel me"].steps) == 2
