@@ -14,8 +14,8 @@ message each, late acks), so a task is acknowledged only once its own image exis
 killed mid-loop leaves every task unacknowledged for redelivery, and nothing waits in the loop
 that the loop could not admit.
 
-`Stepper` is the model side: DiffusersStepper for Stable Diffusion 1.x/2.x pipelines (one UNet
-call per iteration over every request's rows); tests inject a deterministic stand-in.
+`Stepper` is the model side: DiffusersStepper for Stable Diffusion 1.x/2.x and SDXL pipelines (one
+UNet call per iteration over every request's rows); tests inject a deterministic stand-in.
 """
 
 from __future__ import annotations
@@ -196,15 +196,19 @@ class ContinuousLoop(HandOff):
         slot.done.set()
 
 
-# -- Stable Diffusion 1.x/2.x ------------------------------------------------------------------------
+# -- Stable Diffusion 1.x/2.x and SDXL -----------------------------------------------------------------
+
+LOOP_PIPELINES = ("StableDiffusionPipeline", "StableDiffusionXLPipeline")
+
 
 def supports_continuous(pipe: Any) -> bool:
-    """Whether the loop can step this pipeline: a UNet2DConditionModel without extra conditioning
-    (Stable Diffusion 1.x/2.x) behind a text-to-image pipeline with encode_prompt."""
+    """Whether the loop can step this pipeline: Stable Diffusion 1.x/2.x or SDXL text to image, whose
+    UNet2DConditionModel takes a timestep per sample (SDXL's added text/time conditioning included)."""
     unet = getattr(pipe, "unet", None)
-    return (type(unet).__name__ == "UNet2DConditionModel" and unet.config.addition_embed_type is None
-            and unet.config.time_cond_proj_dim is None and hasattr(pipe, "encode_prompt")
-            and hasattr(pipe, "vae") and type(pipe).__name__ == "StableDiffusionPipeline")
+    if type(pipe).__name__ not in LOOP_PIPELINES or type(unet).__name__ != "UNet2DConditionModel":
+        return False
+    return unet.config.time_cond_proj_dim is None and unet.config.addition_embed_type in (
+        None, "text_time" if type(pipe).__name__ == "StableDiffusionXLPipeline" else None)
 
 
 @dataclass
@@ -213,7 +217,8 @@ class _SdState:
     scheduler: Any
     timesteps: Any
     latents: Any
-    embeddings: Any  # (uncond, cond) rows with guidance, else (cond,)
+    embeddings: Any  # the UNet's encoder_hidden_states rows: (uncond, cond) with guidance, else cond
+    added: Dict[str, Any]  # SDXL's added_cond_kwargs rows (text_embeds, time_ids); {} for SD 1.x/2.x
     guided: bool
     generator: Any
     step_kwargs: Dict[str, Any]
@@ -221,13 +226,14 @@ class _SdState:
 
 
 class DiffusersStepper(Stepper):
-    """Steps a resident StableDiffusionPipeline, doing per request what its __call__ does, so each
-    image stays within float noise of the same request rendered alone."""
+    """Steps a resident StableDiffusion(XL)Pipeline, doing per request what its __call__ does, so
+    each image stays within float noise of the same request rendered alone."""
 
     def __init__(self, runner: Any):
         """`runner`: celery_bridge.pipeline.PipelineRunner (its pipe, device and scheduler classes)."""
         self.runner = runner
         self.pipe = runner.pipe
+        self.xl = type(self.pipe).__name__ == "StableDiffusionXLPipeline"
 
     def start(self, request: GenerationRequest) -> Tuple[Any, int]:
         import torch
@@ -237,7 +243,22 @@ class DiffusersStepper(Stepper):
         generator = torch.Generator(device="cpu").manual_seed(request.seed)
         guided = request.guidance_scale > 1
         with torch.no_grad():
-            cond, uncond = pipe.encode_prompt(request.prompt, device, 1, guided, request.negative_prompt or None)
+            # 1. The prompt's embeddings (and SDXL's pooled ones and size conditioning), as __call__ makes them.
+            added: Dict[str, Any] = {}
+            if self.xl:
+                cond, uncond, pooled, uncond_pooled = pipe.encode_prompt(
+                    prompt=request.prompt, device=device, num_images_per_prompt=1, do_classifier_free_guidance=guided,
+                    negative_prompt=request.negative_prompt or None)
+                size = (request.height, request.width)
+                projection = (int(pooled.shape[-1]) if pipe.text_encoder_2 is None
+                              else pipe.text_encoder_2.config.projection_dim)
+                time_ids = pipe._get_add_time_ids(size, (0, 0), size, dtype=cond.dtype,
+                                                  text_encoder_projection_dim=projection).to(device)
+                added = {"text_embeds": torch.cat([uncond_pooled, pooled]) if guided else pooled,
+                         "time_ids": torch.cat([time_ids, time_ids]) if guided else time_ids}
+            else:
+                cond, uncond = pipe.encode_prompt(request.prompt, device, 1, guided, request.negative_prompt or None)
+        # 2. Its own scheduler, its timesteps, and its noise from its own generator.
         scheduler = self.runner.new_scheduler(request.scheduler)
         scheduler.set_timesteps(request.steps, device=device)
         shape = (1, pipe.unet.config.in_channels, request.height // pipe.vae_scale_factor,
@@ -249,23 +270,25 @@ class DiffusersStepper(Stepper):
         if "eta" in accepted:
             step_kwargs["eta"] = 0.0
         state = _SdState(request, scheduler, scheduler.timesteps, latents,
-                         (uncond, cond) if guided else (cond,), guided, generator, step_kwargs)
+                         torch.cat([uncond, cond]) if guided else cond, added, guided, generator, step_kwargs)
         return state, len(scheduler.timesteps)
 
     def step(self, states: List[Any]) -> List[Any]:
         import torch
 
-        inputs, times, embeddings = [], [], []
+        inputs, times = [], []
         for state in states:
             t = state.timesteps[state.index]
             rows = torch.cat([state.latents] * 2) if state.guided else state.latents
             rows = state.scheduler.scale_model_input(rows, t)
             inputs.append(rows)
             times.append(torch.full((rows.shape[0],), float(t), device=rows.device, dtype=torch.float32))
-            embeddings.extend(state.embeddings)
+        added = ({name: torch.cat([state.added[name] for state in states]) for name in states[0].added}
+                 if self.xl else None)
         with torch.no_grad():
-            noise = self.pipe.unet(torch.cat(inputs), torch.cat(times), encoder_hidden_states=torch.cat(embeddings),
-                                   return_dict=False)[0]
+            noise = self.pipe.unet(torch.cat(inputs), torch.cat(times),
+                                   encoder_hidden_states=torch.cat([state.embeddings for state in states]),
+                                   added_cond_kwargs=added, return_dict=False)[0]
             at = 0
             for state in states:
                 rows = 2 if state.guided else 1
@@ -287,9 +310,37 @@ class DiffusersStepper(Stepper):
 
         pipe = self.pipe
         with torch.no_grad():
-            image = pipe.vae.decode(state.latents / pipe.vae.config.scaling_factor, return_dict=False,
-                                    generator=state.generator)[0]
-            image, nsfw = pipe.run_safety_checker(image, self.runner.device, state.latents.dtype)
-        denormalize = [True] if nsfw is None else [not flagged for flagged in nsfw]
-        picture = pipe.image_processor.postprocess(image, output_type="pil", do_denormalize=denormalize)[0]
+            if self.xl:
+                image = self._decode_xl(state.latents)
+                if getattr(pipe, "watermark", None) is not None:
+                    image = pipe.watermark.apply_watermark(image)
+                picture = pipe.image_processor.postprocess(image, output_type="pil")[0]
+            else:
+                image = pipe.vae.decode(state.latents / pipe.vae.config.scaling_factor, return_dict=False,
+                                        generator=state.generator)[0]
+                image, nsfw = pipe.run_safety_checker(image, self.runner.device, state.latents.dtype)
+                denormalize = [True] if nsfw is None else [not flagged for flagged in nsfw]
+                picture = pipe.image_processor.postprocess(image, output_type="pil", do_denormalize=denormalize)[0]
         return encode_png(picture, state.request)
+
+    def _decode_xl(self, latents: Any) -> Any:
+        """SDXL's decode as its __call__ does it: the VAE upcast from fp16 where it overflows, and
+        its latents' mean and std where its config has them."""
+        import torch
+
+        vae = self.pipe.vae
+        upcast = vae.dtype == torch.float16 and vae.config.force_upcast
+        if upcast:
+            self.pipe.upcast_vae()
+            latents = latents.to(next(iter(vae.post_quant_conv.parameters())).dtype)
+        mean, std = getattr(vae.config, "latents_mean", None), getattr(vae.config, "latents_std", None)
+        if mean is not None and std is not None:
+            mean = torch.tensor(mean).view(1, 4, 1, 1).to(latents.device, latents.dtype)
+            std = torch.tensor(std).view(1, 4, 1, 1).to(latents.device, latents.dtype)
+            latents = latents * std / vae.config.scaling_factor + mean
+        else:
+            latents = latents / vae.config.scaling_factor
+        image = vae.decode(latents, return_dict=False)[0]
+        if upcast:
+            vae.to(dtype=torch.float16)
+        return image

@@ -82,8 +82,8 @@ class ModelEntry(_Strict):
     # Requests of one shape a GPU worker renders in one pipeline call (WorkerConfig.max_batch_size overrides).
     max_batch_size: int = Field(default=1, ge=1, le=64)
     # How a GPU worker batches (celery_bridge/continuous.py): `continuous` steps every active request
-    # in one loop, joining at the next step (Stable Diffusion 1.x/2.x); `window` groups requests of one
-    # shape per call; `auto` is continuous where the model's family supports it, else window.
+    # in one loop, joining at the next step (Stable Diffusion 1.x/2.x, SDXL); `window` groups requests of one
+    # shape per call; `auto` is continuous where the model's family supports it (SD 1.x/2.x, SDXL), else window.
     batching: Literal["auto", "window", "continuous"] = "auto"
     # Continuous batching: requests in the loop at once (memory on a GPU); None: max_batch_size.
     max_active: Optional[int] = Field(default=None, ge=1, le=64)

@@ -139,3 +139,49 @@ def save_tiny_variant(folder: Path, seed: int) -> Path:
     with tempfile.TemporaryDirectory() as scratch:
         build_tiny_pipeline(Path(scratch), seed=seed).save_pretrained(folder, safe_serialization=True)
     return folder
+
+
+def build_tiny_sdxl_pipeline(tokenizer_dir: Path, seed: int = SEED):
+    """A tiny random StableDiffusionXLPipeline (two CLIP text encoders, the second with projection;
+    a UNet with SDXL's text/time conditioning), built offline like `tiny`: for tests of the SDXL family."""
+    import torch
+    from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+    tokenizer = CLIPTokenizer(vocab=str(write_tokenizer_files(tokenizer_dir) / "vocab.json"),
+                              merges=str(tokenizer_dir / "merges.txt"), model_max_length=77)
+    text_config = CLIPTextConfig(
+        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=37, num_attention_heads=4, num_hidden_layers=2,
+        max_position_embeddings=77, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id, projection_dim=32)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        unet = UNet2DConditionModel(
+            block_out_channels=(32, 64), layers_per_block=1, sample_size=8, in_channels=4, out_channels=4,
+            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+            attention_head_dim=(2, 4), use_linear_projection=True, addition_embed_type="text_time",
+            addition_time_embed_dim=8, transformer_layers_per_block=(1, 1),
+            projection_class_embeddings_input_dim=6 * 8 + 32,  # six size numbers, and the pooled text embedding
+            cross_attention_dim=64, norm_num_groups=8)  # the two encoders' hidden states side by side
+        torch.manual_seed(seed + 1)
+        vae = AutoencoderKL(
+            block_out_channels=(8, 16, 16, 16), in_channels=3, out_channels=3, latent_channels=4, norm_num_groups=8,
+            down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+            layers_per_block=1, sample_size=64)
+        torch.manual_seed(seed + 2)
+        text_encoder = CLIPTextModel(text_config)
+        torch.manual_seed(seed + 3)
+        text_encoder_2 = CLIPTextModelWithProjection(text_config)
+    scheduler = EulerDiscreteScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                                       steps_offset=1, timestep_spacing="leading")
+    return StableDiffusionXLPipeline(vae=vae, text_encoder=text_encoder, text_encoder_2=text_encoder_2,
+                                     tokenizer=tokenizer, tokenizer_2=tokenizer, unet=unet, scheduler=scheduler,
+                                     force_zeros_for_empty_prompt=True, add_watermarker=False)
+
+
+def save_tiny_sdxl(folder: Path, seed: int = SEED) -> Path:
+    """The tiny SDXL pipeline saved as a diffusers folder."""
+    folder = Path(folder)
+    with tempfile.TemporaryDirectory() as scratch:
+        build_tiny_sdxl_pipeline(Path(scratch), seed=seed).save_pretrained(folder, safe_serialization=True)
+    return folder

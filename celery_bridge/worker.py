@@ -176,7 +176,7 @@ def batching_mode(configured: str, runner: Any) -> str:
     supported = supports_continuous(getattr(runner, "pipe", None))
     if configured == "continuous" and not supported:
         log.warning("model %r: continuous batching asked for, but its pipeline (%s) is not one the loop steps "
-                    "(Stable Diffusion 1.x/2.x); batching by window instead", runner.config.model,
+                    "(Stable Diffusion 1.x/2.x, SDXL); batching by window instead", runner.config.model,
                     type(getattr(runner, "pipe", None)).__name__)
     return "continuous" if configured != "window" and supported else "window"
 

@@ -236,3 +236,31 @@ def test_a_continuous_worker_renders_concurrent_tasks_in_its_loop_and_stops_a_ca
         assert result["ok"] and result["key"] == service.runner.resolve(request).cache_key()
         assert [step for step, _, _ in reporters[request.prompt].steps] == list(range(request.steps))
     assert results["cancel me"]["error_code"] == "cancelled" and len(reporters["cancel me"].steps) == 2
+
+
+def test_the_real_loop_steps_sdxl_too(tmp_path):
+    """SDXL's UNet takes its text/time conditioning per row: a tiny random SDXL pipeline, mixed
+    requests in one loop, each within the bound of its solo render and never swapped."""
+    from celery_bridge.config import WorkerConfig
+    from celery_bridge.pipeline import PipelineRunner
+    from celery_bridge.tiny_model import save_tiny_sdxl
+
+    sdxl = PipelineRunner(WorkerConfig(device="cpu", model=str(save_tiny_sdxl(tmp_path / "tiny-sdxl"))))
+    assert type(sdxl.pipe).__name__ == "StableDiffusionXLPipeline" and supports_continuous(sdxl.pipe)
+    mixed = [sdxl.resolve(GenerationRequest(f"xl {i}", width=64, height=64, steps=steps, scheduler=scheduler,
+                                            guidance_scale=guidance, seed=20 + i, negative_prompt=negative))
+             for i, (steps, scheduler, guidance, negative) in enumerate([(3, "euler", 5.0, ""), (5, "ddim", 1.0, ""),
+                                                                          (4, "euler_a", 7.0, "blurry")])]
+    loop = ContinuousLoop(DiffusersStepper(sdxl), max_active=4, lock=sdxl._lock)
+    results: Dict[int, Any] = {}
+    threads = [threading.Thread(target=lambda i=i, r=r: results.__setitem__(i, loop.submit(r)))
+               for i, r in enumerate(mixed)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(120)
+    assert max(loop.iterations) >= 2, loop.iterations
+    alone = [pixels(sdxl.render(r)) for r in mixed]
+    for i in range(len(mixed)):
+        distances = [np.abs(pixels(results[i].png) - other).max() for other in alone]
+        assert distances[i] <= PIXEL_BOUND and distances[i] == min(distances), distances
