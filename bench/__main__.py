@@ -3,7 +3,7 @@
 Each benchmark starts what it needs on free ports in a throwaway $SDGATE_HOME, measures against
 its baseline in the same run, and stops everything it started. Progress goes to stderr.
 
-    python -m bench hit | miss | singleflight | coldstart | memory | worker_path | gpu [--smoke] | progress | throughput | scale | fairness | img2img | continuous | all
+    python -m bench hit | miss | singleflight | coldstart | memory | worker_path | gpu [--smoke] | progress | throughput | scale | fairness | img2img | continuous | lora | all
     python -m bench NAME --help
 """
 
@@ -14,7 +14,7 @@ import json
 import sys
 
 BENCHMARKS = ("hit", "miss", "singleflight", "coldstart", "memory", "worker_path", "gpu", "progress", "throughput", "scale",
-              "fairness", "img2img", "continuous")
+              "fairness", "img2img", "continuous", "lora")
 
 
 def main(argv=None) -> int:

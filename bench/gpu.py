@@ -234,6 +234,9 @@ def measure(args: argparse.Namespace) -> Dict[str, Any]:
         continuous = compare(runner, slots=2 if args.smoke else 8, size=size, requests=4 * args.images,
                              poisson_requests=3 * args.images, steps=step_mix, sync=lambda: _sync(device))
 
+        # 5c. A LoRA switch against a render at this size (bench/lora.py), with two random LoRAs.
+        lora = lora_switch(runner, folder, model, size, steps, args.images, device)
+
         # 6. What PNG encoding alone costs at this size (part of the worker path).
         image = pipe(prompt="png probe", height=size, width=size, num_inference_steps=1).images[0]
         probe = runner.resolve(GenerationRequest("png probe", width=size, height=size, steps=steps))
@@ -269,9 +272,28 @@ def measure(args: argparse.Namespace) -> Dict[str, Any]:
         "max_pixel_difference_batched_vs_alone": pixel_difference,
         "progress": progress_overhead,
         "continuous": continuous,
+        "lora": lora,
         "build_s": round(build_s, 1), "load_s": round(service.load_seconds, 1),
         "load_avg": load_average(),
     }
+
+
+def lora_switch(runner, folder: Path, model: Path, size: int, steps: int, rounds: int, device: str) -> Dict[str, Any]:
+    """bench/lora.py's switch-against-render figures on a runner of this pipeline with two random LoRAs."""
+    from bench.lora import measure_switch
+    from celery_bridge.config import WorkerConfig
+    from celery_bridge.models import ModelEntry
+    from celery_bridge.pipeline import PipelineRunner
+    from celery_bridge.tiny_model import save_tiny_lora
+
+    files = [save_tiny_lora(runner.pipe, folder / f"lora-{name}", seed=seed) for name, seed in (("a", 1), ("b", 2))]
+    entry = ModelEntry(name=str(model), source=str(model), defaults=runner.entry.defaults.model_dump(),
+                       loras=[{"name": "a", "source": str(files[0])}, {"name": "b", "source": str(files[1])}])
+    import torch
+
+    with_loras = PipelineRunner(WorkerConfig(model=str(model), device=device, fp16=runner.dtype == torch.float16),
+                                entry=entry)
+    return measure_switch(with_loras, size, steps, max(4, rounds), sync=lambda: _sync(device))
 
 
 def progress_on_gpu(runner, size: int, steps: int, rounds: int, device: str) -> Dict[str, Any]:

@@ -30,9 +30,10 @@ RenderBatch = Callable[[List[GenerationRequest], Optional[OnStep]], Tuple[List[b
 
 
 def shape_of(request: GenerationRequest) -> Shape:
-    """What one pipeline call must share: everything but the prompts, the seeds and the images."""
+    """What one pipeline call must share: everything but the prompts, the seeds and the images
+    (its LoRAs too: adapters apply to the whole call)."""
     return (request.model, request.kind, request.width, request.height, request.steps, request.scheduler,
-            float(request.guidance_scale), request.strength)
+            float(request.guidance_scale), request.strength, request.loras)
 
 
 def batch_size_for(configured: Optional[int], catalogued: int, device: str) -> int:

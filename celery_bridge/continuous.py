@@ -35,8 +35,9 @@ Group = Tuple[object, ...]
 
 
 def group_of(request: GenerationRequest) -> Group:
-    """What requests in one iteration must share: the model and the resolution."""
-    return (request.model, request.width, request.height)
+    """What requests in one iteration must share: the model, the resolution and the LoRAs (adapters
+    apply to the whole UNet call)."""
+    return (request.model, request.width, request.height, request.loras)
 
 
 @dataclass
@@ -65,7 +66,8 @@ class Stepper:
         raise NotImplementedError
 
     def step(self, states: List[Any]) -> List[Any]:
-        """One denoising step of every state, in one denoiser call; returns each one's latents."""
+        """One denoising step of every state, in one denoiser call; returns what each one's step
+        callback gets (its latents, or as the runner's preview_latents gives them)."""
         raise NotImplementedError
 
     def finish(self, state: Any) -> bytes:
@@ -242,6 +244,7 @@ class DiffusersStepper(Stepper):
         pipe, device = self.pipe, self.runner.device
         generator = torch.Generator(device="cpu").manual_seed(request.seed)
         guided = request.guidance_scale > 1
+        self.runner.apply_loras(request.loras)  # its group's: text encoder LoRAs change the embeddings too
         with torch.no_grad():
             # 1. The prompt's embeddings (and SDXL's pooled ones and size conditioning), as __call__ makes them.
             added: Dict[str, Any] = {}
@@ -276,6 +279,7 @@ class DiffusersStepper(Stepper):
     def step(self, states: List[Any]) -> List[Any]:
         import torch
 
+        self.runner.apply_loras(states[0].request.loras)  # one group: the same LoRAs for every state
         inputs, times = [], []
         for state in states:
             t = state.timesteps[state.index]
@@ -301,7 +305,8 @@ class DiffusersStepper(Stepper):
                 state.latents = state.scheduler.step(prediction, t, state.latents, **state.step_kwargs,
                                                      return_dict=False)[0]
                 state.index += 1
-        return [state.latents for state in states]
+        return [self.runner.preview_latents(state.latents, state.request.width, state.request.height)
+                for state in states]
 
     def finish(self, state: Any) -> bytes:
         import torch

@@ -8,6 +8,7 @@ names the entry, never a silent default.
 
 from __future__ import annotations
 
+import functools
 import os
 import re
 from pathlib import Path
@@ -63,6 +64,21 @@ class ModelLimits(_Strict):
     max_steps: int = Field(default=50, ge=protocol.MIN_STEPS, le=protocol.MAX_STEPS)
 
 
+class LoraEntry(_Strict):
+    """A LoRA a model's requests may name: a .safetensors file of adapter weights (diffusers' or
+    kohya's layout, as `load_lora_weights` reads them), for that model's family."""
+
+    name: str
+    source: str
+    family: Optional[Literal["sd1", "sd2", "sdxl", "sd3", "flux"]] = None  # None: the model's
+
+    @field_validator("name")
+    @classmethod
+    def _wire_name(cls, value: str) -> str:
+        protocol.check_loras(((value, 1.0),))
+        return value
+
+
 class ModelEntry(_Strict):
     """One model: its name on the wire, its weights, defaults and limits."""
 
@@ -87,6 +103,23 @@ class ModelEntry(_Strict):
     batching: Literal["auto", "window", "continuous"] = "auto"
     # Continuous batching: requests in the loop at once (memory on a GPU); None: max_batch_size.
     max_active: Optional[int] = Field(default=None, ge=1, le=64)
+    # sd1 | sd2 | sdxl | sd3 | flux (celery_bridge/families.py); None: detected from the weights'
+    # model_index.json (a hub id, whose files are not here, is taken as sd1 unless this says otherwise).
+    family: Optional[Literal["sd1", "sd2", "sdxl", "sd3", "flux"]] = None
+    # LoRAs requests may name (`loras: [{name, weight}]`); each worker of the model loads them once.
+    loras: List[LoraEntry] = []
+
+    @model_validator(mode="before")
+    @classmethod
+    def _family_defaults(cls, data: Any) -> Any:
+        """An entry without `defaults` gets its family's (size, steps, guidance), not SD 1.5's."""
+        if isinstance(data, dict) and "defaults" not in data and isinstance(data.get("source"), str):
+            from celery_bridge.families import FAMILIES
+
+            family = FAMILIES[data.get("family") or _detected_family(data["source"], data.get("config"))]
+            data = dict(data, defaults={"width": family.side, "height": family.side, "steps": family.steps,
+                                        "guidance_scale": family.guidance, "scheduler": "default"})
+        return data
 
     @field_validator("name")
     @classmethod
@@ -117,8 +150,32 @@ class ModelEntry(_Strict):
         """A `sleep:<ms>` source's render time; None for every real model."""
         return float(self.source[len(SLEEP_SOURCE):]) if self.source.startswith(SLEEP_SOURCE) else None
 
+    @property
+    def rules(self):
+        """Its family (celery_bridge.families.Family): schedulers, negative prompt, latents, batching."""
+        from celery_bridge.families import FAMILIES
+
+        return FAMILIES[self.family or _detected_family(self.source, self.config)]
+
+    def check_loras(self, request: protocol.GenerationRequest) -> None:
+        """InvalidRequest naming a LoRA the request asks for that this model does not list."""
+        offered = {lora.name for lora in self.loras}
+        for name, _ in request.loras or ():
+            if name not in offered:
+                raise protocol.InvalidRequest("loras", f"LoRA {name!r} is not offered for model {self.name!r}; it "
+                                              f"offers {', '.join(sorted(offered)) or 'none'} (GET /v1/models)")
+
     @model_validator(mode="after")
     def _defaults_within_limits(self) -> "ModelEntry":
+        names = [lora.name for lora in self.loras]
+        if len(set(names)) != len(names):
+            raise ValueError(f"LoRA names must be unique per model, got {names}")
+        for lora in self.loras:
+            if lora.family is not None and lora.family != self.rules.name:
+                raise ValueError(f"LoRA {lora.name!r} is for {lora.family} models; {self.name!r} is {self.rules.name}")
+        if self.defaults.scheduler not in self.rules.schedulers:
+            raise ValueError(f"default scheduler {self.defaults.scheduler!r} does not apply to {self.rules.name} "
+                             f"models; use one of {', '.join(self.rules.schedulers)}")
         d, lim = self.defaults, self.limits
         if max(d.width, d.height) > lim.max_side or d.steps > lim.max_steps:
             raise ValueError(f"defaults {d.width}x{d.height}, {d.steps} steps exceed the limits "
@@ -145,6 +202,18 @@ class ModelEntry(_Strict):
         if path.is_dir() or self.source.startswith(("/", ".", "~")):
             return "folder"
         return "hub"
+
+
+@functools.lru_cache(maxsize=256)
+def _detected_family(source: str, config: Optional[str]) -> str:
+    """The family of a source's weights (a single file's: its config folder's); sd1 for the embedded
+    model, the sleep stand-in, a hub id and anything without a readable model_index.json."""
+    from celery_bridge.families import family_of_folder
+
+    if source == EMBEDDED or source.startswith(SLEEP_SOURCE):
+        return "sd1"
+    folder = config if source.lower().endswith(SINGLE_FILE_SUFFIXES) and config else source
+    return family_of_folder(Path(folder)) or "sd1"
 
 
 class Catalogue(_Strict):

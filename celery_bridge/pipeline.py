@@ -18,20 +18,12 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 import torch
 from PIL import Image, PngImagePlugin
 
-from client.protocol import GenerationRequest
+from client.protocol import GenerationRequest, InvalidRequest
 from celery_bridge.config import WorkerConfig
 from celery_bridge.models import CatalogueError, ModelEntry, ModelLoadError, load_catalogue
 from celery_bridge.tiny_model import ensure_tiny_model
 
 log = logging.getLogger(__name__)
-SCHEDULER_CLASSES = {
-    "ddim": "DDIMScheduler",
-    "pndm": "PNDMScheduler",
-    "euler": "EulerDiscreteScheduler",
-    "euler_a": "EulerAncestralDiscreteScheduler",
-    "dpm++": "DPMSolverMultistepScheduler",
-    "lms": "LMSDiscreteScheduler",
-}
 DEVICES = ("auto", "cuda", "cpu")
 _FIX = ("Set `model` in configs/worker.yaml, SDGATE_MODEL or `sdgate worker --model` to a model of the catalogue "
         "(configs/models.yaml) whose `source` is a local folder saved with save_pretrained (it holds "
@@ -104,8 +96,13 @@ class PipelineRunner:
         self.pipe = self._load(diffusers)
         self.load_seconds = time.monotonic() - started
         type(self).loads += 1
+        self.family = self.entry.rules
         self._default_scheduler = self.pipe.scheduler
         self._schedulers: Dict[str, Any] = {"default": self._default_scheduler}
+        self.preview_projection = fit_preview_projection(self.pipe, self.family.name)
+        self.lora_loads = 0  # adapters loaded in this process: once each, whatever requests switch between
+        self._applied_loras: Tuple[Tuple[str, float], ...] = ()
+        self._load_loras()
         self._derived: Dict[str, Any] = {"txt2img": self.pipe}  # img2img, inpaint: from_pipe, same weights
         log.info("pipeline %r loaded on %s (%s, %d torch threads) in %.1f s", config.model, self.device, self.dtype,
                  torch.get_num_threads(), self.load_seconds)
@@ -165,12 +162,57 @@ class PipelineRunner:
         return cls.from_single_file(source, config=config, local_files_only=True, dtype=self.dtype)
 
     def _scheduler(self, name: str):
+        """The scheduler `name` means for this model's family (celery_bridge/families.py), over the
+        model's own scheduler config; the gateway refuses names the family does not take."""
         if name not in self._schedulers:
             import diffusers
 
-            cls = getattr(diffusers, SCHEDULER_CLASSES[name])
-            self._schedulers[name] = cls.from_config(self._default_scheduler.config)
+            cls = self.family.schedulers.get(name)
+            if name not in self.family.schedulers:
+                raise InvalidRequest("scheduler", f"{name!r} does not apply to {self.family.name} models")
+            self._schedulers[name] = (getattr(diffusers, cls).from_config(self._default_scheduler.config) if cls
+                                      else self._default_scheduler)
         return self._schedulers[name]
+
+    def _load_loras(self) -> None:
+        """Each catalogued LoRA loaded once as a named adapter of the resident pipeline, then off."""
+        for lora in self.entry.loras:
+            try:
+                self.pipe.load_lora_weights(str(Path(lora.source).expanduser()), adapter_name=lora.name)
+            except Exception as exc:  # noqa: BLE001 - every failure gets the same advice
+                raise ModelLoadError(f"model {self.config.model!r}: LoRA {lora.name!r} from {lora.source!r} could not "
+                                     f"be loaded ({type(exc).__name__}: {' '.join(str(exc).split())[:300]}); is it a "
+                                     f".safetensors LoRA for {self.family.name} models? Fix or remove its entry under "
+                                     "`loras:` in configs/models.yaml") from exc
+            self.lora_loads += 1
+        if self.entry.loras:
+            self.pipe.disable_lora()
+            log.info("LoRAs %s loaded for %r", [lora.name for lora in self.entry.loras], self.config.model)
+
+    def apply_loras(self, loras: Optional[Tuple[Tuple[str, float], ...]]) -> None:
+        """Switch the resident pipeline to `loras` (None: none): adapter weights only, the base is
+        never reloaded. The caller holds the lock, as for any use of the pipeline."""
+        wanted = tuple(loras or ())
+        if wanted == self._applied_loras:
+            return
+        if wanted:
+            self.pipe.enable_lora()
+            self.pipe.set_adapters([name for name, _ in wanted], adapter_weights=[weight for _, weight in wanted])
+        else:
+            self.pipe.disable_lora()
+        self._applied_loras = wanted
+
+    def preview_latents(self, latents: Any, width: int, height: int) -> Any:
+        """What step callbacks get: the latents as a small RGB image per sample, (batch, 3, h, w) in
+        [-1, 1], by this model's own latent-to-RGB map (any channel count; FLUX.1's unpacked first)."""
+        if latents is None or self.preview_projection is None:
+            return latents
+        if self.family.packed_latents:
+            latents = type(self.pipe)._unpack_latents(latents, height, width, self.pipe.vae_scale_factor)
+        weights, bias = self.preview_projection
+        with torch.no_grad():
+            return torch.einsum("bchw,cr->brhw", latents.float(), weights.to(latents.device)) + \
+                bias.to(latents.device).view(1, 3, 1, 1)
 
     def pipeline_for(self, kind: str):
         """The pipeline of a request kind: the resident one for txt2img; for img2img and inpaint one
@@ -201,6 +243,7 @@ class PipelineRunner:
         generator = inputs.pop("generator", None) or torch.Generator(device="cpu").manual_seed(request.seed)
         pipe = self.pipeline_for(request.kind)
         pipe.scheduler = self._scheduler(request.scheduler)
+        self.apply_loras(request.loras)  # a batch shares its LoRAs (batching.shape_of)
         deadline = time.monotonic() + time_limit_s if time_limit_s else None
 
         def stop_past_deadline(pipe, step, timestep, callback_kwargs):
@@ -210,16 +253,19 @@ class PipelineRunner:
                                         f"{time_limit_s:.0f} s limit per image")
             if on_step is not None:  # progress, previews and cancel (celery_bridge/progress.py); may raise
                 # Some schedulers (PNDM) run one timestep more than asked: report the real count.
-                on_step(step, getattr(pipe, "num_timesteps", None) or request.steps, callback_kwargs.get("latents"))
+                on_step(step, getattr(pipe, "num_timesteps", None) or request.steps,
+                        self.preview_latents(callback_kwargs.get("latents"), request.width, request.height))
             return callback_kwargs
 
         if request.kind != "img2img":  # img2img takes its size from the (resized) init image
             inputs.update(width=request.width, height=request.height)
         if request.init_image is not None:
             inputs["strength"] = request.strength
+        negative = inputs.pop("negative_prompt") if batch else request.negative_prompt or None
+        if self.family.negative_prompt:  # FLUX.1 has none; the gateway refuses one sent to it
+            inputs["negative_prompt"] = negative
         return pipe(
             prompt=inputs.pop("prompt", request.prompt),
-            negative_prompt=inputs.pop("negative_prompt") if batch else request.negative_prompt or None,
             **inputs,
             num_inference_steps=request.steps,
             guidance_scale=request.guidance_scale,
@@ -263,8 +309,12 @@ class PipelineRunner:
             return self._call(self.resolve(request))
 
     def resolve(self, request: GenerationRequest) -> GenerationRequest:
-        """`request` with this model's name and defaults in the fields it left out, normalised."""
-        return self.entry.fill(request).normalized()
+        """`request` with this model's name and defaults in the fields it left out, normalised, and
+        checked against the model's family (InvalidRequest: a scheduler or negative prompt it lacks)."""
+        resolved = self.entry.fill(request).normalized()
+        self.family.check(resolved)
+        self.entry.check_loras(resolved)
+        return resolved
 
 
 def batch_inputs(batch: List[GenerationRequest]) -> Dict[str, Any]:
@@ -294,6 +344,31 @@ def image_inputs(batch: List[GenerationRequest]) -> Dict[str, Any]:
         masks = [decoded(request.mask, "L") for request in batch]
         inputs["mask_image"] = masks if len(batch) > 1 else masks[0]
     return inputs
+
+
+def fit_preview_projection(pipe: Any, family: str) -> Optional[Tuple[Any, Any]]:
+    """A linear map from this model's latents (as its denoiser sees them) to RGB, for previews:
+    least squares over synthetic colour images encoded by the model's own VAE, so it fits any
+    family's channel count and scaling; None without a VAE. Costs a few small encodes at load."""
+    vae = getattr(pipe, "vae", None)
+    if vae is None:
+        return None
+    factor = getattr(pipe, "vae_scale_factor", 8)
+    side = 8 * factor
+    colours = [(1, -1, -1), (-1, 1, -1), (-1, -1, 1), (1, 1, -1), (1, -1, 1), (-1, 1, 1), (1, 1, 1), (-1, -1, -1),
+               (0.5, 0, -0.5), (-0.5, 0.5, 0)]
+    images = torch.tensor(colours, dtype=torch.float32).view(-1, 3, 1, 1).repeat(1, 1, side, side)
+    images[len(colours) // 2:, :, :, side // 2:] *= -1  # half of them in two colours, for edges
+    with torch.no_grad():
+        sample = images.to(vae.device, vae.dtype)
+        latents = vae.encode(sample).latent_dist.mode().float()
+        shift = getattr(vae.config, "shift_factor", None) or 0.0
+        latents = (latents - shift) * vae.config.scaling_factor  # the denoiser's space, as the pipeline's decode undoes
+        target = torch.nn.functional.avg_pool2d(images, factor)
+        rows = latents.permute(0, 2, 3, 1).reshape(-1, latents.shape[1]).cpu()
+        rows = torch.cat([rows, torch.ones(rows.shape[0], 1)], dim=1)
+        solution = torch.linalg.lstsq(rows, target.permute(0, 2, 3, 1).reshape(-1, 3)).solution
+    return solution[:-1], solution[-1]
 
 
 def catalogue_entry(model: str) -> ModelEntry:

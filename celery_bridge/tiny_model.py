@@ -181,7 +181,116 @@ def build_tiny_sdxl_pipeline(tokenizer_dir: Path, seed: int = SEED):
 
 def save_tiny_sdxl(folder: Path, seed: int = SEED) -> Path:
     """The tiny SDXL pipeline saved as a diffusers folder."""
+    return save_tiny_family("sdxl", folder, seed)
+
+
+def build_t5_tokenizer(folder: Path):
+    """A T5 tokenizer (a Unigram vocabulary of printable ASCII pieces, in tokenizers' JSON) made
+    offline, for the tiny SD 3.5 and FLUX.1 pipelines' T5 text encoder."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
+    from transformers import T5TokenizerFast
+
+    characters = [chr(code) for code in range(32, 127)]
+    vocabulary = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0)] + [("\u2581" + c, -2.0) for c in characters] + \
+        [(c, -3.0) for c in characters]
+    tokenizer = Tokenizer(models.Unigram(vocabulary, unk_id=2, byte_fallback=False))
+    tokenizer.pre_tokenizer = pre_tokenizers.Metaspace()
+    tokenizer.decoder = decoders.Metaspace()
+    tokenizer.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
+    folder.mkdir(parents=True, exist_ok=True)
+    tokenizer.save(str(folder / "tokenizer.json"))
+    return T5TokenizerFast(tokenizer_file=str(folder / "tokenizer.json"), eos_token="</s>", unk_token="<unk>",
+                           pad_token="<pad>", extra_ids=0, model_max_length=77)
+
+
+def _flow_parts(tokenizer_dir: Path, seed: int):
+    """What the tiny SD 3.5 and FLUX.1 pipelines share: CLIP and T5 tokenizers and configs, a 16-channel VAE."""
+    from diffusers import AutoencoderKL
+    from transformers import CLIPTextConfig, CLIPTokenizer, T5Config
+
+    clip = CLIPTokenizer(vocab=str(write_tokenizer_files(tokenizer_dir / "clip") / "vocab.json"),
+                         merges=str(tokenizer_dir / "clip" / "merges.txt"), model_max_length=77)
+    t5 = build_t5_tokenizer(tokenizer_dir / "t5")
+    clip_config = CLIPTextConfig(
+        vocab_size=len(clip), hidden_size=32, intermediate_size=37, num_attention_heads=4, num_hidden_layers=2,
+        max_position_embeddings=77, bos_token_id=clip.bos_token_id, eos_token_id=clip.eos_token_id,
+        pad_token_id=clip.pad_token_id, projection_dim=32)
+    t5_config = T5Config(vocab_size=len(t5), d_model=32, d_kv=8, d_ff=37, num_layers=2, num_heads=4,
+                         decoder_start_token_id=0, pad_token_id=0, eos_token_id=1)
+    vae = AutoencoderKL(
+        block_out_channels=(8, 16, 16, 16), in_channels=3, out_channels=3, latent_channels=16, norm_num_groups=8,
+        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4, layers_per_block=1,
+        sample_size=64, use_quant_conv=False, use_post_quant_conv=False, shift_factor=0.0609, scaling_factor=1.5035)
+    return clip, t5, clip_config, t5_config, vae
+
+
+def build_tiny_sd3_pipeline(tokenizer_dir: Path, seed: int = SEED):
+    """A tiny random StableDiffusion3Pipeline (two CLIP encoders with projection, a T5 encoder, an
+    SD3 transformer, a 16-channel VAE, flow matching), built offline: for tests of the sd3 family."""
+    import torch
+    from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
+    from transformers import CLIPTextModelWithProjection, T5EncoderModel
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        clip, t5, clip_config, t5_config, vae = _flow_parts(tokenizer_dir, seed)
+        transformer = SD3Transformer2DModel(
+            sample_size=8, patch_size=1, in_channels=16, out_channels=16, num_layers=1, attention_head_dim=8,
+            num_attention_heads=4, caption_projection_dim=32, joint_attention_dim=32, pooled_projection_dim=64)
+        encoders = [CLIPTextModelWithProjection(clip_config), CLIPTextModelWithProjection(clip_config),
+                    T5EncoderModel(t5_config)]
+    return StableDiffusion3Pipeline(transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(), vae=vae,
+                                    text_encoder=encoders[0], tokenizer=clip, text_encoder_2=encoders[1],
+                                    tokenizer_2=clip, text_encoder_3=encoders[2], tokenizer_3=t5)
+
+
+def build_tiny_flux_pipeline(tokenizer_dir: Path, seed: int = SEED):
+    """A tiny random FluxPipeline (a CLIP and a T5 encoder, a FLUX transformer over 2x2-packed
+    16-channel latents, flow matching), built offline: for tests of the flux family."""
+    import torch
+    from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+    from transformers import CLIPTextModel, T5EncoderModel
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        clip, t5, clip_config, t5_config, vae = _flow_parts(tokenizer_dir, seed)
+        transformer = FluxTransformer2DModel(
+            patch_size=1, in_channels=64, num_layers=1, num_single_layers=1, attention_head_dim=16,
+            num_attention_heads=2, joint_attention_dim=32, pooled_projection_dim=32, axes_dims_rope=[4, 4, 8])
+        encoders = [CLIPTextModel(clip_config), T5EncoderModel(t5_config)]
+    return FluxPipeline(transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(), vae=vae,
+                        text_encoder=encoders[0], tokenizer=clip, text_encoder_2=encoders[1], tokenizer_2=t5)
+
+
+TINY_FAMILIES = {"sdxl": build_tiny_sdxl_pipeline, "sd3": build_tiny_sd3_pipeline, "flux": build_tiny_flux_pipeline,
+                 "sd1": build_tiny_pipeline}
+
+
+def save_tiny_family(family: str, folder: Path, seed: int = SEED) -> Path:
+    """A tiny random pipeline of `family` (sd1, sdxl, sd3, flux) saved as a diffusers folder."""
     folder = Path(folder)
     with tempfile.TemporaryDirectory() as scratch:
-        build_tiny_sdxl_pipeline(Path(scratch), seed=seed).save_pretrained(folder, safe_serialization=True)
+        TINY_FAMILIES[family](Path(scratch), seed=seed).save_pretrained(folder, safe_serialization=True)
     return folder
+
+
+def save_tiny_lora(pipe, target: Path, seed: int = SEED, rank: int = 4) -> Path:
+    """A random LoRA for `pipe`'s UNet (attention projections, rank `rank`), built offline with peft
+    and saved where `load_lora_weights` reads it: one .safetensors file. For tests and benches."""
+    import torch
+    from diffusers import StableDiffusionPipeline, UNet2DConditionModel
+    from diffusers.utils import convert_state_dict_to_diffusers
+    from peft import LoraConfig
+    from peft.utils import get_peft_model_state_dict
+
+    unet = UNet2DConditionModel.from_config(pipe.unet.config)  # a copy: the pipeline's own stays as it is
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        # init_lora_weights=False draws both LoRA matrices at random (peft's default leaves B zero: no effect).
+        unet.add_adapter(LoraConfig(r=rank, lora_alpha=rank, init_lora_weights=False,
+                                    target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
+    layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(unet))
+    target = Path(target)
+    target.mkdir(parents=True, exist_ok=True)
+    StableDiffusionPipeline.save_lora_weights(target, unet_lora_layers=layers, safe_serialization=True)
+    return target / "pytorch_lora_weights.safetensors"

@@ -41,6 +41,9 @@ MAX_IMAGE_BYTES = 4 * 1024 * 1024
 MAX_IMAGE_PIXELS = MAX_SIDE * MAX_SIDE
 IMAGE_FIELDS = ("init_image", "mask")
 MIN_STRENGTH, MAX_STRENGTH = 0.0, 1.0
+# LoRAs named per request, from the model's catalogue entry: [{"name", "weight"}] on the wire.
+MAX_LORAS = 4
+MIN_LORA_WEIGHT, MAX_LORA_WEIGHT = -2.0, 2.0
 DEFAULT_STRENGTH, DEFAULT_INPAINT_STRENGTH = 0.75, 1.0  # A1111's img2img default; inpainting repaints the mask
 
 
@@ -72,6 +75,8 @@ class GenerationRequest:
     init_image: Optional[bytes] = None
     mask: Optional[bytes] = None
     strength: Optional[float] = None
+    # ((name, weight), ...): LoRAs of the model's catalogue entry, applied on top of its weights.
+    loras: Optional[Tuple[Tuple[str, float], ...]] = None
 
     @classmethod
     def from_dict(cls, data: Any) -> "GenerationRequest":
@@ -88,6 +93,8 @@ class GenerationRequest:
         for name in IMAGE_FIELDS:
             if data.get(name) is not None:
                 data[name] = decode_image_field(name, data[name])
+        if data.get("loras") is not None:
+            data["loras"] = decode_loras(data["loras"])
         request = cls(**data)
         request.validate()
         return request
@@ -96,11 +103,13 @@ class GenerationRequest:
         """The request as a JSON-ready dict (the task payload and the wire body): images in base64,
         and the img2img fields left out when unset, so a text request reads as it always did."""
         fields = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
-        for name in IMAGE_FIELDS + ("strength",):
+        for name in IMAGE_FIELDS + ("strength", "loras"):
             if fields[name] is None:
                 del fields[name]
             elif name in IMAGE_FIELDS:
                 fields[name] = base64.b64encode(fields[name]).decode("ascii")
+        if "loras" in fields:
+            fields["loras"] = [{"name": name, "weight": weight} for name, weight in fields["loras"]]
         return fields
 
     def summary(self) -> Dict[str, Any]:
@@ -150,6 +159,8 @@ class GenerationRequest:
             for name in ("mask", "strength"):
                 if getattr(self, name) is not None:
                     raise InvalidRequest(name, "needs an init_image to apply to; send one, or leave it out")
+        if self.loras is not None:
+            check_loras(self.loras)
         if self.strength is not None:
             if isinstance(self.strength, bool) or not isinstance(self.strength, (int, float)):
                 raise InvalidRequest("strength", f"must be a number, got {self.strength!r}")
@@ -189,6 +200,9 @@ class GenerationRequest:
             negative_prompt=normalize_prompt(self.negative_prompt),
             guidance_scale=float(self.guidance_scale) + 0.0,  # + 0.0 turns -0.0 into 0.0
         )
+        if resolved.loras is not None:  # order does not matter, and a LoRA at weight 0 changes nothing
+            loras = tuple(sorted((name, float(weight) + 0.0) for name, weight in resolved.loras if weight != 0))
+            resolved = dataclasses.replace(resolved, loras=loras or None)
         if resolved.init_image is not None:
             strength = DEFAULT_STRENGTH if resolved.mask is None else DEFAULT_INPAINT_STRENGTH
             resolved = dataclasses.replace(resolved, strength=float(pick(resolved.strength, strength)))
@@ -246,6 +260,36 @@ def check_image_bytes(name: str, data: Any) -> None:
                              "or send it as JPEG)")
     if sniff_image(bytes(data[:16])) is None:
         raise InvalidRequest(name, "is not a PNG, JPEG or WebP image (its first bytes match none of them)")
+
+
+def decode_loras(value: Any) -> Tuple[Tuple[str, float], ...]:
+    """((name, weight), ...) from the wire's [{"name": ..., "weight": ...}] (weight defaults to 1)."""
+    if not isinstance(value, (list, tuple)):
+        raise InvalidRequest("loras", f'must be a list of {{"name": ..., "weight": ...}}, got {type(value).__name__}')
+    loras = []
+    for item in value:
+        if isinstance(item, (list, tuple)) and len(item) == 2:
+            item = {"name": item[0], "weight": item[1]}
+        if not isinstance(item, dict) or set(item) - {"name", "weight"} or "name" not in item:
+            raise InvalidRequest("loras", f'each LoRA is {{"name": ..., "weight": ...}}, got {str(item)[:60]!r}')
+        loras.append((item["name"], item.get("weight", 1.0)))
+    return tuple(loras)
+
+
+def check_loras(loras: Any) -> None:
+    """Raise InvalidRequest unless `loras` is up to MAX_LORAS distinct (name, weight) pairs."""
+    if len(loras) > MAX_LORAS:
+        raise InvalidRequest("loras", f"names {len(loras)} LoRAs; the limit is {MAX_LORAS} per request")
+    names = [name for name, _ in loras]
+    for name, weight in loras:
+        if not isinstance(name, str) or not name or len(name) > MAX_MODEL_CHARS or not _MODEL_PATTERN.match(name):
+            raise InvalidRequest("loras", f"LoRA name {str(name)[:40]!r} must be a name from GET /v1/models")
+        if isinstance(weight, bool) or not isinstance(weight, (int, float)) or \
+                not MIN_LORA_WEIGHT <= weight <= MAX_LORA_WEIGHT:
+            raise InvalidRequest("loras", f"LoRA {name!r}: weight {weight!r} must be a number in "
+                                 f"{MIN_LORA_WEIGHT:g}..{MAX_LORA_WEIGHT:g}")
+    if len(set(names)) != len(names):
+        raise InvalidRequest("loras", "names a LoRA twice; give each once, with its weight")
 
 
 def decode_image_field(name: str, value: Any) -> bytes:

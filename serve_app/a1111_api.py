@@ -14,6 +14,7 @@ import base64
 import hashlib
 import json
 import logging
+import re
 import time
 import uuid
 from typing import Any, Callable, Dict, List, Optional, Tuple
@@ -50,6 +51,7 @@ WORK_TTL_S = 120  # a caller's work entry outlives a dead replica by this much, 
 INTERRUPT_POLL_S = 0.5
 DEFAULT_PREVIEW_EVERY = 10  # A1111's show_progress_every_n_steps
 MAX_OPTIONS = 64
+LORA_TAG = re.compile(r"<lora:([^:>]+)(?::([^:>]*))?(?::[^>]*)?>")
 # Fields that would change the image in ways sdgate cannot do: refused when set, never dropped.
 UNSUPPORTED_TRUE = ("enable_hr", "restore_faces", "tiling")
 
@@ -135,14 +137,17 @@ def generation_from_a1111(body: Any, model: Optional[str], img2img: bool) -> Tup
     if not 1 <= batch_size or not 1 <= n_iter or count > MAX_IMAGES:
         raise invalid("batch_size", f"batch_size x n_iter is {count}; send 1 to {MAX_IMAGES} images per call")
     seed = _number(body, "seed", int, -1)
+    prompt, loras = prompt_loras(body.get("prompt", ""))
     fields: Dict[str, Any] = {
-        "prompt": body.get("prompt", ""), "negative_prompt": body.get("negative_prompt") or "",
+        "prompt": prompt, "negative_prompt": body.get("negative_prompt") or "",
         "width": _number(body, "width", int), "height": _number(body, "height", int),
         "steps": _number(body, "steps", int), "guidance_scale": _number(body, "cfg_scale", float),
         "seed": None if seed == -1 else seed,  # A1111's "random": here, the seed sdgate derives from the prompt
         "scheduler": scheduler_for(body.get("sampler_name") or body.get("sampler_index"), body.get("scheduler")),
         "model": model,
     }
+    if loras:
+        fields["loras"] = loras
     if img2img:
         images = body.get("init_images")
         if not isinstance(images, list) or len(images) != 1:
@@ -157,6 +162,20 @@ def generation_from_a1111(body: Any, model: Optional[str], img2img: bool) -> Tup
         name = {"guidance_scale": "cfg_scale", "init_image": "init_images", "strength": "denoising_strength",
                 "scheduler": "sampler_name"}.get(exc.field, exc.field)
         raise invalid(name, exc.message) from None
+
+
+def prompt_loras(prompt: Any) -> Tuple[Any, List[Dict[str, Any]]]:
+    """A1111's `<lora:name:weight>` tags taken out of a prompt: (the prompt without them, the LoRAs)."""
+    if not isinstance(prompt, str):
+        return prompt, []
+    loras = []
+    for match in LORA_TAG.finditer(prompt):
+        try:
+            weight = float(match.group(2)) if match.group(2) else 1.0
+        except ValueError:
+            raise invalid("prompt", f"{match.group(0)!r}: a LoRA tag is <lora:name:weight>, the weight a number") from None
+        loras.append({"name": match.group(1).strip(), "weight": weight})
+    return LORA_TAG.sub(" ", prompt).strip(), loras
 
 
 def info_text(requests: List[GenerationRequest], body: Dict[str, Any], infotexts: List[str]) -> str:

@@ -15,7 +15,7 @@ from typing import Any, Dict, List, Optional, Tuple
 import redis
 
 from client import protocol
-from client.protocol import GenerationRequest, ProtocolError
+from client.protocol import GenerationRequest, InvalidRequest, ProtocolError
 from celery_bridge.models import Catalogue, ModelEntry, load_catalogue
 from celery_bridge.presence import batching_modes, live_workers
 from serve_app import stats
@@ -66,6 +66,12 @@ class GatewayCatalogue:
         if isinstance(resolved.steps, int) and resolved.steps > entry.limits.max_steps:
             raise ProtocolError(protocol.E_INVALID_REQUEST, f"steps {resolved.steps} is over {entry.name!r}'s limit "
                                 f"of {entry.limits.max_steps}; ask for at most {entry.limits.max_steps}", field="steps")
+        # 4. What its family can do (its schedulers, a negative prompt only where one means something), its LoRAs.
+        try:
+            entry.rules.check(resolved)
+            entry.check_loras(resolved)
+        except InvalidRequest as exc:
+            raise ProtocolError(protocol.E_INVALID_REQUEST, f"model {entry.name!r}: {exc}", field=exc.field) from None
         return resolved
 
     def count_request(self, model: str) -> None:
@@ -115,6 +121,10 @@ class GatewayCatalogue:
                 "id": entry.name, "object": "model", "created": 0, "owned_by": "sdgate",
                 "default": entry.name == self.catalogue.default,
                 "source_kind": entry.kind,
+                "family": entry.rules.name,
+                "schedulers": list(entry.rules.schedulers),
+                "negative_prompt": entry.rules.negative_prompt,
+                "loras": [lora.name for lora in entry.loras],
                 "defaults": entry.defaults.model_dump(),
                 "limits": entry.limits.model_dump(),
                 "live_workers": live,

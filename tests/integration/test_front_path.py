@@ -100,8 +100,8 @@ def test_changing_any_parameter_misses(stack):
                              guidance_scale=7.5, seed=11, scheduler="default", model="tiny")
     changed = {"prompt": "parameter sweep two", "negative_prompt": "noise", "width": 72, "height": 72, "steps": 3,
                "guidance_scale": 6.0, "seed": 12, "scheduler": "ddim", "model": None,
-               "init_image": _png(), "mask": None, "strength": None}  # mask, strength need an init image:
-    # their misses are in tests/integration/test_clients.py
+               "init_image": _png(), "mask": None, "strength": None,  # mask, strength need an init image:
+               "loras": None}  # their misses are in test_clients.py; LoRAs (none on this stack) in unit/test_loras.py
     field_names = {f.name for f in dataclasses.fields(GenerationRequest)}
     assert set(changed) == field_names, "a new request field needs a case here"
     ask(stack, base)

@@ -76,6 +76,8 @@ def test_gpu_bench_smoke_runs_the_worker_path_on_its_own_model(tmp_path):
     continuous = figures["continuous"]  # bench continuous's comparison, on the same runner
     assert all(continuous[name] > 0 for name in ("saturated_speedup", "p95_ratio_at_80", "solo_ratio"))
     assert continuous["continuous_active_mean"] > 1, "requests shared the loop's iterations"
+    lora = figures["lora"]  # bench lora's switch cost, on the same pipeline with two random LoRAs
+    assert lora["switch_ms_p50"] > 0 and lora["render_ms_p50"] > 0 and lora["base_reloads"] == 0
 
 
 def test_http_floor_server_sends_the_stored_png_in_the_images_api_shape(tmp_path):

@@ -443,6 +443,8 @@ def changed_value(field: dataclasses.Field, value):
         return value + " under a full moon"
     if field.type in ("int", "Optional[int]"):
         return value + (8 if field.name in ("width", "height") else 1)
+    if field.name == "loras":
+        return (("ink", 0.5),) if value != (("ink", 0.5),) else (("ink", 0.8),)
     if field.name == "strength":
         return 0.75 if value != 0.75 else 0.5
     if field.type in ("float", "Optional[float]"):
@@ -473,13 +475,15 @@ def test_changing_any_field_changes_the_cache_key(base):
 
 
 def test_a_text_request_keys_as_before_the_img2img_fields_existed():
-    """The img2img fields are left out of a text request's key: caches made before them still hit."""
+    """The img2img and LoRA fields are left out of a plain text request's key: caches made before them still hit."""
     fields = {"prompt": "a red fox", "negative_prompt": "blurry", "width": 64, "height": 64, "steps": 2,
               "guidance_scale": 7.5, "seed": 1, "scheduler": "default", "model": "tiny"}
     before = hashlib.sha256((protocol.KEY_VERSION + json.dumps(fields, sort_keys=True, separators=(",", ":")))
                             .encode()).hexdigest()
     assert BASE.cache_key() == before
     assert BASE_IMG2IMG.cache_key() != before
+    assert dataclasses.replace(BASE, loras=(("ink", 0.0),)).cache_key() == before  # weight 0: no LoRA
+    assert dataclasses.replace(BASE, loras=(("ink", 1.0),)).cache_key() != before
 
 
 def test_an_image_is_keyed_by_its_content_and_travels_as_base64():
