@@ -170,8 +170,10 @@ class PipelineRunner:
             cls = self.family.schedulers.get(name)
             if name not in self.family.schedulers:
                 raise InvalidRequest("scheduler", f"{name!r} does not apply to {self.family.name} models")
-            self._schedulers[name] = (getattr(diffusers, cls).from_config(self._default_scheduler.config) if cls
-                                      else self._default_scheduler)
+            # PNDM's Runge-Kutta warm-up needs more steps than a short render has; Stable Diffusion skips it.
+            extra = {"skip_prk_steps": True} if cls == "PNDMScheduler" else {}
+            self._schedulers[name] = (getattr(diffusers, cls).from_config(self._default_scheduler.config, **extra)
+                                      if cls else self._default_scheduler)
         return self._schedulers[name]
 
     def _load_loras(self) -> None:
