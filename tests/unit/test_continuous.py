@@ -92,6 +92,18 @@ class Driven:
         return result.png
 
 
+def run_together(loop: ContinuousLoop, requests: List[GenerationRequest]) -> Dict[int, Any]:
+    """Each request submitted to the loop from its own thread at once: {index: its Rendered}."""
+    results: Dict[int, Any] = {}
+    threads = [threading.Thread(target=lambda i=i, r=r: results.__setitem__(i, loop.submit(r)))
+               for i, r in enumerate(requests)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(120)
+    return results
+
+
 def solo(request: GenerationRequest) -> bytes:
     driven = Driven(StandIn())
     driven.submit(request)
@@ -178,13 +190,7 @@ def test_mixed_requests_in_one_real_loop_match_their_solo_images_and_are_never_s
              for i, (steps, scheduler, guidance) in enumerate([(3, "ddim", 7.5), (6, "euler_a", 1.0),
                                                                 (9, "euler", 7.5), (6, "ddim", 1.0)])]
     loop = ContinuousLoop(DiffusersStepper(runner), max_active=8, lock=runner._lock)
-    results: Dict[int, Any] = {}
-    threads = [threading.Thread(target=lambda i=i, r=r: results.__setitem__(i, loop.submit(r)))
-               for i, r in enumerate(mixed)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(120)
+    results = run_together(loop, mixed)
     assert max(loop.iterations) >= 3, loop.iterations  # they really shared iterations
     alone = [pixels(runner.render(r)) for r in mixed]
     together = [pixels(results[i].png) for i in range(len(mixed))]
@@ -252,13 +258,7 @@ def test_the_real_loop_steps_sdxl_too(tmp_path):
              for i, (steps, scheduler, guidance, negative) in enumerate([(3, "euler", 5.0, ""), (5, "ddim", 1.0, ""),
                                                                           (4, "euler_a", 7.0, "blurry")])]
     loop = ContinuousLoop(DiffusersStepper(sdxl), max_active=4, lock=sdxl._lock)
-    results: Dict[int, Any] = {}
-    threads = [threading.Thread(target=lambda i=i, r=r: results.__setitem__(i, loop.submit(r)))
-               for i, r in enumerate(mixed)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(120)
+    results = run_together(loop, mixed)
     assert max(loop.iterations) >= 2, loop.iterations
     alone = [pixels(sdxl.render(r)) for r in mixed]
     for i in range(len(mixed)):

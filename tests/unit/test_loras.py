@@ -4,7 +4,6 @@ worker as named adapters and switched per call (set_adapters), never reloading t
 from __future__ import annotations
 
 import base64
-import threading
 from typing import Any, Dict
 
 import numpy as np
@@ -116,19 +115,14 @@ def test_a1111_prompt_tags_name_loras():
 
 def test_the_continuous_loop_runs_one_lora_set_at_a_time(service):
     from celery_bridge.continuous import ContinuousLoop, DiffusersStepper
+    from tests.unit.test_continuous import run_together
 
     runner = service.runner
     requests = [runner.resolve(GenerationRequest(f"loop {name}", width=64, height=64, steps=4, seed=2,
                                                  loras=((name, 1.0),) if name else None))
                 for name in ("ink", "grain", None)]
     loop = ContinuousLoop(DiffusersStepper(runner), max_active=4, lock=runner._lock)
-    results: Dict[int, Any] = {}
-    threads = [threading.Thread(target=lambda i=i, r=r: results.__setitem__(i, loop.submit(r)))
-               for i, r in enumerate(requests)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(120)
+    results = run_together(loop, requests)
     assert max(loop.iterations) == 1  # different LoRA sets never share an iteration
     for i, request in enumerate(requests):
         assert np.abs(pixels(results[i].png) - pixels(runner.render(request))).max() <= 2
