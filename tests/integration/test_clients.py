@@ -117,9 +117,12 @@ def long_body(prompt: str) -> Dict[str, Any]:
 
 
 def test_progress_and_interrupt_are_the_callers_own(stack, registry):
+    import webuiapi
+
     mine, theirs = new_key(registry, "painter"), new_key(registry, "bystander")
-    status, _ = call(stack, "POST", "/sdapi/v1/options", {"show_progress_every_n_steps": 1}, basic(mine))
-    assert status == 200
+    painter = webuiapi.WebUIApi(host="127.0.0.1", port=stack.gateway.fast_http_port, username="me", password=mine)
+    painter.set_options({"show_progress_every_n_steps": 1})
+    assert painter.get_options()["show_progress_every_n_steps"] == 1
     outcome: Dict[str, Any] = {}
 
     def render(key: str, body: Dict[str, Any], slot: str) -> None:
@@ -128,27 +131,25 @@ def test_progress_and_interrupt_are_the_callers_own(stack, registry):
     long = threading.Thread(target=render, args=(mine, long_body(f"a long night {RUN}"), "long"))
     long.start()
     progress = wait_for(lambda: (lambda p: p if p["state"]["sampling_step"] >= 1 and p["current_image"] else None)(
-        call(stack, "GET", "/sdapi/v1/progress", headers=basic(mine))[1]), 120, "the long render's progress")
+        painter.get_progress()), 120, "the long render's progress")
     assert progress["state"]["job_count"] == 1 and 0 < progress["progress"] < 1
     assert progress["state"]["sampling_steps"] == 150
     decoded(progress["current_image"]).verify()  # a preview, as A1111 sends current_image
     idle = call(stack, "GET", "/sdapi/v1/progress", headers=basic(theirs))[1]
     assert idle["progress"] == 0 and idle["state"]["job_count"] == 0  # what SillyTavern polls for
     assert call(stack, "POST", "/sdapi/v1/interrupt", headers=basic(theirs))[0] == 200  # stops nothing of mine
-    assert long.is_alive() and call(stack, "GET", "/sdapi/v1/progress", headers=basic(mine))[1]["state"][
-        "job_count"] == 1
+    assert long.is_alive() and painter.get_progress()["state"]["job_count"] == 1
     short = threading.Thread(target=render, args=(theirs, {"prompt": f"a short day {RUN}", "steps": 4}, "short"))
     short.start()
     wait_for(lambda: call(stack, "GET", "/sdapi/v1/progress", headers=basic(theirs))[1]["state"]["job_count"] == 1,
              30, "the bystander's request in flight")
-    assert call(stack, "POST", "/sdapi/v1/interrupt", headers=basic(mine))[0] == 200
+    painter.interrupt()
     long.join(60)
     short.join(120)
     assert not long.is_alive() and not short.is_alive()
     status, body = outcome["long"]
     assert status == 200 and body["images"] == []  # interrupted before its image existed
-    wait_for(lambda: call(stack, "GET", "/sdapi/v1/progress", headers=basic(mine))[1]["state"]["job_count"] == 0,
-             10, "the interrupted work gone from progress")
+    wait_for(lambda: painter.get_progress()["state"]["job_count"] == 0, 10, "the interrupted work gone from progress")
     status, body = outcome["short"]  # my interrupt stopped nothing of the bystander's
     assert status == 200 and len(body["images"]) == 1
 
