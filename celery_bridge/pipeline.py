@@ -99,7 +99,7 @@ class PipelineRunner:
         self.family = self.entry.rules
         self._default_scheduler = self.pipe.scheduler
         self._schedulers: Dict[str, Any] = {"default": self._default_scheduler}
-        self.preview_projection = fit_preview_projection(self.pipe, self.family.name)
+        self.preview_projection = fit_preview_projection(self.pipe)
         self.lora_loads = 0  # adapters loaded in this process: once each, whatever requests switch between
         self._applied_loras: Tuple[Tuple[str, float], ...] = ()
         self._load_loras()
@@ -348,7 +348,7 @@ def image_inputs(batch: List[GenerationRequest]) -> Dict[str, Any]:
     return inputs
 
 
-def fit_preview_projection(pipe: Any, family: str) -> Optional[Tuple[Any, Any]]:
+def fit_preview_projection(pipe: Any) -> Optional[Tuple[Any, Any]]:
     """A linear map from this model's latents (as its denoiser sees them) to RGB, for previews:
     least squares over synthetic colour images encoded by the model's own VAE, so it fits any
     family's channel count and scaling; None without a VAE. Costs a few small encodes at load."""
