@@ -1,7 +1,7 @@
 # sdgate: `make demo` renders a prompt through the whole local stack; `make test` runs the tests.
 PYTHON ?= python3
 VENV := .venv
-PROMPT ?= a red fox in the snow
+PROMPT ?= a large red circle in the centre on a white background
 STAMP := $(VENV)/.sdgate-installed
 
 .PHONY: setup demo test down
@@ -26,10 +26,12 @@ $(STAMP): pyproject.toml
 
 setup: $(STAMP)
 
-# Starts redis, Ray, the gateway and a worker (kept running), then asks the boot client for one image.
+# Starts redis, Ray, the gateway and a worker of the demo model (kept running), asks the boot client
+# for one image, prints its path, and what the demo model's checker reads in it.
 demo: setup
 	$(VENV)/bin/sdgate up
-	$(PYTHON) client/boot.py "$(PROMPT)" --out images
+	@image=$$($(PYTHON) client/boot.py "$(PROMPT)" --out images) && echo "$$image" && \
+	  { $(VENV)/bin/python -m celery_bridge.demo_world "$(PROMPT)" "$$image" || true; }
 
 down:
 	$(VENV)/bin/sdgate down

@@ -255,7 +255,7 @@ class CeleryConfig:
 class WorkerConfig:
     """What a worker loads and how it fits the pipeline onto its device."""
 
-    model: str = "tiny"
+    model: Optional[str] = None  # a catalogued name, a folder or a hub id; None: the catalogue's default model
     device: Literal["auto", "cuda", "cpu"] = "auto"
     fp16: bool = True  # only on cuda
     attention_slicing: bool = False
@@ -270,6 +270,15 @@ class WorkerConfig:
     batch_wait_ms: int = 50  # how long the oldest waiting request waits for others of its shape
     # window | continuous | auto (celery_bridge/continuous.py); None: the catalogue entry's `batching`
     batching: Optional[Literal["auto", "window", "continuous"]] = None
+
+    def __post_init__(self) -> None:
+        if self.model is None:
+            from celery_bridge.models import DEMO, CatalogueError, load_catalogue
+
+            try:
+                self.model = load_catalogue().default
+            except CatalogueError:  # loading the model reports the catalogue's problem, with what to do
+                self.model = DEMO
 
     def resolved_model_cache_dir(self) -> Path:
         return Path(self.model_cache_dir).expanduser() if self.model_cache_dir else sdgate_home() / "models"

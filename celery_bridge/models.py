@@ -24,6 +24,9 @@ from celery_bridge.config import config_dir
 MODELS_FILE_ENV = "SDGATE_MODELS_FILE"
 SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt")
 EMBEDDED = "tiny"
+# `demo`: the demo model trained here (celery_bridge/demo_model.py), committed as a diffusers folder.
+DEMO = "demo"
+DEMO_FOLDER = Path(__file__).resolve().parents[1] / "models" / "demo-sd-v1"
 # `sleep:<ms>`: the bench/test stand-in (celery_bridge/sleep_model.py), only where a catalogue names it.
 SLEEP_SOURCE = "sleep:"
 
@@ -83,7 +86,7 @@ class ModelEntry(_Strict):
     """One model: its name on the wire, its weights, defaults and limits."""
 
     name: str
-    # `tiny` (embedded, built offline), a local diffusers folder, a single .safetensors/.ckpt file,
+    # `demo` (trained here, committed: models/demo-sd-v1), `tiny` (embedded, built offline), a local diffusers folder, a single .safetensors/.ckpt file,
     # or a hub id (only where the machine may reach the hub).
     source: str
     # For single-file checkpoints: a local folder with the pipeline's configs (model_index.json and
@@ -190,10 +193,17 @@ class ModelEntry(_Strict):
         return request.with_defaults(self.name, d.width, d.height, d.steps, d.guidance_scale, d.scheduler)
 
     @property
+    def weights(self) -> str:
+        """Where the weights are: the source, with `demo` and `~` resolved to folders."""
+        return str(DEMO_FOLDER) if self.source == DEMO else str(Path(self.source).expanduser())
+
+    @property
     def kind(self) -> str:
-        """embedded | sleep | folder | single_file | hub."""
+        """embedded | sleep | folder | single_file | hub (`demo` is a folder)."""
         if self.source == EMBEDDED:
             return "embedded"
+        if self.source == DEMO:
+            return "folder"
         if self.sleep_ms is not None:
             return "sleep"
         if self.source.lower().endswith(SINGLE_FILE_SUFFIXES):
@@ -213,7 +223,7 @@ def _detected_family(source: str, config: Optional[str]) -> str:
     if source == EMBEDDED or source.startswith(SLEEP_SOURCE):
         return "sd1"
     folder = config if source.lower().endswith(SINGLE_FILE_SUFFIXES) and config else source
-    return family_of_folder(Path(folder)) or "sd1"
+    return family_of_folder(DEMO_FOLDER if folder == DEMO else Path(folder)) or "sd1"
 
 
 class Catalogue(_Strict):

@@ -21,6 +21,7 @@ from PIL import Image, PngImagePlugin
 from client.protocol import GenerationRequest, InvalidRequest
 from celery_bridge.config import WorkerConfig
 from celery_bridge.models import CatalogueError, ModelEntry, ModelLoadError, load_catalogue
+from celery_bridge.models import DEMO_FOLDER
 from celery_bridge.tiny_model import ensure_tiny_model
 
 log = logging.getLogger(__name__)
@@ -109,7 +110,7 @@ class PipelineRunner:
 
     def _load(self, diffusers):
         # 1. Find the weights: the embedded model is built into the cache on first use.
-        model, source = self.config.model, str(Path(self.entry.source).expanduser())
+        model, source = self.config.model, self.entry.weights
         if self.entry.kind == "embedded":
             cache_dir = self.config.resolved_model_cache_dir()
             try:
@@ -388,6 +389,9 @@ def _why(model: str, source: str, exc: Exception) -> str:
     path = Path(source).expanduser()
     if model == "tiny" and source != model:
         return f"its folder {source!r} is broken; delete it to have it rebuilt {detail}."
+    if Path(source) == DEMO_FOLDER:
+        return (f"the demo model's folder {source!r} is missing or broken; restore it with `git checkout -- "
+                f"models/` or rebuild it with `python -m celery_bridge.demo_model train` {detail}.")
     if path.is_dir():
         return f"the folder exists but is not a diffusers pipeline, or a component in it is broken {detail}."
     if path.exists():

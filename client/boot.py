@@ -22,7 +22,7 @@ import ssl
 import sys
 import time
 import unicodedata
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 if not __package__:  # run as a script: make `client` importable from the repository root
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -43,7 +43,7 @@ DROP_CONNECTION_CODES = (protocol.E_BAD_FRAME, protocol.E_FRAME_TOO_LARGE, proto
 FLAGS = {"prompt": "the prompt", "negative_prompt": "--negative", "width": "--width", "height": "--height",
          "steps": "--steps", "guidance_scale": "--guidance", "seed": "--seed", "scheduler": "--scheduler",
          "model": "--model", "token": "--token", "init_image": "--init", "mask": "--mask",
-         "strength": "--strength"}
+         "strength": "--strength", "loras": "--lora"}
 ADVICE = {
     protocol.E_BUSY: "the server is busy with other generations; retry in a few seconds",
     protocol.E_RATE_LIMITED: "too many requests from this machine; slow down and retry",
@@ -64,7 +64,14 @@ class ClientError(Exception):
 
 def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     """The command line; the prompt is optional (none: interactive mode)."""
-    parser = argparse.ArgumentParser(prog="boot.py", description="Ask an sdgate server for images.")
+    parser = argparse.ArgumentParser(
+        prog="boot.py", description="Ask an sdgate server for images.", formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="The default model, `demo`, draws one or two coloured shapes on a background, e.g.:\n"
+               '  python3 boot.py "a large red circle in the centre on a white background"\n'
+               '  python3 boot.py "a small blue triangle on the left on a yellow background"\n'
+               '  python3 boot.py "a green square at the top and an orange cross at the bottom on a black background"\n'
+               "colours: red green blue yellow purple orange white black; shapes: circle square triangle cross;\n"
+               "places: on the left, on the right, at the top, at the bottom, in the centre; sizes: small large.")
     parser.add_argument("prompt", nargs="*", help="what to draw; leave out for the interactive prompt")
     parser.add_argument("--host", default=DEFAULT_HOST, help=f"server address (default {DEFAULT_HOST})")
     parser.add_argument("--port", type=int, default=DEFAULT_PORT, help=f"server port (default {DEFAULT_PORT})")
@@ -91,6 +98,8 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
                         f"(default {protocol.DEFAULT_STRENGTH}; {protocol.DEFAULT_INPAINT_STRENGTH} with --mask)")
     parser.add_argument("--mask", metavar="PATH", help="with --init: inpainting mask of the init image's size "
                         "(white repaints, black keeps)")
+    parser.add_argument("--lora", action="append", metavar="NAME[:WEIGHT]", type=parse_lora, dest="loras",
+                        help="apply a LoRA the model offers (see --models), at WEIGHT (default 1); repeatable")
     args = parser.parse_args(argv)
     if not 0 < args.port < 65536:
         parser.error(f"--port {args.port} is outside 1..65535")
@@ -108,6 +117,18 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     except ClientError as exc:  # a file problem, not a usage one: no usage text, as main() prints errors
         parser.exit(EXIT_INVALID, f"error: {exc}\n")
     return args
+
+
+def parse_lora(text: str) -> Tuple[str, float]:
+    """`NAME` or `NAME:WEIGHT` of --lora as (name, weight); argparse reports the error."""
+    name, _, weight = text.rpartition(":") if ":" in text else (text, "", "1")
+    try:
+        value = float(weight)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: the weight after ':' must be a number, e.g. ink:0.8") from None
+    if not name:
+        raise argparse.ArgumentTypeError(f"{text!r}: name the LoRA, e.g. ink or ink:0.8")
+    return name, value
 
 
 def read_image(option: str, path: str) -> bytes:
@@ -137,7 +158,8 @@ def build_request(prompt: str, args: argparse.Namespace) -> GenerationRequest:
     request = GenerationRequest(prompt=prompt, negative_prompt=args.negative, width=args.width, height=args.height,
                                 steps=args.steps, guidance_scale=args.guidance, seed=args.seed,
                                 scheduler=args.scheduler, model=args.model, init_image=args.init_image,
-                                mask=args.mask_image, strength=args.strength)
+                                mask=args.mask_image, strength=args.strength,
+                                loras=tuple(args.loras) if args.loras else None)
     try:
         request.validate()
     except InvalidRequest as exc:

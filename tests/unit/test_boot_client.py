@@ -618,3 +618,18 @@ def test_tls_with_cacert_and_refusal_of_an_unknown_certificate(serve, tmp_path):
     # Without the CA the self-signed certificate is refused, and the message says what to do.
     result = run_boot("a red fox", "--tls", port=server.port, out=tmp_path / "out")
     assert result.returncode == boot.EXIT_FAILED and "--cacert" in result.stderr
+
+
+def test_loras_travel_in_the_request_with_their_weights(serve, tmp_path):
+    server = serve()
+    result = run_boot("a red door", "--lora", "ink:0.8", "--lora", "grain", port=server.port, out=tmp_path / "out")
+    assert result.returncode == 0, result.stderr
+    assert server.requests == [(GenerationRequest("a red door", loras=(("ink", 0.8), ("grain", 1.0))), None)]
+
+
+@pytest.mark.parametrize("value, words", [("ink:strong", "the weight after ':' must be a number"),
+                                          (":0.5", "name the LoRA")])
+def test_a_bad_lora_flag_is_a_usage_error(serve, tmp_path, value, words):
+    server = serve()
+    result = run_boot("a red door", "--lora", value, port=server.port, out=tmp_path / "out")
+    assert result.returncode == 2 and words in result.stderr and server.connections == 0

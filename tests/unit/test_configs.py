@@ -55,11 +55,11 @@ def test_serve_yaml_renders_and_passes_the_serve_schema():
                                                           "redis://head:6379/0", "SDGATE_REDIS_PASSWORD": "pw"})
     apps = {app["name"]: app for app in config["applications"]}
     assert "secret" not in json.dumps(config) and ":pw@" not in json.dumps(config), "no secret in the Serve config"
-    workers = apps["workers-tiny"]["deployments"][0]
+    workers = apps["workers-demo"]["deployments"][0]
     assert workers["ray_actor_options"]["num_gpus"] == 1
     policy = workers["autoscaling_config"]["policy"]
     assert policy["policy_function"] == "celery_bridge.autoscaling:WorkerLoadPolicy"
-    assert policy["policy_kwargs"]["queue_name"] == "sdgate.tiny"
+    assert policy["policy_kwargs"]["queue_name"] == "sdgate.demo"
     gateway_policy = apps["gateway"]["deployments"][0]["autoscaling_config"]["policy"]["policy_function"]
     assert gateway_policy == "serve_app.autoscaling:gateway_load_policy"
 

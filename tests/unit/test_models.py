@@ -30,10 +30,24 @@ def gateway_catalogue(data=TWO_MODELS) -> GatewayCatalogue:
     return GatewayCatalogue(catalogue_from_dict(data), client=None)  # resolve() never reads Redis
 
 
-def test_the_shipped_catalogue_serves_the_embedded_model_by_default():
-    catalogue = load_catalogue(Path(__file__).resolve().parents[2] / "configs" / "models.yaml")
-    assert catalogue.default == "tiny" and catalogue.get(None).kind == "embedded"
-    assert catalogue.get("tiny").defaults.width == 64 and catalogue.get("tiny").defaults.steps == 2
+def test_the_shipped_catalogue_serves_the_demo_model_and_the_tests_the_embedded_one():
+    from celery_bridge.models import DEMO_FOLDER
+
+    configs = Path(__file__).resolve().parents[2] / "configs"
+    shipped = load_catalogue(configs / "models.yaml").get(None)
+    assert shipped.name == "demo" and shipped.kind == "folder" and Path(shipped.weights) == DEMO_FOLDER
+    assert (DEMO_FOLDER / "model_index.json").is_file() and shipped.rules.name == "sd1"  # committed, and SD 1.x
+    tiny = load_catalogue(configs / "models-tiny.yaml")
+    assert tiny.default == "tiny" and tiny.get(None).kind == "embedded"
+    assert tiny.get("tiny").defaults.width == 64 and tiny.get("tiny").defaults.steps == 2
+
+
+def test_a_worker_without_a_model_serves_the_catalogues_default(monkeypatch):
+    from celery_bridge.config import WorkerConfig
+
+    assert WorkerConfig().model == "tiny"  # the tests' catalogue (tests/conftest.py)
+    monkeypatch.setenv("SDGATE_MODELS_FILE", str(Path(__file__).resolve().parents[2] / "configs" / "models.yaml"))
+    assert WorkerConfig().model == "demo" and WorkerConfig(model="tiny").model == "tiny"
 
 
 @pytest.mark.parametrize("change, words", [
