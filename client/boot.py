@@ -453,6 +453,9 @@ def format_models(listing: dict) -> str:
                 f"{_printable(d.get('width'))}x{_printable(d.get('height'))}, {_printable(d.get('steps'))} steps, "
                 f"{_printable(d.get('scheduler'))}, guidance {_printable(d.get('guidance_scale'))}; limits "
                 f"side <= {_printable(lim.get('max_side'))}, steps <= {_printable(lim.get('max_steps'))}")
+        loras = model.get("loras")
+        if isinstance(loras, list) and loras:
+            text += "; LoRAs (--lora): " + ", ".join(_printable(name) for name in loras)
         lines.append(text)
     return "\n".join(lines) if lines else "the server lists no models"
 

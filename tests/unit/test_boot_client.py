@@ -44,7 +44,7 @@ LISTING = {"object": "list", "data": [
      "limits": {"max_side": 2048, "max_steps": 150}},
     {"id": "sd15\x1b[31m", "object": "model", "default": False, "live_workers": 0,
      "defaults": {"width": 512, "height": 512, "steps": 25, "scheduler": "dpm++", "guidance_scale": 7.0},
-     "limits": {"max_side": 1024, "max_steps": 60}}]}
+     "limits": {"max_side": 1024, "max_steps": 60}, "loras": ["ink", "grain"]}]}
 # handler(conn, request, token, number of this request) -> False to close the connection.
 Handler = Callable[[socket.socket, GenerationRequest, Optional[str], int], Optional[bool]]
 
@@ -188,7 +188,8 @@ def test_models_flag_prints_what_the_server_offers(serve, tmp_path):
     assert lines[0].startswith("tiny (default): 1 live worker(s); defaults 64x64, 2 steps")
     assert lines[1].startswith("sd15[31m: 0 live worker(s); defaults 512x512, 25 steps, dpm++, guidance 7.0")
     assert "\x1b" not in result.stdout  # text from the network never reaches the terminal raw
-    assert "side <= 1024, steps <= 60" in lines[1] and not server.requests
+    assert "side <= 1024, steps <= 60; LoRAs (--lora): ink, grain" in lines[1] and not server.requests
+    assert "LoRAs" not in lines[0]
 
 
 def test_flags_build_the_request_and_the_token_comes_from_the_environment(serve, tmp_path):
