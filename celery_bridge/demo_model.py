@@ -61,24 +61,46 @@ class TrainConfig:
 
 def write_demo_tokenizer(folder: Path) -> Path:
     """CLIP's byte-level BPE files (vocab.json, merges.txt) in which every word of the grammar is a
-    single token: merges learnt from the grammar's words by `tokenizers`' BPE trainer, over a vocabulary
-    of every byte, so any other text still tokenizes."""
-    from tokenizers import Tokenizer, models, trainers
-
+    single token: merges learnt from the grammar's words (`learn_merges`), over a vocabulary of
+    every byte, so any other text still tokenizes."""
     folder.mkdir(parents=True, exist_ok=True)
     symbols = list(_bytes_to_unicode().values())
-    words = sorted({w for text in _grammar_words() for w in text.split()})
-    learner = Tokenizer(models.BPE(end_of_word_suffix="</w>"))
-    learner.train_from_iterator(words, trainers.BpeTrainer(
-        vocab_size=4096, min_frequency=1, end_of_word_suffix="</w>", show_progress=False))
-    learnt = json.loads(learner.to_str())["model"]
-    merges = [" ".join(pair) if isinstance(pair, list) else pair for pair in learnt["merges"]]
-    vocab_tokens = symbols + [s + "</w>" for s in symbols] + ["".join(m.split()) for m in merges]
+    merges = learn_merges(sorted({w for text in _grammar_words() for w in text.split()}))
+    vocab_tokens = symbols + [s + "</w>" for s in symbols] + [first + second for first, second in merges]
     vocab_tokens += ["<|startoftext|>", "<|endoftext|>"]
     vocab = {token: index for index, token in enumerate(dict.fromkeys(vocab_tokens))}
     (folder / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False), encoding="utf-8")
-    (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n", encoding="utf-8")
+    (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(f"{a} {b}" for a, b in merges) + "\n",
+                                       encoding="utf-8")
     return folder
+
+
+def learn_merges(words: List[str]) -> List[Tuple[str, str]]:
+    """BPE's merges for `words` (CLIP's symbols: the last character carries </w>), learnt until each
+    word is one symbol: the commonest pair first, ties by the pair itself, so the result never depends
+    on hash order (the `tokenizers` trainer's does). Encoding applies merges in this order, so each
+    word comes out as the one token it was learnt as."""
+    spelled = [list(word[:-1]) + [word[-1] + "</w>"] for word in words]
+    merges: List[Tuple[str, str]] = []
+    while True:
+        counts: dict = {}
+        for symbols in spelled:
+            for pair in zip(symbols, symbols[1:]):
+                counts[pair] = counts.get(pair, 0) + 1
+        if not counts:
+            return merges
+        best = min(counts, key=lambda pair: (-counts[pair], pair))
+        merges.append(best)
+        for index, symbols in enumerate(spelled):
+            merged, position = [], 0
+            while position < len(symbols):
+                if tuple(symbols[position:position + 2]) == best:
+                    merged.append(best[0] + best[1])
+                    position += 2
+                else:
+                    merged.append(symbols[position])
+                    position += 1
+            spelled[index] = merged
 
 
 def _grammar_words() -> List[str]:

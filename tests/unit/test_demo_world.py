@@ -79,10 +79,7 @@ def test_the_demo_tokenizer_has_one_token_per_word_of_the_grammar(tmp_path):
     assert len(tokenizer("a red fox in the snow ❄").input_ids) > 8  # anything else still tokenizes
 
 
-def test_training_logs_its_losses_and_saves_a_pipeline_the_worker_serves(tmp_path):
-    """Seeded: the VAE stage reproduces bit for bit; the UNet stage's first loss differs in the
-    fourth decimal between two runs (not traced yet), so its weights are compared by what they draw
-    (python -m bench demo), not by their bytes."""
+def test_training_is_deterministic_and_saves_a_pipeline_the_worker_serves(tmp_path):
     from celery_bridge.config import WorkerConfig
     from celery_bridge.demo_model import TrainConfig, train
     from celery_bridge.pipeline import PipelineRunner
@@ -90,8 +87,9 @@ def test_training_logs_its_losses_and_saves_a_pipeline_the_worker_serves(tmp_pat
 
     budget = TrainConfig(vae_steps=2, vae_batch=4, pool=16, unet_steps=3, unet_batch=4)
     first, second = train(tmp_path / "a", budget), train(tmp_path / "b", budget)
-    part = "vae/diffusion_pytorch_model.safetensors"
-    assert (first / part).read_bytes() == (second / part).read_bytes()
+    for part in ("unet/diffusion_pytorch_model.safetensors", "vae/diffusion_pytorch_model.safetensors",
+                 "text_encoder/model.safetensors", "tokenizer/tokenizer.json"):
+        assert (first / part).read_bytes() == (second / part).read_bytes(), part
     losses = (first / "loss.jsonl").read_text().splitlines()
     assert any('"stage": "unet"' in line for line in losses) and '"stage": "done"' in losses[-1]
     runner = PipelineRunner(WorkerConfig(device="cpu", model=str(first)))
