@@ -198,13 +198,13 @@ def test_serve_yaml_scales_workers_on_the_work_and_places_the_gateway_on_the_ing
     config = render_serve_config(Path(__file__).resolve().parents[2] / "configs" / "serve.yaml",
                                  {"SDGATE_REDIS_URL": "redis://head:6379/0", "SDGATE_TOKEN": "a-test-token"})
     apps = {app["name"]: app for app in config["applications"]}
-    workers = apps["workers-tiny"]["deployments"][0]
+    workers = apps["workers-demo"]["deployments"][0]
     policy = workers["autoscaling_config"]["policy"]
     built = import_attr(policy["policy_function"])(**policy["policy_kwargs"])
-    model = apps["workers-tiny"]["args"]["worker"]["model"]
+    model = apps["workers-demo"]["args"]["worker"]["model"]
     assert isinstance(built, WorkerLoadPolicy) and built.queue_name == queue_for(load_celery_config().queue, model)
     if workers["autoscaling_config"]["min_replicas"] == 0:  # idle GPUs go away: requests must queue, not fail
-        assert load_catalogue().get(model).scale_from_zero, f"{model} scales from zero: set scale_from_zero"
+        assert load_catalogue(Path(__file__).resolve().parents[2] / "configs" / "models.yaml").get(model).scale_from_zero, f"{model} scales from zero: set scale_from_zero"
     assert workers["graceful_shutdown_timeout_s"] >= consumer.graceful_shutdown_timeout_s(load_celery_config())
     gateway = apps["gateway"]["deployments"][0]
     needs = gateway["ray_actor_options"]["resources"][INGRESS_RESOURCE]
