@@ -61,17 +61,16 @@ def main(argv=None) -> dict:
     parser.add_argument("--no-baseline", action="store_true", help="skip the random `tiny` baseline")
     args = parser.parse_args(argv)
 
-    steps, guidance = STEPS, GUIDANCE
     sides = [int(side) for side in args.sides.split(",")]
     scenes = demo_world.evaluation_scenes(args.prompts)
     runner = PipelineRunner(WorkerConfig(device="cpu", model=str(args.weights.resolve())))
-    by_side = {str(side): evaluate(runner, scenes, side, steps, guidance) for side in sides}
+    by_side = {str(side): evaluate(runner, scenes, side, STEPS, GUIDANCE) for side in sides}
     figures = {**by_side[str(sides[0])], "side": sides[0], "by_side": by_side, "targets": TARGETS,
                "meets_targets": all(by_side[str(sides[0])][name] >= goal for name, goal in TARGETS.items()),
-               "prompts": len(scenes), "steps": steps, "guidance_scale": guidance,
+               "prompts": len(scenes), "steps": STEPS, "guidance_scale": GUIDANCE,
                "weights": str(args.weights), "weights_sha256": weights_digest(args.weights),
                "example": {"prompt": scenes[0].prompt()}}
     if not args.no_baseline:
         tiny = PipelineRunner(WorkerConfig(device="cpu", model="tiny"))
-        figures["baseline_tiny"] = evaluate(tiny, scenes, sides[0], steps, guidance)
+        figures["baseline_tiny"] = evaluate(tiny, scenes, sides[0], STEPS, GUIDANCE)
     return figures

@@ -32,7 +32,6 @@ from celery_bridge import demo_world
 from celery_bridge.models import DEMO_FOLDER
 from celery_bridge.tiny_model import _bytes_to_unicode
 
-DEMO_MODEL_DIR = DEMO_FOLDER  # models/demo-sd-v1: the committed weights
 SIDE = 64  # training images; the model renders 64 and 128 px
 MAX_TOKENS = 32  # the grammar's longest prompt is 22 tokens (a word is a token); SD's 77 would only cost time
 VAE_CHANNELS = (16, 32, 32, 32)  # four blocks: 8x downsampling, as SD's VAE (64 px images, 8x8 latents)
@@ -340,11 +339,11 @@ def main(argv: Optional[List[str]] = None) -> int:
                                      description="Train the demo model (celery_bridge/demo_world.py's scenes).")
     sub = parser.add_subparsers(dest="command", required=True)
     train_parser = sub.add_parser("train", help="train and save a diffusers folder")
-    train_parser.add_argument("--out", type=Path, default=DEMO_MODEL_DIR)
+    train_parser.add_argument("--out", type=Path, default=DEMO_FOLDER)
     for name, value in asdict(TrainConfig()).items():
         train_parser.add_argument(f"--{name.replace('_', '-')}", type=type(value), default=value)
     grid_parser = sub.add_parser("grid", help="render the README's grid of prompts and what the model drew")
-    grid_parser.add_argument("--weights", type=Path, default=DEMO_MODEL_DIR)
+    grid_parser.add_argument("--weights", type=Path, default=DEMO_FOLDER)
     grid_parser.add_argument("--out", type=Path, default=Path("docs/demo-grid.png"))
     args = parser.parse_args(argv)
     if args.command == "grid":
