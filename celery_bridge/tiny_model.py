@@ -133,6 +133,29 @@ def build_tiny_pipeline(tokenizer_dir: Path, seed: int = SEED):
                                    requires_safety_checker=False)
 
 
+def build_tiny_sd2_pipeline(tokenizer_dir: Path, seed: int = SEED):
+    """A tiny random SD 2.x pipeline: `tiny`'s shape with what tells SD 2.x from 1.x, built offline
+    for tests of the sd2 family: 1024-wide text conditioning (OpenCLIP-H's width), linear projections
+    in the UNet's transformers, per-block head dims, and v-prediction (SD 2.1's 768 px model)."""
+    import torch
+    from diffusers import PNDMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    pipe = build_tiny_pipeline(tokenizer_dir, seed=seed)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed + 3)
+        pipe.unet = UNet2DConditionModel(
+            block_out_channels=(32, 64), layers_per_block=1, sample_size=8, in_channels=4, out_channels=4,
+            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+            cross_attention_dim=1024, attention_head_dim=(2, 4), use_linear_projection=True, norm_num_groups=8)
+        pipe.text_encoder = CLIPTextModel(CLIPTextConfig(
+            vocab_size=len(pipe.tokenizer), hidden_size=1024, intermediate_size=64, num_attention_heads=16,
+            num_hidden_layers=1, max_position_embeddings=77, hidden_act="gelu", bos_token_id=pipe.tokenizer.bos_token_id,
+            eos_token_id=pipe.tokenizer.eos_token_id, pad_token_id=pipe.tokenizer.pad_token_id, projection_dim=1024))
+    pipe.scheduler = PNDMScheduler.from_config(pipe.scheduler.config, prediction_type="v_prediction")
+    return pipe
+
+
 def save_tiny_variant(folder: Path, seed: int) -> Path:
     """A tiny pipeline from `seed`, saved as a diffusers folder (a stand-in for an operator's model)."""
     folder = Path(folder)
@@ -263,11 +286,11 @@ def build_tiny_flux_pipeline(tokenizer_dir: Path, seed: int = SEED):
 
 
 TINY_FAMILIES = {"sdxl": build_tiny_sdxl_pipeline, "sd3": build_tiny_sd3_pipeline, "flux": build_tiny_flux_pipeline,
-                 "sd1": build_tiny_pipeline}
+                 "sd1": build_tiny_pipeline, "sd2": build_tiny_sd2_pipeline}
 
 
 def save_tiny_family(family: str, folder: Path, seed: int = SEED) -> Path:
-    """A tiny random pipeline of `family` (sd1, sdxl, sd3, flux) saved as a diffusers folder."""
+    """A tiny random pipeline of `family` (sd1, sd2, sdxl, sd3, flux) saved as a diffusers folder."""
     folder = Path(folder)
     with tempfile.TemporaryDirectory() as scratch:
         TINY_FAMILIES[family](Path(scratch), seed=seed).save_pretrained(folder, safe_serialization=True)

@@ -1,5 +1,5 @@
 """Model families through the worker's task body (GenerationService.handle): a tiny random pipeline
-of each family (SD 1.x, SDXL, SD 3.5, FLUX.1), built offline with generated CLIP and T5 vocabularies,
+of each family (SD 1.x, SD 2.x, SDXL, SD 3.5, FLUX.1), built offline with generated CLIP and T5 vocabularies,
 renders text to image, a batch, previews and a cancel within one step, with every scheduler name its
 family takes; the names it does not take, and a negative prompt where it means nothing, are refused
 naming the field, at the gateway's catalogue and at the worker alike."""
@@ -24,8 +24,8 @@ from celery_bridge.progress import latent_preview
 from celery_bridge.tiny_model import save_tiny_family
 from tests.unit.test_batching import Recorder, handle_concurrently
 
-FAMILY_PIPELINES = {"sd1": "StableDiffusionPipeline", "sdxl": "StableDiffusionXLPipeline",
-                    "sd3": "StableDiffusion3Pipeline", "flux": "FluxPipeline"}
+FAMILY_PIPELINES = {"sd1": "StableDiffusionPipeline", "sd2": "StableDiffusionPipeline",
+                    "sdxl": "StableDiffusionXLPipeline", "sd3": "StableDiffusion3Pipeline", "flux": "FluxPipeline"}
 
 
 @pytest.fixture(scope="module", params=list(FAMILY_PIPELINES))
@@ -100,6 +100,9 @@ def test_every_scheduler_the_family_takes_renders_and_the_others_are_refused(ser
     for name in family.schedulers:
         images[name] = png_of(service.handle(ask(family.name, "schedulers", scheduler=name).to_dict())).tobytes()
     assert len(images) == len(family.schedulers)
+    if family.name == "sd2":  # v-prediction (SD 2.1's 768 px model) survives every scheduler swap
+        assert {service.runner.new_scheduler(name).config.prediction_type for name in family.schedulers} == \
+            {"v_prediction"}
     refused = [name for name in protocol.SCHEDULERS if name not in family.schedulers]
     assert bool(refused) == (family.name in ("sd3", "flux"))
     catalogue = catalogue_from_dict({"default": "m", "models": [{"name": "m", "source": service.runner.entry.source}]})
@@ -126,4 +129,4 @@ def test_a_negative_prompt_is_refused_only_where_it_means_nothing(service):
 
 
 def test_every_family_is_covered_here():
-    assert set(FAMILY_PIPELINES) | {"sd2"} == set(FAMILIES)  # sd2 is sd1's pipeline with 1024-wide conditioning
+    assert set(FAMILY_PIPELINES) == set(FAMILIES)
