@@ -8,8 +8,6 @@ and on a gallery entry; the client's own refusals and the server's 400 shown bes
 Which assertions depend on the jobs API (`POST /v1/jobs`, probed over HTTP): with it, the progress
 bar must show a fraction below 1 before it reaches 1; without it (the page falls back to
 `POST /v1/images/generations`), the bar must have been indeterminate. Everything else holds either way.
-
-SDGATE_SCREENSHOTS=DIR writes the README's screenshots (page-1280.png, page-375.png) there.
 """
 
 from __future__ import annotations
@@ -181,13 +179,8 @@ class TestOpenStack:
             # Load the first gallery entry back into the result panel, then check the narrow layout.
             page.locator("#gallery li button").first.click()
             page.get_by_role("img", name=re.compile(r"^Generated image")).wait_for()
-            shots = os.environ.get("SDGATE_SCREENSHOTS")
-            if shots:
-                page.screenshot(path=str(Path(shots) / "page-1280.png"), full_page=True)
             page.set_viewport_size({"width": 375, "height": 800})
             assert page.evaluate("document.scrollingElement.scrollWidth") <= 375  # no sideways scrolling
-            if shots:
-                page.screenshot(path=str(Path(shots) / "page-375.png"), full_page=True)
         finally:
             context.close()
 
