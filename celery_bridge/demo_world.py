@@ -27,7 +27,8 @@ SHAPES = ("circle", "square", "triangle", "cross")
 POSITIONS: Dict[str, Tuple[float, float]] = {  # the object's centre, as fractions of the side (x, y)
     "left": (0.25, 0.5), "right": (0.75, 0.5), "top": (0.5, 0.25), "bottom": (0.5, 0.75), "centre": (0.5, 0.5),
 }
-SIZES: Dict[str, float] = {"small": 0.28, "large": 0.46}  # the shape's extent, as a fraction of the side
+SIZES: Dict[str, float] = {"small": 0.34, "large": 0.48}  # the extent, as a fraction of the side: small is
+# as small as the 8x VAE keeps corners of (3 latent cells); large two on opposite sides just do not touch
 PAIRS = (("left", "right"), ("right", "left"), ("top", "bottom"), ("bottom", "top"))  # two objects: opposite sides
 _POSITION_WORDS = {"left": "on the left", "right": "on the right", "top": "at the top", "bottom": "at the bottom",
                    "centre": "in the centre"}

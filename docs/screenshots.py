@@ -40,7 +40,7 @@ def main(argv=None) -> int:
                 page.get_by_role("button", name="Generate").click()
                 expect(page.get_by_role("img", name=f"Generated image: {prompt}")).to_be_visible(timeout=120_000)
             page.reload()
-            page.locator("#gallery li", has_text=PROMPTS[-1]).first.locator("button").click()
+            page.locator("#gallery li", has_text=PROMPTS[-1]).first.locator("button.open").click()
             expect(page.get_by_role("img", name=f"Generated image: {PROMPTS[-1]}")).to_be_visible()
             page.screenshot(path=str(args.out / "page-1280.png"), full_page=True)
             page.set_viewport_size({"width": 375, "height": 800})

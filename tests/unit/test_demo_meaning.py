@@ -56,13 +56,11 @@ def colours(pngs):
 
 def test_batched_images_have_their_own_prompts_colours(demo):
     """Four prompts of four object and background colours in one pipeline call: each image shows
-    its own prompt's colours (the model draws blue purplish, so 3 of 4 objects are read right; the
-    backgrounds all are) and exactly what the same request gives alone: nothing is swapped."""
+    its own prompt's colours, and exactly what the same request gives alone: nothing is swapped."""
     requests = [demo.resolve(request) for request in coloured_requests()]
     pngs, _ = demo.render_batch(requests)
     together = colours(pngs)
-    assert [background for _, background in together] == [background for _, background in COLOURED]
-    assert sum(got == want for (got, _), (want, _) in zip(together, COLOURED)) >= 3, together
+    assert together == COLOURED
     assert together == colours(demo.render(request) for request in requests)
 
 
@@ -75,8 +73,7 @@ def test_a_continuous_loop_keeps_each_requests_colours(demo):
     results = run_together(loop, requests)
     assert max(loop.iterations) >= 2  # they shared iterations
     together = colours(results[i].png for i in range(len(requests)))
-    assert [background for _, background in together] == [background for _, background in COLOURED]
-    assert sum(got == want for (got, _), (want, _) in zip(together, COLOURED)) >= 3, together
+    assert together == COLOURED
     assert together == colours(demo.render(request) for request in requests)
 
 
@@ -94,23 +91,19 @@ def test_a_negative_prompt_naming_the_objects_colour_changes_it(demo):
 
 
 def test_img2img_at_low_strength_keeps_the_init_images_colours(demo):
-    """A blue square on yellow, asked to become a red circle on green: at strength 0.1 the object
-    keeps its colour and shape and the background stays nearer yellow than green (it drifts toward
-    orange: models/demo-sd-v1/README.md, Limits); at strength 1.0 the prompt wins."""
-    import numpy as np
-
-    init = demo_world.draw(Scene((Thing("blue", "square", "centre", "large"),), "yellow"))
-    buffer = io.BytesIO()
-    init.save(buffer, format="PNG")
+    """Squares of four colour pairs, asked to become a circle: at strength 0.1 each keeps its colours
+    and its shape; at strength 1.0 a prompt naming other colours gets them (the prompt reaches the
+    model). Where the prompt names other colours, it wins even at low strength (models/demo-sd-v1/
+    README.md, Limits), so the low-strength prompt leaves the colours open."""
+    for colour, background in COLOURED:
+        init = demo_world.draw(Scene((Thing(colour, "square", "centre", "large"),), background))
+        buffer = io.BytesIO()
+        init.save(buffer, format="PNG")
+        low = reading(demo.render(ask("a large circle in the centre", 1, init_image=buffer.getvalue(), strength=0.1)))
+        assert (low.colour, low.background, low.shape) == (colour, background, "square"), (colour, background, low)
     prompt = "a large red circle in the centre on a green background"
-    low_png = demo.render(ask(prompt, 1, init_image=buffer.getvalue(), strength=0.1))
-    low = reading(low_png)
-    assert (low.colour, low.shape) == ("blue", "square")
-    corner = np.asarray(Image.open(io.BytesIO(low_png)).convert("RGB"), dtype=float)[:8, :8].reshape(-1, 3).mean(0)
-    to = {name: np.linalg.norm(corner - np.array(demo_world.COLOURS[name])) for name in ("yellow", "green")}
-    assert to["yellow"] < to["green"], to
     high = reading(demo.render(ask(prompt, 1, init_image=buffer.getvalue(), strength=1.0)))
-    assert (high.colour, high.shape, high.background) == ("red", "circle", "green")  # the prompt reaches the model
+    assert (high.colour, high.shape, high.background) == ("red", "circle", "green")
 
 
 def test_the_evaluation_prints_the_accuracies_at_the_top_level_beside_its_baseline():

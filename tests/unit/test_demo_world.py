@@ -112,3 +112,19 @@ def test_the_verdict_says_whether_an_image_matches_its_prompt(tmp_path, capsys):
     assert "colour blue (asked red)" in words and "shape square (asked circle)" in words
     assert demo_world.main(["a red fox in the snow", str(right)]) == 1
     assert "not of the demo model's grammar" in capsys.readouterr().out
+
+
+def test_the_vae_loss_weighs_up_exactly_the_pixels_near_an_edge():
+    import numpy as np
+    import torch
+
+    from celery_bridge.demo_model import _edges
+
+    image = demo_world.draw(Scene((Thing("red", "square", "centre", "large"),), "white"))
+    pixels = torch.from_numpy(np.asarray(image, dtype=np.float32)).permute(2, 0, 1)[None] / 127.5 - 1.0
+    edges = _edges(pixels)[0, 0].numpy().astype(bool)
+    flat = np.zeros_like(edges)
+    flat[2:10, 2:10] = flat[30:34, 30:34] = True  # well inside the background and inside the square
+    assert edges.any() and not (edges & flat).any()
+    rows = np.nonzero(edges[:, 32])[0]  # down the middle column: the square's top and bottom edges
+    assert rows.min() < 20 and rows.max() > 44 and not edges[26:38, 32].any()
