@@ -18,11 +18,10 @@ pytestmark = pytest.mark.demo_model
 
 
 def test_the_catalogue_renders_the_demo_model_as_it_was_evaluated():
-    from pathlib import Path
-
+    from celery_bridge.config import REPO_CONFIG_DIR
     from celery_bridge.models import load_catalogue
 
-    defaults = load_catalogue(Path(__file__).resolve().parents[2] / "configs" / "models.yaml").get("demo").defaults
+    defaults = load_catalogue(REPO_CONFIG_DIR / "models.yaml").get("demo").defaults
     assert (defaults.steps, defaults.guidance_scale, defaults.width) == (STEPS, GUIDANCE, 64)
 
 
@@ -51,7 +50,7 @@ def coloured_requests():
 
 
 def colours(pngs):
-    return [(reading(png).colour, reading(png).background) for png in pngs]
+    return [(seen.colour, seen.background) for seen in map(reading, pngs)]
 
 
 def test_batched_images_have_their_own_prompts_colours(demo):

@@ -10,7 +10,7 @@ import pytest
 from client import protocol
 from client.protocol import GenerationRequest, ProtocolError
 from celery_bridge.checkpoint import export_single_file
-from celery_bridge.config import WorkerConfig
+from celery_bridge.config import REPO_CONFIG_DIR, WorkerConfig
 from celery_bridge.models import CatalogueError, ModelEntry, catalogue_from_dict, load_catalogue, queue_for
 from celery_bridge.tiny_model import save_tiny_variant
 from serve_app.catalogue import GatewayCatalogue
@@ -33,11 +33,10 @@ def gateway_catalogue(data=TWO_MODELS) -> GatewayCatalogue:
 def test_the_shipped_catalogue_serves_the_demo_model_and_the_tests_the_embedded_one():
     from celery_bridge.models import DEMO_FOLDER
 
-    configs = Path(__file__).resolve().parents[2] / "configs"
-    shipped = load_catalogue(configs / "models.yaml").get(None)
+    shipped = load_catalogue(REPO_CONFIG_DIR / "models.yaml").get(None)
     assert shipped.name == "demo" and shipped.kind == "folder" and Path(shipped.weights) == DEMO_FOLDER
     assert (DEMO_FOLDER / "model_index.json").is_file() and shipped.rules.name == "sd1"  # committed, and SD 1.x
-    tiny = load_catalogue(configs / "models-tiny.yaml")
+    tiny = load_catalogue(REPO_CONFIG_DIR / "models-tiny.yaml")
     assert tiny.default == "tiny" and tiny.get(None).kind == "embedded"
     assert tiny.get("tiny").defaults.width == 64 and tiny.get("tiny").defaults.steps == 2
 
@@ -46,7 +45,7 @@ def test_a_worker_without_a_model_serves_the_catalogues_default(monkeypatch):
     from celery_bridge.config import WorkerConfig
 
     assert WorkerConfig().model == "tiny"  # the tests' catalogue (tests/conftest.py)
-    monkeypatch.setenv("SDGATE_MODELS_FILE", str(Path(__file__).resolve().parents[2] / "configs" / "models.yaml"))
+    monkeypatch.setenv("SDGATE_MODELS_FILE", str(REPO_CONFIG_DIR / "models.yaml"))
     assert WorkerConfig().model == "demo" and WorkerConfig(model="tiny").model == "tiny"
 
 

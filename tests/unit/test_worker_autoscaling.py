@@ -185,17 +185,15 @@ def test_the_deployment_gives_a_stopping_replica_time_to_drain():
 # -- configs/serve.yaml uses them --------------------------------------------------------------------
 
 def test_serve_yaml_scales_workers_on_the_work_and_places_the_gateway_on_the_ingress_node():
-    from pathlib import Path
-
     from ray._common.utils import import_attr
 
     from celery_bridge import consumer
-    from celery_bridge.config import load_celery_config
+    from celery_bridge.config import REPO_CONFIG_DIR, load_celery_config
     from celery_bridge.models import load_catalogue, queue_for
     from cluster.deploy import render_serve_config
     from serve_app.placement import INGRESS_RESOURCE, ingress_node_resources
 
-    config = render_serve_config(Path(__file__).resolve().parents[2] / "configs" / "serve.yaml",
+    config = render_serve_config(REPO_CONFIG_DIR / "serve.yaml",
                                  {"SDGATE_REDIS_URL": "redis://head:6379/0", "SDGATE_TOKEN": "a-test-token"})
     apps = {app["name"]: app for app in config["applications"]}
     workers = apps["workers-demo"]["deployments"][0]
@@ -204,7 +202,8 @@ def test_serve_yaml_scales_workers_on_the_work_and_places_the_gateway_on_the_ing
     model = apps["workers-demo"]["args"]["worker"]["model"]
     assert isinstance(built, WorkerLoadPolicy) and built.queue_name == queue_for(load_celery_config().queue, model)
     if workers["autoscaling_config"]["min_replicas"] == 0:  # idle GPUs go away: requests must queue, not fail
-        assert load_catalogue(Path(__file__).resolve().parents[2] / "configs" / "models.yaml").get(model).scale_from_zero, f"{model} scales from zero: set scale_from_zero"
+        assert load_catalogue(REPO_CONFIG_DIR / "models.yaml").get(model).scale_from_zero, \
+            f"{model} scales from zero: set scale_from_zero"
     assert workers["graceful_shutdown_timeout_s"] >= consumer.graceful_shutdown_timeout_s(load_celery_config())
     gateway = apps["gateway"]["deployments"][0]
     needs = gateway["ray_actor_options"]["resources"][INGRESS_RESOURCE]
@@ -212,14 +211,12 @@ def test_serve_yaml_scales_workers_on_the_work_and_places_the_gateway_on_the_ing
 
 
 def test_cluster_yaml_makes_the_head_the_ingress_node():
-    from pathlib import Path
-
     import yaml
 
+    from celery_bridge.config import REPO_CONFIG_DIR
     from serve_app.placement import INGRESS_RESOURCE, ingress_node_resources
 
-    configs = Path(__file__).resolve().parents[2] / "configs"
-    raw = yaml.safe_load((configs / "cluster.yaml").read_text())
+    raw = yaml.safe_load((REPO_CONFIG_DIR / "cluster.yaml").read_text())
     head = raw["available_node_types"][raw["head_node_type"]]
     assert head["resources"][INGRESS_RESOURCE] == ingress_node_resources()[INGRESS_RESOURCE]
     assert INGRESS_RESOURCE not in raw["available_node_types"]["sdgate.gpu"]["resources"]
