@@ -144,14 +144,12 @@ def build_tiny_sd2_pipeline(tokenizer_dir: Path, seed: int = SEED):
     pipe = build_tiny_pipeline(tokenizer_dir, seed=seed)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed + 3)
-        pipe.unet = UNet2DConditionModel(
-            block_out_channels=(32, 64), layers_per_block=1, sample_size=8, in_channels=4, out_channels=4,
-            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-            cross_attention_dim=1024, attention_head_dim=(2, 4), use_linear_projection=True, norm_num_groups=8)
-        pipe.text_encoder = CLIPTextModel(CLIPTextConfig(
-            vocab_size=len(pipe.tokenizer), hidden_size=1024, intermediate_size=64, num_attention_heads=16,
-            num_hidden_layers=1, max_position_embeddings=77, hidden_act="gelu", bos_token_id=pipe.tokenizer.bos_token_id,
-            eos_token_id=pipe.tokenizer.eos_token_id, pad_token_id=pipe.tokenizer.pad_token_id, projection_dim=1024))
+        pipe.unet = UNet2DConditionModel.from_config(pipe.unet.config, cross_attention_dim=1024, attention_head_dim=(2, 4),
+                                                     use_linear_projection=True)
+        text = pipe.text_encoder.config.to_dict()
+        text.update(hidden_size=1024, intermediate_size=64, num_attention_heads=16, num_hidden_layers=1,
+                    hidden_act="gelu", projection_dim=1024)
+        pipe.text_encoder = CLIPTextModel(CLIPTextConfig(**text))
     pipe.scheduler = PNDMScheduler.from_config(pipe.scheduler.config, prediction_type="v_prediction")
     return pipe
 
