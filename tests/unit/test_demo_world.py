@@ -128,3 +128,23 @@ def test_the_vae_loss_weighs_up_exactly_the_pixels_near_an_edge():
     assert edges.any() and not (edges & flat).any()
     rows = np.nonzero(edges[:, 32])[0]  # down the middle column: the square's top and bottom edges
     assert rows.min() < 20 and rows.max() > 44 and not edges[26:38, 32].any()
+
+
+def test_the_examples_a_newcomer_meets_are_prompts_of_the_grammar():
+    """The boot client's help, the page's placeholder and the README's demo block show prompts the
+    demo model knows, not ones it would draw at random."""
+    import re
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[2]
+    help_text = subprocess.run([sys.executable, str(repo / "client" / "boot.py"), "--help"], capture_output=True,
+                               text=True, timeout=60, check=True).stdout
+    shown = re.findall(r'boot\.py "([^"]+)"', help_text)
+    shown += re.findall(r'id="prompt"[^>]*placeholder="([^"]+)"', (repo / "serve_app" / "web" / "index.html").read_text())
+    readme = (repo / "README.md").read_text()
+    block = readme[readme.index("## The demo model"):]
+    shown += block[block.index("```\n") + 4:block.index("\n```", block.index("```\n"))].splitlines()
+    assert len(shown) >= 5, shown
+    assert all(demo_world.parse(prompt) is not None for prompt in shown), shown
