@@ -7,6 +7,7 @@ names of this run's own, since the stack's Redis is shared by the session.
 from __future__ import annotations
 
 import json
+import statistics
 import subprocess
 import sys
 import time
@@ -130,9 +131,14 @@ def test_no_tenants_backlog_delays_anothers_first_image(stack, registry):
                                          **{j: a for j in heavy}})
     tenth_of_a = sorted(done[j] for j in heavy)[9]
     assert all(done[j] < tenth_of_a for j in light_b + light_c), "a light tenant's image waited behind a's backlog"
+    # A render under this load (the worker's spacing of a's finishes, while this test polls and
+    # submits on the same cores) is slower than the lone one; the first image may wait out the
+    # render in flight and one already handed to the worker, then its own: three renders.
+    finishes = sorted(wall_time(done[j]) for j in heavy)
+    loaded_render_s = statistics.median(later - earlier for earlier, later in zip(finishes, finishes[1:]))
     for first in (light_b[0], light_c[0]):
         waited = wall_time(done[first]) - submitted[first]
-        assert 0 < render_s < waited <= 3 * render_s + 1.0, (waited, render_s)
+        assert 0 < render_s < waited <= 3 * max(render_s, loaded_render_s) + 1.0, (waited, render_s, loaded_render_s)
     assert [done[j] for j in heavy] == sorted(done[j] for j in heavy), "a's own jobs first in, first out"
 
 
