@@ -1,18 +1,24 @@
-"""Single-file checkpoints: write a diffusers Stable Diffusion 1.x folder as one `.safetensors`
-file in the original (LDM, A1111/Civitai) layout, the form `from_single_file` reads.
+"""Single-file checkpoints: write a diffusers Stable Diffusion 1.x or SDXL folder as one
+`.safetensors` file in the original (LDM, A1111/Civitai) layout, the form `from_single_file` reads.
 
 Operators bring such files; sdgate needs to make one only to prove, with its own tiny models, that
 a single file renders exactly what its folder renders. The key layout is derived from the
-model's own config, so any SD 1.x-shaped UNet/VAE converts, not just the standard sizes.
+model's own config, so any SD 1.x- or SDXL-shaped UNet/VAE converts, not just the standard sizes.
+SDXL's second text encoder is stored as OpenCLIP stores it (fused q/k/v, `resblocks`, a transposed
+projection), as in Stability's files.
 """
 
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Dict, List, Tuple
 
 UNET_PREFIX, VAE_PREFIX, TEXT_PREFIX = "model.diffusion_model.", "first_stage_model.", "cond_stage_model.transformer."
+SDXL_TEXT_PREFIXES = ("conditioner.embedders.0.transformer.", "conditioner.embedders.1.model.")  # CLIP-L, OpenCLIP-G
+_OPENCLIP_LAYER = [("self_attn.out_proj", "attn.out_proj"), ("layer_norm1", "ln_1"), ("layer_norm2", "ln_2"),
+                   ("mlp.fc1", "mlp.c_fc"), ("mlp.fc2", "mlp.c_proj")]
 _UNET_RESNET = [("norm1", "in_layers.0"), ("conv1", "in_layers.2"), ("time_emb_proj", "emb_layers.1"),
                 ("norm2", "out_layers.0"), ("conv2", "out_layers.3"), ("conv_shortcut", "skip_connection")]
 _VAE_ATTENTION = [("group_norm.", "norm."), ("to_q.", "q."), ("to_k.", "k."), ("to_v.", "v."),
@@ -26,7 +32,8 @@ def _unet_prefixes(config: dict) -> List[Tuple[str, str]]:
     pairs = [("conv_in.", "input_blocks.0.0."), ("time_embedding.linear_1.", "time_embed.0."),
              ("time_embedding.linear_2.", "time_embed.2."), ("conv_norm_out.", "out.0."), ("conv_out.", "out.2."),
              ("mid_block.resnets.0.", "middle_block.0."), ("mid_block.attentions.0.", "middle_block.1."),
-             ("mid_block.resnets.1.", "middle_block.2.")]
+             ("mid_block.resnets.1.", "middle_block.2."),
+             ("add_embedding.linear_1.", "label_emb.0.0."), ("add_embedding.linear_2.", "label_emb.0.2.")]  # SDXL
     levels = len(config["down_block_types"])
     for i in range(levels):
         for j in range(layers):
@@ -95,8 +102,47 @@ def vae_to_ldm(state: Dict[str, object], config: dict) -> Dict[str, object]:
     return out
 
 
+def _with_text_model(state: Dict[str, object]) -> Dict[str, object]:
+    """A CLIP text encoder's weights under `text_model.` (transformers 5 saves CLIPTextModel without
+    that level; SD files always have it)."""
+    return {k if k.startswith(("text_model.", "text_projection.")) else "text_model." + k: v for k, v in state.items()}
+
+
+def clip_to_openclip(state: Dict[str, object]) -> Dict[str, object]:
+    """A CLIPTextModelWithProjection's weights in OpenCLIP's names, as SDXL files hold the second encoder."""
+    import torch
+
+    out: Dict[str, object] = {}
+    fused: Dict[Tuple[str, str], Dict[str, object]] = {}
+    for key, value in _with_text_model(state).items():
+        layer = re.fullmatch(r"text_model\.encoder\.layers\.(\d+)\.(.+)", key)
+        if key == "text_projection.weight":
+            out["text_projection"] = value.T.contiguous()  # OpenCLIP multiplies from the right
+        elif key == "text_model.embeddings.position_embedding.weight":
+            out["positional_embedding"] = value
+        elif key == "text_model.embeddings.token_embedding.weight":
+            out["token_embedding.weight"] = value
+        elif key.startswith("text_model.final_layer_norm."):
+            out["ln_final." + key.rsplit(".", 1)[1]] = value
+        elif layer is not None:
+            index, rest = layer.groups()
+            qkv = re.fullmatch(r"self_attn\.([qkv])_proj\.(weight|bias)", rest)
+            if qkv is not None:
+                fused.setdefault((index, qkv[2]), {})[qkv[1]] = value
+                continue
+            for hf, openclip in _OPENCLIP_LAYER:
+                rest = rest.replace(hf, openclip)
+            out[f"transformer.resblocks.{index}.{rest}"] = value
+        elif not key.endswith("position_ids"):
+            raise ValueError(f"no OpenCLIP name for text encoder weight {key!r}")
+    for (index, kind), parts in fused.items():
+        out[f"transformer.resblocks.{index}.attn.in_proj_{kind}"] = torch.cat([parts["q"], parts["k"], parts["v"]])
+    return out
+
+
 def export_single_file(folder: Path, target: Path) -> Path:
-    """Write the UNet, VAE and text encoder of the diffusers folder as one LDM-layout safetensors file."""
+    """Write the UNet, VAE and text encoder(s) of the diffusers folder (SD 1.x or SDXL) as one
+    LDM-layout safetensors file."""
     from safetensors.torch import load_file, save_file
 
     folder = Path(folder)
@@ -110,12 +156,18 @@ def export_single_file(folder: Path, target: Path) -> Path:
     def config(component: str) -> dict:
         return json.loads((folder / component / "config.json").read_text())
 
+    pipeline = json.loads((folder / "model_index.json").read_text()).get("_class_name")
     state: Dict[str, object] = {}
     state.update(unet_to_ldm(weights("unet"), config("unet")))
     state.update(vae_to_ldm(weights("vae"), config("vae")))
-    # transformers 5 saves CLIPTextModel without its `text_model.` level; SD files always have it.
-    state.update({TEXT_PREFIX + (k if k.startswith("text_model.") else "text_model." + k): v
-                  for k, v in weights("text_encoder").items()})
+    if pipeline == "StableDiffusionPipeline":
+        state.update({TEXT_PREFIX + k: v for k, v in _with_text_model(weights("text_encoder")).items()})
+    elif pipeline == "StableDiffusionXLPipeline":
+        clip, openclip = SDXL_TEXT_PREFIXES
+        state.update({clip + k: v for k, v in _with_text_model(weights("text_encoder")).items()})
+        state.update({openclip + k: v for k, v in clip_to_openclip(weights("text_encoder_2")).items()})
+    else:
+        raise ValueError(f"{folder} holds a {pipeline}; single files are written for Stable Diffusion 1.x and SDXL")
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
     save_file({k: v.contiguous() for k, v in state.items()}, str(target))

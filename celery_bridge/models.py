@@ -8,6 +8,7 @@ names the entry, never a silent default.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import os
 import re
@@ -117,9 +118,7 @@ class ModelEntry(_Strict):
     def _family_defaults(cls, data: Any) -> Any:
         """An entry without `defaults` gets its family's (size, steps, guidance), not SD 1.5's."""
         if isinstance(data, dict) and "defaults" not in data and isinstance(data.get("source"), str):
-            from celery_bridge.families import FAMILIES
-
-            family = FAMILIES[data.get("family") or _detected_family(data["source"], data.get("config"))]
+            family = _rules(data["source"], data.get("config"), data.get("family"))
             data = dict(data, defaults={"width": family.side, "height": family.side, "steps": family.steps,
                                         "guidance_scale": family.guidance, "scheduler": "default"})
         return data
@@ -156,9 +155,7 @@ class ModelEntry(_Strict):
     @property
     def rules(self):
         """Its family (celery_bridge.families.Family): schedulers, negative prompt, latents, batching."""
-        from celery_bridge.families import FAMILIES
-
-        return FAMILIES[self.family or _detected_family(self.source, self.config)]
+        return _rules(self.source, self.config, self.family)
 
     def check_loras(self, request: protocol.GenerationRequest) -> None:
         """InvalidRequest naming a LoRA the request asks for that this model does not list."""
@@ -190,7 +187,8 @@ class ModelEntry(_Strict):
     def fill(self, request: protocol.GenerationRequest) -> protocol.GenerationRequest:
         """`request` naming this model, with this model's defaults in every field it left out."""
         d = self.defaults
-        return request.with_defaults(self.name, d.width, d.height, d.steps, d.guidance_scale, d.scheduler)
+        filled = request.with_defaults(self.name, d.width, d.height, d.steps, d.guidance_scale, d.scheduler)
+        return filled if self.rules.guidance_applies else dataclasses.replace(filled, guidance_scale=0.0)
 
     @property
     def weights(self) -> str:
@@ -215,15 +213,18 @@ class ModelEntry(_Strict):
 
 
 @functools.lru_cache(maxsize=256)
-def _detected_family(source: str, config: Optional[str]) -> str:
-    """The family of a source's weights (a single file's: its config folder's); sd1 for the embedded
-    model, the sleep stand-in, a hub id and anything without a readable model_index.json."""
-    from celery_bridge.families import family_of_folder
+def _rules(source: str, config: Optional[str], family: Optional[str]):
+    """The rules (celery_bridge.families.Family) of a source's weights, read from its folder (a
+    single file's: its config folder): `family` when the catalogue names one, else detected; sd1
+    for the embedded model, the sleep stand-in, a hub id and anything without a readable
+    model_index.json."""
+    from celery_bridge.families import family_of_folder, rules_for
 
     if source == EMBEDDED or source.startswith(SLEEP_SOURCE):
-        return "sd1"
+        return rules_for(family or "sd1", None)
     folder = config if source.lower().endswith(SINGLE_FILE_SUFFIXES) and config else source
-    return family_of_folder(DEMO_FOLDER if folder == DEMO else Path(folder)) or "sd1"
+    path = DEMO_FOLDER if folder == DEMO else Path(folder)
+    return rules_for(family or family_of_folder(path) or "sd1", path)
 
 
 class Catalogue(_Strict):

@@ -14,6 +14,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
+from typing import Any
 
 # The folder name is the recipe's version: every worker that finds this folder renders with
 # these weights, so a change to anything below (shapes, seeds, vocabulary, scheduler) must come
@@ -163,8 +164,10 @@ def save_tiny_variant(folder: Path, seed: int) -> Path:
 
 
 def build_tiny_sdxl_pipeline(tokenizer_dir: Path, seed: int = SEED):
-    """A tiny random StableDiffusionXLPipeline (two CLIP text encoders, the second with projection;
-    a UNet with SDXL's text/time conditioning), built offline like `tiny`: for tests of the SDXL family."""
+    """A tiny random StableDiffusionXLPipeline (two CLIP text encoders, the second with projection
+    and wider, as OpenCLIP-G is wider than CLIP-L, so a single file's loader tells them apart by
+    width; a UNet with SDXL's text/time conditioning), built offline like `tiny`: for tests of the
+    SDXL family."""
     import torch
     from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
@@ -175,6 +178,7 @@ def build_tiny_sdxl_pipeline(tokenizer_dir: Path, seed: int = SEED):
         vocab_size=len(tokenizer), hidden_size=32, intermediate_size=37, num_attention_heads=4, num_hidden_layers=2,
         max_position_embeddings=77, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id, projection_dim=32)
+    text_config_2 = CLIPTextConfig.from_dict(dict(text_config.to_dict(), hidden_size=48, num_attention_heads=4))
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         unet = UNet2DConditionModel(
@@ -183,7 +187,7 @@ def build_tiny_sdxl_pipeline(tokenizer_dir: Path, seed: int = SEED):
             attention_head_dim=(2, 4), use_linear_projection=True, addition_embed_type="text_time",
             addition_time_embed_dim=8, transformer_layers_per_block=(1, 1),
             projection_class_embeddings_input_dim=6 * 8 + 32,  # six size numbers, and the pooled text embedding
-            cross_attention_dim=64, norm_num_groups=8)  # the two encoders' hidden states side by side
+            cross_attention_dim=32 + 48, norm_num_groups=8)  # the two encoders' hidden states side by side
         torch.manual_seed(seed + 1)
         vae = AutoencoderKL(
             block_out_channels=(8, 16, 16, 16), in_channels=3, out_channels=3, latent_channels=4, norm_num_groups=8,
@@ -192,7 +196,7 @@ def build_tiny_sdxl_pipeline(tokenizer_dir: Path, seed: int = SEED):
         torch.manual_seed(seed + 2)
         text_encoder = CLIPTextModel(text_config)
         torch.manual_seed(seed + 3)
-        text_encoder_2 = CLIPTextModelWithProjection(text_config)
+        text_encoder_2 = CLIPTextModelWithProjection(text_config_2)
     scheduler = EulerDiscreteScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
                                        steps_offset=1, timestep_spacing="leading")
     return StableDiffusionXLPipeline(vae=vae, text_encoder=text_encoder, text_encoder_2=text_encoder_2,
@@ -265,9 +269,10 @@ def build_tiny_sd3_pipeline(tokenizer_dir: Path, seed: int = SEED):
                                     tokenizer_2=clip, text_encoder_3=encoders[2], tokenizer_3=t5)
 
 
-def build_tiny_flux_pipeline(tokenizer_dir: Path, seed: int = SEED):
+def build_tiny_flux_pipeline(tokenizer_dir: Path, seed: int = SEED, guidance_embeds: bool = False):
     """A tiny random FluxPipeline (a CLIP and a T5 encoder, a FLUX transformer over 2x2-packed
-    16-channel latents, flow matching), built offline: for tests of the flux family."""
+    16-channel latents, flow matching), built offline: for tests of the flux family. Without
+    `guidance_embeds` it is shaped as FLUX.1 schnell, with them as FLUX.1 dev."""
     import torch
     from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
     from transformers import CLIPTextModel, T5EncoderModel
@@ -277,7 +282,8 @@ def build_tiny_flux_pipeline(tokenizer_dir: Path, seed: int = SEED):
         clip, t5, clip_config, t5_config, vae = _flow_parts(tokenizer_dir, seed)
         transformer = FluxTransformer2DModel(
             patch_size=1, in_channels=64, num_layers=1, num_single_layers=1, attention_head_dim=16,
-            num_attention_heads=2, joint_attention_dim=32, pooled_projection_dim=32, axes_dims_rope=[4, 4, 8])
+            num_attention_heads=2, joint_attention_dim=32, pooled_projection_dim=32, axes_dims_rope=[4, 4, 8],
+            guidance_embeds=guidance_embeds)
         encoders = [CLIPTextModel(clip_config), T5EncoderModel(t5_config)]
     return FluxPipeline(transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(), vae=vae,
                         text_encoder=encoders[0], tokenizer=clip, text_encoder_2=encoders[1], tokenizer_2=t5)
@@ -287,11 +293,12 @@ TINY_FAMILIES = {"sdxl": build_tiny_sdxl_pipeline, "sd3": build_tiny_sd3_pipelin
                  "sd1": build_tiny_pipeline, "sd2": build_tiny_sd2_pipeline}
 
 
-def save_tiny_family(family: str, folder: Path, seed: int = SEED) -> Path:
-    """A tiny random pipeline of `family` (sd1, sd2, sdxl, sd3, flux) saved as a diffusers folder."""
+def save_tiny_family(family: str, folder: Path, seed: int = SEED, **options: Any) -> Path:
+    """A tiny random pipeline of `family` (sd1, sd2, sdxl, sd3, flux) saved as a diffusers folder;
+    `options` go to its builder (flux: guidance_embeds)."""
     folder = Path(folder)
     with tempfile.TemporaryDirectory() as scratch:
-        TINY_FAMILIES[family](Path(scratch), seed=seed).save_pretrained(folder, safe_serialization=True)
+        TINY_FAMILIES[family](Path(scratch), seed=seed, **options).save_pretrained(folder, safe_serialization=True)
     return folder
 
 

@@ -123,7 +123,9 @@ class GatewayCatalogue:
                 "source_kind": entry.kind,
                 "family": entry.rules.name,
                 "schedulers": list(entry.rules.schedulers),
+                "variant": entry.rules.variant,  # FLUX.1: dev or schnell
                 "negative_prompt": entry.rules.negative_prompt,
+                "guidance": entry.rules.guidance_applies,  # False: guidance_scale is taken as 0
                 "loras": [lora.name for lora in entry.loras],
                 "defaults": entry.defaults.model_dump(),
                 "limits": entry.limits.model_dump(),

@@ -130,3 +130,63 @@ def test_a_negative_prompt_is_refused_only_where_it_means_nothing(service):
 
 def test_every_family_is_covered_here():
     assert set(FAMILY_PIPELINES) == set(FAMILIES)
+
+
+def test_flux_dev_takes_guidance_and_schnell_is_keyed_and_rendered_without_it(tmp_path):
+    """FLUX.1 dev's transformer takes the guidance as an input (28 steps at 3.5); schnell's has none
+    (timestep-distilled: 4 steps), so its requests are keyed and rendered at guidance 0."""
+    from celery_bridge.worker import GenerationService
+    from serve_app.catalogue import GatewayCatalogue
+
+    folders = {variant: save_tiny_family("flux", tmp_path / variant, guidance_embeds=variant == "dev")
+               for variant in ("dev", "schnell")}
+    catalogue = catalogue_from_dict({"default": "dev", "models": [{"name": variant, "source": str(folder)}
+                                                                   for variant, folder in folders.items()]})
+    dev, schnell = catalogue.get("dev"), catalogue.get("schnell")
+    assert (dev.rules.variant, dev.rules.guidance_applies, dev.defaults.steps, dev.defaults.guidance_scale) == \
+        ("dev", True, 28, 3.5)
+    assert (schnell.rules.variant, schnell.rules.guidance_applies, schnell.defaults.steps,
+            schnell.defaults.guidance_scale) == ("schnell", False, 4, 0.0)
+    gateway = GatewayCatalogue(catalogue, None)
+    for model, same in (("schnell", True), ("dev", False)):
+        resolved = {g: gateway.resolve(ask("flux", "a fox", model=model, guidance_scale=g)) for g in (1.0, 7.0)}
+        assert (resolved[1.0].cache_key() == resolved[7.0].cache_key()) is same
+        assert (resolved[7.0].guidance_scale == 0.0) is same
+    for variant, differ in (("dev", True), ("schnell", False)):
+        service = GenerationService(WorkerConfig(device="cpu", model=str(folders[variant])))
+        images = [png_of(service.handle(ask("flux", "a fox", guidance_scale=g).to_dict())) for g in (1.0, 7.0)]
+        assert (images[0].tobytes() != images[1].tobytes()) is differ
+        assert ("CFG scale: 0" in images[1].text["parameters"]) is not differ
+
+
+@pytest.mark.parametrize("family", ["sd1", "sdxl"])
+def test_a_single_file_renders_what_its_folder_renders_with_a_config_folder_holding_no_weights(
+        family, tmp_path, monkeypatch):
+    """The families that ship single files (A1111/Civitai's layout): the file alone carries the
+    weights (its config folder has none), SDXL's second encoder in OpenCLIP's fused layout."""
+    import shutil
+
+    from safetensors import safe_open
+
+    from celery_bridge.checkpoint import export_single_file
+    from celery_bridge.pipeline import PipelineRunner
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # a download attempt would fail loudly
+    folder = save_tiny_family(family, tmp_path / "folder", seed=11)
+    single_file = export_single_file(folder, tmp_path / f"{family}.safetensors")
+    configs = tmp_path / "configs"
+    shutil.copytree(folder, configs, ignore=shutil.ignore_patterns("*.safetensors", "*.bin"))
+    with safe_open(str(single_file), "pt") as weights:
+        keys = set(weights.keys())
+    if family == "sdxl":
+        assert "conditioner.embedders.1.model.transformer.resblocks.0.attn.in_proj_weight" in keys
+        assert "conditioner.embedders.1.model.text_projection" in keys
+        assert not any(key.startswith("conditioner.embedders.1.model.text_model.") for key in keys)
+
+    from_folder, from_file = (
+        PipelineRunner(WorkerConfig(model="m", device="cpu", model_cache_dir=str(tmp_path)), entry=entry)
+        for entry in (ModelEntry(name="m", source=str(folder)),
+                      ModelEntry(name="m", source=str(single_file), config=str(configs))))
+    for prompt in ("a lighthouse at dusk", "a red fox"):
+        request = GenerationRequest(prompt, seed=5, width=64, height=64, steps=3)
+        assert from_file.render(request) == from_folder.render(request)
