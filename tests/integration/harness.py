@@ -3,6 +3,7 @@ short throwaway home, clients, and probes that see what a user (or an operator) 
 
 from __future__ import annotations
 
+import asyncio
 import copy
 import json
 import math
@@ -17,7 +18,7 @@ import time
 import urllib.request
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable, Dict, Iterator, List, Optional, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
 
 import redis
 
@@ -266,3 +267,29 @@ def slow_request(stack: LocalStack, prompt: str, seconds: float) -> GenerationRe
         if steps <= MAX_STEPS:
             return GenerationRequest(prompt, width=side, height=side, steps=max(steps, 2))
     return GenerationRequest(prompt, width=2048, height=2048, steps=MAX_STEPS)
+
+
+class Loop:
+    """An event loop on a thread, as each replica's front runs its waiters on one."""
+
+    def __init__(self):
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self.thread.start()
+
+    def run(self, coro, timeout: float = 180):
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
+
+    def spawn(self, coro):
+        return asyncio.run_coroutine_threadsafe(coro, self.loop)
+
+    def gather(self, *coroutines, timeout: float = 180) -> List[Any]:
+        """Each coroutine's result (or the exception it raised), all running at once."""
+        async def together():
+            return await asyncio.gather(*coroutines, return_exceptions=True)
+
+        return self.run(together(), timeout)
+
+    def close(self):
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(5)

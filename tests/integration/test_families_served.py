@@ -10,7 +10,6 @@ import asyncio
 import base64
 import io
 import json
-import threading
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Dict, List
@@ -35,7 +34,7 @@ from serve_app.config import GatewayConfig
 from serve_app.front import FrontService
 from serve_app.store import SQLiteImageStore
 from tests.integration.conftest import WORKER_READY_TIMEOUT, service_env, wait_for_log
-from tests.integration.harness import wait_for
+from tests.integration.harness import Loop, wait_for
 from tests.resolve import key_of
 from tests.services import python_process, stop_process
 
@@ -87,26 +86,6 @@ def served(redis_server, tmp_path_factory):
 
 def request(family: str, prompt: str, **fields) -> GenerationRequest:
     return GenerationRequest(f"{prompt} {RUN}", model=family, **fields)
-
-
-class Loop:
-    """An event loop on a thread, as a replica's front runs its waiters on one."""
-
-    def __init__(self):
-        self.loop = asyncio.new_event_loop()
-        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
-        self.thread.start()
-
-    def gather(self, *coroutines, timeout: float = 180) -> List[Any]:
-        """Each coroutine's result (or the exception it raised), all running at once."""
-        async def together():
-            return await asyncio.gather(*coroutines, return_exceptions=True)
-
-        return asyncio.run_coroutine_threadsafe(together(), self.loop).result(timeout)
-
-    def close(self):
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self.thread.join(5)
 
 
 def image(answer) -> Image.Image:

@@ -3,7 +3,6 @@ their own producers) over a real redis-server, a real `sdgate worker` (Celery, t
 
 from __future__ import annotations
 
-import asyncio
 import functools
 import json
 import threading
@@ -27,31 +26,13 @@ from serve_app.jobs import JobService
 from serve_app.store import SQLiteImageStore
 from tests.integration.conftest import PlainWorker
 from tests.integration import harness
+from tests.integration.harness import Loop
 from tests.resolve import key_of, resolved
 
 pytestmark = pytest.mark.integration
 RESULT_PREFIX = "celery-task-meta-"
 LONG = dict(width=64, height=64, steps=150)  # a render long enough to act in the middle of
 wait_for = functools.partial(harness.wait_for, interval=0.02)
-
-
-class Loop:
-    """An event loop on a thread, as each replica's front runs its waiters on one."""
-
-    def __init__(self):
-        self.loop = asyncio.new_event_loop()
-        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
-        self.thread.start()
-
-    def run(self, coro, timeout=180):
-        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
-
-    def spawn(self, coro):
-        return asyncio.run_coroutine_threadsafe(coro, self.loop)
-
-    def close(self):
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self.thread.join(5)
 
 
 @pytest.fixture(scope="module")
