@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import Any, Dict, Optional
 
 from celery import Celery
+from celery.backends.redis import RedisBackend
 
 from celery_bridge.config import CeleryConfig, load_celery_config
 from celery_bridge.contract import TASK_NAME
@@ -59,10 +60,26 @@ def celery_settings(config: CeleryConfig) -> Dict[str, Any]:
     }
 
 
-def make_celery_app(config: Optional[CeleryConfig] = None, name: str = "sdgate") -> Celery:
-    """A configured Celery app on the Redis broker and result backend of `config`."""
+class SendOnlyRedisBackend(RedisBackend):
+    """Celery's Redis result backend for a process that sends tasks and reads their results with its
+    own listener (the gateway's producer). Celery's own would subscribe to every sent task's channel,
+    and unsubscribe when the unused AsyncResult is collected, on a connection nothing reads: each
+    send left its two confirmations (about 270 bytes) unread there, 800 kB after 3000 sends, until
+    Redis dropped the connection at its pub/sub output limit."""
+
+    def on_task_call(self, producer, task_id):
+        pass
+
+
+def make_celery_app(config: Optional[CeleryConfig] = None, name: str = "sdgate",
+                    reads_own_results: bool = False) -> Celery:
+    """A configured Celery app on the Redis broker and result backend of `config`;
+    `reads_own_results`: with SendOnlyRedisBackend."""
     config = config or load_celery_config()
-    app = Celery(name, broker=config.broker_url(), backend=config.broker_url())
+    backend = config.broker_url()
+    if reads_own_results:  # Celery's `class+url` form of a backend
+        backend = f"{SendOnlyRedisBackend.__module__}:{SendOnlyRedisBackend.__name__}+{backend}"
+    app = Celery(name, broker=config.broker_url(), backend=backend)
     app.conf.update(celery_settings(config))
     return app
 

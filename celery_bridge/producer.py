@@ -72,7 +72,7 @@ class GenerationProducer:
 
     def __init__(self, config: CeleryConfig):
         self.config = config
-        self.app = make_celery_app(config, name="sdgate-gateway")
+        self.app = make_celery_app(config, name="sdgate-gateway", reads_own_results=True)
         self.redis = config.redis_client(socket_timeout=5, socket_connect_timeout=3, health_check_interval=10)
         prefix = self.app.backend.task_keyprefix
         self._result_prefix = prefix.decode() if isinstance(prefix, bytes) else prefix

@@ -6,7 +6,10 @@ worker does; no worker is needed to show who reads which message.
 
 from __future__ import annotations
 
+import uuid
+
 import pytest
+import redis
 
 from client.protocol import GenerationRequest
 from celery_bridge.contract import GenerationResult
@@ -98,3 +101,22 @@ def _subscribed(producer: GenerationProducer, task_id: str) -> bool:
     """Whether Redis has a subscriber for `task_id`'s result channel from `producer`'s listener."""
     channel = producer._result_prefix + task_id
     return producer.redis.pubsub_numsub(channel)[0][1] >= 1
+
+
+def test_sending_leaves_no_subscription_that_nobody_reads(redis_server):
+    """Celery's Redis backend subscribes to every sent task's channel on a connection of its own,
+    which only AsyncResult.get() would read; the producer reads results with its listener, so its
+    sends must open nothing there (else each left ~270 unread bytes until Redis dropped it)."""
+    client = redis.Redis.from_url(redis_server.url)
+    before = {entry["id"] for entry in client.client_list()}
+    producer = GenerationProducer(celery_config(redis_server.url, f"channels-sent-{uuid.uuid4().hex[:6]}"))
+    try:
+        for n in range(50):
+            request, task_id = task(f"sent, never watched {n}")
+            producer.submit(request, task_id)
+        opened = [entry for entry in client.client_list() if entry["id"] not in before]
+        assert opened, "the producer's own connections should be listed"
+        assert not [entry for entry in opened if entry["cmd"] in ("subscribe", "unsubscribe") or int(entry["sub"])], \
+            opened
+    finally:
+        producer.close()
