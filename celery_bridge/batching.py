@@ -78,8 +78,8 @@ class HandOff:
         self._cond = threading.Condition()
         self._thread: Optional[threading.Thread] = None
 
-    def _hand_in(self, slot: Any) -> Rendered:
-        """Queue `slot` for the render thread and block until it has its image; raises its error."""
+    def _hand_in(self, slot: Any) -> Any:
+        """Queue `slot` for the render thread and block until it has its `result`; raises its error."""
         with self._cond:
             if self._thread is None and self.own_thread:
                 self._thread = threading.Thread(target=self._run, name=self._thread_name, daemon=True)

@@ -41,6 +41,15 @@ def group_of(request: GenerationRequest) -> Group:
 
 
 @dataclass
+class Decoded:
+    """A request's image as the loop leaves it; submit() encodes its PNG on the request's thread."""
+
+    image: Any
+    pipeline_ms: float
+    batch_size: int
+
+
+@dataclass
 class Active:
     """One request in the loop: the stepper's state for it (`state`), its steps and its waiter."""
 
@@ -54,7 +63,7 @@ class Active:
     started: float = 0.0
     shared: float = 0.0  # sum over its iterations of the requests in each: its share of the GPU
     done: threading.Event = field(default_factory=threading.Event)
-    result: Optional[Rendered] = None
+    result: Optional[Decoded] = None
     error: Optional[BaseException] = None
 
 
@@ -70,9 +79,14 @@ class Stepper:
         callback gets (its latents, or as the runner's preview_latents gives them)."""
         raise NotImplementedError
 
-    def finish(self, state: Any) -> bytes:
-        """The PNG of a state whose steps are all done."""
+    def finish(self, state: Any) -> Any:
+        """The decoded image of a state whose steps are all done (what `encode` takes)."""
         raise NotImplementedError
+
+    def encode(self, request: GenerationRequest, image: Any) -> bytes:
+        """The PNG of `finish`'s image; called on the request's own thread, outside the loop, so
+        the next iteration does not wait for it. Default: `finish` returned the bytes already."""
+        return image
 
 
 class TooLate(RuntimeError):
@@ -109,9 +123,12 @@ class ContinuousLoop(HandOff):
         return len(self._pending)
 
     def submit(self, request: GenerationRequest, on_step: Optional[OnStep] = None) -> Rendered:
-        """Block until `request` is rendered; raises what its render or its own `on_step` raised."""
+        """Block until `request` is rendered; raises what its render or its own `on_step` raised.
+        Its `pipeline_ms` runs from its admission (prompt encoding) to its decoded image, as a solo
+        pipeline call is timed: the wait to join and the PNG encoding are not the model's."""
         now = self._clock()
-        return self._hand_in(Active(request, on_step, now + self.time_limit_s if self.time_limit_s else None, now))
+        decoded = self._hand_in(Active(request, on_step, now + self.time_limit_s if self.time_limit_s else None, now))
+        return Rendered(self.stepper.encode(request, decoded.image), decoded.pipeline_ms, decoded.batch_size)
 
     # -- the loop ------------------------------------------------------------------------------------
 
@@ -150,12 +167,12 @@ class ContinuousLoop(HandOff):
         return joining
 
     def _admit(self, slot: Active) -> None:
+        slot.started = self._clock()
         try:
             slot.state, slot.steps = self.stepper.start(slot.request)
         except BaseException as exc:  # noqa: BLE001 - its task reports it; the loop goes on
             self._end(slot, error=exc)
             return
-        slot.started = self._clock()
         self._active.append(slot)
 
     def _step(self) -> None:
@@ -183,14 +200,14 @@ class ContinuousLoop(HandOff):
     def _finish(self) -> None:
         for slot in [slot for slot in self._active if slot.index >= slot.steps]:
             try:
-                png = self.stepper.finish(slot.state)
+                image = self.stepper.finish(slot.state)
             except BaseException as exc:  # noqa: BLE001 - as above
                 self._end(slot, error=exc)
                 continue
             milliseconds = (self._clock() - slot.started) * 1000
-            self._end(slot, result=Rendered(png, milliseconds, max(1, round(slot.shared / max(1, slot.index)))))
+            self._end(slot, result=Decoded(image, milliseconds, max(1, round(slot.shared / max(1, slot.index)))))
 
-    def _end(self, slot: Active, result: Optional[Rendered] = None, error: Optional[BaseException] = None) -> None:
+    def _end(self, slot: Active, result: Optional[Decoded] = None, error: Optional[BaseException] = None) -> None:
         if slot in self._active:
             self._active.remove(slot)
         slot.state = None  # its latents and embeddings go now, not when its task thread wakes
@@ -308,10 +325,8 @@ class DiffusersStepper(Stepper):
         return [self.runner.preview_latents(state.latents, state.request.width, state.request.height)
                 for state in states]
 
-    def finish(self, state: Any) -> bytes:
+    def finish(self, state: Any) -> Any:
         import torch
-
-        from celery_bridge.pipeline import encode_png
 
         pipe = self.pipe
         with torch.no_grad():
@@ -326,7 +341,12 @@ class DiffusersStepper(Stepper):
                 image, nsfw = pipe.run_safety_checker(image, self.runner.device, state.latents.dtype)
                 denormalize = [True] if nsfw is None else [not flagged for flagged in nsfw]
                 picture = pipe.image_processor.postprocess(image, output_type="pil", do_denormalize=denormalize)[0]
-        return encode_png(picture, state.request)
+        return picture
+
+    def encode(self, request: GenerationRequest, image: Any) -> bytes:
+        from celery_bridge.pipeline import encode_png
+
+        return encode_png(image, request)
 
     def _decode_xl(self, latents: Any) -> Any:
         """SDXL's decode as its __call__ does it: the VAE upcast from fp16 where it overflows, and
