@@ -36,5 +36,9 @@ demo: setup
 down:
 	$(VENV)/bin/sdgate down
 
+# Two pytest workers (pytest-xdist), each taking whole modules (--dist loadfile, so a module's stack
+# is started once): the integration suites spend half their time waiting on services, not on the CPU.
+TEST_WORKERS ?= 2
+
 test: setup
-	$(VENV)/bin/python -m pytest
+	$(VENV)/bin/python -m pytest -n $(TEST_WORKERS) --dist loadfile
