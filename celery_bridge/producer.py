@@ -159,9 +159,12 @@ class GenerationProducer:
                 watch.payload, watch.queue = payload, queue
 
     def watch(self, task_id: str, on_started: Optional[Callable[[], None]] = None,
-              on_progress: Optional[Callable[[Dict[str, Any]], None]] = None) -> "Future[GenerationResult]":
+              on_progress: Optional[Callable[[Dict[str, Any]], None]] = None,
+              unsent: bool = False) -> "Future[GenerationResult]":
         """A future for `task_id`'s result; `on_started` runs once when a worker picks it up, and
-        `on_progress(event)` on the listener thread for each step event (celery_bridge/progress.py)."""
+        `on_progress(event)` on the listener thread for each step event (celery_bridge/progress.py).
+        `unsent`: this process has yet to send the task, so nothing can be stored for it yet (no
+        look-up now; the listener reads the key once subscribed, as for every watch)."""
         with self._lock:
             watch = self._watches.get(task_id)
             if watch is None:
@@ -171,7 +174,8 @@ class GenerationProducer:
             if on_progress:
                 watch.on_progress.append(on_progress)
         self._subscriptions_stale.set()
-        self._check(task_id)  # the result may already be there (a joined or finished task)
+        if not unsent:
+            self._check(task_id)  # the result may already be there (a joined or finished task)
         return watch.future
 
     def unwatch(self, task_id: str) -> None:

@@ -72,7 +72,7 @@ class GenerationService:
         self.on_rendered = on_rendered
         self.redis = redis_client
         self.fair = FairShare(redis_client) if redis_client is not None else None
-        self._reports = ThreadPoolExecutor(1, thread_name_prefix="sdgate-fair-report")
+        self._reports = ThreadPoolExecutor(1, thread_name_prefix="sdgate-reports")  # off the result's path
         # 1 renders in the calling thread as before; more needs that many consumer threads (worker_argv).
         entry = self.runner.entry
         self.batching = batching_mode(config.batching or entry.batching, self.runner)
@@ -119,6 +119,12 @@ class GenerationService:
         except Exception as exc:  # noqa: BLE001 - the slot lapses by itself; the image must not be lost
             log.warning("could not report task %s finished to fair share: %s", task_id, exc)
 
+    def _record_render(self, model: str, ms: float) -> None:
+        try:
+            record_render(self.redis, model, ms)
+        except Exception:  # noqa: BLE001 - an ETA sample is not worth failing an image for
+            pass
+
     def _handle(self, payload: Any) -> Dict[str, Any]:
         GenerationTimeout = self._timeout_error  # noqa: N806 - the runner's exception class
 
@@ -158,11 +164,8 @@ class GenerationService:
         self.tasks_done += 1
         if self.on_rendered:
             self.on_rendered(request.model)
-        if reporter is not None:
-            try:
-                record_render(self.redis, request.model, pipeline_ms / batch_size)  # for queue ETAs
-            except Exception:  # noqa: BLE001 - an ETA sample is not worth failing an image for
-                pass
+        if reporter is not None:  # a sample for queue ETAs, beside the result rather than before it
+            self._reports.submit(self._record_render, request.model, pipeline_ms / batch_size)
         result = GenerationResult.success(request, png, pipeline_ms, self.name)
         result.pipeline_loads, result.batch_size = type(self.runner).loads, batch_size
         return result.to_json()

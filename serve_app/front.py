@@ -303,16 +303,17 @@ class FrontService:
         # 3. Count our waiters cluster-wide, then watch before submitting so the result cannot slip
         #    past; finish from its callback.
         self.waiters.register(flight, watched=claimed)
-        self._watch(flight)
+        self._watch(flight, unsent=claimed)
         if flight.leader_status:  # before submitting, so it always precedes `generating`
             flight.leader_status(protocol.STATUS_QUEUED if claimed else protocol.STATUS_JOINED)
         if claimed:
             self._submit(flight)
 
-    def _watch(self, flight: Flight) -> None:
+    def _watch(self, flight: Flight, unsent: bool) -> None:
         started = time.monotonic()
         future = self.producer.watch(flight.task_id, on_started=flight.mark_started,
-                                     on_progress=lambda event: self.waiters.relay_progress(flight, event))
+                                     on_progress=lambda event: self.waiters.relay_progress(flight, event),
+                                     unsent=unsent)
 
         def done(result: "Future[GenerationResult]") -> None:
             try:
@@ -364,17 +365,22 @@ class FrontService:
     def _finish(self, flight: Flight, outcome: object, task_done: bool = False) -> None:
         """Every end of a flight: forget it, stop watching, free the claim, wake every waiter.
 
-        Once the task's result is in, its claim is freed whoever owns it (it names a finished task)."""
+        Once the task's result is in, its claim is freed whoever owns it (it names a finished task).
+        An image wakes its waiters before the claim is freed (a retry reads it from the cache); a
+        failure frees the claim first, so a retry renders anew rather than joining the failed task."""
+        answered = isinstance(outcome, Answer)
         try:
             with self._flights_lock:
                 if self._flights.get(flight.key) is flight:
                     del self._flights[flight.key]
-            if flight.task_id and not isinstance(outcome, Answer):
+            if answered:
+                flight.finish(outcome)  # its waiters now; a retry finds the image in the cache
+            elif flight.task_id:
                 self.producer.unwatch(flight.task_id)
             if (flight.owner or task_done) and flight.task_id:
                 self.claims.release(flight.key, flight.task_id)
         finally:
-            flight.finish(outcome)
+            flight.finish(outcome)  # whatever failed above (a no-op once answered)
 
     # -- waiters and cancel ----------------------------------------------------------------------
 

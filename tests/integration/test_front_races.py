@@ -124,12 +124,66 @@ def test_a_miss_that_wins_a_just_released_claim_reads_the_cache_again(cluster):
     cluster.render(task_id, request)
     a_thread.join(10)
     assert a["value"].png == PNG and not a["value"].cached
-    assert cluster.redis.get(redis_keys.CLAIM + request.cache_key()) is None, "A released its claim"
+    # A's waiters are answered before its claim is freed (FrontService._finish): B goes once it is.
+    wait_for(lambda: cluster.redis.get(redis_keys.CLAIM + request.cache_key()) is None, what="A released its claim")
     b_may_go.set()
     b_thread.join(10)
     assert not b_thread.is_alive(), "B rendered again and waits for a second task"
     assert b["value"].png == PNG and b["value"].cached, b
     assert submitted == [task_id], "one render for the key"
+
+
+def test_an_image_is_answered_before_the_claim_is_freed_and_a_failure_only_after(cluster):
+    """The claim release is one Redis round trip that the image need not wait for: the image is
+    cached by then, so a retry reads it there. A failure frees the claim first, so a retry claims
+    anew and renders rather than joining the failed task."""
+    front = cluster.replica()
+    release_may_go, releasing = threading.Event(), []
+    release = front.claims.release
+
+    def held_release(key, task_id):
+        releasing.append(task_id)
+        assert release_may_go.wait(20)
+        release(key, task_id)
+
+    front.claims.release = held_release
+    request = resolved(GenerationRequest("answered before the release", seed=5))
+    thread, outcome = in_loop(lambda: front.generate_async(request))
+    task_id = wait_for(lambda: cluster.queued() and cluster.queued()[-1], what="the task queued")
+    cluster.render(task_id, request)
+    thread.join(10)
+    assert not thread.is_alive(), "the image waited for the claim release"
+    assert outcome["value"].png == PNG and releasing == [task_id]
+    assert cluster.redis.get(redis_keys.CLAIM + request.cache_key()) == task_id.encode(), "released after"
+    release_may_go.set()
+    wait_for(lambda: cluster.redis.get(redis_keys.CLAIM + request.cache_key()) is None, what="the claim released")
+
+    failing = resolved(GenerationRequest("a failure frees its claim first", seed=6))
+    release_may_go.clear()
+    thread, outcome = in_loop(lambda: front.generate_async(failing))
+    flight = wait_for(lambda: front._flights.get(failing.cache_key()), what="the second flight")
+    task_id = wait_for(lambda: flight.task_id, what="the second task claimed")  # waits for a worker slot
+    cluster.publish(task_id, "FAILURE", {"exc_type": "RuntimeError", "exc_message": "out of memory"})
+    wait_for(lambda: len(releasing) == 2, what="the failed task's release started")
+    assert not flight.future.done(), "a failure was answered before its claim was freed"
+    release_may_go.set()
+    thread.join(10)
+    assert outcome["error"].code == protocol.E_INTERNAL
+
+
+def test_a_new_tasks_watch_reads_nothing_before_it_is_sent(cluster):
+    """A task id this replica just claimed has nothing stored under it: watching it costs no
+    look-up on the miss's path (a joined task's watch still reads what is there)."""
+    producer = cluster.replica().producer
+    read, get = [], producer.redis.get
+    producer.redis.get = lambda name: read.append(name) or get(name)
+    unsent, joined = "sdgate-unsent-" + uuid.uuid4().hex, "sdgate-joined-" + uuid.uuid4().hex
+    future = producer.watch(unsent, unsent=True)
+    cluster.publish(joined, "SUCCESS", GenerationResult.success(
+        resolved(GenerationRequest("joined late", seed=7)).normalized(), PNG, 1.0, "w").to_json())
+    assert producer.watch(joined).result(5).png == PNG
+    assert RESULT_PREFIX + joined in read and RESULT_PREFIX + unsent not in read
+    assert not future.done()
 
 
 def test_an_unexpected_error_in_the_leader_finishes_every_joiner_and_frees_the_claim(cluster):
