@@ -8,6 +8,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Dict, Optional
 
 import pytest
 
@@ -37,14 +38,21 @@ def wait_for_log(log: Path, text: str, process: subprocess.Popen, timeout: float
 
 
 class PlainWorker:
-    """`sdgate worker` as a subprocess (its own process group), consuming `queue`."""
+    """`sdgate worker` as a subprocess (its own process group), consuming `queue` for `model` (the
+    catalogue's default when None); `env`: more SDGATE_* settings. Without `wait`, call wait_ready()
+    later (several workers then start side by side)."""
 
-    def __init__(self, redis_url: str, queue: str, home: Path, log: Path):
+    def __init__(self, redis_url: str, queue: str, home: Path, log: Path, model: Optional[str] = None,
+                 env: Optional[Dict[str, str]] = None, wait: bool = True):
         self.log = log
-        env = service_env(redis_url, home, SDGATE_QUEUE=queue)
         self.started = time.monotonic()
-        self.process = python_process(["-m", "cluster.cli", "worker", "--loglevel", "INFO"], env, log)
-        wait_for_log(log, " ready.", self.process, WORKER_READY_TIMEOUT)
+        self.process = python_process(["-m", "cluster.cli", "worker", *(["--model", model] if model else []),
+                                       "--loglevel", "INFO"], service_env(redis_url, home, SDGATE_QUEUE=queue, **(env or {})), log)
+        if wait:
+            self.wait_ready()
+
+    def wait_ready(self) -> None:
+        wait_for_log(self.log, " ready.", self.process, WORKER_READY_TIMEOUT)
         self.ready_seconds = time.monotonic() - self.started
 
     def stop(self) -> None:

@@ -137,6 +137,22 @@ def healthz(stack: LocalStack) -> dict:
         return json.loads(response.read())
 
 
+def task_results(client: redis.Redis, key: str) -> List[Dict[str, Any]]:
+    """The stored Celery result (the task body's return) of every task that rendered `key`."""
+    metas = [json.loads(client.get(name) or b"{}") for name in client.scan_iter(match=f"{RESULT_PREFIX}sdgate-{key}-*")]
+    return [meta["result"] for meta in metas if isinstance(meta.get("result"), dict)]
+
+
+def finished_task(client: redis.Redis, task_id: str, timeout: float = 120, interval: float = 0.1) -> Dict[str, Any]:
+    """`task_id`'s stored Celery state once it is SUCCESS or FAILURE (its whole meta), polled."""
+    def finished():
+        raw = client.get(RESULT_PREFIX + task_id)
+        meta = json.loads(raw) if raw else None
+        return meta if meta and meta.get("status") in ("SUCCESS", "FAILURE") else None
+
+    return wait_for(finished, timeout, f"the result of {task_id}", interval)
+
+
 def wait_for(check: Callable[[], object], timeout: float = 15.0, what: str = "condition", interval: float = 0.1):
     """check()'s first truthy value; AssertionError naming `what` after `timeout` seconds."""
     deadline = time.monotonic() + timeout

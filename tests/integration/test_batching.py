@@ -23,7 +23,7 @@ import redis
 from celery_bridge.sleep_model import sleep_catalogue
 from client import protocol
 from client.protocol import GenerationRequest
-from tests.integration.harness import TaskRuns, ask, cached_pngs, local_stack, wait_for
+from tests.integration.harness import TaskRuns, ask, cached_pngs, local_stack, task_results, wait_for
 from tests.integration.test_faults import in_thread
 from tests.resolve import key_of
 
@@ -92,12 +92,7 @@ def _models(stack) -> dict:
 def batch_sizes(stack, key: str) -> list:
     """batch_size of every stored Celery result of the tasks that rendered `key`."""
     client = redis.Redis.from_url(stack.redis_url, socket_timeout=5)
-    sizes = []
-    for name in client.scan_iter(match=f"celery-task-meta-sdgate-{key}-*"):
-        meta = json.loads(client.get(name))
-        if isinstance(meta.get("result"), dict) and "batch_size" in meta["result"]:
-            sizes.append(meta["result"]["batch_size"])
-    return sizes
+    return [result["batch_size"] for result in task_results(client, key) if "batch_size" in result]
 
 
 def test_ray_worker_replica_renders_concurrent_same_shape_requests_in_one_batch():

@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import io
-import json
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Dict, List
@@ -33,10 +32,9 @@ from serve_app.catalogue import GatewayCatalogue
 from serve_app.config import GatewayConfig
 from serve_app.front import FrontService
 from serve_app.store import SQLiteImageStore
-from tests.integration.conftest import WORKER_READY_TIMEOUT, service_env, wait_for_log
-from tests.integration.harness import Loop, wait_for
+from tests.integration.conftest import PlainWorker
+from tests.integration.harness import Loop, finished_task, task_results, wait_for
 from tests.resolve import key_of
-from tests.services import python_process, stop_process
 
 pytestmark = pytest.mark.integration
 RUN = uuid.uuid4().hex[:6]
@@ -58,14 +56,12 @@ def served(redis_server, tmp_path_factory):
     workers = []
     try:
         for family in FAMILY_NAMES:
-            env = service_env(redis_server.url, root / f"home-{family}", SDGATE_QUEUE=base_queue,
-                              SDGATE_MODELS_FILE=str(catalogue_file), HF_HUB_OFFLINE="1", SDGATE_CPU_THREADS="1",
-                              SDGATE_MAX_BATCH_SIZE="2", SDGATE_BATCH_WAIT_MS="400")
-            log = root / f"worker-{family}.log"
-            workers.append((python_process(["-m", "cluster.cli", "worker", "--model", family, "--loglevel", "INFO"],
-                                           env, log), log))
-        for process, log in workers:
-            wait_for_log(log, " ready.", process, WORKER_READY_TIMEOUT)
+            env = dict(SDGATE_MODELS_FILE=str(catalogue_file), HF_HUB_OFFLINE="1", SDGATE_CPU_THREADS="1",
+                       SDGATE_MAX_BATCH_SIZE="2", SDGATE_BATCH_WAIT_MS="400")
+            workers.append(PlainWorker(redis_server.url, base_queue, root / f"home-{family}",
+                                       root / f"worker-{family}.log", model=family, env=env, wait=False))
+        for worker in workers:
+            worker.wait_ready()
         catalogue = catalogue_from_dict({"default": "sd1", "models": models})
         producer = GenerationProducer(CeleryConfig(redis_url=redis_server.url, queue=base_queue))
         client = producer.redis
@@ -81,7 +77,7 @@ def served(redis_server, tmp_path_factory):
         front.counters.close()
     finally:
         with ThreadPoolExecutor(max(1, len(workers))) as stopping:  # each sits out Celery's warm shutdown
-            list(stopping.map(stop_process, [process for process, _ in workers]))
+            list(stopping.map(PlainWorker.stop, workers))
 
 
 def request(family: str, prompt: str, **fields) -> GenerationRequest:
@@ -95,8 +91,7 @@ def image(answer) -> Image.Image:
 
 def results_of(client: redis.Redis, key: str) -> List[Dict[str, Any]]:
     """The stored Celery result of every task that rendered `key`."""
-    found = [json.loads(client.get(name)) for name in client.scan_iter(match=f"celery-task-meta-sdgate-{key}-*")]
-    return [meta["result"] for meta in found if isinstance(meta.get("result"), dict)]
+    return task_results(client, key)
 
 
 @pytest.mark.parametrize("family", FAMILY_NAMES)
@@ -147,12 +142,7 @@ def test_a_cancel_stops_the_familys_worker_within_one_step(served, family):
     outcome, task_id, at_cancel = loop.gather(cancel_after_a_step())[0]
     assert isinstance(outcome, ProtocolError) and outcome.code == protocol.E_CANCELLED, outcome
 
-    def stored():
-        raw = client.get(f"celery-task-meta-{task_id}")
-        meta = json.loads(raw) if raw else None
-        return meta["result"] if meta and meta.get("status") in ("SUCCESS", "FAILURE") else None
-
-    result = wait_for(stored, 60, "the cancelled task's result")
+    result = finished_task(client, task_id, 60)["result"]
     assert result["ok"] is False and result["error_code"] == protocol.E_CANCELLED
     stopped = int(result["error_message"].split("stopped after step ")[1].split(" ")[0])
     assert stopped <= at_cancel + 1 < LONG_STEPS

@@ -26,11 +26,10 @@ from serve_app.jobs import JobService
 from serve_app.store import SQLiteImageStore
 from tests.integration.conftest import PlainWorker
 from tests.integration import harness
-from tests.integration.harness import Loop
+from tests.integration.harness import Loop, finished_task
 from tests.resolve import key_of, resolved
 
 pytestmark = pytest.mark.integration
-RESULT_PREFIX = "celery-task-meta-"
 LONG = dict(width=64, height=64, steps=150)  # a render long enough to act in the middle of
 wait_for = functools.partial(harness.wait_for, interval=0.02)
 
@@ -80,12 +79,7 @@ def task_of(replica: Replica, request: GenerationRequest) -> str:
 
 
 def result_of(r: redis.Redis, task_id: str) -> Dict[str, Any]:
-    def finished():
-        raw = r.get(RESULT_PREFIX + task_id)
-        meta = json.loads(raw) if raw else None
-        return meta if meta and meta.get("status") in ("SUCCESS", "FAILURE") else None
-
-    return wait_for(finished, 120, f"result of {task_id}")
+    return finished_task(r, task_id)
 
 
 def test_progress_arrives_in_order_and_reaches_a_joiner_on_another_replica(replicas):

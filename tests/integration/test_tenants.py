@@ -7,7 +7,6 @@ names of this run's own, since the stack's Redis is shared by the session.
 from __future__ import annotations
 
 import json
-import statistics
 import subprocess
 import sys
 import time
@@ -110,16 +109,8 @@ def wall_time(date_done: str) -> float:
     return (done if done.tzinfo else done.replace(tzinfo=timezone.utc)).timestamp()
 
 
-def lone_render_s(stack, key: str) -> float:
-    """Submission to the worker's finish of one job on an idle worker (no polling lag)."""
-    started = time.time()
-    job_id = submit(stack, key, f"lone render {uuid.uuid4().hex}")
-    return wall_time(finished_on_worker(stack, {job_id: key})[1][job_id]) - started
-
-
 def test_no_tenants_backlog_delays_anothers_first_image(stack, registry):
     (_, a), (_, b), (_, c) = (tenant(registry, n) for n in ("heavy", "light-b", "light-c"))
-    render_s = lone_render_s(stack, TOKEN)
     heavy = [submit(stack, a, f"a's backlog {n} {RUN}") for n in range(32)]
     submitted: Dict[str, float] = {}
     for key, name, count in ((b, "b", 2), (c, "c", 3)):
@@ -131,14 +122,15 @@ def test_no_tenants_backlog_delays_anothers_first_image(stack, registry):
                                          **{j: a for j in heavy}})
     tenth_of_a = sorted(done[j] for j in heavy)[9]
     assert all(done[j] < tenth_of_a for j in light_b + light_c), "a light tenant's image waited behind a's backlog"
-    # A render under this load (the worker's spacing of a's finishes, while this test polls and
-    # submits on the same cores) is slower than the lone one; the first image may wait out the
-    # render in flight and one already handed to the worker, then its own: three renders.
-    finishes = sorted(wall_time(done[j]) for j in heavy)
-    loaded_render_s = statistics.median(later - earlier for earlier, later in zip(finishes, finishes[1:]))
+    # Counted in renders, not seconds (this machine's speed varies with whatever else runs on it):
+    # while a light tenant's first image waits, the worker may finish the render in flight, one
+    # already handed to it, and one the dispatcher released as the image arrived; never the backlog.
+    finishes = [wall_time(done[j]) for j in heavy]
     for first in (light_b[0], light_c[0]):
-        waited = wall_time(done[first]) - submitted[first]
-        assert 0 < render_s < waited <= 3 * max(render_s, loaded_render_s) + 1.0, (waited, render_s, loaded_render_s)
+        finished = wall_time(done[first])
+        assert finished > submitted[first]
+        overtaken = sum(1 for at in finishes if submitted[first] < at < finished)
+        assert overtaken <= 3, f"{overtaken} of a's renders finished while {first}'s first image waited"
     assert [done[j] for j in heavy] == sorted(done[j] for j in heavy), "a's own jobs first in, first out"
 
 

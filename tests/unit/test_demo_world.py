@@ -136,9 +136,8 @@ def test_the_examples_a_newcomer_meets_are_prompts_of_the_grammar():
     import re
     import subprocess
     import sys
-    from pathlib import Path
 
-    repo = Path(__file__).resolve().parents[2]
+    from tests.services import REPO as repo
     help_text = subprocess.run([sys.executable, str(repo / "client" / "boot.py"), "--help"], capture_output=True,
                                text=True, timeout=60, check=True).stdout
     shown = re.findall(r'boot\.py "([^"]+)"', help_text)
