@@ -37,8 +37,9 @@ down:
 	$(VENV)/bin/sdgate down
 
 # Two pytest workers (pytest-xdist), each taking whole modules (--dist loadfile, so a module's stack
-# is started once): the integration suites spend half their time waiting on services, not on the CPU.
+# is started once) in collection order, longest first (tests/conftest.py): the integration suites
+# spend half their time waiting on services, not on the CPU.
 TEST_WORKERS ?= 2
 
 test: setup
-	$(VENV)/bin/python -m pytest -n $(TEST_WORKERS) --dist loadfile
+	$(VENV)/bin/python -m pytest -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder

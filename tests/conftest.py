@@ -22,3 +22,20 @@ def redis_server():
     server = RedisServer().start()
     yield server
     server.stop()
+
+
+# The longest modules first (measured: `pytest --durations=0`): pytest-xdist hands out whole
+# modules in collection order (`make test`: --dist loadfile), so they start at once on separate
+# workers and the short ones fill in around them, instead of one long module running alone at the end.
+LONGEST_FIRST = ["integration/test_cluster.py", "integration/test_faults.py", "integration/test_batching.py",
+                 "integration/test_front_path.py", "integration/test_bad_input.py", "integration/test_families_served.py",
+                 "unit/test_demo_meaning.py", "integration/test_worker_modes.py", "integration/test_progress.py",
+                 "integration/test_models.py", "unit/test_bench.py", "integration/test_front_pressure.py"]
+
+
+def pytest_collection_modifyitems(items):
+    def rank(item) -> int:
+        path = item.nodeid.split("::")[0].removeprefix("tests/")
+        return LONGEST_FIRST.index(path) if path in LONGEST_FIRST else len(LONGEST_FIRST)
+
+    items.sort(key=rank)  # stable: each module keeps its own order
