@@ -25,6 +25,7 @@ from celery_bridge.config import CeleryConfig
 from celery_bridge.fair_share import backlog_key
 from celery_bridge.models import queue_for
 from celery_bridge.producer import GenerationProducer, new_task_id
+from serve_app.config import GatewayConfig
 from serve_app.tenants import Tenant, TenantRegistry
 from tests.integration.harness import ask, wait_for
 from tests.resolve import resolved
@@ -131,7 +132,11 @@ def test_no_tenants_backlog_delays_anothers_first_image(stack, registry):
         assert finished > submitted[first]
         overtaken = sum(1 for at in finishes if submitted[first] < at < finished)
         assert overtaken <= 3, f"{overtaken} of a's renders finished while {first}'s first image waited"
-    assert [done[j] for j in heavy] == sorted(done[j] for j in heavy), "a's own jobs first in, first out"
+    # a's own jobs keep their order, up to the gateway's lead threads: one tenant's leads run on
+    # `front_threads` threads at once (serve_app/fair_pool.py), so neighbours may reach its backlog swapped.
+    finishing = sorted(heavy, key=lambda j: done[j])
+    displaced = max(abs(finishing.index(j) - n) for n, j in enumerate(heavy))
+    assert displaced < GatewayConfig().front_threads, f"a's own jobs out of order by {displaced} places"
 
 
 def test_a_tenant_on_another_replica_is_served_fairly_too(stack, registry):
