@@ -22,7 +22,7 @@ import io
 import json
 import logging
 import time
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
 import redis
 from redis.commands.core import Script
@@ -62,9 +62,18 @@ local left = redis.call('zcard', KEYS[1])
 if left == 0 then redis.call('set', KEYS[2], '1', 'EX', ARGV[2]) end
 return left
 """
-# KEYS[1] cancel flag, KEYS[2] watched flag, KEYS[3] waiters zset. Returns {cancelled, watched, live waiters}.
+# KEYS[1] cancel flag, KEYS[2] watched flag, KEYS[3] waiters zset, optionally KEYS[4] the task's Celery result
+# key. ARGV[1] its STARTED state as Celery's result backend encodes it, ARGV[2] that state's ttl (s).
+# Returns {cancelled, watched, live waiters}. A task that may start gets its STARTED state stored and
+# published as Celery's task_track_started would store it, in this same round trip.
 _START_CHECK = _NOW_MS + """
-return {redis.call('exists', KEYS[1]), redis.call('exists', KEYS[2]), redis.call('zcount', KEYS[3], now, '+inf')}
+local cancelled, watched = redis.call('exists', KEYS[1]), redis.call('exists', KEYS[2])
+local live = redis.call('zcount', KEYS[3], now, '+inf')
+if KEYS[4] and cancelled == 0 and (watched == 0 or live > 0) then
+  redis.call('set', KEYS[4], ARGV[1], 'EX', ARGV[2])
+  redis.call('publish', KEYS[4], ARGV[1])
+end
+return {cancelled, watched, live}
 """
 # KEYS[1] queue list. ARGV[1] scan limit, then task ids. Returns each id's 0-based position from the
 # consuming end (kombu LPUSHes and BRPOPs, so the oldest is at the right), or -1 when not seen.
@@ -168,8 +177,11 @@ class ProgressReporter:
     """Worker side, one per task: gate the start, publish throttled steps, stop on a cancel flag."""
 
     def __init__(self, client: redis.Redis, task_id: str, steps: int, previews: int = 0,
-                 min_interval_s: float = MIN_INTERVAL_S):
+                 min_interval_s: float = MIN_INTERVAL_S, started_state: Optional[Tuple[str, str, int]] = None):
+        """`started_state`: (result key, encoded state, ttl s) that check_start stores and publishes
+        when the task may start: its Celery STARTED state (the worker's `_started_state`)."""
         self.client, self.task_id, self.steps = client, task_id, steps
+        self.started_state = started_state
         self.previews = max(0, int(previews))
         self.min_interval_s = min_interval_s
         self.started = time.monotonic()
@@ -177,10 +189,14 @@ class ProgressReporter:
         self.steps_run = 0  # the worker's own step count (tests read it from the last event)
 
     def check_start(self) -> None:
-        """Raise TaskCancelled when the task was cancelled, or every waiter left before it started."""
-        cancelled, watched, live = _script(self.client, _START_CHECK)(
-            keys=[redis_keys.TASK_CANCEL + self.task_id, redis_keys.WATCHED + self.task_id,
-                  redis_keys.WAITERS + self.task_id])
+        """Raise TaskCancelled when the task was cancelled, or every waiter left before it started;
+        otherwise store and publish its `started_state`, where the gateways watching it see it start."""
+        keys = [redis_keys.TASK_CANCEL + self.task_id, redis_keys.WATCHED + self.task_id, redis_keys.WAITERS + self.task_id]
+        args: List[Any] = []
+        if self.started_state is not None:
+            result_key, state, ttl_s = self.started_state
+            keys, args = keys + [result_key], [state, max(1, int(ttl_s))]
+        cancelled, watched, live = _script(self.client, _START_CHECK)(keys=keys, args=args)
         if cancelled:
             raise TaskCancelled(CANCELLED_MESSAGE)
         if watched and not live:

@@ -99,7 +99,8 @@ class GenerationService:
         if self.redis is None or not task_id:
             return None
         return ProgressReporter(self.redis, task_id, request.steps or 0,
-                                previews if isinstance(previews, int) and 0 < previews <= MAX_PREVIEWS else 0)
+                                previews if isinstance(previews, int) and 0 < previews <= MAX_PREVIEWS else 0,
+                                started_state=_started_state())
 
     def handle(self, payload: Any) -> Dict[str, Any]:
         """Render one request; never raises, so both worker modes report errors the same way.
@@ -191,6 +192,18 @@ def _current_task() -> Tuple[Optional[str], str]:
     request = getattr(current_task, "request", None) if current_task else None
     delivery = getattr(request, "delivery_info", None) or {}
     return getattr(request, "id", None), delivery.get("routing_key") or ""
+
+
+def _started_state() -> Tuple[str, str, int]:
+    """(result key, encoded state, ttl s) of the running Celery task's STARTED state, as Celery's
+    task_track_started would store it: the worker's start check stores it in its own round trip."""
+    from celery import current_task, states
+
+    backend, request = current_task.backend, current_task.request
+    meta = {"status": states.STARTED, "result": {"pid": os.getpid(), "hostname": request.hostname},
+            "traceback": None, "children": [], "date_done": None, "task_id": request.id}
+    key = backend.get_key_for_task(request.id)
+    return key.decode() if isinstance(key, bytes) else key, backend.encode(meta), int(backend.expires or 3600)
 
 
 def require_catalogued(model: str) -> None:

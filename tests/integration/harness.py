@@ -221,7 +221,7 @@ def rss_bytes(pid: int) -> int:
 
 class TaskRuns:
     """Every start and finish of the Celery tasks that render `key`, as the result backend publishes
-    them (task_track_started is on): a run of the task on any worker shows up here, with its pid."""
+    them (the STARTED state its worker's start check stores): a run of the task on any worker shows up here, with its pid."""
 
     def __init__(self, redis_url: str, key: str):
         self._client = redis.Redis.from_url(redis_url, socket_timeout=5)

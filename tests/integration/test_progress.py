@@ -12,6 +12,7 @@ from typing import Any, Dict, List
 
 import pytest
 import redis
+from celery.result import AsyncResult
 
 from celery_bridge import redis_keys
 from celery_bridge import progress
@@ -101,7 +102,7 @@ def test_progress_arrives_in_order_and_reaches_a_joiner_on_another_replica(repli
     assert seen_a[-1]["step"] == seen_a[-1]["steps"]  # the last step is always sent
 
 
-def test_cancel_mid_render_stops_the_worker_within_one_step_and_caches_nothing(replicas):
+def test_cancel_mid_render_stops_the_worker_within_one_step_and_caches_nothing(replicas, stack):
     a = replicas()
     r = a.producer.redis
     request = GenerationRequest(f"cancel me {uuid.uuid4().hex[:6]}", **LONG)
@@ -109,6 +110,9 @@ def test_cancel_mid_render_stops_the_worker_within_one_step_and_caches_nothing(r
     waiter = a.loop.spawn(a.front.generate_async(request, on_event=events.append, waiter_id="w-cancel"))
     task_id = task_of(a, request)
     wait_for(lambda: any((e.get("step") or 0) >= 1 for e in events), 120, "a step")
+    # The worker's start check stored Celery's STARTED state: Celery's own tools read it as theirs.
+    running = AsyncResult(task_id, app=a.producer.app)
+    assert running.state == "STARTED" and running.info["pid"] == stack["worker"].process.pid, running.info
     assert a.front.cancel("w-cancel")
     at_cancel = progress.last_event(r, task_id)["step"]  # the worker's own count, stored every step
     with pytest.raises(ProtocolError) as raised:
@@ -162,6 +166,7 @@ def test_a_queued_task_whose_waiters_all_left_never_runs(replicas):
     blocker = a.loop.spawn(a.front.generate_async(busy, on_event=busy_events.append, waiter_id="w-busy"))
     wait_for(lambda: any(e.get("step") for e in busy_events), 120, "the worker is rendering")
     orphan = GenerationRequest(f"nobody waits {uuid.uuid4().hex[:6]}", width=64, height=64, steps=2)
+    runs = harness.TaskRuns(a.producer.config.redis_url, key_of(orphan))
     positions: List[Any] = []
     waiter = a.loop.spawn(a.front.generate_async(orphan, on_event=lambda e: positions.append(e.get("queue_position"))))
     task_id = task_of(a, orphan)
@@ -174,6 +179,9 @@ def test_a_queued_task_whose_waiters_all_left_never_runs(replicas):
     result = result_of(r, task_id)["result"]
     assert result["error_code"] == protocol.E_CANCELLED and "before it started" in result["error_message"]
     assert progress.last_event(r, task_id) is None  # not one denoising step ran
+    wait_for(lambda: runs.events, 10, "the skipped task's end published")
+    runs.close()
+    assert runs.started() == [], "a task skipped at its start check never shows as started"
 
 
 class SkewedClock:
