@@ -15,12 +15,6 @@ os.environ.setdefault("SDGATE_HOME", tempfile.mkdtemp(prefix="sdgate-test-home-"
 os.environ.setdefault("SDGATE_MODEL_CACHE_DIR", tempfile.mkdtemp(prefix="sdgate-test-models-"))
 # ... and serves the fast random `tiny` (configs/models-tiny.yaml); the demo model's own tests name it.
 os.environ.setdefault("SDGATE_MODELS_FILE", str(TINY_CATALOGUE))
-# Under pytest-xdist (`make test`) two modules run at once: torch on one thread in this process and
-# in every worker it starts, so two renders share the two cores instead of four OpenMP threads
-# spin-waiting on each other.
-if os.environ.get("PYTEST_XDIST_WORKER"):
-    os.environ.setdefault("OMP_NUM_THREADS", "1")
-    os.environ.setdefault("SDGATE_CPU_THREADS", "1")
 
 
 @pytest.fixture(scope="session")
