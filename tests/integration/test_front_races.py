@@ -133,27 +133,40 @@ def test_a_miss_that_wins_a_just_released_claim_reads_the_cache_again(cluster):
     assert submitted == [task_id], "one render for the key"
 
 
+def hold(owner, method: str):
+    """Make `owner.method` wait until the returned event is set; returns (the calls' arguments, event)."""
+    calls, go, original = [], threading.Event(), getattr(owner, method)
+
+    def held(*args):
+        calls.append(args)
+        assert go.wait(20)
+        return original(*args)
+
+    setattr(owner, method, held)
+    return calls, go
+
+
+def rendered_while_held(cluster, front, request, held: str):
+    """Render `request` through `front` (the test plays the worker); (task id, its Answer), which
+    must arrive while `held` is still held."""
+    thread, outcome = in_loop(lambda: front.generate_async(request))
+    task_id = wait_for(lambda: cluster.queued() and cluster.queued()[-1], what="the task queued")
+    cluster.render(task_id, request)
+    thread.join(10)
+    assert not thread.is_alive(), f"the image waited for {held}"
+    return task_id, outcome["value"]
+
+
 def test_an_image_is_answered_before_the_claim_is_freed_and_a_failure_only_after(cluster):
     """The claim release is one Redis round trip that the image need not wait for: the image is
     cached by then, so a retry reads it there. A failure frees the claim first, so a retry claims
     anew and renders rather than joining the failed task."""
     front = cluster.replica()
-    release_may_go, releasing = threading.Event(), []
-    release = front.claims.release
-
-    def held_release(key, task_id):
-        releasing.append(task_id)
-        assert release_may_go.wait(20)
-        release(key, task_id)
-
-    front.claims.release = held_release
+    releasing, release_may_go = hold(front.claims, "release")
     request = resolved(GenerationRequest("answered before the release", seed=5))
-    thread, outcome = in_loop(lambda: front.generate_async(request))
-    task_id = wait_for(lambda: cluster.queued() and cluster.queued()[-1], what="the task queued")
-    cluster.render(task_id, request)
-    thread.join(10)
-    assert not thread.is_alive(), "the image waited for the claim release"
-    assert outcome["value"].png == PNG and releasing == [task_id]
+    task_id, answer = rendered_while_held(cluster, front, request, "the claim release")
+    assert answer.png == PNG
+    assert wait_for(lambda: [task for _, task in releasing], what="the release begun") == [task_id]
     assert cluster.redis.get(redis_keys.CLAIM + request.cache_key()) == task_id.encode(), "released after"
     release_may_go.set()
     wait_for(lambda: cluster.redis.get(redis_keys.CLAIM + request.cache_key()) is None, what="the claim released")
@@ -176,22 +189,11 @@ def test_an_image_is_answered_before_its_cache_write_and_a_repeat_meanwhile_is_a
     meanwhile is served from memory as a hit, and the claim is freed only once the image is stored
     (so no other replica renders it again)."""
     front = cluster.replica()
-    write_may_go, writing = threading.Event(), []
-    put = front.store.put
-
-    def held_put(key, png, meta):
-        writing.append(key)
-        assert write_may_go.wait(20)
-        put(key, png, meta)
-
-    front.store.put = held_put
+    writing, write_may_go = hold(front.store, "put")
     request = resolved(GenerationRequest("answered before the cache write", seed=8))
-    thread, outcome = in_loop(lambda: front.generate_async(request))
-    task_id = wait_for(lambda: cluster.queued() and cluster.queued()[-1], what="the task queued")
-    cluster.render(task_id, request)
-    thread.join(10)
-    assert not thread.is_alive(), "the image waited for the cache write"
-    assert outcome["value"].png == PNG and not outcome["value"].cached and writing == [request.cache_key()]
+    task_id, answer = rendered_while_held(cluster, front, request, "the cache write")
+    assert answer.png == PNG and not answer.cached
+    assert wait_for(lambda: [key for key, *_ in writing], what="the cache write begun") == [request.cache_key()]
     repeat_thread, repeat = in_loop(lambda: front.generate_async(request))
     repeat_thread.join(10)
     assert repeat["value"].png == PNG and repeat["value"].cached, "the repeat rendered again or waited"
