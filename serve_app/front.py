@@ -319,8 +319,7 @@ class FrontService:
         def done(result: "Future[GenerationResult]") -> None:
             outcome = self._outcome(flight, result)
             if isinstance(outcome, Answer):  # to its waiters now, on the thread that delivered it
-                self._unstored[flight.key] = outcome  # look-ups here see it from now on
-                self._forget(flight)  # answered, so no longer pending (max_pending_misses)
+                self._unstored[flight.key] = outcome
                 flight.finish(outcome)
             try:
                 self._work.submit(self._complete, flight, outcome, result, started)
@@ -386,7 +385,9 @@ class FrontService:
         failure frees the claim first, so a retry renders anew rather than joining the failed task."""
         answered = isinstance(outcome, Answer)
         try:
-            self._forget(flight)
+            with self._flights_lock:
+                if self._flights.get(flight.key) is flight:
+                    del self._flights[flight.key]
             if answered:
                 flight.finish(outcome)  # its waiters now; a retry finds the image in the cache
             elif flight.task_id:
@@ -395,12 +396,6 @@ class FrontService:
                 self.claims.release(flight.key, flight.task_id)
         finally:
             flight.finish(outcome)  # whatever failed above (a no-op once answered)
-
-    def _forget(self, flight: Flight) -> None:
-        """No longer a pending miss here: new requests for its key no longer join it."""
-        with self._flights_lock:
-            if self._flights.get(flight.key) is flight:
-                del self._flights[flight.key]
 
     # -- waiters and cancel ----------------------------------------------------------------------
 

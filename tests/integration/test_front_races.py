@@ -193,7 +193,6 @@ def test_an_image_is_answered_before_its_cache_write_and_a_repeat_meanwhile_is_a
     request = resolved(GenerationRequest("answered before the cache write", seed=8))
     task_id, answer = rendered_while_held(cluster, front, request, "the cache write")
     assert answer.png == PNG and not answer.cached
-    assert front.pending_misses == 0, "an answered image still counted against max_pending_misses"
     assert wait_for(lambda: [key for key, *_ in writing], what="the cache write begun") == [request.cache_key()]
     repeat_thread, repeat = in_loop(lambda: front.generate_async(request))
     repeat_thread.join(10)
