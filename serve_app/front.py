@@ -317,14 +317,10 @@ class FrontService:
                                      unsent=unsent)
 
         def done(result: "Future[GenerationResult]") -> None:
-            outcome = self._outcome(flight, result)
-            if isinstance(outcome, Answer):  # to its waiters now, on the thread that delivered it
-                self._unstored[flight.key] = outcome
-                flight.finish(outcome)
             try:
-                self._work.submit(self._complete, flight, outcome, result, started)
+                self._work.submit(self._complete, flight, result, started)
             except RuntimeError:  # the pool is shut down: finish here rather than strand anyone
-                self._complete(flight, outcome, result, started)
+                self._complete(flight, result, started)
 
         future.add_done_callback(done)
 
@@ -348,29 +344,25 @@ class FrontService:
             self.hooks.after_submit(flight.key, flight.task_id)
         return queued_now
 
-    def _outcome(self, flight: Flight, future: "Future[GenerationResult]") -> object:
-        """The task's result as its flight's outcome: an Answer, or the ProtocolError its waiters get."""
+    def _complete(self, flight: Flight, future: "Future[GenerationResult]", started: float) -> None:
+        """The task's result arrived: answer the waiters, store the image, then finish the flight
+        (always). The store is written before the claim is freed, so no replica renders it again,
+        and this replica's look-ups see the image meanwhile (`_unstored`)."""
+        outcome: object = ProtocolError(protocol.E_INTERNAL, "the gateway failed while storing the image; retry")
         try:
             result = future.result()
             if not result.ok:
-                return ProtocolError(result.error_code or protocol.E_INTERNAL, _public_message(result, flight),
-                                     result.error_field)
-            return self._answer(flight.key, result, flight.request)
-        except ProtocolError as exc:
-            return exc
-        except Exception:  # noqa: BLE001 - logged; the waiters get an error, never a hang
-            log.exception("reading the result for %s failed", flight.key[:12])
-            return ProtocolError(protocol.E_INTERNAL, "the gateway failed while reading the image; retry")
-
-    def _complete(self, flight: Flight, outcome: object, future: "Future[GenerationResult]", started: float) -> None:
-        """After an image reached its waiters: store it, then finish the flight (always, whatever the
-        outcome). The store is written before the claim is freed, so no replica renders it again, and
-        this replica's look-ups see the image meanwhile (`_unstored`)."""
-        try:
-            if isinstance(outcome, Answer):
+                outcome = ProtocolError(result.error_code or protocol.E_INTERNAL, _public_message(result, flight),
+                                        result.error_field)
+            else:
+                outcome = self._answer(flight.key, result, flight.request)
+                self._unstored[flight.key] = outcome
+                flight.finish(outcome)
                 self._store(flight.key, outcome)
                 if self.on_generated and flight.owner:
-                    self.on_generated(future.result().pipeline_ms, (time.monotonic() - started) * 1000)
+                    self.on_generated(result.pipeline_ms, (time.monotonic() - started) * 1000)
+        except ProtocolError as exc:
+            outcome = exc
         except Exception:  # noqa: BLE001 - logged; the flight is finished below whatever happened
             log.exception("completing the generation for %s failed", flight.key[:12])
         finally:
