@@ -86,7 +86,6 @@ class FrontService:
         self._redis: redis.Redis = producer.redis
         self._flights: Dict[str, Flight] = {}
         self._flights_lock = threading.Lock()
-        self._unstored: Dict[str, Answer] = {}  # answered images on their way into the store
         self._waiting: Dict[str, Tuple[Flight, asyncio.AbstractEventLoop, "asyncio.Future[None]"]] = {}
         # Two small pools: cache reads (hits) never queue behind claims, submits and cache writes.
         self._reads = ThreadPoolExecutor(config.front_threads, thread_name_prefix="sdgate-read")
@@ -345,9 +344,7 @@ class FrontService:
         return queued_now
 
     def _complete(self, flight: Flight, future: "Future[GenerationResult]", started: float) -> None:
-        """The task's result arrived: answer the waiters, store the image, then finish the flight
-        (always). The store is written before the claim is freed, so no replica renders it again,
-        and this replica's look-ups see the image meanwhile (`_unstored`)."""
+        """The task's result arrived: store the image, then finish the flight (always)."""
         outcome: object = ProtocolError(protocol.E_INTERNAL, "the gateway failed while storing the image; retry")
         try:
             result = future.result()
@@ -355,10 +352,7 @@ class FrontService:
                 outcome = ProtocolError(result.error_code or protocol.E_INTERNAL, _public_message(result, flight),
                                         result.error_field)
             else:
-                outcome = self._answer(flight.key, result, flight.request)
-                self._unstored[flight.key] = outcome
-                flight.finish(outcome)
-                self._store(flight.key, outcome)
+                outcome = self._store(flight.key, result, flight.request)
                 if self.on_generated and flight.owner:
                     self.on_generated(result.pipeline_ms, (time.monotonic() - started) * 1000)
         except ProtocolError as exc:
@@ -366,7 +360,6 @@ class FrontService:
         except Exception:  # noqa: BLE001 - logged; the flight is finished below whatever happened
             log.exception("completing the generation for %s failed", flight.key[:12])
         finally:
-            self._unstored.pop(flight.key, None)
             self._finish(flight, outcome, task_done=True)
 
     def _finish(self, flight: Flight, outcome: object, task_done: bool = False) -> None:
@@ -476,9 +469,6 @@ class FrontService:
     # -- the cache -----------------------------------------------------------------------------------
 
     def _cache_get(self, key: str) -> Optional[Answer]:
-        unstored = self._unstored.get(key)
-        if unstored is not None:
-            return Answer(unstored.meta, unstored.png, cached=True)
         try:
             cached = self.store.get(key)
         except Exception:  # noqa: BLE001 - a broken cache degrades to a miss, never to an error
@@ -486,20 +476,17 @@ class FrontService:
             return None
         return Answer(cached.meta, cached.png, cached=True) if cached is not None else None
 
-    @staticmethod
-    def _answer(key: str, result: GenerationResult, request: GenerationRequest) -> Answer:
-        """The image of a worker's result for `key`; ProtocolError if the worker answered another key.
-        The normalised request rides along, so the gallery can show what made each image."""
+    def _store(self, key: str, result: GenerationResult, request: GenerationRequest) -> Answer:
+        # The normalised request rides along, so the gallery can show what made each image.
+        png, meta = result.png, dict(result.meta(), params=request.summary())
         if result.key != key:
             log.error("worker answered key %s for %s", result.key[:12], key[:12])
             raise ProtocolError(protocol.E_INTERNAL, "the worker answered for another request; retry")
-        return Answer(dict(result.meta(), params=request.summary()), result.png, cached=False)
-
-    def _store(self, key: str, answer: Answer) -> None:
         try:
-            self.store.put(key, answer.png, answer.meta)
-        except Exception:  # noqa: BLE001 - the client has its image already
+            self.store.put(key, png, meta)
+        except Exception:  # noqa: BLE001 - the client still gets its image
             log.exception("cache write failed for %s", key[:12])
+        return Answer(meta, png, cached=False)
 
 
 def _public_message(result: GenerationResult, flight: Flight) -> str:

@@ -184,25 +184,6 @@ def test_an_image_is_answered_before_the_claim_is_freed_and_a_failure_only_after
     assert outcome["error"].code == protocol.E_INTERNAL
 
 
-def test_an_image_is_answered_before_its_cache_write_and_a_repeat_meanwhile_is_a_hit(cluster):
-    """The cache write is off the image's path: the waiters have it first; a repeat in this replica
-    meanwhile is served from memory as a hit, and the claim is freed only once the image is stored
-    (so no other replica renders it again)."""
-    front = cluster.replica()
-    writing, write_may_go = hold(front.store, "put")
-    request = resolved(GenerationRequest("answered before the cache write", seed=8))
-    task_id, answer = rendered_while_held(cluster, front, request, "the cache write")
-    assert answer.png == PNG and not answer.cached
-    assert wait_for(lambda: [key for key, *_ in writing], what="the cache write begun") == [request.cache_key()]
-    repeat_thread, repeat = in_loop(lambda: front.generate_async(request))
-    repeat_thread.join(10)
-    assert repeat["value"].png == PNG and repeat["value"].cached, "the repeat rendered again or waited"
-    assert cluster.redis.get(redis_keys.CLAIM + request.cache_key()) == task_id.encode(), "claim freed unstored"
-    write_may_go.set()
-    wait_for(lambda: cluster.redis.get(redis_keys.CLAIM + request.cache_key()) is None, what="the claim released")
-    assert front.store.get(request.cache_key()).png == PNG
-
-
 def test_a_new_tasks_watch_reads_nothing_before_it_is_sent(cluster):
     """A task id this replica just claimed has nothing stored under it: watching it costs no
     look-up on the miss's path (a joined task's watch still reads what is there)."""
