@@ -197,7 +197,7 @@ class TestOpenStack:
             posted = posted_jobs(page)
             page.goto(base + "/")
             expect(page.locator("#model option")).not_to_have_count(0)
-            strength = page.get_by_label("Strength")
+            strength = page.get_by_label("Strength", exact=True)
             expect(strength).to_be_hidden()  # no init image, no slider
             page.get_by_label("Init image").set_input_files(str(tmp_path / "start.png"))
             expect(page.get_by_role("img", name="Init image: start.png")).to_be_visible()
@@ -209,7 +209,7 @@ class TestOpenStack:
             for _ in range(5):  # keyboard only: 0.75 -> 0.50
                 strength.press("ArrowLeft")
             expect(page.locator("#strength-value")).to_have_text("0.50")
-            assert page.get_by_label("Width").input_value() == "" and page.get_by_label("Height").input_value() == ""
+            assert page.get_by_label("Width", exact=True).input_value() == "" and page.get_by_label("Height", exact=True).input_value() == ""
 
             render(page, prompt)
             assert len(posted) == 1
@@ -254,13 +254,13 @@ class TestOpenStack:
             expect(thumb).to_have_attribute("alt", f"Init image: sdgate-{key[:12]}.png")
             assert image_bytes(page, "init-thumb") == result
             assert page.evaluate("document.getElementById('init-file').files[0].name") == f"sdgate-{key[:12]}.png"
-            expect(page.get_by_label("Strength")).to_be_focused()  # the keyboard lands on what comes next
+            expect(page.get_by_label("Strength", exact=True)).to_be_focused()  # the keyboard lands on what comes next
             assert page.evaluate("document.scrollingElement.scrollWidth") <= 375
 
             page.get_by_role("button", name="Remove init image").click()
             expect(thumb).to_be_hidden()
-            expect(page.get_by_label("Strength")).to_be_hidden()
-            expect(page.get_by_label("Width")).to_have_value("64")  # the model's size is back
+            expect(page.get_by_label("Strength", exact=True)).to_be_hidden()
+            expect(page.get_by_label("Width", exact=True)).to_have_value("64")  # the model's size is back
 
             entry = page.locator("#gallery li").first
             expect(entry).to_have_attribute("data-key", key)
@@ -446,7 +446,7 @@ def test_init_image_refusals_drop_and_server_error_on_the_page(playwright_browse
         expect(page.locator("#init-thumb")).to_be_hidden()
         field.set_input_files(str(huge))
         expect(error).to_contain_text("the limit is 4 MiB")
-        expect(page.get_by_label("Strength")).to_be_hidden()
+        expect(page.get_by_label("Strength", exact=True)).to_be_hidden()
         assert page.evaluate("document.getElementById('init-file').files.length") == 0  # nothing half-set
 
         # A drop onto the zone, as a file dragged from the desktop arrives.
@@ -470,7 +470,7 @@ def test_init_image_refusals_drop_and_server_error_on_the_page(playwright_browse
         expect(page.get_by_role("img", name="Init image: dropped.png")).to_be_visible()
         assert page.evaluate("document.getElementById('init-file').files[0].name") == "dropped.png"
 
-        page.get_by_label("Strength").press("Home")  # the slider's floor, too low for 2 steps
+        page.get_by_label("Strength", exact=True).press("Home")  # the slider's floor, too low for 2 steps
         expect(page.locator("#strength-value")).to_have_text("0.05")
         page.get_by_label("Prompt", exact=True).fill("a fox")
         page.get_by_label("Prompt", exact=True).press("Control+Enter")
