@@ -21,7 +21,7 @@ from celery_bridge.config import CeleryConfig, WorkerConfig, load_celery_config,
 from celery_bridge.contract import TASK_NAME, GenerationResult
 from celery_bridge.fair_share import FairShare
 from celery_bridge.models import queue_for
-from celery_bridge.progress import ProgressReporter, TaskCancelled, record_render
+from celery_bridge.progress import TASK_TTL_S, ProgressReporter, TaskCancelled, record_render
 
 log = logging.getLogger(__name__)
 RECONNECT_INTERVAL_MAX_S = 2.0  # Celery's own backoff grows to 30 s between broker reconnect attempts
@@ -203,7 +203,7 @@ def _started_state() -> Tuple[str, str, int]:
     meta = {"status": states.STARTED, "result": {"pid": os.getpid(), "hostname": request.hostname},
             "traceback": None, "children": [], "date_done": None, "task_id": request.id}
     key = backend.get_key_for_task(request.id)
-    return key.decode() if isinstance(key, bytes) else key, backend.encode(meta), int(backend.expires or 3600)
+    return key.decode() if isinstance(key, bytes) else key, backend.encode(meta), int(backend.expires or TASK_TTL_S)
 
 
 def require_catalogued(model: str) -> None:
