@@ -24,6 +24,7 @@ from __future__ import annotations
 import json
 import logging
 import threading
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple
 
 import redis
@@ -37,72 +38,75 @@ RELEASE_BATCH = 64  # tasks released by one script call at most
 WAKE_LIMIT = 64  # pending wake-ups kept (more say nothing new)
 IDLE_PERIOD_S = 0.5  # a dispatcher looks at every queue this often even when nobody wakes it
 
-# KEYS: tenants, backlog, held, vtime, clock, wake, queue held, tenant out.
-# ARGV: tenant, task id, entry (JSON), queue, wake ('1': wake a dispatcher). Returns the tenant's
+# Each step is a Lua function of (K, A), its keys and arguments, so that one script can also run
+# two steps in one round trip (_ENQUEUE_AND_RELEASE).
+# K: tenants, backlog, held, vtime, clock, wake, queue held, tenant out.
+# A: tenant, task id, entry (JSON), queue, wake ('1': wake a dispatcher). Returns the tenant's
 # tasks held for this queue after this one.
 # A tenant with nothing held or running starts at the clock: no credit for its idle time, and no
 # debt for work of its that finished while nobody else waited.
-_ENQUEUE = """
-if redis.call('HEXISTS', KEYS[3], ARGV[2]) == 1 then return redis.call('LLEN', KEYS[2]) end
-redis.call('SADD', KEYS[1], ARGV[1])
-if redis.call('LLEN', KEYS[2]) == 0 then
-  local clock = tonumber(redis.call('GET', KEYS[5]) or '0') or 0
-  local vt = tonumber(redis.call('HGET', KEYS[4], ARGV[1]) or '0') or 0
+_ENQUEUE_FN = """local function enqueue(K, A)
+if redis.call('HEXISTS', K[3], A[2]) == 1 then return redis.call('LLEN', K[2]) end
+redis.call('SADD', K[1], A[1])
+if redis.call('LLEN', K[2]) == 0 then
+  local clock = tonumber(redis.call('GET', K[5]) or '0') or 0
+  local vt = tonumber(redis.call('HGET', K[4], A[1]) or '0') or 0
   local t = redis.call('TIME')
-  redis.call('ZREMRANGEBYSCORE', KEYS[8], '-inf', tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000))
-  if vt < clock or redis.call('ZCARD', KEYS[8]) == 0 then redis.call('HSET', KEYS[4], ARGV[1], tostring(clock)) end
+  redis.call('ZREMRANGEBYSCORE', K[8], '-inf', tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000))
+  if vt < clock or redis.call('ZCARD', K[8]) == 0 then redis.call('HSET', K[4], A[1], tostring(clock)) end
 end
-redis.call('RPUSH', KEYS[2], ARGV[2])
-redis.call('HSET', KEYS[3], ARGV[2], ARGV[3])
-redis.call('SADD', KEYS[7], ARGV[2])
-if ARGV[5] == '1' then
-  redis.call('LPUSH', KEYS[6], ARGV[4])
-  redis.call('LTRIM', KEYS[6], 0, __WAKE_LIMIT__)
+redis.call('RPUSH', K[2], A[2])
+redis.call('HSET', K[3], A[2], A[3])
+redis.call('SADD', K[7], A[2])
+if A[5] == '1' then
+  redis.call('LPUSH', K[6], A[4])
+  redis.call('LTRIM', K[6], 0, __WAKE_LIMIT__)
 end
-return redis.call('LLEN', KEYS[2])
+return redis.call('LLEN', K[2])
+end
 """.replace("__WAKE_LIMIT__", str(WAKE_LIMIT - 1))
 
-# KEYS: tenants, held, vtime, clock, out, presence, slots, sending, queue held.
-# ARGV: backlog prefix, tenant record prefix, tenant out prefix, send lease ms, out ttl ms, most to
-#       release.
+# K: tenants, held, vtime, clock, out, presence, slots, sending, queue held.
+# A: backlog prefix, tenant record prefix, tenant out prefix, send lease ms, out ttl ms, most to
+#    release.
 # Returns {task id, entry, retry} for each task to send now (retry: an unconfirmed send of before).
-_RELEASE = """
+_RELEASE_FN = """local function release(K, A)
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-local lease, ttl = tonumber(ARGV[4]), tonumber(ARGV[5])
+local lease, ttl = tonumber(A[4]), tonumber(A[5])
 local released = {}
-for _, id in ipairs(redis.call('ZRANGEBYSCORE', KEYS[8], '-inf', now, 'LIMIT', 0, 16)) do
-  local entry = redis.call('HGET', KEYS[2], id)
+for _, id in ipairs(redis.call('ZRANGEBYSCORE', K[8], '-inf', now, 'LIMIT', 0, 16)) do
+  local entry = redis.call('HGET', K[2], id)
   if entry then
-    redis.call('ZADD', KEYS[8], now + lease, id)
+    redis.call('ZADD', K[8], now + lease, id)
     released[#released + 1] = {id, entry, '1'}
   else
-    redis.call('ZREM', KEYS[8], id)
+    redis.call('ZREM', K[8], id)
   end
 end
-redis.call('ZREMRANGEBYSCORE', KEYS[5], '-inf', now)
+redis.call('ZREMRANGEBYSCORE', K[5], '-inf', now)
 local capacity = 0
-for _, worker in ipairs(redis.call('ZRANGEBYSCORE', KEYS[6], '(' .. t[1], '+inf')) do
-  capacity = capacity + (tonumber(redis.call('HGET', KEYS[7], worker) or '1') or 1)
+for _, worker in ipairs(redis.call('ZRANGEBYSCORE', K[6], '(' .. t[1], '+inf')) do
+  capacity = capacity + (tonumber(redis.call('HGET', K[7], worker) or '1') or 1)
 end
 if capacity == 0 then capacity = 1 end  -- nobody serves it yet: one queued task shows there is work
-local free = math.min(capacity - redis.call('ZCARD', KEYS[5]), tonumber(ARGV[6]))
+local free = math.min(capacity - redis.call('ZCARD', K[5]), tonumber(A[6]))
 if free <= 0 then return released end
-local tenants = redis.call('SMEMBERS', KEYS[1])
-local clock = tonumber(redis.call('GET', KEYS[4]) or '0') or 0
+local tenants = redis.call('SMEMBERS', K[1])
+local clock = tonumber(redis.call('GET', K[4]) or '0') or 0
 while free > 0 do
   local best, best_vt, best_weight = nil, 0, 1
   for _, name in ipairs(tenants) do
-    if redis.call('LLEN', ARGV[1] .. name) > 0 then
-      local record = ARGV[2] .. name
+    if redis.call('LLEN', A[1] .. name) > 0 then
+      local record = A[2] .. name
       local cap = tonumber(redis.call('HGET', record, 'max_running') or '0') or 0
       local open = true
       if cap > 0 then
-        redis.call('ZREMRANGEBYSCORE', ARGV[3] .. name, '-inf', now)
-        open = redis.call('ZCARD', ARGV[3] .. name) < cap
+        redis.call('ZREMRANGEBYSCORE', A[3] .. name, '-inf', now)
+        open = redis.call('ZCARD', A[3] .. name) < cap
       end
       if open then
-        local vt = tonumber(redis.call('HGET', KEYS[3], name) or '0') or 0
+        local vt = tonumber(redis.call('HGET', K[3], name) or '0') or 0
         if best == nil or vt < best_vt or (vt == best_vt and name < best) then
           best, best_vt = name, vt
           best_weight = tonumber(redis.call('HGET', record, 'weight') or '1') or 1
@@ -111,23 +115,37 @@ while free > 0 do
     end
   end
   if best == nil then break end
-  local id = redis.call('LPOP', ARGV[1] .. best)
-  redis.call('SREM', KEYS[9], id)
-  local entry = redis.call('HGET', KEYS[2], id)
+  local id = redis.call('LPOP', A[1] .. best)
+  redis.call('SREM', K[9], id)
+  local entry = redis.call('HGET', K[2], id)
   if entry then
     if best_weight <= 0 then best_weight = 1 end
-    redis.call('HSET', KEYS[3], best, tostring(best_vt + 1 / best_weight))
+    redis.call('HSET', K[3], best, tostring(best_vt + 1 / best_weight))
     if best_vt > clock then clock = best_vt end
-    redis.call('ZADD', KEYS[5], now + ttl, id)
-    redis.call('ZADD', ARGV[3] .. best, now + ttl, id)
-    redis.call('ZADD', KEYS[8], now + lease, id)
+    redis.call('ZADD', K[5], now + ttl, id)
+    redis.call('ZADD', A[3] .. best, now + ttl, id)
+    redis.call('ZADD', K[8], now + lease, id)
     released[#released + 1] = {id, entry, '0'}
     free = free - 1
   end
 end
-redis.call('SET', KEYS[4], tostring(clock))
+redis.call('SET', K[4], tostring(clock))
 return released
+end
 """
+_ENQUEUE_KEYS, _ENQUEUE_ARGS = 8, 5
+_ENQUEUE = _ENQUEUE_FN + "return enqueue(KEYS, ARGV)"
+_RELEASE = _RELEASE_FN + "return release(KEYS, ARGV)"
+# KEYS: enqueue's, then release's; ARGV: enqueue's, then release's. Returns what release returns.
+_ENQUEUE_AND_RELEASE = _ENQUEUE_FN + _RELEASE_FN + """
+local function slice(t, from, to)
+  local out = {}
+  for i = from, to do out[#out + 1] = t[i] end
+  return out
+end
+enqueue(slice(KEYS, 1, __EK__), slice(ARGV, 1, __EA__))
+return release(slice(KEYS, __EK__ + 1, #KEYS), slice(ARGV, __EA__ + 1, #ARGV))
+""".replace("__EK__", str(_ENQUEUE_KEYS)).replace("__EA__", str(_ENQUEUE_ARGS))
 
 # KEYS: held, the Celery queue, vtime, tenants. ARGV: backlog prefix, tenant record prefix, task ids.
 # Returns each held task's place in line (the Celery queue's length, plus the held tasks that fair
@@ -201,14 +219,13 @@ class FairShare:
         self._release = client.register_script(_RELEASE)
         self._finished = client.register_script(_FINISHED)
         self._positions = client.register_script(_POSITIONS)
+        self._enqueue_and_release = client.register_script(_ENQUEUE_AND_RELEASE)
 
     def enqueue(self, queue: str, tenant: str, task_id: str, entry: Dict[str, Any], wake: bool = True) -> int:
         """Put `task_id` at the end of `tenant`'s backlog for `queue`; returns how many it holds there.
         `wake`: wake a dispatcher (False when the caller releases right after)."""
-        keys = [redis_keys.FAIR_TENANTS + queue, backlog_key(queue, tenant), redis_keys.FAIR_HELD,
-                redis_keys.FAIR_VTIME + queue, redis_keys.FAIR_CLOCK + queue, redis_keys.FAIR_WAKE,
-                queue_held_key(queue), redis_keys.TENANT_OUT + tenant]
-        return int(self._enqueue(keys=keys, args=[tenant, task_id, json.dumps(entry), queue, "1" if wake else "0"]))
+        keys, args = self._enqueue_call(queue, tenant, task_id, entry, wake)
+        return int(self._enqueue(keys=keys, args=args))
 
     def positions(self, queue: str, task_ids: List[str]) -> Dict[str, int]:
         """Each held task's 0-based place in line for `queue` (0: next to start); tasks not held are left out."""
@@ -221,13 +238,30 @@ class FairShare:
     def release(self, queue: str, model: str, most: int = RELEASE_BATCH) -> List[Tuple[str, Dict[str, Any], bool]]:
         """Hand out what `queue`'s workers can start now: [(task id, entry, retry)]; send each, then
         `confirm` it."""
+        keys, args = self._release_call(queue, model, most)
+        return _released(self._release(keys=keys, args=args))
+
+    def enqueue_and_release(self, queue: str, model: str, tenant: str, task_id: str,
+                            entry: Dict[str, Any]) -> List[Tuple[str, Dict[str, Any], bool]]:
+        """`enqueue` then `release`, in one round trip: a new task that may start now is handed out at once."""
+        enqueue_keys, enqueue_args = self._enqueue_call(queue, tenant, task_id, entry, wake=False)
+        release_keys, release_args = self._release_call(queue, model, RELEASE_BATCH)
+        return _released(self._enqueue_and_release(keys=enqueue_keys + release_keys, args=enqueue_args + release_args))
+
+    @staticmethod
+    def _enqueue_call(queue: str, tenant: str, task_id: str, entry: Dict[str, Any],
+                      wake: bool) -> Tuple[List[str], List[Any]]:
+        keys = [redis_keys.FAIR_TENANTS + queue, backlog_key(queue, tenant), redis_keys.FAIR_HELD,
+                redis_keys.FAIR_VTIME + queue, redis_keys.FAIR_CLOCK + queue, redis_keys.FAIR_WAKE,
+                queue_held_key(queue), redis_keys.TENANT_OUT + tenant]
+        return keys, [tenant, task_id, json.dumps(entry), queue, "1" if wake else "0"]
+
+    def _release_call(self, queue: str, model: str, most: int) -> Tuple[List[str], List[Any]]:
         keys = [redis_keys.FAIR_TENANTS + queue, redis_keys.FAIR_HELD, redis_keys.FAIR_VTIME + queue,
                 redis_keys.FAIR_CLOCK + queue, redis_keys.FAIR_OUT + queue, redis_keys.PRESENCE + model,
                 redis_keys.WORKER_SLOTS + model, redis_keys.FAIR_SENDING, queue_held_key(queue)]
-        args = [backlog_key(queue, ""), redis_keys.TENANT, redis_keys.TENANT_OUT, self.send_lease_ms, OUT_TTL_MS,
-                most]
-        rows = self._release(keys=keys, args=args)
-        return [(text(task_id), json.loads(entry), text(retry) == "1") for task_id, entry, retry in rows]
+        return keys, [backlog_key(queue, ""), redis_keys.TENANT, redis_keys.TENANT_OUT, self.send_lease_ms,
+                      OUT_TTL_MS, most]
 
     def confirm(self, task_ids: Iterable[str]) -> None:
         """These released tasks are with the broker now."""
@@ -260,6 +294,7 @@ class Dispatcher:
         self.fair, self.queues, self.send, self.known = fair, queues, send, known
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="sdgate-fair-share", daemon=True)
+        self._confirms = ThreadPoolExecutor(1, thread_name_prefix="sdgate-fair-confirm")
 
     def start(self) -> "Dispatcher":
         self._thread.start()
@@ -267,16 +302,40 @@ class Dispatcher:
 
     def stop(self) -> None:
         self._stop.set()
+        self._confirms.shutdown(wait=False)
 
     def release_once(self, queue: str, model: str) -> int:
         """Release and send what `queue` can start now; returns how many were sent."""
-        sent = []
-        for task_id, entry, retry in self.fair.release(queue, model):
-            if not (retry and self.known(task_id, entry)):
-                self.send(task_id, entry)
-            sent.append(task_id)
+        sent = self._send(self.fair.release(queue, model))
         self.fair.confirm(sent)
         return len(sent)
+
+    def submit(self, queue: str, model: str, tenant: str, task_id: str, entry: Dict[str, Any]) -> None:
+        """Put a new task in `tenant`'s backlog and send what may start now, the new one too when a
+        slot is free: one script, then the sends. The confirmation follows off the caller's path (until
+        it lands, the send lease covers those tasks). RedisError when the task could not be queued."""
+        released = self.fair.enqueue_and_release(queue, model, tenant, task_id, entry)
+        try:
+            sent = self._send(released)
+        except Exception as exc:  # noqa: BLE001 - kombu raises several families; the lease hands them out again
+            log.warning("sending released tasks failed (%s); they are handed out again in %.0f s", exc,
+                        self.fair.send_lease_ms / 1000)
+            return
+        if sent:
+            self._confirms.submit(self._confirm_quietly, sent)
+
+    def _send(self, released: List[Tuple[str, Dict[str, Any], bool]]) -> List[str]:
+        """Send each released task (a retry only if the broker does not have it yet); returns their ids."""
+        for task_id, entry, retry in released:
+            if not (retry and self.known(task_id, entry)):
+                self.send(task_id, entry)
+        return [task_id for task_id, _, _ in released]
+
+    def _confirm_quietly(self, task_ids: List[str]) -> None:
+        try:
+            self.fair.confirm(task_ids)
+        except redis.RedisError as exc:  # their leases lapse; the next release finds them with the broker
+            log.warning("confirming %d sent tasks failed: %s", len(task_ids), exc)
 
     def _run(self) -> None:
         backoff = 0.1
@@ -297,6 +356,10 @@ class Dispatcher:
             except Exception:  # noqa: BLE001 - e.g. kombu failing to publish; the lease hands it out again
                 log.exception("fair-share dispatch failed; retrying in 1 s")
                 self._stop.wait(1.0)
+
+
+def _released(rows: List[Any]) -> List[Tuple[str, Dict[str, Any], bool]]:
+    return [(text(task_id), json.loads(entry), text(retry) == "1") for task_id, entry, retry in rows]
 
 
 def text(value: Any) -> str:

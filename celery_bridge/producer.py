@@ -22,7 +22,7 @@ from kombu.transport.redis import Channel as KombuRedisChannel
 from client.protocol import E_INTERNAL, GenerationRequest
 from celery_bridge import progress, redis_keys
 from celery_bridge.fair_share import Dispatcher, FairShare
-from celery_bridge.app import make_celery_app
+from celery_bridge.app import SendOnlyRedisBackend, make_celery_app
 from celery_bridge.config import CeleryConfig
 from celery_bridge.contract import TASK_NAME, GenerationResult, task_payload
 from celery_bridge.models import queue_for
@@ -72,7 +72,7 @@ class GenerationProducer:
 
     def __init__(self, config: CeleryConfig):
         self.config = config
-        self.app = make_celery_app(config, name="sdgate-gateway", reads_own_results=True)
+        self.app = make_celery_app(config, name="sdgate-gateway", backend=SendOnlyRedisBackend)
         self.redis = config.redis_client(socket_timeout=5, socket_connect_timeout=3, health_check_interval=10)
         prefix = self.app.backend.task_keyprefix
         self._result_prefix = prefix.decode() if isinstance(prefix, bytes) else prefix
@@ -100,17 +100,14 @@ class GenerationProducer:
         Celery drops it unstarted that long after it reaches the queue.
         """
         payload, queue = self._message(request, previews, tenant)
+        entry = {"payload": payload, "queue": queue, "expires_s": expires_s}
         if tenant is None:
             self.app.send_task(TASK_NAME, args=[payload], task_id=task_id, queue=queue, expires=expires_s)
-        else:
-            self.fair.enqueue(queue, tenant, task_id, {"payload": payload, "queue": queue, "expires_s": expires_s},
-                              wake=self.dispatcher is None)
+        elif self.dispatcher is not None:  # a free worker starts it now, not on a wake-up
+            self.dispatcher.submit(queue, payload["model"], tenant, task_id, entry)
+        else:  # another process's dispatcher releases it
+            self.fair.enqueue(queue, tenant, task_id, entry)
         self._remember(task_id, payload, queue)
-        if tenant is not None and self.dispatcher is not None:  # a free worker starts it now, not on a wake-up
-            try:
-                self.dispatcher.release_once(queue, payload["model"])
-            except Exception as exc:  # noqa: BLE001 - it is held safely; the dispatcher's next round sends it
-                log.warning("releasing %s now failed (%s); the dispatcher will", task_id, exc)
 
     def start_dispatcher(self, models: Callable[[], List[str]]) -> Dispatcher:
         """Release fair-share backlogs of `models` from this process (one per gateway replica)."""

@@ -11,7 +11,7 @@ import pytest
 import redis
 
 from celery_bridge import redis_keys
-from celery_bridge.fair_share import FairShare, backlog_key
+from celery_bridge.fair_share import Dispatcher, FairShare, backlog_key
 from celery_bridge.presence import Heartbeat
 from serve_app.tenants import Tenant, TenantRegistry
 from tests.integration import harness
@@ -149,3 +149,43 @@ def test_a_held_tasks_place_in_line_is_where_fair_share_will_start_it(client):
     order = run_one_worker(fair, 7)  # the order they really start in
     assert [places[t] for t in order] == sorted(places[t] for t in order), (order, places)
     assert places[b[0]] == 0, "b's first goes next"
+
+
+class CountingRedis(redis.Redis):
+    """A client that counts the commands it sends one at a time (a script call is one)."""
+
+    round_trips = 0
+
+    def execute_command(self, *args, **options):
+        self.round_trips += 1
+        return super().execute_command(*args, **options)
+
+
+def test_a_new_task_that_may_start_is_queued_and_released_in_one_round_trip(redis_server):
+    client = CountingRedis.from_url(redis_server.url)
+    client.flushall()
+    fair = FairShare(client)
+    workers(client, 1)
+    sends = []  # (task id, round trips before its send)
+    dispatcher = Dispatcher(fair, lambda: [(QUEUE, MODEL)], lambda task_id, entry: sends.append(
+        (task_id, client.round_trips - before)), known=lambda task_id, entry: False)
+    try:
+        for tenant in ("warm", "a"):  # the first call also loads the script
+            before = client.round_trips
+            dispatcher.submit(QUEUE, MODEL, tenant, f"sdgate-{tenant}", {"payload": {"model": MODEL, "tenant": tenant},
+                                                                         "queue": QUEUE})
+            harness.wait_for(lambda: client.hlen(redis_keys.FAIR_HELD) == 0 and client.zcard(redis_keys.FAIR_SENDING) == 0,
+                             5, "the send confirmed after it")
+            fair.finished(QUEUE, tenant, f"sdgate-{tenant}", gpu_ms=None)
+        assert sends[-1] == ("sdgate-a", 1), "one script queued and released it before its send"
+
+        # A task that cannot start yet is held; the dispatcher's round after a finish sends it.
+        dispatcher.submit(QUEUE, MODEL, "a", "sdgate-a-1", {"payload": {"model": MODEL, "tenant": "a"}, "queue": QUEUE})
+        dispatcher.submit(QUEUE, MODEL, "a", "sdgate-a-2", {"payload": {"model": MODEL, "tenant": "a"}, "queue": QUEUE})
+        assert [task_id for task_id, _ in sends[2:]] == ["sdgate-a-1"], "the only slot is busy"
+        assert client.lrange(backlog_key(QUEUE, "a"), 0, -1) == [b"sdgate-a-2"]
+        fair.finished(QUEUE, "a", "sdgate-a-1", gpu_ms=None)
+        assert dispatcher.release_once(QUEUE, MODEL) == 1 and sends[-1][0] == "sdgate-a-2"
+    finally:
+        dispatcher.stop()
+        client.close()
