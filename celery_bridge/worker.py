@@ -120,11 +120,14 @@ class GenerationService:
         except Exception as exc:  # noqa: BLE001 - the slot lapses by itself; the image must not be lost
             log.warning("could not report task %s finished to fair share: %s", task_id, exc)
 
-    def _record_render(self, model: str, ms: float) -> None:
-        try:
-            record_render(self.redis, model, ms)
-        except Exception:  # noqa: BLE001 - an ETA sample is not worth failing an image for
-            pass
+    def _count_render(self, model: str, sample_ms: Optional[float]) -> None:
+        if self.on_rendered:
+            self.on_rendered(model)
+        if sample_ms is not None:
+            try:
+                record_render(self.redis, model, sample_ms)
+            except Exception:  # noqa: BLE001 - an ETA sample is not worth failing an image for
+                pass
 
     def _handle(self, payload: Any) -> Dict[str, Any]:
         GenerationTimeout = self._timeout_error  # noqa: N806 - the runner's exception class
@@ -163,10 +166,8 @@ class GenerationService:
             log.exception("generation failed for %s", request.cache_key()[:12])
             return GenerationResult.failure(E_INTERNAL, f"generation failed on worker {self.name}: {exc}").to_json()
         self.tasks_done += 1
-        if self.on_rendered:
-            self.on_rendered(request.model)
-        if reporter is not None:  # a sample for queue ETAs, beside the result rather than before it
-            self._reports.submit(self._record_render, request.model, pipeline_ms / batch_size)
+        # The per-model count and, with progress, a sample for queue ETAs: beside the result, not before it.
+        self._reports.submit(self._count_render, request.model, pipeline_ms / batch_size if reporter else None)
         result = GenerationResult.success(request, png, pipeline_ms, self.name)
         result.pipeline_loads, result.batch_size = type(self.runner).loads, batch_size
         return result.to_json()
@@ -273,7 +274,7 @@ def run_worker(celery_overrides: Dict[str, Any], worker_overrides: Dict[str, Any
                loglevel: str = "INFO") -> None:
     """`sdgate worker`: load the pipeline of one catalogued model, then consume that model's queue
     until stopped (blocks)."""
-    from celery_bridge.app import make_celery_app
+    from celery_bridge.app import WorkerRedisBackend, make_celery_app
 
     # 1. Pin the GPU before anything imports torch.
     pin_gpu(gpu)
@@ -283,7 +284,7 @@ def run_worker(celery_overrides: Dict[str, Any], worker_overrides: Dict[str, Any
     print(f"sdgate worker: model {worker_config.model!r} loaded in {runtime.service.load_seconds:.1f} s", flush=True)
     # 2. Register the task body; consume: solo pool, one task at a time, so one pipeline is never
     #    used by two threads; with batching, B threads feed one render thread (celery_bridge/batching.py).
-    app = make_celery_app(celery_config, name="sdgate-worker")
+    app = make_celery_app(celery_config, name="sdgate-worker", backend=WorkerRedisBackend)
     app.task(name=TASK_NAME)(runtime.service.handle)
     try:
         app.worker_main(worker_argv(celery_config, f"sdgate-{os.getpid()}@{socket.gethostname()}", loglevel,
