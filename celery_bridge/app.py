@@ -7,10 +7,13 @@ It is configured from configs/celery.yaml, the secrets file and SDGATE_* when fi
 
 from __future__ import annotations
 
-from typing import Any, Dict, Optional
+from functools import cached_property
+from typing import Any, Dict, Optional, Type
 
-from celery import Celery
+from celery import Celery, states
 from celery.backends.redis import RedisBackend
+from celery.exceptions import BackendStoreError
+from kombu.utils.encoding import bytes_to_str
 
 from celery_bridge.config import CeleryConfig, load_celery_config
 from celery_bridge.contract import TASK_NAME
@@ -73,17 +76,58 @@ class SendOnlyRedisBackend(RedisBackend):
         pass
 
 
+# KEYS[1] the task's result key. ARGV: its new state (encoded), expiry s (0: none). Stores and publishes
+# it unless the stored state is SUCCESS already; returns 1 when stored.
+_STORE_UNLESS_SUCCEEDED = """
+local current = redis.call('GET', KEYS[1])
+if current then
+  local ok, meta = pcall(cjson.decode, current)
+  if ok and type(meta) == 'table' and meta['status'] == 'SUCCESS' then return 0 end
+end
+if tonumber(ARGV[2]) > 0 then redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[2]) else redis.call('SET', KEYS[1], ARGV[1]) end
+redis.call('PUBLISH', KEYS[1], ARGV[1])
+return 1
+"""
+
+
+class WorkerRedisBackend(RedisBackend):
+    """Celery's Redis result backend for the workers, storing a state in one round trip. Celery's
+    own reads the stored state first (a SUCCESS is never overwritten, say by a redelivered task) and
+    then writes and publishes: two round trips on the path of every image. Here the same check and
+    write are one script; the meta stored is Celery's own (tests/test_celery_app.py compares them)."""
+
+    def _store_result(self, task_id, result, state, traceback=None, request=None, **kwargs):
+        meta = self._get_result_meta(result=result, state=state, traceback=traceback, request=request)
+        meta["task_id"] = bytes_to_str(task_id)
+        value = self.encode(meta)
+        if isinstance(value, str) and len(value) > self._MAX_STR_VALUE_SIZE:
+            raise BackendStoreError("value too large for Redis backend", state=state, task_id=task_id)
+        expires = self.failure_expires if state == states.FAILURE else self.expires
+        self.ensure(self._store_unless_succeeded, (self.get_key_for_task(task_id), value, int(expires or 0)))
+        return result
+
+    @cached_property
+    def _store_script(self):
+        return self.client.register_script(_STORE_UNLESS_SUCCEEDED)
+
+    def _store_unless_succeeded(self, key, value, expires_s: int) -> None:
+        self._store_script(keys=[key], args=[value, expires_s])
+
+
 def make_celery_app(config: Optional[CeleryConfig] = None, name: str = "sdgate",
-                    reads_own_results: bool = False) -> Celery:
-    """A configured Celery app on the Redis broker and result backend of `config`;
-    `reads_own_results`: with SendOnlyRedisBackend."""
+                    backend: Optional[Type[RedisBackend]] = None) -> Celery:
+    """A configured Celery app on the Redis broker and result backend of `config`; `backend`: the
+    result backend's class (the gateway's SendOnlyRedisBackend, the workers' WorkerRedisBackend)."""
     config = config or load_celery_config()
-    backend = config.broker_url()
-    if reads_own_results:  # Celery's `class+url` form of a backend
-        backend = f"{SendOnlyRedisBackend.__module__}:{SendOnlyRedisBackend.__name__}+{backend}"
-    app = Celery(name, broker=config.broker_url(), backend=backend)
+    app = Celery(name, broker=config.broker_url(), backend=result_backend_url(config, backend))
     app.conf.update(celery_settings(config))
     return app
+
+
+def result_backend_url(config: CeleryConfig, backend: Optional[Type[RedisBackend]] = None) -> str:
+    """The result backend's URL, in Celery's `module:Class+url` form when `backend` names a class."""
+    url = config.broker_url()
+    return f"{backend.__module__}:{backend.__name__}+{url}" if backend is not None else url
 
 
 def _module_app_settings() -> Dict[str, Any]:

@@ -20,7 +20,7 @@ from ray import serve
 from ray.serve.schema import CeleryAdapterConfig, TaskProcessorConfig
 from ray.serve.task_consumer import task_consumer, task_handler
 
-from celery_bridge.app import SERVE_MANAGED_KEYS, celery_settings
+from celery_bridge.app import SERVE_MANAGED_KEYS, WorkerRedisBackend, celery_settings, result_backend_url
 from celery_bridge.config import CeleryConfig, WorkerConfig, load_celery_config, load_worker_config
 from celery_bridge.contract import TASK_NAME
 from celery_bridge.models import queue_for
@@ -104,7 +104,7 @@ def task_processor_config(config: CeleryConfig, model: str) -> TaskProcessorConf
         max_retries=0,  # the task body reports errors as results; nothing to retry blindly
         adapter_config=CeleryAdapterConfig(
             broker_url=config.broker_url(),
-            backend_url=config.broker_url(),
+            backend_url=result_backend_url(config, WorkerRedisBackend),
             app_custom_config=settings,
             task_custom_config={"autoretry_for": ()},
             broker_transport_options=transport_options,

@@ -6,12 +6,15 @@ worker does; no worker is needed to show who reads which message.
 
 from __future__ import annotations
 
+import json
 import uuid
 
 import pytest
 import redis
+from celery.backends.redis import RedisBackend
 
 from client.protocol import GenerationRequest
+from celery_bridge.app import WorkerRedisBackend, make_celery_app
 from celery_bridge.contract import GenerationResult
 from celery_bridge.models import queue_for
 from celery_bridge.producer import GenerationProducer, new_task_id
@@ -124,3 +127,37 @@ def test_sending_leaves_no_subscription_that_nobody_reads(redis_server):
             opened
     finally:
         producer.close()
+
+
+def test_a_workers_backend_stores_celerys_own_state_in_one_round_trip_and_keeps_a_success(redis_server):
+    config = celery_config(redis_server.url, "channels-q")
+    ours = make_celery_app(config, name="test-worker", backend=WorkerRedisBackend).backend
+    stock = make_celery_app(config, name="test-stock").backend  # Celery's own RedisBackend
+    assert type(stock) is RedisBackend
+    client = redis.Redis.from_url(redis_server.url)
+    producer = GenerationProducer(config)
+    try:
+        (request, task_id), (_, stock_id) = task("one-trip store"), task("one-trip store, stock")
+        for backend, tid in ((ours, task_id), (stock, stock_id)):
+            backend.store_result(tid, {"pid": 1}, "STARTED")
+        future = producer.watch(task_id)
+        harness.wait_for(lambda: _subscribed(producer, task_id), 10, "the subscription")
+        sent = []
+        send = ours.client.execute_command
+        ours.client.execute_command = lambda *args, **options: sent.append(args[0]) or send(*args, **options)
+        ours.store_result(task_id, result_of(request), "SUCCESS")
+        assert sent == ["EVALSHA"], "the check and the write are one script"
+        assert future.result(timeout=10).key == request.cache_key(), "published, as Celery's own is"
+        stock.store_result(stock_id, result_of(request), "SUCCESS")
+
+        def stored(tid: str) -> dict:
+            meta = json.loads(client.get(ours.get_key_for_task(tid)))
+            return {k: v for k, v in meta.items() if k not in ("task_id", "date_done")}
+
+        assert stored(task_id) == stored(stock_id) and stored(task_id)["status"] == "SUCCESS"
+        assert abs(client.ttl(ours.get_key_for_task(task_id)) - client.ttl(stock.get_key_for_task(stock_id))) <= 1
+        ours.store_result(task_id, {"exc_type": "Late", "exc_message": "a redelivered run"}, "FAILURE")
+        assert stored(task_id) == stored(stock_id), "a SUCCESS is never overwritten"
+    finally:
+        producer.close()
+        client.close()

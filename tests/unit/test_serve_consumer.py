@@ -11,6 +11,7 @@ import threading
 from ray.serve.task_consumer import task_consumer
 from ray.serve.task_processor import CeleryTaskProcessorAdapter
 
+from celery_bridge.app import WorkerRedisBackend
 from celery_bridge.config import CeleryConfig
 from celery_bridge.consumer import ServeConsumer, task_processor_config
 
@@ -21,6 +22,7 @@ def test_the_adapter_still_has_the_attributes_the_consumer_reads():
     for name in ServeConsumer.ADAPTER_ATTRIBUTES:
         assert hasattr(adapter, name), f"Ray's CeleryTaskProcessorAdapter has no {name} any more"
     assert hasattr(adapter._app, "control") and adapter._worker_thread is None
+    assert isinstance(adapter._app.backend, WorkerRedisBackend), "Ray's workers store results as plain ones do"
     started = inspect.getsource(CeleryTaskProcessorAdapter.start_consumer)
     assert "self._worker_thread = threading.Thread(" in started and "self._worker_hostname =" in started
 
