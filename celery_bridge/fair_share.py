@@ -272,16 +272,18 @@ class FairShare:
             pipe.hdel(redis_keys.FAIR_HELD, *task_ids)
             pipe.execute()
 
-    def finished(self, queue: str, tenant: str, task_id: str, gpu_ms: Optional[float]) -> None:
+    def finished(self, queue: str, tenant: str, task_id: str, gpu_ms: Optional[float], pipe: Any = None) -> None:
         """A worker is done with `task_id` (any outcome): free its slot, count the tenant's usage
-        (`gpu_ms` for a rendered image, None otherwise), wake a dispatcher."""
-        pipe = self.client.pipeline(transaction=False)
+        (`gpu_ms` for a rendered image, None otherwise), wake a dispatcher; queued on `pipe` when given."""
+        own = pipe is None
+        pipe = self.client.pipeline(transaction=False) if own else pipe
         self._finished(keys=[redis_keys.FAIR_OUT + queue, redis_keys.TENANT_OUT + tenant, redis_keys.FAIR_WAKE],
                        args=[task_id, queue], client=pipe)
         if gpu_ms is not None:
             pipe.hincrby(redis_keys.STATS, tenant_counter(tenant, IMAGES_RENDERED), 1)
             pipe.hincrby(redis_keys.STATS, tenant_counter(tenant, GPU_MS), int(round(gpu_ms)))
-        pipe.execute()
+        if own:
+            pipe.execute()
 
 
 class Dispatcher:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 import threading
-from typing import List
+from typing import Any, List
 
 import redis
 
@@ -100,9 +100,6 @@ class Heartbeat:
 RENDERED = "rendered"
 
 
-def count_rendered(client: redis.Redis, model: str) -> None:
-    """One more image rendered by a worker of `model` (per-model figures in `sdgate stats`)."""
-    try:
-        client.hincrby(redis_keys.STATS, model_counter(model, RENDERED), 1)
-    except redis.RedisError as exc:  # a lost count never fails a render
-        log.debug("could not count a render: %s", exc)
+def count_rendered(pipe: Any, model: str) -> None:
+    """Queue on `pipe` one more image rendered by a worker of `model` (per-model figures in `sdgate stats`)."""
+    pipe.hincrby(redis_keys.STATS, model_counter(model, RENDERED), 1)

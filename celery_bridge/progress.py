@@ -162,11 +162,10 @@ def recent_render_s(client: redis.Redis, model: str) -> Optional[float]:
     return sum(samples) / len(samples) / 1000 if samples else None
 
 
-def record_render(client: redis.Redis, model: str, ms: float) -> None:
-    pipe = client.pipeline(transaction=False)
+def record_render(pipe: Any, model: str, ms: float) -> None:
+    """Queue on `pipe` one render time of `model` (the newest RENDER_SAMPLES make its queue ETAs)."""
     pipe.lpush(redis_keys.RENDER_MS + model, round(ms, 1))
     pipe.ltrim(redis_keys.RENDER_MS + model, 0, RENDER_SAMPLES - 1)
-    pipe.execute()
 
 
 class TaskCancelled(RuntimeError):

@@ -11,8 +11,7 @@ import logging
 import os
 import socket
 import time
-from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Callable, Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 from celery.worker.consumer import Consumer
 
@@ -21,6 +20,7 @@ from celery_bridge.config import CeleryConfig, WorkerConfig, load_celery_config,
 from celery_bridge.contract import TASK_NAME, GenerationResult
 from celery_bridge.fair_share import FairShare
 from celery_bridge.models import queue_for
+from celery_bridge.presence import count_rendered
 from celery_bridge.progress import TASK_TTL_S, ProgressReporter, TaskCancelled, record_render
 
 log = logging.getLogger(__name__)
@@ -48,9 +48,9 @@ class GenerationService:
     """Owns the resident pipeline of one worker process and turns task payloads into results."""
 
     def __init__(self, config: WorkerConfig, name: Optional[str] = None, time_limit_s: Optional[float] = None,
-                 on_rendered: Optional[Callable[[str], None]] = None, redis_client: Any = None):
-        """on_rendered(model) is called after each image rendered (the per-model counter); with
-        `redis_client`, tasks report progress and honour cancels (celery_bridge/progress.py)."""
+                 redis_client: Any = None):
+        """With `redis_client`, tasks report progress and honour cancels (celery_bridge/progress.py), and
+        each task's end is reported (_report_end)."""
         from celery_bridge.batching import ShapeBatcher, batch_size_for
         from celery_bridge.models import load_catalogue
 
@@ -69,10 +69,8 @@ class GenerationService:
         self.load_seconds = time.monotonic() - started
         self.name = name or f"{socket.gethostname()}:{os.getpid()}"
         self.tasks_done = 0
-        self.on_rendered = on_rendered
         self.redis = redis_client
         self.fair = FairShare(redis_client) if redis_client is not None else None
-        self._reports = ThreadPoolExecutor(1, thread_name_prefix="sdgate-reports")  # off the result's path
         # 1 renders in the calling thread as before; more needs that many consumer threads (worker_argv).
         entry = self.runner.entry
         self.batching = batching_mode(config.batching or entry.batching, self.runner)
@@ -107,27 +105,29 @@ class GenerationService:
         Whatever the outcome, the task's fair-share slot is freed and its tenant's usage counted."""
         tenant = payload.pop("tenant", None) if isinstance(payload, dict) else None  # not part of the request
         outcome = self._handle(payload)
-        task_id, queue = _current_task()
-        if self.redis is not None and isinstance(tenant, str) and task_id:  # reported beside the result, not before
-            gpu_ms = outcome.get("pipeline_ms") if outcome.get("ok") else None
-            self._reports.submit(self._finished, queue, tenant, task_id,
-                                 None if gpu_ms is None else float(gpu_ms) / (outcome.get("batch_size") or 1))
+        self._report_end(outcome, tenant)
         return outcome
 
-    def _finished(self, queue: str, tenant: str, task_id: str, gpu_ms: Optional[float]) -> None:
+    def _report_end(self, outcome: Dict[str, Any], tenant: Any) -> None:
+        """The task's end, in one round trip before Celery stores its result: its fair-share slot
+        freed and its tenant's usage counted (so a gateway that learns of the result can release the
+        next task at once), the render counted per model, and a render time for queue ETAs."""
+        if self.redis is None:
+            return
+        task_id, queue = _current_task()
+        pipe = self.redis.pipeline(transaction=False)
+        gpu_ms = None
+        if outcome.get("ok"):
+            model = str(outcome.get("model"))
+            gpu_ms = float(outcome.get("pipeline_ms") or 0.0) / (outcome.get("batch_size") or 1)
+            count_rendered(pipe, model)
+            record_render(pipe, model, gpu_ms)
+        if isinstance(tenant, str) and task_id:
+            self.fair.finished(queue, tenant, task_id, gpu_ms, pipe=pipe)
         try:
-            self.fair.finished(queue, tenant, task_id, gpu_ms)
+            pipe.execute()
         except Exception as exc:  # noqa: BLE001 - the slot lapses by itself; the image must not be lost
-            log.warning("could not report task %s finished to fair share: %s", task_id, exc)
-
-    def _count_render(self, model: str, sample_ms: Optional[float]) -> None:
-        if self.on_rendered:
-            self.on_rendered(model)
-        if sample_ms is not None:
-            try:
-                record_render(self.redis, model, sample_ms)
-            except Exception:  # noqa: BLE001 - an ETA sample is not worth failing an image for
-                pass
+            log.warning("could not report the end of task %s: %s", task_id, exc)
 
     def _handle(self, payload: Any) -> Dict[str, Any]:
         GenerationTimeout = self._timeout_error  # noqa: N806 - the runner's exception class
@@ -166,8 +166,6 @@ class GenerationService:
             log.exception("generation failed for %s", request.cache_key()[:12])
             return GenerationResult.failure(E_INTERNAL, f"generation failed on worker {self.name}: {exc}").to_json()
         self.tasks_done += 1
-        # The per-model count and, with progress, a sample for queue ETAs: beside the result, not before it.
-        self._reports.submit(self._count_render, request.model, pipeline_ms / batch_size if reporter else None)
         result = GenerationResult.success(request, png, pipeline_ms, self.name)
         result.pipeline_loads, result.batch_size = type(self.runner).loads, batch_size
         return result.to_json()
@@ -249,7 +247,7 @@ class WorkerRuntime:
 
     def __init__(self, celery_config: CeleryConfig, worker_config: WorkerConfig, what: str):
         from celery_bridge.lease import LeaseKeeper
-        from celery_bridge.presence import Heartbeat, count_rendered
+        from celery_bridge.presence import Heartbeat
         from celery_bridge.redis_check import require_redis_version
 
         # 1. Checks that must fail in seconds, before a model loads.
@@ -258,7 +256,7 @@ class WorkerRuntime:
         require_catalogued(worker_config.model)
         # 2. Load the pipeline once, before taking any task; a model that cannot load fails here.
         self.service = GenerationService(worker_config, time_limit_s=celery_config.soft_time_limit_s,
-                                         on_rendered=lambda model: count_rendered(client, model), redis_client=client)
+                                         redis_client=client)
         # 3. Renew the leases of held tasks, and tell gateways we serve the model.
         self.leases = LeaseKeeper(client, celery_config.lease_renew_s).start()
         self.presence = Heartbeat(client, worker_config.model, self.service.name,

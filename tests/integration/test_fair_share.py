@@ -5,12 +5,15 @@ slots) and by `finished`, as a worker reports a task's end."""
 from __future__ import annotations
 
 import itertools
+import threading
 from typing import Dict, List
 
 import pytest
 import redis
 
+from client.protocol import GenerationRequest
 from celery_bridge import redis_keys
+from celery_bridge.config import WorkerConfig
 from celery_bridge.fair_share import Dispatcher, FairShare, backlog_key
 from celery_bridge.presence import Heartbeat
 from serve_app.tenants import Tenant, TenantRegistry
@@ -189,3 +192,48 @@ def test_a_new_task_that_may_start_is_queued_and_released_in_one_round_trip(redi
     finally:
         dispatcher.stop()
         client.close()
+
+
+def test_a_worker_reports_a_tasks_end_in_one_round_trip_before_it_returns_the_result(redis_server, monkeypatch,
+                                                                                      tmp_path):
+    """The slot is free by the time the result is stored, so a gateway that has the image can release
+    the next task at once, rather than after a report that trails the result."""
+    from celery_bridge import worker
+    from celery_bridge.sleep_model import SLEEP_MODEL, sleep_catalogue
+
+    executed = []  # (thread, commands) of each pipeline run
+
+    class RecordingRedis(redis.Redis):
+        def pipeline(self, transaction=True, shard_hint=None):
+            pipe = super().pipeline(transaction, shard_hint)
+            run = pipe.execute
+
+            def execute(raise_on_error=True):
+                executed.append((threading.current_thread().name, [args[0] for args, _ in pipe.command_stack]))
+                return run(raise_on_error)
+
+            pipe.execute = execute
+            return pipe
+
+    client = RecordingRedis.from_url(redis_server.url)
+    client.flushall()
+    monkeypatch.setenv("SDGATE_MODELS_FILE", str(sleep_catalogue(tmp_path / "models.yaml", 1)))
+    monkeypatch.setattr(worker, "_current_task", lambda: ("sdgate-end", QUEUE))
+    monkeypatch.setattr(worker, "_started_state", lambda: None)  # outside a Celery task: no result key
+    fair = FairShare(client)
+    workers(client, 1)
+    fair.enqueue(QUEUE, "a", "sdgate-end", {"payload": {"model": MODEL, "tenant": "a"}, "queue": QUEUE})
+    (next_id,) = enqueue(fair, "a", 1)
+    fair.confirm([task_id for task_id, _, _ in fair.release(QUEUE, MODEL)])
+    service = worker.GenerationService(WorkerConfig(model=SLEEP_MODEL), redis_client=client)
+    executed.clear()
+    result = service.handle(dict(GenerationRequest("the end of a task", seed=1).to_dict(), tenant="a"))
+    assert result["ok"]
+    ends = [(thread, commands) for thread, commands in executed if "HINCRBY" in commands]
+    assert ends == [(threading.current_thread().name, ["HINCRBY", "LPUSH", "LTRIM", "EVALSHA", "HINCRBY",
+                                                       "HINCRBY"])], "one round trip, on the task's own thread"
+    assert client.zcard(redis_keys.FAIR_OUT + QUEUE) == 0, "the slot was free before the result went back"
+    assert [task_id for task_id, _, _ in fair.release(QUEUE, MODEL)] == [next_id]
+    assert client.hget(redis_keys.STATS, f"models:{SLEEP_MODEL}:rendered") == b"1"
+    assert TenantRegistry(client).usage()["a"]["images_rendered"] == 1
+    client.close()

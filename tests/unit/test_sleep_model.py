@@ -67,23 +67,3 @@ def test_a_sleep_source_must_name_its_milliseconds():
     with pytest.raises(ValueError, match="sleep:<milliseconds>"):
         ModelEntry(name="s", source="sleep:fast")
 
-
-def test_the_render_count_is_reported_beside_the_result_not_before_it(monkeypatch, tmp_path):
-    """on_rendered (a Redis write per image) runs off the task's path: a slow one delays no image."""
-    import threading
-
-    from celery_bridge.worker import GenerationService
-
-    monkeypatch.setenv("SDGATE_MODELS_FILE", str(sleep_catalogue(tmp_path / "models.yaml", 1)))
-    stuck, counted = threading.Event(), []
-
-    def on_rendered(model: str) -> None:
-        stuck.wait(5)
-        counted.append(model)
-
-    service = GenerationService(WorkerConfig(model=SLEEP_MODEL), on_rendered=on_rendered)
-    result = service.handle(GenerationRequest("counted later", seed=1).to_dict())
-    assert result["ok"] and counted == [], "the image came back while its count was still being written"
-    stuck.set()
-    service._reports.submit(lambda: None).result(10)  # the reports thread has run what was queued before
-    assert counted == [SLEEP_MODEL]
