@@ -184,12 +184,15 @@ end
 return places
 """
 
-# KEYS: out, tenant out, wake. ARGV: task id, queue.
+# KEYS: out, tenant out, wake, queue held. ARGV: task id, queue. Wakes a dispatcher only when tasks of
+# the queue are held (with none, its round would release nothing).
 _FINISHED = """
 redis.call('ZREM', KEYS[1], ARGV[1])
 redis.call('ZREM', KEYS[2], ARGV[1])
-redis.call('LPUSH', KEYS[3], ARGV[2])
-redis.call('LTRIM', KEYS[3], 0, __WAKE_LIMIT__)
+if redis.call('SCARD', KEYS[4]) > 0 then
+  redis.call('LPUSH', KEYS[3], ARGV[2])
+  redis.call('LTRIM', KEYS[3], 0, __WAKE_LIMIT__)
+end
 return 1
 """.replace("__WAKE_LIMIT__", str(WAKE_LIMIT - 1))
 
@@ -277,8 +280,8 @@ class FairShare:
         (`gpu_ms` for a rendered image, None otherwise), wake a dispatcher; queued on `pipe` when given."""
         own = pipe is None
         pipe = self.client.pipeline(transaction=False) if own else pipe
-        self._finished(keys=[redis_keys.FAIR_OUT + queue, redis_keys.TENANT_OUT + tenant, redis_keys.FAIR_WAKE],
-                       args=[task_id, queue], client=pipe)
+        self._finished(keys=[redis_keys.FAIR_OUT + queue, redis_keys.TENANT_OUT + tenant, redis_keys.FAIR_WAKE,
+                             queue_held_key(queue)], args=[task_id, queue], client=pipe)
         if gpu_ms is not None:
             pipe.hincrby(redis_keys.STATS, tenant_counter(tenant, IMAGES_RENDERED), 1)
             pipe.hincrby(redis_keys.STATS, tenant_counter(tenant, GPU_MS), int(round(gpu_ms)))

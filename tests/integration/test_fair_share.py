@@ -181,6 +181,7 @@ def test_a_new_task_that_may_start_is_queued_and_released_in_one_round_trip(redi
                              5, "the send confirmed after it")
             fair.finished(QUEUE, tenant, f"sdgate-{tenant}", gpu_ms=None)
         assert sends[-1] == ("sdgate-a", 1), "one script queued and released it before its send"
+        assert client.llen(redis_keys.FAIR_WAKE) == 0, "a finish with nothing held wakes no dispatcher"
 
         # A task that cannot start yet is held; the dispatcher's round after a finish sends it.
         dispatcher.submit(QUEUE, MODEL, "a", "sdgate-a-1", {"payload": {"model": MODEL, "tenant": "a"}, "queue": QUEUE})
@@ -188,6 +189,7 @@ def test_a_new_task_that_may_start_is_queued_and_released_in_one_round_trip(redi
         assert [task_id for task_id, _ in sends[2:]] == ["sdgate-a-1"], "the only slot is busy"
         assert client.lrange(backlog_key(QUEUE, "a"), 0, -1) == [b"sdgate-a-2"]
         fair.finished(QUEUE, "a", "sdgate-a-1", gpu_ms=None)
+        assert client.lrange(redis_keys.FAIR_WAKE, 0, -1) == [QUEUE.encode()], "a held task: the finish wakes one"
         assert dispatcher.release_once(QUEUE, MODEL) == 1 and sends[-1][0] == "sdgate-a-2"
     finally:
         dispatcher.stop()
