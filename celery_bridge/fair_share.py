@@ -24,7 +24,6 @@ from __future__ import annotations
 import json
 import logging
 import threading
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple
 
 import redis
@@ -299,7 +298,6 @@ class Dispatcher:
         self.fair, self.queues, self.send, self.known = fair, queues, send, known
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="sdgate-fair-share", daemon=True)
-        self._confirms = ThreadPoolExecutor(1, thread_name_prefix="sdgate-fair-confirm")
 
     def start(self) -> "Dispatcher":
         self._thread.start()
@@ -307,7 +305,6 @@ class Dispatcher:
 
     def stop(self) -> None:
         self._stop.set()
-        self._confirms.shutdown(wait=False)
 
     def release_once(self, queue: str, model: str) -> int:
         """Release and send what `queue` can start now; returns how many were sent."""
@@ -317,17 +314,14 @@ class Dispatcher:
 
     def submit(self, queue: str, model: str, tenant: str, task_id: str, entry: Dict[str, Any]) -> None:
         """Put a new task in `tenant`'s backlog and send what may start now, the new one too when a
-        slot is free: one script, then the sends. The confirmation follows off the caller's path (until
-        it lands, the send lease covers those tasks). RedisError when the task could not be queued."""
+        slot is free: one script, then the sends and their confirmation. RedisError when the task could
+        not be queued; a failure after that is logged (the send lease hands those tasks out again)."""
         released = self.fair.enqueue_and_release(queue, model, tenant, task_id, entry)
         try:
-            sent = self._send(released)
-        except Exception as exc:  # noqa: BLE001 - kombu raises several families; the lease hands them out again
+            self.fair.confirm(self._send(released))
+        except Exception as exc:  # noqa: BLE001 - kombu raises several families; the lease covers them
             log.warning("sending released tasks failed (%s); they are handed out again in %.0f s", exc,
                         self.fair.send_lease_ms / 1000)
-            return
-        if sent:
-            self._confirms.submit(self._confirm_quietly, sent)
 
     def _send(self, released: List[Tuple[str, Dict[str, Any], bool]]) -> List[str]:
         """Send each released task (a retry only if the broker does not have it yet); returns their ids."""
@@ -335,12 +329,6 @@ class Dispatcher:
             if not (retry and self.known(task_id, entry)):
                 self.send(task_id, entry)
         return [task_id for task_id, _, _ in released]
-
-    def _confirm_quietly(self, task_ids: List[str]) -> None:
-        try:
-            self.fair.confirm(task_ids)
-        except redis.RedisError as exc:  # their leases lapse; the next release finds them with the broker
-            log.warning("confirming %d sent tasks failed: %s", len(task_ids), exc)
 
     def _run(self) -> None:
         backoff = 0.1
