@@ -94,7 +94,8 @@ class WorkerRedisBackend(RedisBackend):
     """Celery's Redis result backend for the workers, storing a state in one round trip. Celery's
     own reads the stored state first (a SUCCESS is never overwritten, say by a redelivered task) and
     then writes and publishes: two round trips on the path of every image. Here the same check and
-    write are one script; the meta stored is Celery's own (tests/test_celery_app.py compares them)."""
+    write are one script; the meta stored is Celery's own (tests/integration/test_result_channels.py
+    compares them, so a Celery upgrade that changes either shows there)."""
 
     def _store_result(self, task_id, result, state, traceback=None, request=None, **kwargs):
         meta = self._get_result_meta(result=result, state=state, traceback=traceback, request=request)

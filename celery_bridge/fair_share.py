@@ -15,8 +15,8 @@ nothing. A released task is sent with Celery's own `send_task` by the dispatcher
 it; until that send is confirmed it sits under a short lease, and if the dispatcher dies first,
 the next release hands it out again (sent again only if the broker does not have it).
 
-Workers call `finished` when a task ends, whatever its outcome: it frees the slot, counts the
-tenant's usage and wakes a dispatcher.
+Workers call `finished` when a task ends, whatever its outcome, before its result is stored: it
+frees the slot, counts the tenant's usage and, when tasks of the queue are held, wakes a dispatcher.
 """
 
 from __future__ import annotations
