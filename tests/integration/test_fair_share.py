@@ -39,11 +39,16 @@ def workers(client: redis.Redis, count: int, slots: int = 1) -> List[Heartbeat]:
     return beats
 
 
+def entry(tenant: str) -> dict:
+    """A held task's entry, as the producer writes it."""
+    return {"payload": {"model": MODEL, "tenant": tenant}, "queue": QUEUE}
+
+
 def enqueue(fair: FairShare, tenant: str, count: int) -> List[str]:
     ids = []
     for _ in range(count):
         task_id = f"sdgate-{tenant}-{next(_ids)}"
-        fair.enqueue(QUEUE, tenant, task_id, {"payload": {"model": MODEL, "tenant": tenant}, "queue": QUEUE})
+        fair.enqueue(QUEUE, tenant, task_id, entry(tenant))
         ids.append(task_id)
     return ids
 
@@ -175,8 +180,7 @@ def test_a_new_task_that_may_start_is_queued_and_released_in_one_round_trip(redi
     try:
         for tenant in ("warm", "a"):  # the first call also loads the script
             before = client.round_trips
-            dispatcher.submit(QUEUE, MODEL, tenant, f"sdgate-{tenant}", {"payload": {"model": MODEL, "tenant": tenant},
-                                                                         "queue": QUEUE})
+            dispatcher.submit(QUEUE, MODEL, tenant, f"sdgate-{tenant}", entry(tenant))
             harness.wait_for(lambda: client.hlen(redis_keys.FAIR_HELD) == 0 and client.zcard(redis_keys.FAIR_SENDING) == 0,
                              5, "the send confirmed after it")
             fair.finished(QUEUE, tenant, f"sdgate-{tenant}", gpu_ms=None)
@@ -184,8 +188,8 @@ def test_a_new_task_that_may_start_is_queued_and_released_in_one_round_trip(redi
         assert client.llen(redis_keys.FAIR_WAKE) == 0, "a finish with nothing held wakes no dispatcher"
 
         # A task that cannot start yet is held; the dispatcher's round after a finish sends it.
-        dispatcher.submit(QUEUE, MODEL, "a", "sdgate-a-1", {"payload": {"model": MODEL, "tenant": "a"}, "queue": QUEUE})
-        dispatcher.submit(QUEUE, MODEL, "a", "sdgate-a-2", {"payload": {"model": MODEL, "tenant": "a"}, "queue": QUEUE})
+        dispatcher.submit(QUEUE, MODEL, "a", "sdgate-a-1", entry("a"))
+        dispatcher.submit(QUEUE, MODEL, "a", "sdgate-a-2", entry("a"))
         assert [task_id for task_id, _ in sends[2:]] == ["sdgate-a-1"], "the only slot is busy"
         assert client.lrange(backlog_key(QUEUE, "a"), 0, -1) == [b"sdgate-a-2"]
         fair.finished(QUEUE, "a", "sdgate-a-1", gpu_ms=None)
@@ -224,7 +228,7 @@ def test_a_worker_reports_a_tasks_end_in_one_round_trip_before_it_returns_the_re
     monkeypatch.setattr(worker, "_started_state", lambda: None)  # outside a Celery task: no result key
     fair = FairShare(client)
     workers(client, 1)
-    fair.enqueue(QUEUE, "a", "sdgate-end", {"payload": {"model": MODEL, "tenant": "a"}, "queue": QUEUE})
+    fair.enqueue(QUEUE, "a", "sdgate-end", entry("a"))
     (next_id,) = enqueue(fair, "a", 1)
     fair.confirm([task_id for task_id, _, _ in fair.release(QUEUE, MODEL)])
     service = worker.GenerationService(WorkerConfig(model=SLEEP_MODEL), redis_client=client)

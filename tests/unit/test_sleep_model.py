@@ -66,4 +66,3 @@ def test_a_sleep_source_must_name_its_milliseconds():
     assert ModelEntry(name="t", source="tiny").sleep_ms is None
     with pytest.raises(ValueError, match="sleep:<milliseconds>"):
         ModelEntry(name="s", source="sleep:fast")
-
