@@ -270,17 +270,18 @@ def slow_request(stack: LocalStack, prompt: str, seconds: float) -> GenerationRe
     """A new request whose generation takes about `seconds` (at least) on this stack's workers.
 
     Timed once per stack on two step counts, so the denoising cost per step is measured without
-    the fixed text-encoder and VAE cost, on whatever hardware runs the suite. Each count is timed
-    twice and the faster kept, and a step is taken to cost at least a quarter of the 24-step
-    render's average: a 4-step render slowed by a neighbour's load can make the difference almost
-    nil, and the "3 s" request then a 2048x2048 one of 150 steps that holds the worker for minutes
-    (the likely cause of ci25, where the tests that use this ran 10 to 80 times longer than alone).
+    the fixed text-encoder and VAE cost, on whatever hardware runs the suite. A step is taken to
+    cost at least a quarter of the 24-step render's average: a 4-step render slowed by a
+    neighbour's load can make the difference almost nil, and the "3 s" request then a 2048x2048 one
+    of 150 steps that holds the worker for minutes (the likely cause of ci25, where the tests that
+    use this ran 10 to 80 times longer than alone). Each count is timed once: keeping the faster of
+    two timings gave 0.07 s a step where one gave 0.11 s, so its requests had 1.6x the steps and
+    the tests using them ran up to 21 s longer under the suite's load.
     """
     home = str(stack.paths.home)
     if home not in _SECONDS_PER_STEP:
-        timings = [min(ask(stack, GenerationRequest(f"calibration {steps} {time.time()}", width=512, height=512,
-                                                    steps=steps)).meta["pipeline_ms"] / 1000 for _ in range(2))
-                   for steps in (4, 24)]
+        timings = [ask(stack, GenerationRequest(f"calibration {steps} {time.time()}", width=512, height=512,
+                                                steps=steps)).meta["pipeline_ms"] / 1000 for steps in (4, 24)]
         _SECONDS_PER_STEP[home] = max((timings[1] - timings[0]) / 20, timings[1] / 24 / 4)
     per_step = _SECONDS_PER_STEP[home]
     for side in (512, 768, 1024, 1536, 2048):
