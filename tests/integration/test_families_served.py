@@ -101,11 +101,14 @@ def test_text_to_image_and_a_batch_through_the_familys_worker(served, family):
     png = image(alone)
     assert png.size == (64, 64) and alone.meta["model"] == family
     assert alone.meta["worker"] in live_workers(client, family)
-    pair = [request(family, "one of two"), request(family, "two of two")]
-    answers = loop.gather(*(front.generate_async(r) for r in pair))
-    assert image(answers[0]).tobytes() != image(answers[1]).tobytes()
-    for sent in pair:
-        assert [result["batch_size"] for result in results_of(client, key_of(sent, catalogue))] == [2]
+    for attempt in range(3):  # the worker's 400 ms window can close before a loaded machine sends the second
+        pair = [request(family, f"one of two {attempt}"), request(family, f"two of two {attempt}")]
+        answers = loop.gather(*(front.generate_async(r) for r in pair))
+        assert image(answers[0]).tobytes() != image(answers[1]).tobytes()
+        sizes = [[result["batch_size"] for result in results_of(client, key_of(sent, catalogue))] for sent in pair]
+        if sizes == [[2], [2]]:
+            break
+    assert sizes == [[2], [2]], f"each of the pair rendered once, in one batch of two: {sizes}"
 
 
 @pytest.mark.parametrize("family", FAMILY_NAMES)

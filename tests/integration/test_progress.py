@@ -237,8 +237,13 @@ def test_a_late_save_never_moves_a_done_job_back(replicas):
     request = GenerationRequest(f"a late save {uuid.uuid4().hex[:6]}", width=64, height=64, steps=2)
     record = a.loop.run(a.jobs.submit(request))
     stale = dict(record, state="generating", step=1)  # the snapshot of an earlier event
-    done = wait_for(lambda: (lambda r: r if r["state"] == "done" else None)(a.loop.run(a.jobs.read(record["id"]))),
-                    120, "the job done")
+
+    def stored_done():  # the stored record, not the replica's own copy (done there before its save lands)
+        raw = a.producer.redis.get(redis_keys.JOB + record["id"])
+        stored = json.loads(raw) if raw else None
+        return stored if stored and stored["state"] == "done" else None
+
+    done = wait_for(stored_done, 120, "the job stored as done")
     assert not a.jobs._save(stale)  # its seq is below the stored one
     assert not a.jobs._save(dict(stale, seq=done["seq"] + 1))  # newer, but done is final
     assert a.loop.run(a.jobs.read(record["id"]))["state"] == "done"
