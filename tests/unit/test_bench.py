@@ -109,3 +109,20 @@ def test_http_floor_server_sends_the_stored_png_in_the_images_api_shape(tmp_path
     finally:
         server.terminate()
         server.wait(10)
+
+
+def test_celery_floor_round_trips_a_bare_task_through_a_real_worker_and_stops_it(redis_server):
+    """bench/celery_floor.py: a real `celery worker` with sdgate's settings answers each task, its
+    result is stored as Celery stores sdgate's, and the worker is gone when the bench is done."""
+    import redis
+
+    from bench import celery_floor
+
+    with celery_floor.floor_worker(redis_server.url) as worker:
+        rows = celery_floor.timed_round_trips(redis_server.url, 4, result_chars=1000)
+    assert worker.poll() is not None, "the floor's worker outlived the bench"
+    assert len(rows) == 4
+    for row in rows:
+        assert 0 < row["send_to_body_ms"] < row["send_to_result_ms"]
+    stored = json.loads(redis.Redis.from_url(redis_server.url).get(f"celery-task-meta-{rows[-1]['task_id']}"))
+    assert stored["status"] == "SUCCESS" and stored["result"]["png"] == "A" * 1000
