@@ -42,16 +42,23 @@ LATENT_RGB = ((0.298, 0.207, 0.208), (0.187, 0.286, 0.173), (-0.158, 0.189, 0.26
 # Waiter leases are scored in Redis server time (ms), written and read inside these scripts, so
 # the clocks of the gateway and worker hosts never meet.
 _NOW_MS = "local t = redis.call('TIME') local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)\n"
-# KEYS[1] waiters zset, optional KEYS[2] watched flag. ARGV: lease ms, ttl s, then waiter ids.
-_ADD_WAITERS = _NOW_MS + """
-for i = 3, #ARGV do redis.call('zadd', KEYS[1], now + tonumber(ARGV[1]), ARGV[i]) end
-redis.call('expire', KEYS[1], ARGV[2])
-if KEYS[2] then redis.call('set', KEYS[2], '1', 'EX', ARGV[2]) end
-return 1
+# A Lua function, shared with the claim script (serve_app/claims.py): lease the waiter ids
+# ARGV[first..] on the `waiters` zset for `lease_ms` of server time and keep it `ttl` s; with
+# `watched` (a key name) mark the task watched; with `renew`, extend only waiters still registered
+# (a renewal queued just before a waiter left must not add it back after its removal).
+LEASE_WAITERS_FN = """local function lease_waiters(waiters, watched, lease_ms, ttl, first, renew)
+local t = redis.call('TIME')
+local expiry = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000) + lease_ms
+for i = first, #ARGV do
+  if renew then redis.call('zadd', waiters, 'XX', expiry, ARGV[i]) else redis.call('zadd', waiters, expiry, ARGV[i]) end
+end
+redis.call('expire', waiters, ttl)
+if watched then redis.call('set', watched, '1', 'EX', ttl) end
+end
 """
-# The same, extending only waiters still registered: a renewal queued just before a waiter left
-# must not add it back after its removal.
-_RENEW_WAITERS = _ADD_WAITERS.replace("redis.call('zadd', KEYS[1], now", "redis.call('zadd', KEYS[1], 'XX', now")
+# KEYS[1] waiters zset, optional KEYS[2] watched flag. ARGV: lease ms, ttl s, then waiter ids.
+_ADD_WAITERS = LEASE_WAITERS_FN + "lease_waiters(KEYS[1], KEYS[2], tonumber(ARGV[1]), ARGV[2], 3, false) return 1"
+_RENEW_WAITERS = LEASE_WAITERS_FN + "lease_waiters(KEYS[1], KEYS[2], tonumber(ARGV[1]), ARGV[2], 3, true) return 1"
 # KEYS[1] waiters zset, KEYS[2] cancel flag. ARGV: waiter id, ttl s.
 # Removes the waiter and the lapsed ones; when none is left, raises the cancel flag. Returns the
 # number of live waiters left (0: this cancel stops the task).

@@ -14,21 +14,31 @@ from typing import Any, List, Sequence, Tuple
 
 import redis
 
-from celery_bridge import redis_keys
+from celery_bridge import progress, redis_keys
 from celery_bridge.producer import new_task_id
 from serve_app.config import GatewayConfig
 from serve_app.flight import Flight
 
 log = logging.getLogger(__name__)
 
-# KEYS[1] claim, KEYS[2] heartbeat; ARGV: task id, heartbeat ms, claim s.
-# Returns {1, id} when we won, else {0, the id that holds it}.
-_CLAIM = """
+# KEYS[1] claim, KEYS[2] heartbeat. ARGV: task id, heartbeat ms, claim s, waiter lease ms, per-task
+# ttl s, waiters key prefix, watched key prefix, then the waiter ids to lease on the task that holds
+# the claim (celery_bridge/progress.py's lease_waiters), in the same round trip.
+# Returns {1, id} when we won (the task is marked watched: we queue it), else {0, the id that holds
+# it}; {0, nil} when the claim lapsed between the two looks (the caller tries again).
+_CLAIM = progress.LEASE_WAITERS_FN + """
+local won, holder = 0, ARGV[1]
 if redis.call('set', KEYS[1], ARGV[1], 'NX', 'EX', ARGV[3]) then
   redis.call('set', KEYS[2], ARGV[1], 'PX', ARGV[2])
-  return {1, ARGV[1]}
+  won = 1
+else
+  holder = redis.call('get', KEYS[1])
+  if not holder then return {0, false} end
 end
-return {0, redis.call('get', KEYS[1])}
+local watched = nil
+if won == 1 then watched = ARGV[7] .. holder end
+lease_waiters(ARGV[6] .. holder, watched, tonumber(ARGV[4]), ARGV[5], 8, false)
+return {won, holder}
 """
 # Renew (or, with the heartbeat lapsed, take over) the claim for task ARGV[1]: 1 if it is ours now.
 _RENEW_CLAIM = """
@@ -63,10 +73,14 @@ class ClusterClaims:
     def _args(self, task_id: str, *extra: str) -> list:
         return [task_id, int(self.config.claim_lease_s * 1000), int(self.config.flight_timeout_s) + 1, *extra]
 
-    def claim(self, key: str) -> Tuple[str, bool]:
-        """(the task id that renders `key`, whether we won the claim); RedisError when unreachable."""
+    def claim(self, key: str, waiter_ids: Sequence[str] = (), waiter_lease_s: float = 0.0) -> Tuple[str, bool]:
+        """(the task id that renders `key`, whether we won the claim), with `waiter_ids` leased on that
+        task for `waiter_lease_s` in the same round trip (and the task marked watched when we won);
+        RedisError when unreachable."""
+        args = [int(waiter_lease_s * 1000), progress.TASK_TTL_S, redis_keys.WAITERS, redis_keys.WATCHED, *waiter_ids]
         for _ in range(5):
-            won, holder = self._claim(keys=self._keys(key), args=self._args(new_task_id(key)))
+            task_id = new_task_id(key)
+            won, holder = self._claim(keys=self._keys(key), args=self._args(task_id) + args)
             if holder is not None:
                 return (holder.decode() if isinstance(holder, bytes) else holder), bool(won)
         raise redis.RedisError("the claim for this key kept changing hands")

@@ -281,14 +281,21 @@ class FrontService:
 
     def _start(self, flight: Flight) -> None:
         key = flight.key
-        # 1. Claim the key cluster-wide, or learn which task already renders it.
+        # 1. Claim the key cluster-wide, or learn which task already renders it, and lease the
+        #    waiters known now on that task (marked watched if ours), in one round trip.
+        leased = flight.waiter_ids()
         try:
-            task_id, claimed = self.claims.claim(key)
+            task_id, claimed = self.claims.claim(key, leased, self.waiters.lease_s)
         except redis.RedisError as exc:
             log.warning("claim for %s failed: %s", key[:12], exc)
             raise ProtocolError(protocol.E_UNAVAILABLE, "the task queue (Redis) is unreachable; "
                                 "retry in a few seconds") from None
         flight.task_id, flight.owner = task_id, claimed
+        # Waiters that came or went during the claim saw no task id: the leader leases or drops them.
+        now = set(flight.waiter_ids())
+        self.waiters.lease(task_id, sorted(now - set(leased)))
+        for gone in set(leased) - now:
+            self.waiters.left(task_id, gone)
         self.hooks.after_claim(key, task_id, claimed)
 
         # 2. Whoever stored the image may have released the claim we just won: look again.
@@ -300,9 +307,7 @@ class FrontService:
         else:
             self.counters.incr(stats.SINGLEFLIGHT_JOINS)
 
-        # 3. Count our waiters cluster-wide, then watch before submitting so the result cannot slip
-        #    past; finish from its callback.
-        self.waiters.register(flight, watched=claimed)
+        # 3. Watch before submitting so the result cannot slip past; finish from its callback.
         self._watch(flight, unsent=claimed)
         if flight.leader_status:  # before submitting, so it always precedes `generating`
             flight.leader_status(protocol.STATUS_QUEUED if claimed else protocol.STATUS_JOINED)

@@ -103,6 +103,78 @@ def in_loop(coroutine_factory):
     return thread, outcome
 
 
+def test_the_claim_leases_its_waiters_and_the_leader_leases_one_that_joined_during_it(cluster):
+    """The claim's one round trip leases the waiters known when it is sent on the task it names,
+    and marks that task watched (ours); a waiter that joins while the claim is in flight sees no
+    task id yet, so leases nothing itself: the leader leases it right after, before the hook that
+    follows the claim, and both get the image."""
+    front = cluster.replica()
+    request = resolved(GenerationRequest(f"claim leases {uuid.uuid4().hex[:6]}", seed=6))
+    real_claim, box = front.claims._claim, {}
+
+    def claim_while_a_joiner_arrives(*args, **kwargs):
+        box["late"] = asyncio.run_coroutine_threadsafe(front.generate_async(request, waiter_id="w-late"), box["loop"])
+        flight = front._flights[request.cache_key()]
+        wait_for(lambda: len(flight.waiter_ids()) == 2, what="the joiner in the flight")
+        assert flight.task_id is None
+        return real_claim(*args, **kwargs)
+
+    def after_claim(key, task_id, claimed):
+        seconds, micros = cluster.redis.time()
+        live = cluster.redis.zrangebyscore(redis_keys.WAITERS + task_id, seconds * 1000 + micros // 1000, "+inf")
+        box.update(claimed=claimed, live=sorted(m.decode() for m in live),
+                   watched=cluster.redis.exists(redis_keys.WATCHED + task_id))
+
+    front.claims._claim, front.hooks.after_claim = claim_while_a_joiner_arrives, after_claim
+
+    async def lead():
+        box["loop"] = asyncio.get_running_loop()
+        return await front.generate_async(request, waiter_id="w-lead")
+
+    thread, outcome = in_loop(lead)
+    task_id = wait_for(lambda: cluster.queued() and cluster.queued()[0], what="the task queued")
+    assert (box["claimed"], box["live"], box["watched"]) == (True, ["w-late", "w-lead"], 1)
+    cluster.render(task_id, request)
+    thread.join(10)
+    assert outcome["value"].png == PNG and box["late"].result(10).png == PNG
+
+
+def test_a_waiter_that_leaves_during_the_claim_holds_no_lease_after_it(cluster):
+    """The claim leased the waiter it knew; that waiter went away while the claim was in flight (it
+    saw no task id, so dropped nothing itself): the leader drops its lease, so the task that
+    nobody waits for is watched with no live waiter, which a worker skips."""
+    front = cluster.replica()
+    request = resolved(GenerationRequest(f"claim leaver {uuid.uuid4().hex[:6]}", seed=6))
+    real_claim, box = front.claims._claim, {}
+
+    def claim_while_the_waiter_leaves(*args, **kwargs):
+        flight = front._flights[request.cache_key()]
+        box["loop"].call_soon_threadsafe(box["waiter"].cancel)
+        wait_for(lambda: not flight.waiter_ids(), what="the waiter gone from the flight")
+        reply = real_claim(*args, **kwargs)
+        box["task_id"] = reply[1].decode()
+        return reply
+
+    front.claims._claim = claim_while_the_waiter_leaves
+
+    async def leave():
+        box["loop"] = asyncio.get_running_loop()
+        box["waiter"] = asyncio.ensure_future(front.generate_async(request, waiter_id="w-gone"))
+        try:
+            await box["waiter"]
+        except asyncio.CancelledError:
+            return "left"
+
+    thread, outcome = in_loop(leave)
+    thread.join(10)
+    assert outcome["value"] == "left"
+    task_id = wait_for(lambda: box.get("task_id"), what="the claim made")
+
+    # Dropped, not lapsed: a lapsed lease stays in the set until something removes it.
+    wait_for(lambda: cluster.redis.zscore(redis_keys.WAITERS + task_id, "w-gone") is None, what="its lease dropped")
+    assert cluster.redis.exists(redis_keys.WATCHED + task_id)
+
+
 def test_a_miss_that_wins_a_just_released_claim_reads_the_cache_again(cluster):
     """Item 3: B misses the cache, A stores the image and frees the claim, then B wins the claim.
     B must find the image in the cache instead of rendering it a second time."""
