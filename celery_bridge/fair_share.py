@@ -29,6 +29,7 @@ from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple
 import redis
 
 from celery_bridge import redis_keys
+from celery_bridge.task_message import TaskMessage
 
 log = logging.getLogger(__name__)
 SEND_LEASE_MS = 5000  # a released task whose send is not confirmed within this is handed out again
@@ -132,19 +133,39 @@ redis.call('SET', K[4], tostring(clock))
 return released
 end
 """
-_ENQUEUE_KEYS, _ENQUEUE_ARGS = 8, 5
+_ENQUEUE_KEYS, _ENQUEUE_ARGS, _RELEASE_KEYS, _RELEASE_ARGS = 8, 5, 9, 6
 _ENQUEUE = _ENQUEUE_FN + "return enqueue(KEYS, ARGV)"
 _RELEASE = _RELEASE_FN + "return release(KEYS, ARGV)"
-# KEYS: enqueue's, then release's; ARGV: enqueue's, then release's. Returns what release returns.
+# KEYS: enqueue's, release's, then the new task's Celery queue list. ARGV: enqueue's, release's, then
+# the new task's message and its task-sent event (celery_bridge/task_message.py), then the channels
+# that event is published on. A new task released at once is queued by this script: its message
+# pushed as kombu would push it (it is never "sending"). Returns {what else was released, for the
+# caller to send: release's rows; 1 when the new task was queued here, else 0}.
 _ENQUEUE_AND_RELEASE = _ENQUEUE_FN + _RELEASE_FN + """
 local function slice(t, from, to)
   local out = {}
   for i = from, to do out[#out + 1] = t[i] end
   return out
 end
-enqueue(slice(KEYS, 1, __EK__), slice(ARGV, 1, __EA__))
-return release(slice(KEYS, __EK__ + 1, #KEYS), slice(ARGV, __EA__ + 1, #ARGV))
-""".replace("__EK__", str(_ENQUEUE_KEYS)).replace("__EA__", str(_ENQUEUE_ARGS))
+local EK, EA, RK, RA = __EK__, __EA__, __RK__, __RA__
+local new_id = ARGV[2]
+enqueue(slice(KEYS, 1, EK), slice(ARGV, 1, EA))
+local release_keys = slice(KEYS, EK + 1, EK + RK)
+local rows, queued = {}, 0
+for _, row in ipairs(release(release_keys, slice(ARGV, EA + 1, EA + RA))) do
+  if row[1] == new_id and row[3] == '0' then
+    redis.call('LPUSH', KEYS[EK + RK + 1], ARGV[EA + RA + 1])
+    for i = EA + RA + 3, #ARGV do redis.call('PUBLISH', ARGV[i], ARGV[EA + RA + 2]) end
+    redis.call('ZREM', release_keys[8], new_id)
+    redis.call('HDEL', release_keys[2], new_id)
+    queued = 1
+  else
+    rows[#rows + 1] = row
+  end
+end
+return {rows, queued}
+""".replace("__EK__", str(_ENQUEUE_KEYS)).replace("__EA__", str(_ENQUEUE_ARGS)).replace(
+    "__RK__", str(_RELEASE_KEYS)).replace("__RA__", str(_RELEASE_ARGS))
 
 # KEYS: held, the Celery queue, vtime, tenants. ARGV: backlog prefix, tenant record prefix, task ids.
 # Returns each held task's place in line (the Celery queue's length, plus the held tasks that fair
@@ -243,12 +264,17 @@ class FairShare:
         keys, args = self._release_call(queue, model, most)
         return _released(self._release(keys=keys, args=args))
 
-    def enqueue_and_release(self, queue: str, model: str, tenant: str, task_id: str,
-                            entry: Dict[str, Any]) -> List[Tuple[str, Dict[str, Any], bool]]:
-        """`enqueue` then `release`, in one round trip: a new task that may start now is handed out at once."""
+    def enqueue_and_release(self, queue: str, model: str, tenant: str, task_id: str, entry: Dict[str, Any],
+                            message: TaskMessage) -> Tuple[List[Tuple[str, Dict[str, Any], bool]], bool]:
+        """`enqueue` then `release`, in one round trip, and the new task, if released, queued by the
+        same script with `message` (its broker message as Celery would send it). Returns (the other
+        released tasks, to send and confirm as `release`'s; whether the new task was queued)."""
         enqueue_keys, enqueue_args = self._enqueue_call(queue, tenant, task_id, entry, wake=False)
         release_keys, release_args = self._release_call(queue, model, RELEASE_BATCH)
-        return _released(self._enqueue_and_release(keys=enqueue_keys + release_keys, args=enqueue_args + release_args))
+        rows, queued = self._enqueue_and_release(
+            keys=enqueue_keys + release_keys + [message.list_key],
+            args=enqueue_args + release_args + [message.body, message.event, *message.event_channels])
+        return _released(rows), bool(queued)
 
     @staticmethod
     def _enqueue_call(queue: str, tenant: str, task_id: str, entry: Dict[str, Any],
@@ -312,11 +338,15 @@ class Dispatcher:
         self.fair.confirm(sent)
         return len(sent)
 
-    def submit(self, queue: str, model: str, tenant: str, task_id: str, entry: Dict[str, Any]) -> None:
-        """Put a new task in `tenant`'s backlog and send what may start now, the new one too when a
-        slot is free: one script, then the sends and their confirmation. RedisError when the task could
-        not be queued; a failure after that is logged (the send lease hands those tasks out again)."""
-        released = self.fair.enqueue_and_release(queue, model, tenant, task_id, entry)
+    def submit(self, queue: str, model: str, tenant: str, task_id: str, entry: Dict[str, Any],
+               message: TaskMessage) -> None:
+        """Put a new task in `tenant`'s backlog and release what may start now: one script, which
+        queues the new task itself (with `message`) when a slot is free; then the sends of any older
+        tasks it released, and their confirmation. RedisError when the task could not be held; a
+        failure after that is logged (the send lease hands those tasks out again)."""
+        released, _ = self.fair.enqueue_and_release(queue, model, tenant, task_id, entry, message)
+        if not released:
+            return
         try:
             self.fair.confirm(self._send(released))
         except Exception as exc:  # noqa: BLE001 - kombu raises several families; the lease covers them

@@ -26,6 +26,7 @@ from celery_bridge.app import SendOnlyRedisBackend, make_celery_app
 from celery_bridge.config import CeleryConfig
 from celery_bridge.contract import TASK_NAME, GenerationResult, task_payload
 from celery_bridge.models import queue_for
+from celery_bridge.task_message import TaskMessages
 
 log = logging.getLogger(__name__)
 STATE_STARTED, STATE_SUCCESS, STATE_FAILURE = "STARTED", "SUCCESS", "FAILURE"
@@ -86,6 +87,7 @@ class GenerationProducer:
         self._find_lost = self.redis.register_script(_FIND_LOST)
         self.fair = FairShare(self.redis)
         self.dispatcher: Optional[Dispatcher] = None
+        self.messages = TaskMessages(self.app)  # a new task's message, for fair share's script to queue
         self._poller = threading.Thread(target=self._poll_pending, name="sdgate-results-poll", daemon=True)
         self._poller.start()
 
@@ -104,7 +106,8 @@ class GenerationProducer:
         if tenant is None:
             self.app.send_task(TASK_NAME, args=[payload], task_id=task_id, queue=queue, expires=expires_s)
         elif self.dispatcher is not None:  # a free worker starts it now, not on a wake-up
-            self.dispatcher.submit(queue, payload["model"], tenant, task_id, entry)
+            self.dispatcher.submit(queue, payload["model"], tenant, task_id, entry,
+                                   self.messages.build(task_id, payload, queue, expires_s))
         else:  # another process's dispatcher releases it
             self.fair.enqueue(queue, tenant, task_id, entry)
         self._remember(task_id, payload, queue)
@@ -196,6 +199,7 @@ class GenerationProducer:
         self._stop.set()
         if self.dispatcher is not None:
             self.dispatcher.stop()
+        self.messages.close()
 
     # -- result delivery -------------------------------------------------------------------------
 

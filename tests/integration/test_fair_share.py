@@ -4,7 +4,9 @@ slots) and by `finished`, as a worker reports a task's end."""
 
 from __future__ import annotations
 
+import base64
 import itertools
+import json
 import threading
 from typing import Dict, List
 
@@ -14,8 +16,10 @@ import redis
 from client.protocol import GenerationRequest
 from celery_bridge import redis_keys
 from celery_bridge.config import WorkerConfig
+from celery_bridge.contract import TASK_NAME
 from celery_bridge.fair_share import Dispatcher, FairShare, backlog_key
 from celery_bridge.presence import Heartbeat
+from celery_bridge.task_message import TaskMessages
 from serve_app.tenants import Tenant, TenantRegistry
 from tests.integration import harness
 
@@ -169,35 +173,94 @@ class CountingRedis(redis.Redis):
         return super().execute_command(*args, **options)
 
 
-def test_a_new_task_that_may_start_is_queued_and_released_in_one_round_trip(redis_server):
+def celery_app(redis_server, events: bool = True):
+    from celery_bridge.app import SendOnlyRedisBackend, make_celery_app
+    from celery_bridge.config import CeleryConfig
+
+    return make_celery_app(CeleryConfig(redis_url=redis_server.url, queue=QUEUE.split(".")[0], task_events=events),
+                           backend=SendOnlyRedisBackend)
+
+
+def queued_ids(client: redis.Redis) -> List[str]:
+    """Task ids in the model's Celery queue list, oldest first (kombu LPUSHes)."""
+    return [json.loads(raw)["headers"]["id"] for raw in reversed(client.lrange(QUEUE, 0, -1))]
+
+
+def test_a_new_task_that_may_start_is_held_released_and_queued_in_one_round_trip(redis_server):
+    """The gateway's submit is one script: the new task is held, released by fair share, and (a
+    slot being free) pushed onto its Celery queue as kombu would push Celery's message for it.
+    A task that cannot start is held, and the dispatcher's round after a finish sends it."""
     client = CountingRedis.from_url(redis_server.url)
     client.flushall()
-    fair = FairShare(client)
+    fair, messages = FairShare(client), TaskMessages(celery_app(redis_server))
     workers(client, 1)
-    sends = []  # (task id, round trips before its send)
-    dispatcher = Dispatcher(fair, lambda: [(QUEUE, MODEL)], lambda task_id, entry: sends.append(
-        (task_id, client.round_trips - before)), known=lambda task_id, entry: False)
+    sends = []
+    dispatcher = Dispatcher(fair, lambda: [(QUEUE, MODEL)], lambda task_id, entry: sends.append(task_id),
+                            known=lambda task_id, entry: False)
     try:
         for tenant in ("warm", "a"):  # the first call also loads the script
+            task_id = f"sdgate-{tenant}"
+            message = messages.build(task_id, entry(tenant)["payload"], QUEUE, 300)
             before = client.round_trips
-            dispatcher.submit(QUEUE, MODEL, tenant, f"sdgate-{tenant}", entry(tenant))
-            harness.wait_for(lambda: client.hlen(redis_keys.FAIR_HELD) == 0 and client.zcard(redis_keys.FAIR_SENDING) == 0,
-                             5, "the send confirmed after it")
-            fair.finished(QUEUE, tenant, f"sdgate-{tenant}", gpu_ms=None)
-        assert sends[-1] == ("sdgate-a", 1), "one script queued and released it before its send"
+            dispatcher.submit(QUEUE, MODEL, tenant, task_id, entry(tenant), message)
+            round_trips = client.round_trips - before
+            assert queued_ids(client)[-1] == task_id
+            fair.finished(QUEUE, tenant, task_id, gpu_ms=None)
+        assert round_trips == 1 and sends == [], "one script held, released and queued it; nothing sent after"
+        assert client.hlen(redis_keys.FAIR_HELD) == 0 and client.zcard(redis_keys.FAIR_SENDING) == 0
         assert client.llen(redis_keys.FAIR_WAKE) == 0, "a finish with nothing held wakes no dispatcher"
 
-        # A task that cannot start yet is held; the dispatcher's round after a finish sends it.
-        dispatcher.submit(QUEUE, MODEL, "a", "sdgate-a-1", entry("a"))
-        dispatcher.submit(QUEUE, MODEL, "a", "sdgate-a-2", entry("a"))
-        assert [task_id for task_id, _ in sends[2:]] == ["sdgate-a-1"], "the only slot is busy"
+        for n in (1, 2):
+            dispatcher.submit(QUEUE, MODEL, "a", f"sdgate-a-{n}", entry("a"),
+                              messages.build(f"sdgate-a-{n}", entry("a")["payload"], QUEUE, 300))
+        assert queued_ids(client)[-1] == "sdgate-a-1", "the only slot is busy"
         assert client.lrange(backlog_key(QUEUE, "a"), 0, -1) == [b"sdgate-a-2"]
         fair.finished(QUEUE, "a", "sdgate-a-1", gpu_ms=None)
         assert client.lrange(redis_keys.FAIR_WAKE, 0, -1) == [QUEUE.encode()], "a held task: the finish wakes one"
-        assert dispatcher.release_once(QUEUE, MODEL) == 1 and sends[-1][0] == "sdgate-a-2"
+        assert dispatcher.release_once(QUEUE, MODEL) == 1 and sends == ["sdgate-a-2"]
     finally:
         dispatcher.stop()
+        messages.close()
         client.close()
+
+
+@pytest.mark.parametrize("events", [True, False])
+def test_a_built_task_message_is_the_one_celery_sends(redis_server, events):
+    """celery_bridge/task_message.py catches kombu's last step: what it builds must be what a real
+    `send_task` queues (all but the per-send ids and times), and its task-sent event the one Celery
+    publishes, so a kombu or Celery upgrade that changes either fails here."""
+    client = redis.Redis.from_url(redis_server.url)
+    client.delete(QUEUE)
+    app = celery_app(redis_server, events)
+    assert app.conf.task_send_sent_event is events
+    payload = {"prompt": "a fox", "model": MODEL, "steps": 2}
+    built = TaskMessages(app).build("sdgate-built", payload, QUEUE, 300)
+    assert client.llen(QUEUE) == 0, "building sends nothing"
+    sent_events = client.pubsub()
+    sent_events.psubscribe("*celeryev*")
+    harness.wait_for(lambda: sent_events.get_message(timeout=1) or sent_events.subscribed, 5, "subscribed")
+    app.send_task(TASK_NAME, args=[payload], task_id="sdgate-sent", queue=QUEUE, expires=300)
+    real = json.loads(client.lpop(QUEUE))
+    ours = json.loads(built.body)
+
+    def per_send_fields_dropped(message: dict) -> dict:
+        for field in ("id", "root_id", "expires"):
+            message["headers"].pop(field)
+        for field in ("delivery_tag", "correlation_id"):
+            message["properties"].pop(field)
+        return message
+
+    assert built.list_key == QUEUE
+    assert base64.b64decode(ours["body"]) == base64.b64decode(real["body"])
+    assert (ours["headers"]["id"], ours["headers"]["root_id"]) == ("sdgate-built", "sdgate-built")
+    assert per_send_fields_dropped(ours) == per_send_fields_dropped(real)
+    if events:
+        published = harness.wait_for(lambda: sent_events.get_message(timeout=1), 5, "the real task-sent event")
+        assert built.event_channels == (published["channel"].decode(),)
+        assert json.loads(built.event)["headers"] == json.loads(published["data"])["headers"]
+    else:
+        assert (built.event, built.event_channels) == ("", ())
+    sent_events.close()
 
 
 def test_a_worker_reports_a_tasks_end_in_one_round_trip_before_it_returns_the_result(redis_server, monkeypatch,
