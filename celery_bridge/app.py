@@ -7,8 +7,11 @@ It is configured from configs/celery.yaml, the secrets file and SDGATE_* when fi
 
 from __future__ import annotations
 
+import logging
+import threading
+from collections import OrderedDict
 from functools import cached_property
-from typing import Any, Dict, Optional, Type
+from typing import Any, Callable, Dict, Optional, Type
 
 from celery import Celery, states
 from celery.backends.redis import RedisBackend
@@ -17,6 +20,8 @@ from kombu.utils.encoding import bytes_to_str
 
 from celery_bridge.config import CeleryConfig, load_celery_config
 from celery_bridge.contract import TASK_NAME
+
+log = logging.getLogger(__name__)
 
 # Keys Ray Serve's Celery adapter manages itself (it sets the same values we want: late acks,
 # requeue on worker loss) and refuses in app_custom_config.
@@ -90,12 +95,29 @@ return 1
 """
 
 
+RIDERS_KEPT = 1024  # tasks whose commands wait for their stored result (more: the oldest are dropped)
+_riders: "OrderedDict[str, Callable[[Any], None]]" = OrderedDict()
+_riders_lock = threading.Lock()
+
+
+def send_with_result(task_id: str, queue_commands: Callable[[Any], None]) -> None:
+    """Have `queue_commands(pipeline)` queue commands that WorkerRedisBackend sends in the same round
+    trip as `task_id`'s stored result, just before it (a worker's report of the task's end). Keyed by
+    task id, since Celery may store a result from a thread other than the task body's."""
+    with _riders_lock:
+        _riders[task_id] = queue_commands
+        while len(_riders) > RIDERS_KEPT:
+            dropped, _ = _riders.popitem(last=False)
+            log.warning("task %s: its result was never stored here; its end report is dropped", dropped)
+
+
 class WorkerRedisBackend(RedisBackend):
     """Celery's Redis result backend for the workers, storing a state in one round trip. Celery's
     own reads the stored state first (a SUCCESS is never overwritten, say by a redelivered task) and
     then writes and publishes: two round trips on the path of every image. Here the same check and
-    write are one script; the meta stored is Celery's own (tests/integration/test_result_channels.py
-    compares them, so a Celery upgrade that changes either shows there)."""
+    write are one script, and the commands a worker gave `send_with_result` go just before it; the
+    meta stored is Celery's own (tests/integration/test_result_channels.py compares them, so a Celery
+    upgrade that changes either shows there)."""
 
     def _store_result(self, task_id, result, state, traceback=None, request=None, **kwargs):
         meta = self._get_result_meta(result=result, state=state, traceback=traceback, request=request)
@@ -104,15 +126,28 @@ class WorkerRedisBackend(RedisBackend):
         if isinstance(value, str) and len(value) > self._MAX_STR_VALUE_SIZE:
             raise BackendStoreError("value too large for Redis backend", state=state, task_id=task_id)
         expires = self.failure_expires if state == states.FAILURE else self.expires
-        self.ensure(self._store_unless_succeeded, (self.get_key_for_task(task_id), value, int(expires or 0)))
+        with _riders_lock:
+            rider = _riders.pop(bytes_to_str(task_id), None)
+        self.ensure(self._store_unless_succeeded, (self.get_key_for_task(task_id), value, int(expires or 0), rider))
         return result
 
     @cached_property
     def _store_script(self):
         return self.client.register_script(_STORE_UNLESS_SUCCEEDED)
 
-    def _store_unless_succeeded(self, key, value, expires_s: int) -> None:
-        self._store_script(keys=[key], args=[value, expires_s])
+    def _store_unless_succeeded(self, key, value, expires_s: int, rider: Optional[Callable[[Any], None]]) -> None:
+        if rider is None:
+            self._store_script(keys=[key], args=[value, expires_s])
+            return
+        pipe = self.client.pipeline(transaction=False)
+        rider(pipe)
+        self._store_script(keys=[key], args=[value, expires_s], client=pipe)
+        *report, stored = pipe.execute(raise_on_error=False)
+        if isinstance(stored, Exception):
+            raise stored
+        failed = [reply for reply in report if isinstance(reply, Exception)]
+        if failed:  # the result is stored; a lost report only delays fair share's slot (it lapses)
+            log.warning("a task end report beside result %s failed: %s", key, failed[0])
 
 
 def make_celery_app(config: Optional[CeleryConfig] = None, name: str = "sdgate",

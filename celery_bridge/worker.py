@@ -16,6 +16,7 @@ from typing import Any, Dict, List, Optional, Tuple
 from celery.worker.consumer import Consumer
 
 from client.protocol import E_CANCELLED, E_INTERNAL, E_TIMEOUT, MAX_PREVIEWS, GenerationRequest, InvalidRequest
+from celery_bridge.app import send_with_result
 from celery_bridge.config import CeleryConfig, WorkerConfig, load_celery_config, load_worker_config
 from celery_bridge.contract import TASK_NAME, GenerationResult
 from celery_bridge.fair_share import FairShare
@@ -48,9 +49,10 @@ class GenerationService:
     """Owns the resident pipeline of one worker process and turns task payloads into results."""
 
     def __init__(self, config: WorkerConfig, name: Optional[str] = None, time_limit_s: Optional[float] = None,
-                 redis_client: Any = None):
+                 redis_client: Any = None, report_with_result: bool = False):
         """With `redis_client`, tasks report progress and honour cancels (celery_bridge/progress.py), and
-        each task's end is reported (_report_end)."""
+        each task's end is reported (_report_end); `report_with_result`: beside the result that
+        Celery stores with celery_bridge.app.WorkerRedisBackend."""
         from celery_bridge.batching import ShapeBatcher, batch_size_for
         from celery_bridge.models import load_catalogue
 
@@ -70,6 +72,7 @@ class GenerationService:
         self.name = name or f"{socket.gethostname()}:{os.getpid()}"
         self.tasks_done = 0
         self.redis = redis_client
+        self.report_with_result = report_with_result
         self.fair = FairShare(redis_client) if redis_client is not None else None
         # 1 renders in the calling thread as before; more needs that many consumer threads (worker_argv).
         entry = self.runner.entry
@@ -109,21 +112,31 @@ class GenerationService:
         return outcome
 
     def _report_end(self, outcome: Dict[str, Any], tenant: Any) -> None:
-        """The task's end, in one round trip before Celery stores its result: its fair-share slot
-        freed and its tenant's usage counted (so a gateway that learns of the result can release the
-        next task at once), the render counted per model, and a render time for queue ETAs."""
+        """The task's end, sent before its result is stored: its fair-share slot freed and its
+        tenant's usage counted (so a gateway that learns of the result can release the next task at
+        once), the render counted per model, and a render time for queue ETAs. With
+        `report_with_result` these go in the result's own round trip (app.send_with_result), else
+        in one of their own, now."""
         if self.redis is None:
             return
         task_id, queue = _current_task()
-        pipe = self.redis.pipeline(transaction=False)
         gpu_ms = None
         if outcome.get("ok"):
-            model = str(outcome.get("model"))
             gpu_ms = float(outcome.get("pipeline_ms") or 0.0) / (outcome.get("batch_size") or 1)
-            count_rendered(pipe, model)
-            record_render(pipe, model, gpu_ms)
-        if isinstance(tenant, str) and task_id:
-            self.fair.finished(queue, tenant, task_id, gpu_ms, pipe=pipe)
+
+        def queue_report(pipe: Any) -> None:
+            if outcome.get("ok"):
+                model = str(outcome.get("model"))
+                count_rendered(pipe, model)
+                record_render(pipe, model, gpu_ms)
+            if isinstance(tenant, str) and task_id:
+                self.fair.finished(queue, tenant, task_id, gpu_ms, pipe=pipe)
+
+        if self.report_with_result and task_id:
+            send_with_result(task_id, queue_report)
+            return
+        pipe = self.redis.pipeline(transaction=False)
+        queue_report(pipe)
         try:
             pipe.execute()
         except Exception as exc:  # noqa: BLE001 - the slot lapses by itself; the image must not be lost
@@ -256,7 +269,7 @@ class WorkerRuntime:
         require_catalogued(worker_config.model)
         # 2. Load the pipeline once, before taking any task; a model that cannot load fails here.
         self.service = GenerationService(worker_config, time_limit_s=celery_config.soft_time_limit_s,
-                                         redis_client=client)
+                                         redis_client=client, report_with_result=True)  # both modes store with WorkerRedisBackend
         # 3. Renew the leases of held tasks, and tell gateways we serve the model.
         self.leases = LeaseKeeper(client, celery_config.lease_renew_s).start()
         self.presence = Heartbeat(client, worker_config.model, self.service.name,

@@ -7,7 +7,6 @@ from __future__ import annotations
 import base64
 import itertools
 import json
-import threading
 from typing import Dict, List
 
 import pytest
@@ -263,14 +262,19 @@ def test_a_built_task_message_is_the_one_celery_sends(redis_server, events):
     sent_events.close()
 
 
-def test_a_worker_reports_a_tasks_end_in_one_round_trip_before_it_returns_the_result(redis_server, monkeypatch,
+def test_a_workers_end_report_goes_in_its_results_round_trip_just_before_the_result(redis_server, monkeypatch,
                                                                                       tmp_path):
     """The slot is free by the time the result is stored, so a gateway that has the image can release
-    the next task at once, rather than after a report that trails the result."""
+    the next task at once; and the report costs no round trip of its own: it rides with the result
+    that Celery stores through WorkerRedisBackend."""
+    from celery import states
+
     from celery_bridge import worker
+    from celery_bridge.app import WorkerRedisBackend, make_celery_app
+    from celery_bridge.config import CeleryConfig
     from celery_bridge.sleep_model import SLEEP_MODEL, sleep_catalogue
 
-    executed = []  # (thread, commands) of each pipeline run
+    executed = []  # the commands of each pipeline run
 
     class RecordingRedis(redis.Redis):
         def pipeline(self, transaction=True, shard_hint=None):
@@ -278,7 +282,7 @@ def test_a_worker_reports_a_tasks_end_in_one_round_trip_before_it_returns_the_re
             run = pipe.execute
 
             def execute(raise_on_error=True):
-                executed.append((threading.current_thread().name, [args[0] for args, _ in pipe.command_stack]))
+                executed.append([args[0] for args, _ in pipe.command_stack])
                 return run(raise_on_error)
 
             pipe.execute = execute
@@ -294,15 +298,20 @@ def test_a_worker_reports_a_tasks_end_in_one_round_trip_before_it_returns_the_re
     fair.enqueue(QUEUE, "a", "sdgate-end", entry("a"))
     (next_id,) = enqueue(fair, "a", 1)
     fair.confirm([task_id for task_id, _, _ in fair.release(QUEUE, MODEL)])
-    service = worker.GenerationService(WorkerConfig(model=SLEEP_MODEL), redis_client=client)
+    service = worker.GenerationService(WorkerConfig(model=SLEEP_MODEL), redis_client=client, report_with_result=True)
+    backend = make_celery_app(CeleryConfig(redis_url=redis_server.url), backend=WorkerRedisBackend).backend
+    backend.__dict__["client"] = client  # Celery's cached client, replaced by the recording one
     executed.clear()
     result = service.handle(dict(GenerationRequest("the end of a task", seed=1).to_dict(), tenant="a"))
-    assert result["ok"]
-    ends = [(thread, commands) for thread, commands in executed if "HINCRBY" in commands]
-    assert ends == [(threading.current_thread().name, ["HINCRBY", "LPUSH", "LTRIM", "EVALSHA", "HINCRBY",
-                                                       "HINCRBY"])], "one round trip, on the task's own thread"
-    assert client.zcard(redis_keys.FAIR_OUT + QUEUE) == 0, "the slot was free before the result went back"
+    assert result["ok"] and executed == [] and client.zcard(redis_keys.FAIR_OUT + QUEUE) == 1, "nothing sent yet"
+    backend.store_result("sdgate-end", result, states.SUCCESS)
+    assert executed == [["HINCRBY", "LPUSH", "LTRIM", "EVALSHA", "HINCRBY", "HINCRBY", "EVALSHA"]], \
+        "the report, then the result's store: one round trip"
+    assert json.loads(client.get("celery-task-meta-sdgate-end"))["status"] == "SUCCESS"
+    assert client.zcard(redis_keys.FAIR_OUT + QUEUE) == 0, "the slot is free"
     assert [task_id for task_id, _, _ in fair.release(QUEUE, MODEL)] == [next_id]
     assert client.hget(redis_keys.STATS, f"models:{SLEEP_MODEL}:rendered") == b"1"
     assert TenantRegistry(client).usage()["a"]["images_rendered"] == 1
+    backend.store_result("sdgate-other", {"ok": True}, states.SUCCESS)
+    assert len(executed) == 1, "another task's result is stored alone (its script, no pipeline)"
     client.close()
