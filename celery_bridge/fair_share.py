@@ -11,12 +11,16 @@ its released tasks.
 
 Every step is one Lua script, so Redis holds the whole state and no process is special: every
 gateway replica runs a `Dispatcher`, the scripts serialise them, and killing any of them loses
-nothing. A released task is sent with Celery's own `send_task` by the dispatcher that released
-it; until that send is confirmed it sits under a short lease, and if the dispatcher dies first,
-the next release hands it out again (sent again only if the broker does not have it).
+nothing. A new task that may start at once is queued by the very script that holds and releases
+it (`enqueue_and_release`), with the message Celery's own `send_task` builds for it
+(celery_bridge/task_message.py). Any other released task is sent with `send_task` by the
+dispatcher that released it; until that send is confirmed it sits under a short lease, and if the
+dispatcher dies first, the next release hands it out again (sent again only if the broker does not
+have it).
 
-Workers call `finished` when a task ends, whatever its outcome, before its result is stored: it
-frees the slot, counts the tenant's usage and, when tasks of the queue are held, wakes a dispatcher.
+Workers call `finished` when a task ends, whatever its outcome, in the round trip that stores its
+result, just before it: it frees the slot, counts the tenant's usage and, when tasks of the queue
+are held, wakes a dispatcher.
 """
 
 from __future__ import annotations
