@@ -143,8 +143,8 @@ _RELEASE = _RELEASE_FN + "return release(KEYS, ARGV)"
 # KEYS: enqueue's, release's, then the new task's Celery queue list. ARGV: enqueue's, release's, then
 # the new task's message and its task-sent event (celery_bridge/task_message.py), then the channels
 # that event is published on. A new task released at once is queued by this script: its message
-# pushed as kombu would push it (it is never "sending"). Returns {what else was released, for the
-# caller to send: release's rows; 1 when the new task was queued here, else 0}.
+# pushed as kombu would push it (it is never "sending"). Returns release's rows for what else was
+# released, for the caller to send.
 _ENQUEUE_AND_RELEASE = _ENQUEUE_FN + _RELEASE_FN + """
 local function slice(t, from, to)
   local out = {}
@@ -155,19 +155,18 @@ local EK, EA, RK, RA = __EK__, __EA__, __RK__, __RA__
 local new_id = ARGV[2]
 enqueue(slice(KEYS, 1, EK), slice(ARGV, 1, EA))
 local release_keys = slice(KEYS, EK + 1, EK + RK)
-local rows, queued = {}, 0
+local rows = {}
 for _, row in ipairs(release(release_keys, slice(ARGV, EA + 1, EA + RA))) do
   if row[1] == new_id and row[3] == '0' then
     redis.call('LPUSH', KEYS[EK + RK + 1], ARGV[EA + RA + 1])
     for i = EA + RA + 3, #ARGV do redis.call('PUBLISH', ARGV[i], ARGV[EA + RA + 2]) end
     redis.call('ZREM', release_keys[8], new_id)
     redis.call('HDEL', release_keys[2], new_id)
-    queued = 1
   else
     rows[#rows + 1] = row
   end
 end
-return {rows, queued}
+return rows
 """.replace("__EK__", str(_ENQUEUE_KEYS)).replace("__EA__", str(_ENQUEUE_ARGS)).replace(
     "__RK__", str(_RELEASE_KEYS)).replace("__RA__", str(_RELEASE_ARGS))
 
@@ -269,16 +268,15 @@ class FairShare:
         return _released(self._release(keys=keys, args=args))
 
     def enqueue_and_release(self, queue: str, model: str, tenant: str, task_id: str, entry: Dict[str, Any],
-                            message: TaskMessage) -> Tuple[List[Tuple[str, Dict[str, Any], bool]], bool]:
+                            message: TaskMessage) -> List[Tuple[str, Dict[str, Any], bool]]:
         """`enqueue` then `release`, in one round trip, and the new task, if released, queued by the
-        same script with `message` (its broker message as Celery would send it). Returns (the other
-        released tasks, to send and confirm as `release`'s; whether the new task was queued)."""
+        same script with `message` (its broker message as Celery would send it). Returns the other
+        released tasks, to send and confirm as `release`'s."""
         enqueue_keys, enqueue_args = self._enqueue_call(queue, tenant, task_id, entry, wake=False)
         release_keys, release_args = self._release_call(queue, model, RELEASE_BATCH)
-        rows, queued = self._enqueue_and_release(
+        return _released(self._enqueue_and_release(
             keys=enqueue_keys + release_keys + [message.list_key],
-            args=enqueue_args + release_args + [message.body, message.event, *message.event_channels])
-        return _released(rows), bool(queued)
+            args=enqueue_args + release_args + [message.body, message.event, *message.event_channels]))
 
     @staticmethod
     def _enqueue_call(queue: str, tenant: str, task_id: str, entry: Dict[str, Any],
@@ -348,7 +346,7 @@ class Dispatcher:
         queues the new task itself (with `message`) when a slot is free; then the sends of any older
         tasks it released, and their confirmation. RedisError when the task could not be held; a
         failure after that is logged (the send lease hands those tasks out again)."""
-        released, _ = self.fair.enqueue_and_release(queue, model, tenant, task_id, entry, message)
+        released = self.fair.enqueue_and_release(queue, model, tenant, task_id, entry, message)
         if not released:
             return
         try:

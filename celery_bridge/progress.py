@@ -46,9 +46,8 @@ _NOW_MS = "local t = redis.call('TIME') local now = tonumber(t[1]) * 1000 + math
 # ARGV[first..] on the `waiters` zset for `lease_ms` of server time and keep it `ttl` s; with
 # `watched` (a key name) mark the task watched; with `renew`, extend only waiters still registered
 # (a renewal queued just before a waiter left must not add it back after its removal).
-LEASE_WAITERS_FN = """local function lease_waiters(waiters, watched, lease_ms, ttl, first, renew)
-local t = redis.call('TIME')
-local expiry = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000) + lease_ms
+LEASE_WAITERS_FN = _NOW_MS + """local function lease_waiters(waiters, watched, lease_ms, ttl, first, renew)
+local expiry = now + lease_ms
 for i = first, #ARGV do
   if renew then redis.call('zadd', waiters, 'XX', expiry, ARGV[i]) else redis.call('zadd', waiters, expiry, ARGV[i]) end
 end

@@ -49,9 +49,8 @@ class WaiterRelay:
 
     def lease(self, task_id: str, waiter_ids: List[str]) -> None:
         """Lease `waiter_ids` on `task_id` now (the claim leases the waiters known when it is made:
-        serve_app/claims.py); nothing to send when there are none."""
-        if waiter_ids:
-            progress.add_waiters(self._redis, task_id, waiter_ids, self.lease_s)
+        serve_app/claims.py); with none, nothing is sent."""
+        progress.add_waiters(self._redis, task_id, waiter_ids, self.lease_s)
 
     def renew(self, flights: List[Flight], pipe: Any) -> None:
         """Queue on `pipe` a fresh lease for each waiter of each flight (one that left meanwhile stays gone)."""
