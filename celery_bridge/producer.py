@@ -199,7 +199,6 @@ class GenerationProducer:
         self._stop.set()
         if self.dispatcher is not None:
             self.dispatcher.stop()
-        self.messages.close()
 
     # -- result delivery -------------------------------------------------------------------------
 

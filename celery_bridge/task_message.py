@@ -39,9 +39,8 @@ class TaskMessages:
 
     def __init__(self, app: Celery):
         self.app = app
-        self._local = threading.local()
-        self._channels: List[Any] = []
-        self._lock = threading.Lock()
+        self._local = threading.local()  # never closed by hand: a build in flight on another thread
+        # must not find its connection gone (as Celery's own producer pool, they go with the object)
 
     def build(self, task_id: str, payload: Dict[str, Any], queue: str, expires_s: Optional[float]) -> TaskMessage:
         """The message `app.send_task` would queue for this task on `queue` now."""
@@ -66,12 +65,6 @@ class TaskMessages:
                 built.update(event=dumps(event), event_channels=tuple(channel._get_publish_topics(exchange, routing_key)))
         return TaskMessage(**built)
 
-    def close(self) -> None:
-        with self._lock:
-            channels, self._channels = self._channels, []
-        for channel in channels:
-            channel.connection.client.release()
-
     def _channel(self) -> Tuple[Any, List[tuple]]:
         channel = getattr(self._local, "channel", None)
         if channel is None:
@@ -81,6 +74,4 @@ class TaskMessages:
             channel._put_fanout = lambda exchange, message, routing_key, **_: caught.append(
                 ("fanout", exchange, routing_key, message))
             self._local.channel, self._local.caught = channel, caught
-            with self._lock:
-                self._channels.append(channel)
         return channel, self._local.caught

@@ -219,7 +219,6 @@ def test_a_new_task_that_may_start_is_held_released_and_queued_in_one_round_trip
         assert dispatcher.release_once(QUEUE, MODEL) == 1 and sends == ["sdgate-a-2"]
     finally:
         dispatcher.stop()
-        messages.close()
         client.close()
 
 
