@@ -13,8 +13,8 @@ the task everyone waits on.
 
 Waiting costs no thread: a waiter is a coroutine awaiting the flight's future. The leader's work
 (claim, re-check the cache, watch, submit) runs briefly on a bounded pool, and the flight is
-finished from the producer future's done-callback (answer the waiters with the image, then store it
-and release the claim), on every exit path. A waiter that times out or goes away never cancels the flight: the image is still
+finished from the producer future's done-callback (store the image, release the claim), on every
+exit path. A waiter that times out or goes away never cancels the flight: the image is still
 rendered and cached, and the claim stays alive so a retry joins instead of rendering again.
 """
 
@@ -321,11 +321,10 @@ class FrontService:
                                      unsent=unsent)
 
         def done(result: "Future[GenerationResult]") -> None:
-            answer = self._answer_at_once(flight, result)
             try:
-                self._work.submit(self._complete, flight, result, started, answer)
+                self._work.submit(self._complete, flight, result, started)
             except RuntimeError:  # the pool is shut down: finish here rather than strand anyone
-                self._complete(flight, result, started, answer)
+                self._complete(flight, result, started)
 
         future.add_done_callback(done)
 
@@ -349,25 +348,8 @@ class FrontService:
             self.hooks.after_submit(flight.key, flight.task_id)
         return queued_now
 
-    def _answer_at_once(self, flight: Flight, future: "Future[GenerationResult]") -> Optional[Answer]:
-        """A rendered image wakes the flight's waiters at once, on the thread that delivered it; the
-        cache write and the claim's release follow on the work pool. Until the flight is forgotten
-        there, an identical request here joins the answered flight, and one elsewhere joins the
-        claimed task, whose result is stored: neither renders again. None for anything but an image."""
-        try:
-            result = future.result()
-            if not result.ok or result.key != flight.key:
-                return None
-            answer = self._answer_of(flight, result)
-        except Exception:  # noqa: BLE001 - _complete sees the same failure and finishes the flight
-            return None
-        flight.finish(answer)
-        return answer
-
-    def _complete(self, flight: Flight, future: "Future[GenerationResult]", started: float,
-                  answer: Optional[Answer] = None) -> None:
-        """The task's result arrived (and its image, if any, was `answer`ed): store the image, then
-        finish the flight (always)."""
+    def _complete(self, flight: Flight, future: "Future[GenerationResult]", started: float) -> None:
+        """The task's result arrived: store the image, then finish the flight (always)."""
         outcome: object = ProtocolError(protocol.E_INTERNAL, "the gateway failed while storing the image; retry")
         try:
             result = future.result()
@@ -375,7 +357,7 @@ class FrontService:
                 outcome = ProtocolError(result.error_code or protocol.E_INTERNAL, _public_message(result, flight),
                                         result.error_field)
             else:
-                outcome = self._store(flight.key, result, answer or self._answer_of(flight, result))
+                outcome = self._store(flight.key, result, flight.request)
                 if self.on_generated and flight.owner:
                     self.on_generated(result.pipeline_ms, (time.monotonic() - started) * 1000)
         except ProtocolError as exc:
@@ -389,9 +371,8 @@ class FrontService:
         """Every end of a flight: forget it, stop watching, free the claim, wake every waiter.
 
         Once the task's result is in, its claim is freed whoever owns it (it names a finished task).
-        An image woke its waiters already (`_answer_at_once`) and is stored before the claim is freed
-        (a retry reads it from the cache); a failure frees the claim first, so a retry renders anew
-        rather than joining the failed task."""
+        An image wakes its waiters before the claim is freed (a retry reads it from the cache); a
+        failure frees the claim first, so a retry renders anew rather than joining the failed task."""
         answered = isinstance(outcome, Answer)
         try:
             with self._flights_lock:
@@ -500,20 +481,17 @@ class FrontService:
             return None
         return Answer(cached.meta, cached.png, cached=True) if cached is not None else None
 
-    @staticmethod
-    def _answer_of(flight: Flight, result: GenerationResult) -> Answer:
+    def _store(self, key: str, result: GenerationResult, request: GenerationRequest) -> Answer:
         # The normalised request rides along, so the gallery can show what made each image.
-        return Answer(dict(result.meta(), params=flight.request.summary()), result.png, cached=False)
-
-    def _store(self, key: str, result: GenerationResult, answer: Answer) -> Answer:
+        png, meta = result.png, dict(result.meta(), params=request.summary())
         if result.key != key:
             log.error("worker answered key %s for %s", result.key[:12], key[:12])
             raise ProtocolError(protocol.E_INTERNAL, "the worker answered for another request; retry")
         try:
-            self.store.put(key, answer.png, answer.meta)
-        except Exception:  # noqa: BLE001 - the client has its image already
+            self.store.put(key, png, meta)
+        except Exception:  # noqa: BLE001 - the client still gets its image
             log.exception("cache write failed for %s", key[:12])
-        return answer
+        return Answer(meta, png, cached=False)
 
 
 def _public_message(result: GenerationResult, flight: Flight) -> str:

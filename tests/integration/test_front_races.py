@@ -257,31 +257,6 @@ def test_an_image_is_answered_before_the_claim_is_freed_and_a_failure_only_after
     assert outcome["error"].code == protocol.E_INTERNAL
 
 
-def test_an_image_is_answered_before_its_cache_write_and_a_request_meanwhile_renders_nothing(cluster):
-    """The cache write is a disk write that the image need not wait for (FrontService._answer_at_once):
-    with it held, the waiter has its image. In that window an identical request here joins the
-    answered flight, and one on another replica joins the claimed task and reads its stored
-    result: neither queues a task. Once written, the image is in the cache and the flight is gone."""
-    front, other = cluster.replica(), cluster.replica()
-    writing, write_may_go = hold(front.store, "put")
-    submitted = []
-    for replica in (front, other):
-        replica.hooks.after_submit = lambda key, task_id: submitted.append(task_id)
-    request = resolved(GenerationRequest(f"answered before the write {uuid.uuid4().hex[:6]}", seed=8))
-    task_id, answer = rendered_while_held(cluster, front, request, "the cache write")
-    assert answer.png == PNG and not answer.cached
-    assert wait_for(lambda: [key for key, _, _ in writing], what="the write begun") == [request.cache_key()]
-
-    for replica in (front, other):
-        thread, outcome = in_loop(lambda: replica.generate_async(request))
-        thread.join(10)
-        assert not thread.is_alive() and outcome["value"].png == PNG, outcome
-    assert submitted == [task_id], "one render for the key"
-    write_may_go.set()
-    wait_for(lambda: not front._flights, what="the flight forgotten after its write")
-    assert front._cache_get(request.cache_key()).png == PNG
-
-
 def test_a_new_tasks_watch_reads_nothing_before_it_is_sent(cluster):
     """A task id this replica just claimed has nothing stored under it: watching it costs no
     look-up on the miss's path (a joined task's watch still reads what is there)."""
