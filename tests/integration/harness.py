@@ -22,6 +22,7 @@ from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
 
 import redis
 
+from celery_bridge import redis_keys
 from client import protocol
 from client.protocol import MAX_STEPS, GenerationRequest
 from cluster.local import LocalStack, StackConfig, _group_tree, port_in_use
@@ -261,6 +262,17 @@ class TaskRuns:
             self._client.close()
         except Exception:  # noqa: BLE001 - closing after Redis went away
             pass
+
+
+def steps_done(stack: LocalStack, key: str) -> int:
+    """The most denoising steps any run of the task rendering `key` has reported (0 before its first)."""
+    client = redis.Redis.from_url(stack.redis_url, socket_timeout=5)
+    try:
+        names = list(client.scan_iter(match=f"{redis_keys.PROGRESS_LAST}sdgate-{key}-*"))
+        events = [json.loads(raw) for raw in (client.mget(names) if names else []) if raw]
+    finally:
+        client.close()
+    return max((event.get("step", 0) for event in events), default=0)
 
 
 _SECONDS_PER_STEP: Dict[str, float] = {}

@@ -104,7 +104,10 @@ def deploy_workers(redis_url: str, app_name: str = "workers", model: str = "tiny
     from ray import serve
     from ray.serve.api import RunTarget
 
-    app = consumer.build_app({"celery": {"redis_url": redis_url, "queue": QUEUE},
+    # Renders here are sized to outlast autoscaling windows; the suite's load can slow them several
+    # times over, so they get more than the default 300 s per image.
+    app = consumer.build_app({"celery": {"redis_url": redis_url, "queue": QUEUE, "soft_time_limit_s": 900,
+                                         "time_limit_s": 930},
                               "worker": {"num_gpus": 1, "model": model}, **deployment_args})
     serve.run_many([RunTarget(app, name=app_name, route_prefix=None)], wait_for_applications_running=False,
                    wait_for_ingress_deployment_creation=False)
@@ -314,12 +317,27 @@ def test_metrics_endpoint_shows_counters_moving(cluster, gateway_port):
 def test_losing_a_gpu_node_loses_no_accepted_request(cluster, redis_server, producer):
     deploy_workers(redis_server.url, num_replicas=2)
     wait_for(lambda: running_worker_count() == 2, 240, "two worker replicas")
-    futures = submit_many(producer, 16, "node loss", width=256, height=256, steps=8)
-    time.sleep(2)  # let both replicas take tasks
+    params = dict(width=256, height=256, steps=8)
+    futures = submit_many(producer, 16, "node loss", **params)
+    keys = [resolved(GenerationRequest(f"node loss {i}", **params)).normalized().cache_key() for i in range(16)]
+    wait_for(lambda: len(worker_pids_of(redis_server.url, keys)) == 2, 120, "both replicas taking tasks")
     cluster.remove_node(cluster.gpu_nodes[1])
     results = [f.result(timeout=600) for f in futures]
     assert all(r.ok for r in results), [r.error_message for r in results if not r.ok]
     assert len({r.key for r in results}) == 16
+
+
+def worker_pids_of(redis_url: str, keys) -> set:
+    """The pids of the workers that started or finished a task of `keys`, from their Celery results."""
+    import redis
+
+    client = redis.Redis.from_url(redis_url, socket_timeout=5)
+    try:
+        results = [result for key in keys for result in harness.task_results(client, key)]
+    finally:
+        client.close()
+    return {result.get("pid") or int(result["worker"].rsplit(":", 1)[1]) for result in results
+            if result.get("pid") or result.get("worker")}
 
 
 # -- helpers over Serve's view of the gateway --------------------------------------------------------

@@ -32,7 +32,7 @@ from celery_bridge.producer import GenerationProducer, new_task_id
 from tests.resolve import key_of, resolved
 from tests.integration.harness import (GATEWAY_REPLICA, WORKER_REPLICA, TaskRuns, ask, cache_entries,
                                        cache_integrity, cached_pngs, connect, healthz, local_stack, replica_pids,
-                                       settled_counters, slow_request, wait_for)
+                                       settled_counters, slow_request, steps_done, wait_for)
 from tests.services import REPO
 
 pytestmark = pytest.mark.integration
@@ -73,6 +73,22 @@ def in_thread(work) -> tuple:
     return thread, outcome
 
 
+def persist_append_only_file(stack: LocalStack) -> None:
+    """Rewrite Redis's append-only file from its dataset and wait until the rewrite is done."""
+    client = redis.Redis.from_url(stack.redis_url, socket_timeout=5)
+    try:
+        client.bgrewriteaof()  # in progress, or scheduled behind a save, once it returns
+
+        def rewritten() -> bool:
+            info = client.info("persistence")
+            return not (info["aof_rewrite_in_progress"] or info["aof_rewrite_scheduled"])
+
+        wait_for(rewritten, 30, "the append-only file rewritten")
+        assert client.info("persistence")["aof_last_bgrewrite_status"] == "ok"
+    finally:
+        client.close()
+
+
 # -- shared by both worker modes ------------------------------------------------------------------
 
 def check_long_task_runs_once(stack: LocalStack) -> None:
@@ -101,7 +117,7 @@ def check_worker_killed_mid_generation(stack: LocalStack) -> int:
     try:
         client, outcome = in_thread(lambda: ask(stack, request, timeout=150))
         victim = runs.wait_started(60)
-        time.sleep(1)  # well inside the denoising loop
+        wait_for(lambda: steps_done(stack, key) >= 2, 60, "the render inside its denoising loop")
         os.kill(victim, signal.SIGKILL)
         client.join(150)
         assert not client.is_alive(), "the client hung"
@@ -111,7 +127,9 @@ def check_worker_killed_mid_generation(stack: LocalStack) -> int:
         assert not reply.meta["worker"].endswith(f":{victim}"), "answered by the killed worker?"
         started = runs.started()
         assert len(started) == 2 and started[0] == victim and started[1] != victim, runs.events
-        assert runs.succeeded() == 1
+        # The image reaches the client on its own channel; Celery's SUCCESS state is published after.
+        wait_for(lambda: runs.succeeded() >= 1, 30, "the success event")
+        assert runs.succeeded() == 1, runs.events
     finally:
         runs.close()
     assert cached_pngs(stack, key) == [reply.png], "exactly one image cached: the one the client got"
@@ -294,7 +312,7 @@ class TestPlainWorkers:
         clients = [in_thread(lambda r=r: ask(stack, r, timeout=stack.gateway.request_timeout_s + 30)) for r in slow]
         runs.wait_started(60)
         runs.close()
-        time.sleep(1.5)  # past appendfsync everysec: the queued task and the claims are on disk
+        persist_append_only_file(stack)  # the queued task and the claims are on disk, as everysec has them within 1 s
 
         # 2. Redis goes away.
         redis_pid = stack._load()["processes"]["redis"]

@@ -11,7 +11,7 @@ import pytest
 
 from client import protocol
 from client.protocol import GenerationRequest, ProtocolError
-from tests.integration.harness import ask, connect, slow_request
+from tests.integration.harness import ask, connect, slow_request, wait_for
 
 pytestmark = pytest.mark.integration
 MAX_PENDING_MISSES = 3
@@ -63,7 +63,7 @@ def test_pending_misses_over_the_bound_get_busy_at_once_while_hits_continue(stac
     threads = [threading.Thread(target=miss, args=(i,)) for i in range(8)]
     for thread in threads:
         thread.start()
-    time.sleep(1)
+    wait_for(lambda: len(refusals) >= 8 - MAX_PENDING_MISSES, 60, "the misses over the bound refused")
     assert ask(stack, hit).statuses[0]["state"] == protocol.STATUS_CACHED, "hits are served during overload"
     for thread in threads:
         thread.join(300)
