@@ -97,8 +97,10 @@ def home(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("sdgate-home")
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def ray_head(home):
+    """A Ray head for one module: stopped with it, so its idle processes and the worker replicas
+    deployed on it (which beat presence on the session's Redis) do not outlive their tests."""
     head = RayHead(home)
     yield head
     head.stop()
