@@ -6,12 +6,16 @@ started). The values are the wire's own words (client/protocol.py's STATUS state
 Every record that stores a state is written through `advance` here, or through RECORD_SCRIPT in
 Redis, which applies the same table, so nothing moves a generation backwards: a late progress event
 never turns a done job back into a generating one, whichever replica or thread writes it last.
+A gateway's flight (serve_app/flight.py) and a job (serve_app/jobs.py) move only through
+`advance`; `ended` names the end state an outcome reaches.
 """
 
 from __future__ import annotations
 
 import enum
-from typing import Dict, FrozenSet
+from typing import Dict, FrozenSet, Optional
+
+from client.protocol import E_CANCELLED
 
 
 class State(str, enum.Enum):
@@ -51,6 +55,13 @@ def advance(current: State, new: State) -> State:
     if new not in ALLOWED[current]:
         raise IllegalTransition(f"a generation cannot go from {current.value} to {new.value}")
     return new
+
+
+def ended(error_code: Optional[str]) -> State:
+    """The end state of a generation whose outcome carries `error_code`; None: it has its image."""
+    if error_code is None:
+        return State.DONE
+    return State.CANCELLED if error_code == E_CANCELLED else State.FAILED
 
 
 def _lua_table() -> str:

@@ -13,7 +13,8 @@ from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, List, Optional, Set
 
-from client.protocol import GenerationRequest
+from celery_bridge.lifecycle import IllegalTransition, State, advance, ended
+from client.protocol import E_INTERNAL, GenerationRequest, ProtocolError
 
 log = logging.getLogger(__name__)
 StatusCallback = Callable[[str], None]
@@ -44,7 +45,7 @@ class Flight:
         self.last_event: Optional[Dict[str, Any]] = None
         self.queue_position: Optional[int] = None
         self._lock = threading.Lock()
-        self._started = False
+        self._state = State.QUEUED
         self._started_listeners: List[Callable[[], None]] = []
         self._waiters: Set[str] = set()  # ids of the waiters here (their leases renewed in Redis)
         self._listeners: List[EventCallback] = []  # progress listeners of every waiter of this flight
@@ -101,22 +102,33 @@ class Flight:
             _quietly(lambda: listener(event))
 
     @property
-    def started(self) -> bool:
-        return self._started
+    def state(self) -> State:
+        """Where the generation is, as this replica has heard: moved only by lifecycle's table."""
+        return self._state
+
+    def _move(self, new: State) -> bool:
+        """Move to `new` if the table allows it (call with the lock held); False for a late event."""
+        try:
+            self._state = advance(self._state, new)
+        except IllegalTransition:
+            return False
+        return True
 
     def on_started(self, listener: Callable[[], None]) -> None:
         """Call `listener` once when a worker picks the task up (at once if it already has)."""
         with self._lock:
-            if not self._started:
+            if self._state is State.QUEUED:
                 self._started_listeners.append(listener)
                 return
+            if self._state is not State.GENERATING:
+                return  # it ended: nobody will hear `generating` now
         listener()
 
     def mark_started(self) -> None:
         with self._lock:
-            if self._started:
-                return
-            self._started, listeners, self._started_listeners = True, self._started_listeners, []
+            if self._state is not State.QUEUED or not self._move(State.GENERATING):
+                return  # started already, or a late start event after the end
+            listeners, self._started_listeners = self._started_listeners, []
         for listener in listeners:
             _quietly(listener)
 
@@ -127,6 +139,8 @@ class Flight:
         with self._lock:
             if self.future.done():
                 return False
+            self._move(ended(outcome.code if isinstance(outcome, ProtocolError) else
+                             E_INTERNAL if isinstance(outcome, BaseException) else None))
             if isinstance(outcome, BaseException):
                 self.future.set_exception(outcome)
             else:

@@ -25,7 +25,8 @@ from sse_starlette import ServerSentEvent
 from client import protocol
 from client.protocol import GenerationRequest, ProtocolError
 from celery_bridge import progress, redis_keys
-from celery_bridge.lifecycle import RECORD_SCRIPT, TERMINAL as TERMINAL_STATES, IllegalTransition, State, advance
+from celery_bridge.lifecycle import (RECORD_SCRIPT, TERMINAL as TERMINAL_STATES, IllegalTransition, State, advance,
+                                     ended)
 from serve_app import sse, stats
 from serve_app.front import FrontService
 from serve_app.tenants import ANONYMOUS, OPERATOR, Tenant
@@ -138,8 +139,7 @@ class JobService:
                                                      previews=record.get("previews") or 0, tenant=tenant)
             final = dict(state="done", cached=answer.cached, step=record.get("steps"), queue_position=None, eta_s=0.0)
         except ProtocolError as exc:
-            state = "cancelled" if exc.code == protocol.E_CANCELLED else "failed"
-            final = dict(state=state, queue_position=None, eta_s=None,
+            final = dict(state=ended(exc.code).value, queue_position=None, eta_s=None,
                          error={"code": exc.code, "message": exc.message, "param": exc.field})
         except Exception:  # noqa: BLE001 - the job must end in a terminal state whatever happened
             log.exception("job %s failed", job_id)

@@ -21,6 +21,7 @@ import redis
 from client import protocol
 from celery_bridge import progress
 from celery_bridge.fair_share import FairShare
+from celery_bridge.lifecycle import State
 from celery_bridge.models import queue_for
 from serve_app.flight import Flight
 
@@ -98,7 +99,7 @@ class WaiterRelay:
         """Each queued flight's place in its model's queue, and an ETA, to its waiters."""
         by_queue: Dict[str, List[Flight]] = {}
         for flight in flights:
-            if not flight.started and flight.listened:
+            if flight.state is State.QUEUED and flight.listened:
                 by_queue.setdefault(queue_for(self._base_queue, flight.request.model), []).append(flight)
         for queue, queued in by_queue.items():
             positions = progress.queue_positions(self._redis, queue, [f.task_id for f in queued], QUEUE_SCAN_LIMIT)
@@ -109,7 +110,7 @@ class WaiterRelay:
             workers = max(1, self._live_workers(model) or 1)
             for flight in queued:
                 position = positions.get(flight.task_id)
-                if flight.started or (position == flight.queue_position and flight.last_event):
+                if flight.state is not State.QUEUED or (position == flight.queue_position and flight.last_event):
                     continue
                 flight.queue_position = position
                 eta = None
