@@ -15,10 +15,6 @@ os.environ.setdefault("SDGATE_HOME", tempfile.mkdtemp(prefix="sdgate-test-home-"
 os.environ.setdefault("SDGATE_MODEL_CACHE_DIR", tempfile.mkdtemp(prefix="sdgate-test-models-"))
 # ... and serves the fast random `tiny` (configs/models-tiny.yaml); the demo model's own tests name it.
 os.environ.setdefault("SDGATE_MODELS_FILE", str(TINY_CATALOGUE))
-# ... and renders on one torch thread in every process it starts: `make test` runs two modules at
-# once on two cores, each with workers of its own, and torch's default (a thread per core in every
-# worker) oversubscribed them until 150-step renders ran past their time limit (project CI, 3ab2055).
-os.environ.setdefault("SDGATE_CPU_THREADS", "1")
 
 
 @pytest.fixture(scope="session")

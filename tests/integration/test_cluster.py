@@ -9,7 +9,6 @@ The tests share one cluster and run in file order: placement, scaling, metrics, 
 from __future__ import annotations
 
 import functools
-import math
 import os
 import re
 import socket
@@ -22,13 +21,13 @@ import pytest
 import yaml
 
 from client import protocol
-from client.protocol import MAX_STEPS, GenerationRequest
+from client.protocol import GenerationRequest
 from celery_bridge import consumer
 from celery_bridge.producer import GenerationProducer, new_task_id
 from celery_bridge.tiny_model import save_tiny_variant
 from serve_app import gateway
 from serve_app.placement import ingress_node_resources
-from celery_bridge.models import queue_for
+from celery_bridge.models import SLEEP_SOURCE, queue_for
 from tests.integration import harness
 from tests.resolve import resolved
 from tests.integration.conftest import celery_config
@@ -38,7 +37,10 @@ pytestmark = [pytest.mark.integration, pytest.mark.slow]
 QUEUE = "cluster-q"
 MODEL_B = "tiny-b"
 WORKER_DEPLOYMENT = "GenerationConsumer"
-SECONDS_PER_STEP_512: list = []  # one 512x512 denoising step on this machine, measured by the first test
+# The scaling test's renders: the sleep stand-in (celery_bridge/sleep_model.py), which takes this long
+# and no CPU, so its windows hold however loaded the machine is (a CPU render sized by a measured
+# step ran about 20x over its estimate on the project's CI under the suite's load, past its time limit).
+SLOW_MODEL, SLOW_RENDER_MS = "slow", 24000
 
 
 wait_for = functools.partial(harness.wait_for, interval=0.5)  # Serve's status is an RPC: ask twice a second
@@ -57,7 +59,8 @@ def cluster(redis_server, tmp_path_factory):
     catalogue.write_text(yaml.safe_dump({"default": "tiny", "models": [
         {"name": "tiny", "source": "tiny", "defaults": {"width": 64, "height": 64, "steps": 2},
          "limits": {"max_side": 2048, "max_steps": 150}},
-        {"name": MODEL_B, "source": str(save_tiny_variant(home / MODEL_B, seed=7)), "scale_from_zero": True}]}))
+        {"name": MODEL_B, "source": str(save_tiny_variant(home / MODEL_B, seed=7)), "scale_from_zero": True},
+        {"name": SLOW_MODEL, "source": f"{SLEEP_SOURCE}{SLOW_RENDER_MS}"}]}))
     os.environ.update(SDGATE_HOME=str(home), PYTHONPATH=str(REPO), RAY_USAGE_STATS_ENABLED="0",
                       RAY_metrics_report_interval_ms="1000", SDGATE_MODELS_FILE=str(catalogue))
     ray_cluster = Cluster(initialize_head=True, head_node_args={
@@ -104,10 +107,7 @@ def deploy_workers(redis_url: str, app_name: str = "workers", model: str = "tiny
     from ray import serve
     from ray.serve.api import RunTarget
 
-    # Renders here are sized to outlast autoscaling windows; the suite's load can slow them several
-    # times over, so they get more than the default 300 s per image.
-    app = consumer.build_app({"celery": {"redis_url": redis_url, "queue": QUEUE, "soft_time_limit_s": 900,
-                                         "time_limit_s": 930},
+    app = consumer.build_app({"celery": {"redis_url": redis_url, "queue": QUEUE},
                               "worker": {"num_gpus": 1, "model": model}, **deployment_args})
     serve.run_many([RunTarget(app, name=app_name, route_prefix=None)], wait_for_applications_running=False,
                    wait_for_ingress_deployment_creation=False)
@@ -139,40 +139,27 @@ def test_worker_replicas_land_one_per_gpu_node_never_on_the_head(cluster, redis_
     nodes = [node for node, _ in worker_replicas()]
     gpu_node_ids = {node.node_id for node in cluster.gpu_nodes}
     assert set(nodes) == gpu_node_ids, "one replica per GPU node, none on the head"
-    # Two step counts, so the cost of one denoising step is known (the later tests size renders by it).
-    futures = {steps: submit_many(producer, 2, f"placement {steps}", width=512, height=512, steps=steps)
-               for steps in (4, 16)}
-    results = {steps: [f.result(timeout=180) for f in group] for steps, group in futures.items()}
-    assert all(r.ok for group in results.values() for r in group)
-    mean_ms = {steps: sum(r.pipeline_ms for r in group) / len(group) for steps, group in results.items()}
-    SECONDS_PER_STEP_512.append(max((mean_ms[16] - mean_ms[4]) / 12 / 1000, 1e-3))
+    results = [f.result(timeout=180) for f in submit_many(producer, 4, "placement", width=256, height=256, steps=4)]
+    assert all(r.ok for r in results), [r.error_message for r in results if not r.ok]
 
 
-def long_request(prompt: str, seconds: float) -> GenerationRequest:
-    """A request whose render takes at least about `seconds` on this machine's replicas."""
-    per_step = SECONDS_PER_STEP_512[0] if SECONDS_PER_STEP_512 else 0.05
-    for side in (512, 768, 1024):
-        steps = math.ceil(seconds * 1.3 / (per_step * (side / 512) ** 2))
-        if steps <= MAX_STEPS:
-            return resolved(GenerationRequest(prompt, width=side, height=side, steps=max(steps, 2))).normalized()
-    return resolved(GenerationRequest(prompt, width=1024, height=1024, steps=MAX_STEPS)).normalized()
-
-
-def deploy_autoscaled_workers(redis_url: str, downscale_delay_s: float):
-    deploy_workers(redis_url, autoscaling_config=queue_scaling(redis_url, "tiny", 0, 2, downscale_delay_s))
+def deploy_autoscaled_slow_workers(redis_url: str, downscale_delay_s: float):
+    deploy_workers(redis_url, model=SLOW_MODEL,
+                   autoscaling_config=queue_scaling(redis_url, SLOW_MODEL, 0, 2, downscale_delay_s))
 
 
 def test_workers_scale_on_queued_plus_running_tasks_and_a_stopped_replica_finishes_its_render(
         cluster, redis_server, producer):
     downscale_delay_s = 4
     # 1. Idle: the fleet goes to zero.
-    deploy_autoscaled_workers(redis_server.url, downscale_delay_s)
+    deploy_autoscaled_slow_workers(redis_server.url, downscale_delay_s)
     idle = time.monotonic()
     wait_for(lambda: running_worker_count() == 0 and not worker_replicas(), 240, "an idle fleet scaled to zero")
     to_zero_s = time.monotonic() - idle
 
     # 2. Two long renders: the fleet comes back from zero, one replica per GPU node.
-    requests = [long_request(f"busy fleet {i} {time.time()}", seconds=downscale_delay_s + 14) for i in range(2)]
+    requests = [resolved(GenerationRequest(f"busy fleet {i} {time.time()}", model=SLOW_MODEL)).normalized()
+                for i in range(2)]
     runs = [harness.TaskRuns(redis_server.url, request.cache_key()) for request in requests]
     try:
         submitted = time.monotonic()
@@ -193,10 +180,10 @@ def test_workers_scale_on_queued_plus_running_tasks_and_a_stopped_replica_finish
         assert not any(f.done() for f in futures), \
             "the renders ended before the window closed: the test could not tell (renders sized too short)"
         assert fewest == 2, "a busy replica was scaled down while its queue was empty"
-        assert producer.queue_length("tiny") == 0
+        assert producer.queue_length(SLOW_MODEL) == 0
 
         # 4. An operator's scale-down while both render: the replica Serve stops finishes first.
-        deploy_workers(redis_server.url, num_replicas=1)
+        deploy_workers(redis_server.url, model=SLOW_MODEL, num_replicas=1)
         results = [f.result(timeout=600) for f in futures]
         assert all(r.ok for r in results), [r.error_message for r in results if not r.ok]
         assert len({r.worker for r in results}) == 2, "each render finished on the replica that started it"
@@ -209,7 +196,7 @@ def test_workers_scale_on_queued_plus_running_tasks_and_a_stopped_replica_finish
     wait_for(lambda: running_worker_count() == 1 and len(worker_replicas()) == 1, 120, "the stopped replica gone")
 
     # 5. Autoscaled again with nothing to do: back to zero.
-    deploy_autoscaled_workers(redis_server.url, downscale_delay_s)
+    deploy_autoscaled_slow_workers(redis_server.url, downscale_delay_s)
     wait_for(lambda: running_worker_count() == 0 and not worker_replicas(), 240, "idle again: scaled to zero")
     print(f"\nworkers: idle fleet to zero {to_zero_s:.1f} s; two renders started {from_zero_s:.1f} s after "
           f"submission from zero replicas")
