@@ -202,7 +202,7 @@ class A1111Api:
     def __init__(self, gateway: Any):
         self.gateway = gateway
         self.front = gateway.front
-        self.redis: redis.Redis = gateway.front._redis
+        self.redis: redis.Redis = gateway.front.redis
 
     # -- who asks ----------------------------------------------------------------------------------
 

@@ -83,7 +83,7 @@ class FrontService:
         self.admission = admission or Admission(config)
         self.hooks = Hooks()
         self.catalogue = catalogue or GatewayCatalogue.load(producer.redis, counters)
-        self._redis: redis.Redis = producer.redis
+        self.redis: redis.Redis = producer.redis
         self._flights: Dict[str, Flight] = {}
         self._flights_lock = threading.Lock()
         self._waiting: Dict[str, Tuple[Flight, asyncio.AbstractEventLoop, "asyncio.Future[None]"]] = {}
@@ -91,10 +91,10 @@ class FrontService:
         self._reads = ThreadPoolExecutor(config.front_threads, thread_name_prefix="sdgate-read")
         self._work = ThreadPoolExecutor(config.front_threads, thread_name_prefix="sdgate-work")
         self._leads = FairPool(config.front_threads)  # a new miss's first steps, round robin by tenant
-        self.claims = ClusterClaims(self._redis, config)
-        self.tenant_waiting = TenantWaiting(self._redis)
+        self.claims = ClusterClaims(self.redis, config)
+        self.tenant_waiting = TenantWaiting(self.redis)
         self._counted_waiters: Dict[str, str] = {}  # waiter id -> tenant, for tenants with a max_queued
-        self.waiters = WaiterRelay(self._redis, max(3 * config.claim_lease_s, 2.0), self._work, producer.config.queue,
+        self.waiters = WaiterRelay(self.redis, max(3 * config.claim_lease_s, 2.0), self._work, producer.config.queue,
                                    lambda model: self.catalogue.live_count(model), producer.fair)
         self._stop = threading.Event()
         self._keeper = threading.Thread(target=self._keep_claims, name="sdgate-claims", daemon=True)
@@ -159,7 +159,7 @@ class FrontService:
             return
         gallery = redis_keys.TENANT_GALLERY + tenant.name
         try:
-            pipe = self._redis.pipeline(transaction=False)
+            pipe = self.redis.pipeline(transaction=False)
             pipe.zadd(gallery, {key: time.time()})
             pipe.zremrangebyrank(gallery, 0, -GALLERY_KEPT - 1)
             pipe.execute()
@@ -247,7 +247,7 @@ class FrontService:
             raise ProtocolError(protocol.E_INVALID_REQUEST, str(exc), field=exc.field) from None
 
     def _lookup(self, key: str) -> Optional[Answer]:
-        cached = self._cache_get(key)
+        cached = self.cached(key)
         if cached is None:
             self.hooks.after_cache_miss(key)
         return cached
@@ -300,7 +300,7 @@ class FrontService:
 
         # 2. Whoever stored the image may have released the claim we just won: look again.
         if claimed:
-            cached = self._cache_get(key)
+            cached = self.cached(key)
             if cached is not None:
                 self._finish(flight, cached)
                 return
@@ -399,6 +399,11 @@ class FrontService:
         if task_id:
             self.waiters.left(task_id, waiter_id)
 
+    def task_id_of(self, waiter_id: str) -> Optional[str]:
+        """The task `waiter_id` waits on here, once its flight knows it (None before, or if it waits elsewhere)."""
+        entry = self._waiting.get(waiter_id)
+        return entry[0].task_id if entry is not None else None
+
     def cancel(self, waiter_id: str) -> bool:
         """Cancel one waiter (thread-safe): it gets `cancelled` now; if it was the last waiter of its
         task cluster-wide, the task is cancelled too (skipped if queued, stopped within one step if
@@ -453,10 +458,10 @@ class FrontService:
             self.tenant_waiting.renew(dict(self._counted_waiters))
         if not live:
             return
-        pipe = self._redis.pipeline(transaction=False)
+        pipe = self.redis.pipeline(transaction=False)
         self.waiters.renew(live, pipe)
         pipe.execute()
-        for flight in self.claims.renew(live, self._redis.pipeline(transaction=False)):
+        for flight in self.claims.renew(live, self.redis.pipeline(transaction=False)):
             if self.claims.take_over(flight):
                 self._adopt(flight)
 
@@ -473,7 +478,8 @@ class FrontService:
 
     # -- the cache -----------------------------------------------------------------------------------
 
-    def _cache_get(self, key: str) -> Optional[Answer]:
+    def cached(self, key: str) -> Optional[Answer]:
+        """The cached image for `key`, or None (a cache that fails to read counts as a miss)."""
         try:
             cached = self.store.get(key)
         except Exception:  # noqa: BLE001 - a broken cache degrades to a miss, never to an error

@@ -197,7 +197,7 @@ class Gateway:
             return refused
         own = None if tenant.shared else tenant.name  # the shared identities see every cached image
         return await asyncio.to_thread(webui.gallery, self.front.store, dict(request.query_params),
-                                       self.front._redis, own)
+                                       self.front.redis, own)
 
     def healthz(self, request: Request) -> Dict[str, Any]:
         return {"ok": self.socket_server.alive(), "socket_port": self.socket_server.port,

@@ -52,7 +52,7 @@ class JobService:
 
     def __init__(self, front: FrontService):
         self.front = front
-        self.redis: redis.Redis = front._redis
+        self.redis: redis.Redis = front.redis
         self.replica = uuid.uuid4().hex[:12]
         self._record_script = self.redis.register_script(RECORD_SCRIPT)
         self._local: Dict[str, Dict[str, Any]] = {}  # job id -> {"record", "listeners": [asyncio.Queue]}
@@ -76,7 +76,7 @@ class JobService:
                   "params": _params(normalized), "error": None, "previews": previews, "task_id": None,
                   "request": normalized.summary(), "seq": 0, "tenant": tenant.name}  # images by sha256: bytes beside it
         loop = asyncio.get_running_loop()
-        cached = await loop.run_in_executor(None, self.front._cache_get, record["key"])
+        cached = await loop.run_in_executor(None, self.front.cached, record["key"])
         if cached is not None:  # answered here; a miss is counted by the front when the job runs
             self.front.catalogue.count_request(normalized.model)
             self.front.counters.incr(stats.CACHE_HITS)
@@ -113,9 +113,7 @@ class JobService:
                     pass  # a late event (a queue position after the start): the job stays where it is
             record.update(changes)
             if record.get("task_id") is None:
-                entry = self.front._waiting.get(job_id)
-                if entry is not None and entry[0].task_id:
-                    record["task_id"] = entry[0].task_id
+                record["task_id"] = self.front.task_id_of(job_id)
             for queue in self._local.get(job_id, {}).get("listeners", []):
                 queue.put_nowait(("progress", dict(record)))
                 if preview:

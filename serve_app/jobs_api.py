@@ -82,7 +82,7 @@ async def job_image(gateway: Any, request: Request) -> Response:
         return refusal
     cached = None
     if record.get("state") == "done":
-        cached = await asyncio.get_running_loop().run_in_executor(None, gateway.front._cache_get, record["key"])
+        cached = await asyncio.get_running_loop().run_in_executor(None, gateway.front.cached, record["key"])
     if cached is None:
         return error_response(E_NOT_FOUND, f"job {record['id']} is {record.get('state')}: no image yet; follow "
                               "/events or poll the job", "id")

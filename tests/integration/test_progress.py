@@ -305,7 +305,7 @@ class HttpShim:
 
         cls = Gateway.func_or_class
         self.front, self.jobs, self.admission = replica.front, replica.jobs, Admission(replica.front.config)
-        self.urls = SignedUrls(replica.front._redis, 60)
+        self.urls = SignedUrls(replica.front.redis, 60)
         self._images = lambda *args: cls._images(self, *args)
 
         def bound(method):
