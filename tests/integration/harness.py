@@ -69,11 +69,23 @@ def local_stack(mode: str = "celery", workers: int = 1, env: Optional[Dict[str, 
     try:
         stack.up(log=lambda *_: None)
         yield stack
+    except BaseException:
+        print(log_tails(stack))  # the failure report carries the stack's own account; its home goes next
+        raise
     finally:
         stack.down(log=lambda *_: None, timeout=DOWN_TIMEOUT_S)
         os.environ.clear()
         os.environ.update(saved)
         _remove_home(stack)
+
+
+def log_tails(stack: LocalStack, lines: int = 40) -> str:
+    """The last `lines` lines of each of the stack's logs, headed by the file's name."""
+    parts = []
+    for log_file in sorted(stack.paths.logs.glob("*.log")) if stack.paths.logs.is_dir() else []:
+        tail = log_file.read_text(errors="replace").splitlines()[-lines:]
+        parts.append(f"--- {log_file.name} (last {len(tail)} lines)\n" + "\n".join(tail))
+    return "\n".join(parts) or f"(no logs under {stack.paths.logs})"
 
 
 class SharedStack:
