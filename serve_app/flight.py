@@ -13,7 +13,7 @@ from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, List, Optional, Set
 
-from celery_bridge.lifecycle import IllegalTransition, State, advance, ended
+from celery_bridge.lifecycle import State, advance, ended
 from client.protocol import E_INTERNAL, GenerationRequest, ProtocolError
 
 log = logging.getLogger(__name__)
@@ -106,14 +106,6 @@ class Flight:
         """Where the generation is, as this replica has heard: moved only by lifecycle's table."""
         return self._state
 
-    def _move(self, new: State) -> bool:
-        """Move to `new` if the table allows it (call with the lock held); False for a late event."""
-        try:
-            self._state = advance(self._state, new)
-        except IllegalTransition:
-            return False
-        return True
-
     def on_started(self, listener: Callable[[], None]) -> None:
         """Call `listener` once when a worker picks the task up (at once if it already has)."""
         with self._lock:
@@ -126,8 +118,9 @@ class Flight:
 
     def mark_started(self) -> None:
         with self._lock:
-            if self._state is not State.QUEUED or not self._move(State.GENERATING):
+            if self._state is not State.QUEUED:
                 return  # started already, or a late start event after the end
+            self._state = advance(self._state, State.GENERATING)
             listeners, self._started_listeners = self._started_listeners, []
         for listener in listeners:
             _quietly(listener)
@@ -139,8 +132,9 @@ class Flight:
         with self._lock:
             if self.future.done():
                 return False
-            self._move(ended(outcome.code if isinstance(outcome, ProtocolError) else
-                             E_INTERNAL if isinstance(outcome, BaseException) else None))
+            code = outcome.code if isinstance(outcome, ProtocolError) else \
+                E_INTERNAL if isinstance(outcome, BaseException) else None
+            self._state = advance(self._state, ended(code))  # queued or generating: either may end
             if isinstance(outcome, BaseException):
                 self.future.set_exception(outcome)
             else:
