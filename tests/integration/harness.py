@@ -22,7 +22,7 @@ from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
 
 import redis
 
-from celery_bridge import redis_keys
+from celery_bridge import progress, redis_keys
 from client import protocol
 from client.protocol import MAX_STEPS, GenerationRequest
 from cluster.local import LocalStack, StackConfig, _group_tree, port_in_use
@@ -278,13 +278,14 @@ class TaskRuns:
 
 def steps_done(stack: LocalStack, key: str) -> int:
     """The most denoising steps any run of the task rendering `key` has reported (0 before its first)."""
-    client = redis.Redis.from_url(stack.redis_url, socket_timeout=5)
+    prefix = redis_keys.PROGRESS_LAST
+    client = redis.Redis.from_url(stack.redis_url, socket_timeout=5, decode_responses=True)
     try:
-        names = list(client.scan_iter(match=f"{redis_keys.PROGRESS_LAST}sdgate-{key}-*"))
-        events = [json.loads(raw) for raw in (client.mget(names) if names else []) if raw]
+        events = [progress.last_event(client, name[len(prefix):])
+                  for name in client.scan_iter(match=f"{prefix}sdgate-{key}-*")]
     finally:
         client.close()
-    return max((event.get("step", 0) for event in events), default=0)
+    return max((event.get("step", 0) for event in events if event), default=0)
 
 
 _SECONDS_PER_STEP: Dict[str, float] = {}

@@ -123,10 +123,13 @@ def queue_scaling(redis_url: str, model: str, min_replicas: int, max_replicas: i
                                          "poll_interval_s": 0.5}}}
 
 
+def many_requests(count: int, tag: str, **params) -> list:
+    return [resolved(GenerationRequest(f"{tag} {i}", **params)).normalized() for i in range(count)]
+
+
 def submit_many(producer: GenerationProducer, count: int, tag: str, **params):
     futures = []
-    for i in range(count):
-        request = resolved(GenerationRequest(f"{tag} {i}", **params)).normalized()
+    for request in many_requests(count, tag, **params):
         task_id = new_task_id(request.cache_key())
         futures.append(producer.watch(task_id))
         producer.submit(request, task_id)
@@ -306,7 +309,7 @@ def test_losing_a_gpu_node_loses_no_accepted_request(cluster, redis_server, prod
     wait_for(lambda: running_worker_count() == 2, 240, "two worker replicas")
     params = dict(width=256, height=256, steps=8)
     futures = submit_many(producer, 16, "node loss", **params)
-    keys = [resolved(GenerationRequest(f"node loss {i}", **params)).normalized().cache_key() for i in range(16)]
+    keys = [request.cache_key() for request in many_requests(16, "node loss", **params)]
     wait_for(lambda: len(worker_pids_of(redis_server.url, keys)) == 2, 120, "both replicas taking tasks")
     cluster.remove_node(cluster.gpu_nodes[1])
     results = [f.result(timeout=600) for f in futures]
