@@ -82,7 +82,7 @@ class RayHead:
         return f"127.0.0.1:{self.port}"
 
     def stop(self) -> None:
-        stop_process(self.process, timeout=5)  # `ray start --block` sits out 30 s of SIGTERM; nothing here is kept
+        stop_process(self.process, timeout=0)  # `ray start --block` sits out 30 s of SIGTERM; nothing here is kept
 
 
 def deploy(spec: dict, env: dict, timeout: float = 300) -> dict:
