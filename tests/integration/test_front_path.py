@@ -204,7 +204,7 @@ def check_down_stops_exactly_what_up_started(stack: LocalStack) -> None:
     assert {"redis", "ray", "worker-tiny-0"} <= set(groups)
     bystander = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"], start_new_session=True)
     try:
-        stack.down(log=lambda *_: None)
+        stack.down(log=lambda *_: None, timeout=1.0)  # SIGTERM, then SIGKILL: Ray with Serve would sit out the default 8 s
         for name, pgid in groups.items():
             assert not _group_tree(pgid), f"{name} still runs"
         assert bystander.poll() is None, "down must not stop processes it did not start"
