@@ -1,7 +1,8 @@
 """Faults on the real local stack, in both worker modes: a worker SIGKILLed mid-generation, a long
 task outliving the visibility timeout, Redis stopped and restarted, a gateway replica killed (with
 a client in flight, and while it writes a burst of new images), a cache writer killed mid-burst,
-a task the broker lost. Each test asserts what the user saw and that nothing was lost.
+a task the broker lost. Each test asserts what the user saw and that nothing was lost. The plain
+stack ends with `down`, which must stop exactly what `up` started.
 
 One stack per worker mode (class-scoped), torn down before the next starts; the visibility
 timeout is short (3 s) so a redelivery shows up in seconds.
@@ -24,7 +25,7 @@ import redis
 from celery_bridge.worker import RECONNECT_INTERVAL_MAX_S
 from client import protocol
 from client.protocol import GenerationRequest, ProtocolError
-from cluster.local import LocalStack, _reap, port_in_use
+from cluster.local import LocalStack, _group_tree, _reap, port_in_use
 from serve_app.store import SQLiteImageStore
 from celery_bridge.models import queue_for
 from celery_bridge.config import CeleryConfig
@@ -388,6 +389,25 @@ class TestPlainWorkers:
         print(f"\n[redis down {outage_s:.0f} s] a new miss rendered {rendered:.1f} s after Redis came back")
         assert reply.meta["key"] == key_of(fresh)
         assert rendered < 10, f"rendered {rendered:.1f} s after Redis came back"
+
+    def test_down_at_the_end_stops_exactly_what_up_started(self, plain_stack):
+        """Last of the class, on its stack (one of its own would cost a start-up): `down` ends every
+        group `up` recorded, including the workers and the Redis the tests above restarted, and nothing else."""
+        stack = plain_stack
+        groups = dict(stack._load()["processes"])
+        assert {"redis", "ray", "worker-tiny-0", "worker-tiny-1"} <= set(groups)
+        bystander = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"], start_new_session=True)
+        try:
+            stack.down(log=lambda *_: None, timeout=1.0)  # SIGTERM, then SIGKILL: Ray with Serve sits out the default 8 s
+            for name, pgid in groups.items():
+                assert not _group_tree(pgid), f"{name} still runs"
+            assert bystander.poll() is None, "down must not stop processes it did not start"
+            for port in (stack.gateway.socket_port, stack.stack.redis_port, stack.stack.ray_port):
+                assert not port_in_use(port)
+            with pytest.raises((ConnectionError, OSError, ProtocolError)):
+                ask(stack, GenerationRequest("nobody home"))
+        finally:
+            bystander.kill()
 
 
 def ask_or_none(stack: LocalStack, request: GenerationRequest):

@@ -19,9 +19,9 @@ import pytest
 from PIL import Image
 
 from client import protocol
-from client.protocol import GenerationRequest, ProtocolError
-from cluster.local import LocalStack, _group_tree, port_in_use
-from tests.integration.harness import ask, local_stack, settled_counters
+from client.protocol import GenerationRequest
+from cluster.local import LocalStack
+from tests.integration.harness import ask, settled_counters
 from tests.services import REPO
 
 pytestmark = pytest.mark.integration
@@ -191,26 +191,3 @@ def test_sdgate_stats_prints_the_counters(stack):
     for key in ("cache_hits", "cache_misses", "generations", "singleflight_joins", "errors"):
         assert isinstance(figures[key], int)
     assert figures["generations"] > 0 and figures["cache_hits"] > 0 and figures["errors"] > 0
-
-
-def test_down_stops_exactly_what_up_started():
-    """A stack of its own: `down` ends it (the session's shared stack stays up for the others)."""
-    with local_stack("celery", workers=1) as stack:
-        check_down_stops_exactly_what_up_started(stack)
-
-
-def check_down_stops_exactly_what_up_started(stack: LocalStack) -> None:
-    groups = dict(stack._load()["processes"])
-    assert {"redis", "ray", "worker-tiny-0"} <= set(groups)
-    bystander = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"], start_new_session=True)
-    try:
-        stack.down(log=lambda *_: None, timeout=1.0)  # SIGTERM, then SIGKILL: Ray with Serve would sit out the default 8 s
-        for name, pgid in groups.items():
-            assert not _group_tree(pgid), f"{name} still runs"
-        assert bystander.poll() is None, "down must not stop processes it did not start"
-        for port in (stack.gateway.socket_port, stack.stack.redis_port, stack.stack.ray_port):
-            assert not port_in_use(port)
-        with pytest.raises((ConnectionError, OSError, ProtocolError)):
-            ask(stack, GenerationRequest("nobody home"))
-    finally:
-        bystander.kill()
