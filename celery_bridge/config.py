@@ -142,8 +142,10 @@ def load_config(cls: Type[T], section: str, overrides: Optional[Dict[str, Any]] 
     return config
 
 
+MODELS_FILE_ENV = "SDGATE_MODELS_FILE"  # the model catalogue to read instead of configs/models.yaml
 # SDGATE_* variables that are not config fields.
-OTHER_VARIABLES = ("SDGATE_HOME", "SDGATE_CONFIG_DIR", "SDGATE_SECRETS_FILE", "SDGATE_BIND_HOST", "SDGATE_BROKER_URL")
+OTHER_VARIABLES = ("SDGATE_HOME", "SDGATE_CONFIG_DIR", "SDGATE_SECRETS_FILE", "SDGATE_BIND_HOST", "SDGATE_BROKER_URL",
+                   MODELS_FILE_ENV)
 
 
 def unknown_variables(classes, environ: Optional[Dict[str, str]] = None) -> list:

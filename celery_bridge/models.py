@@ -20,9 +20,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from client import protocol
 from celery_bridge import redis_keys
-from celery_bridge.config import config_dir
+from celery_bridge.config import MODELS_FILE_ENV, config_dir
 
-MODELS_FILE_ENV = "SDGATE_MODELS_FILE"
 SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt")
 EMBEDDED = "tiny"
 # `demo`: the demo model trained here (celery_bridge/demo_model.py), committed as a diffusers folder.

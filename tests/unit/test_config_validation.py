@@ -184,10 +184,12 @@ def test_a_misspelt_variable_is_reported_by_the_cli(configs):
     import subprocess
     import sys
 
-    env = dict(os.environ, SDGATE_SOKET_PORT="6001", SDGATE_TEST_ANYTHING="1")
+    env = dict(os.environ, SDGATE_SOKET_PORT="6001", SDGATE_TEST_ANYTHING="1",
+               SDGATE_MODELS_FILE=str(Path(__file__).resolve().parents[2] / "configs" / "models-tiny.yaml"))
     result = subprocess.run([sys.executable, "-m", "cluster.cli", "status"], capture_output=True, text=True,
                             timeout=60, env=env, cwd=Path(__file__).resolve().parents[2])
     assert result.returncode == 0, result.stderr
     assert "SDGATE_SOKET_PORT is not an sdgate setting; it is ignored (did you mean SDGATE_SOCKET_PORT?)" \
         in result.stderr
     assert "SDGATE_TEST_ANYTHING" not in result.stderr
+    assert "SDGATE_MODELS_FILE" not in result.stderr, "the catalogue's variable is read, not ignored"
