@@ -1,12 +1,10 @@
 import os
 import tempfile
-from pathlib import Path
 
 import pytest
 
-from tests.services import RedisServer
+from tests.services import TINY_CATALOGUE, RedisServer
 
-TINY_CATALOGUE = Path(__file__).resolve().parents[1] / "configs" / "models-tiny.yaml"
 
 # Every test run gets its own data directory, so nothing touches ~/.sdgate.
 os.environ.setdefault("SDGATE_HOME", tempfile.mkdtemp(prefix="sdgate-test-home-"))

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 
 REPO = Path(__file__).resolve().parent.parent
+TINY_CATALOGUE = REPO / "configs" / "models-tiny.yaml"  # the tests' catalogue: the embedded random `tiny`
 
 
 def free_port() -> int:

@@ -28,12 +28,12 @@ from client.protocol import GenerationRequest
 from tests.integration.harness import TaskRuns, ask, cached_pngs, local_stack, task_results, wait_for
 from tests.integration.test_faults import in_thread
 from tests.resolve import key_of
+from tests.services import TINY_CATALOGUE
 
 pytestmark = pytest.mark.integration
 SLEEP_CATALOGUE = sleep_catalogue(Path(tempfile.mkdtemp(prefix="sdgate-sleep-")) / "models.yaml", 4000)
 BATCH_ENV = {"SDGATE_VISIBILITY_TIMEOUT_S": "3", "SDGATE_LEASE_RENEW_S": "0.5", "SDGATE_MAX_BATCH_SIZE": "3",
              "SDGATE_BATCH_WAIT_MS": "2000", "SDGATE_MODELS_FILE": str(SLEEP_CATALOGUE), "SDGATE_CPU_THREADS": "1"}
-TINY_CATALOGUE = Path(__file__).resolve().parents[2] / "configs" / "models-tiny.yaml"
 
 
 def test_ray_worker_replica_renders_concurrent_same_shape_requests_in_one_batch():
@@ -53,7 +53,8 @@ def both_batchings_catalogue(path: Path) -> Path:
     inside one batch) and the tiny pipeline, which the continuous loop steps: one stack for both."""
     sleep_catalogue(path, 4000, max_batch_size=3)
     catalogue = yaml.safe_load(path.read_text())
-    catalogue["models"] += [dict(entry, max_batch_size=3) for entry in yaml.safe_load(TINY_CATALOGUE.read_text())["models"]]
+    tiny = yaml.safe_load(TINY_CATALOGUE.read_text())["models"]
+    catalogue["models"] += [dict(entry, max_batch_size=3) for entry in tiny]
     path.write_text(yaml.safe_dump(catalogue))
     return path
 

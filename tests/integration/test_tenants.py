@@ -274,7 +274,6 @@ def test_usage_counts_renders_once_and_hits_at_no_gpu_cost(stack, registry):
 _REPLICA = """
 import sys, time
 from client.protocol import GenerationRequest
-from celery_bridge import redis_keys
 from celery_bridge.config import CeleryConfig
 from celery_bridge.fair_share import backlog_key
 from celery_bridge.models import queue_for

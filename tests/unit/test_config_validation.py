@@ -12,6 +12,7 @@ from celery_bridge.config import (CeleryConfig, ConfigError, WorkerConfig, load_
                                   load_worker_config)
 from cluster.local import load_stack_config
 from serve_app.config import load_gateway_config
+from tests.services import TINY_CATALOGUE
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 
@@ -185,7 +186,7 @@ def test_a_misspelt_variable_is_reported_by_the_cli(configs):
     import sys
 
     env = dict(os.environ, SDGATE_SOKET_PORT="6001", SDGATE_TEST_ANYTHING="1",
-               SDGATE_MODELS_FILE=str(Path(__file__).resolve().parents[2] / "configs" / "models-tiny.yaml"))
+               SDGATE_MODELS_FILE=str(TINY_CATALOGUE))
     result = subprocess.run([sys.executable, "-m", "cluster.cli", "status"], capture_output=True, text=True,
                             timeout=60, env=env, cwd=Path(__file__).resolve().parents[2])
     assert result.returncode == 0, result.stderr
