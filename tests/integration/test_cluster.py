@@ -127,9 +127,10 @@ def many_requests(count: int, tag: str, **params) -> list:
     return [resolved(GenerationRequest(f"{tag} {i}", **params)).normalized() for i in range(count)]
 
 
-def submit_many(producer: GenerationProducer, count: int, tag: str, **params):
+def submit_many(producer: GenerationProducer, requests: list) -> list:
+    """Watch, then queue, one task per request; their result futures in order."""
     futures = []
-    for request in many_requests(count, tag, **params):
+    for request in requests:
         task_id = new_task_id(request.cache_key())
         futures.append(producer.watch(task_id))
         producer.submit(request, task_id)
@@ -142,7 +143,8 @@ def test_worker_replicas_land_one_per_gpu_node_never_on_the_head(cluster, redis_
     nodes = [node for node, _ in worker_replicas()]
     gpu_node_ids = {node.node_id for node in cluster.gpu_nodes}
     assert set(nodes) == gpu_node_ids, "one replica per GPU node, none on the head"
-    results = [f.result(timeout=180) for f in submit_many(producer, 4, "placement", width=256, height=256, steps=4)]
+    futures = submit_many(producer, many_requests(4, "placement", width=256, height=256, steps=4))
+    results = [f.result(timeout=180) for f in futures]
     assert all(r.ok for r in results), [r.error_message for r in results if not r.ok]
 
 
@@ -161,16 +163,11 @@ def test_workers_scale_on_queued_plus_running_tasks_and_a_stopped_replica_finish
     to_zero_s = time.monotonic() - idle
 
     # 2. Two long renders: the fleet comes back from zero, one replica per GPU node.
-    requests = [resolved(GenerationRequest(f"busy fleet {i} {time.time()}", model=SLOW_MODEL)).normalized()
-                for i in range(2)]
+    requests = many_requests(2, f"busy fleet {time.time()}", model=SLOW_MODEL)
     runs = [harness.TaskRuns(redis_server.url, request.cache_key()) for request in requests]
     try:
         submitted = time.monotonic()
-        futures = []
-        for request in requests:
-            task_id = new_task_id(request.cache_key())
-            futures.append(producer.watch(task_id))
-            producer.submit(request, task_id)
+        futures = submit_many(producer, requests)
         wait_for(lambda: all(r.started() for r in runs), 300, "both renders started")
         both_started = time.monotonic()
         from_zero_s = both_started - submitted
@@ -214,7 +211,8 @@ def test_misses_for_one_model_add_only_that_models_workers(cluster, redis_server
                    autoscaling_config=queue_scaling(redis_server.url, MODEL_B, 0, 2))
     wait_for(lambda: running_worker_count() == 1, 240, "one worker of model A")
     a_counts = []
-    futures = submit_many(producer, 12, "model b load", model=MODEL_B, width=128, height=128, steps=8)
+    futures = submit_many(producer, many_requests(12, "model b load", model=MODEL_B, width=128, height=128,
+                                                    steps=8))
     wait_for(lambda: a_counts.append(running_worker_count()) or running_worker_count("workers-b") >= 1, 240,
              "a worker of model B, from zero, for B's queue")
     results = [f.result(timeout=600) for f in futures]
@@ -307,9 +305,9 @@ def test_metrics_endpoint_shows_counters_moving(cluster, gateway_port):
 def test_losing_a_gpu_node_loses_no_accepted_request(cluster, redis_server, producer):
     deploy_workers(redis_server.url, num_replicas=2)
     wait_for(lambda: running_worker_count() == 2, 240, "two worker replicas")
-    params = dict(width=256, height=256, steps=8)
-    futures = submit_many(producer, 16, "node loss", **params)
-    keys = [request.cache_key() for request in many_requests(16, "node loss", **params)]
+    requests = many_requests(16, "node loss", width=256, height=256, steps=8)
+    futures = submit_many(producer, requests)
+    keys = [request.cache_key() for request in requests]
     wait_for(lambda: len(worker_pids_of(redis_server.url, keys)) == 2, 120, "both replicas taking tasks")
     cluster.remove_node(cluster.gpu_nodes[1])
     results = [f.result(timeout=600) for f in futures]
