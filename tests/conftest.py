@@ -13,6 +13,11 @@ os.environ.setdefault("SDGATE_HOME", tempfile.mkdtemp(prefix="sdgate-test-home-"
 os.environ.setdefault("SDGATE_MODEL_CACHE_DIR", tempfile.mkdtemp(prefix="sdgate-test-models-"))
 # ... and serves the fast random `tiny` (configs/models-tiny.yaml); the demo model's own tests name it.
 os.environ.setdefault("SDGATE_MODELS_FILE", str(TINY_CATALOGUE))
+# ... and renders on one torch thread per process, in every worker it starts and in its own: two
+# xdist workers share two cores with their stacks, and torch's default (a thread per core in each
+# process) oversubscribes them, its threads spinning for cores the other renders hold.
+os.environ.setdefault("SDGATE_CPU_THREADS", "1")
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 
 @pytest.fixture(scope="session")
