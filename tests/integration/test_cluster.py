@@ -41,6 +41,9 @@ WORKER_DEPLOYMENT = "GenerationConsumer"
 # and no CPU, so its windows hold however loaded the machine is (a CPU render sized by a measured
 # step ran about 20x over its estimate on the project's CI under the suite's load, past its time limit).
 SLOW_MODEL, SLOW_RENDER_MS = "slow", 24000
+# The node-loss test's: long enough that the node goes while its worker is inside one (removed
+# within a poll of the task's start), short enough that the four of them end soon after.
+SHORT_MODEL, SHORT_RENDER_MS = "short", 5000
 
 
 wait_for = functools.partial(harness.wait_for, interval=0.5)  # Serve's status is an RPC: ask twice a second
@@ -60,7 +63,8 @@ def cluster(redis_server, tmp_path_factory):
         {"name": "tiny", "source": "tiny", "defaults": {"width": 64, "height": 64, "steps": 2},
          "limits": {"max_side": 2048, "max_steps": 150}},
         {"name": MODEL_B, "source": str(save_tiny_variant(home / MODEL_B, seed=7)), "scale_from_zero": True},
-        {"name": SLOW_MODEL, "source": f"{SLEEP_SOURCE}{SLOW_RENDER_MS}"}]}))
+        {"name": SLOW_MODEL, "source": f"{SLEEP_SOURCE}{SLOW_RENDER_MS}"},
+        {"name": SHORT_MODEL, "source": f"{SLEEP_SOURCE}{SHORT_RENDER_MS}"}]}))
     os.environ.update(SDGATE_HOME=str(home), PYTHONPATH=str(REPO), RAY_USAGE_STATS_ENABLED="0",
                       RAY_metrics_report_interval_ms="1000", SDGATE_MODELS_FILE=str(catalogue))
     ray_cluster = Cluster(initialize_head=True, head_node_args={
@@ -87,10 +91,15 @@ def producer(redis_server):
 
 def worker_replicas():
     """(node id, state) of each worker replica actor that is alive."""
+    return [(node, state) for node, state, _ in worker_replica_actors()]
+
+
+def worker_replica_actors():
+    """(node id, state, pid) of each worker replica actor that is alive or being created."""
     from ray.util.state import list_actors
 
     actors = list_actors(filters=[("class_name", "=", f"ServeReplica:workers:{WORKER_DEPLOYMENT}")], limit=100)
-    return [(a.node_id, a.state) for a in actors if a.state in ("ALIVE", "PENDING_CREATION")]
+    return [(a.node_id, a.state, a.pid) for a in actors if a.state in ("ALIVE", "PENDING_CREATION")]
 
 
 def running_worker_count(app_name: str = "workers") -> int:
@@ -303,29 +312,36 @@ def test_metrics_endpoint_shows_counters_moving(cluster, gateway_port):
 
 
 def test_losing_a_gpu_node_loses_no_accepted_request(cluster, redis_server, producer):
-    deploy_workers(redis_server.url, num_replicas=2)
+    """The node goes while its worker is inside a render: that task runs again on the other node,
+    and every request accepted gets its image."""
+    deploy_workers(redis_server.url, model=SHORT_MODEL, num_replicas=2)
     wait_for(lambda: running_worker_count() == 2, 240, "two worker replicas")
-    requests = many_requests(16, "node loss", width=256, height=256, steps=8)
-    futures = submit_many(producer, requests)
-    keys = [request.cache_key() for request in requests]
-    wait_for(lambda: len(worker_pids_of(redis_server.url, keys)) == 2, 120, "both replicas taking tasks")
-    cluster.remove_node(cluster.gpu_nodes[1])
-    results = [f.result(timeout=600) for f in futures]
-    assert all(r.ok for r in results), [r.error_message for r in results if not r.ok]
-    assert len({r.key for r in results}) == 16
-
-
-def worker_pids_of(redis_url: str, keys) -> set:
-    """The pids of the workers that started or finished a task of `keys`, from their Celery results."""
-    import redis
-
-    client = redis.Redis.from_url(redis_url, socket_timeout=5)
+    lost_node = cluster.gpu_nodes[1]
+    lost_pids = {pid for node, _, pid in worker_replica_actors() if node == lost_node.node_id}
+    assert lost_pids, "a worker replica on the node to be lost"
+    requests = many_requests(4, f"node loss {time.time()}", model=SHORT_MODEL)
+    runs = {request.cache_key(): harness.TaskRuns(redis_server.url, request.cache_key()) for request in requests}
     try:
-        results = [result for key in keys for result in harness.task_results(client, key)]
+        futures = submit_many(producer, requests)
+
+        def rendering_on_lost_node():
+            return [key for key, run in runs.items() if run.started()[-1:] and run.started()[-1] in lost_pids
+                    and not run.succeeded()]
+
+        held = wait_for(rendering_on_lost_node, 120, "a render started on the node to be lost")
+        cluster.remove_node(lost_node)
+        results = [f.result(timeout=600) for f in futures]
+        assert all(r.ok for r in results), [r.error_message for r in results if not r.ok]
+        assert len({r.key for r in results}) == len(requests)
+        for key in held:
+            wait_for(lambda: runs[key].succeeded() >= 1, 30, "the success event")
+            started = runs[key].started()
+            assert started[0] in lost_pids and started[-1] not in lost_pids, \
+                f"the lost node's task should have run again on the other node: {runs[key].events}"
+            assert runs[key].succeeded() == 1, runs[key].events
     finally:
-        client.close()
-    return {result.get("pid") or int(result["worker"].rsplit(":", 1)[1]) for result in results
-            if result.get("pid") or result.get("worker")}
+        for run in runs.values():
+            run.close()
 
 
 # -- helpers over Serve's view of the gateway --------------------------------------------------------
