@@ -33,7 +33,7 @@ from tests.services import TINY_CATALOGUE
 pytestmark = pytest.mark.integration
 SLEEP_CATALOGUE = sleep_catalogue(Path(tempfile.mkdtemp(prefix="sdgate-sleep-")) / "models.yaml", 4000)
 BATCH_ENV = {"SDGATE_VISIBILITY_TIMEOUT_S": "3", "SDGATE_LEASE_RENEW_S": "0.5", "SDGATE_MAX_BATCH_SIZE": "3",
-             "SDGATE_BATCH_WAIT_MS": "2000", "SDGATE_MODELS_FILE": str(SLEEP_CATALOGUE), "SDGATE_CPU_THREADS": "1"}
+             "SDGATE_BATCH_WAIT_MS": "2000", "SDGATE_MODELS_FILE": str(SLEEP_CATALOGUE)}
 
 
 def test_ray_worker_replica_renders_concurrent_same_shape_requests_in_one_batch():
@@ -76,7 +76,6 @@ def kill_stack():
     """One plain worker of each model, with a short visibility timeout and batches of up to 3."""
     catalogue = both_batchings_catalogue(Path(tempfile.mkdtemp(prefix="sdgate-batchings-")) / "models.yaml")
     env = dict(BATCH_ENV, SDGATE_MODELS_FILE=str(catalogue))
-    env.pop("SDGATE_CPU_THREADS")  # the loop's worker renders on torch; the sleep stand-in uses no CPU
     with local_stack("celery", workers=1, env=env, request_timeout_s=300) as stack:
         yield stack
 

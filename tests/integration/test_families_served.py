@@ -56,7 +56,7 @@ def served(redis_server, tmp_path_factory):
     workers = []
     try:
         for family in FAMILY_NAMES:
-            env = dict(SDGATE_MODELS_FILE=str(catalogue_file), HF_HUB_OFFLINE="1", SDGATE_CPU_THREADS="1",
+            env = dict(SDGATE_MODELS_FILE=str(catalogue_file), HF_HUB_OFFLINE="1",
                        SDGATE_MAX_BATCH_SIZE="2", SDGATE_BATCH_WAIT_MS="400")
             workers.append(PlainWorker(redis_server.url, base_queue, root / f"home-{family}",
                                        root / f"worker-{family}.log", model=family, env=env, wait=False))
