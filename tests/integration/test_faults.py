@@ -398,7 +398,7 @@ class TestPlainWorkers:
         assert {"redis", "ray", "worker-tiny-0", "worker-tiny-1"} <= set(groups)
         bystander = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"], start_new_session=True)
         try:
-            stack.down(log=lambda *_: None, timeout=1.0)  # SIGTERM, then SIGKILL: Ray with Serve sits out the default 8 s
+            stack.down(log=lambda *_: None)  # as `sdgate down` does it: the workers' warm shutdown, Ray's short grace
             for name, pgid in groups.items():
                 assert not _group_tree(pgid), f"{name} still runs"
             assert bystander.poll() is None, "down must not stop processes it did not start"

@@ -11,7 +11,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from cluster.local import LocalStack, StackConfig, _group_tree
+from cluster.local import RAY_STOP_GRACE_S, LocalStack, StackConfig, _group_tree, _stop_group
 from serve_app.config import GatewayConfig
 
 LOCAL = Path(__file__).resolve().parents[2] / "cluster" / "local.py"
@@ -54,6 +54,50 @@ def test_the_recorded_process_is_stopped(tmp_path, sleeper):
     assert stack.status()["processes"]["worker-0"] == "running"
     assert stack.down(log=lambda *_: None) == ["worker-0"]
     assert sleeper.wait(10) is not None
+
+
+IGNORES_SIGTERM = "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); print('ready', flush=True); time.sleep(120)"
+
+
+def test_sigterm_grace_is_the_timeout_for_workers_and_short_for_ray(tmp_path):
+    """Ray's head with Serve never exits on SIGTERM, so down gives the Ray group RAY_STOP_GRACE_S
+    and the workers (a render to finish) the whole timeout; each then SIGKILLs what is left, and says so."""
+    stubborn = {name: subprocess.Popen([sys.executable, "-c", IGNORES_SIGTERM], start_new_session=True,
+                                       stdout=subprocess.PIPE, text=True) for name in ("worker-0", "ray")}
+    try:
+        for process in stubborn.values():
+            assert process.stdout.readline().strip() == "ready"  # SIGTERM ignored from here on
+        run = tmp_path / "run"
+        run.mkdir()
+        (run / "stack.json").write_text(json.dumps({
+            "processes": {name: p.pid for name, p in stubborn.items()},
+            "create_times": {name: psutil.Process(p.pid).create_time() for name, p in stubborn.items()}}))
+        lines = []
+        assert stack_in(tmp_path).down(log=lines.append, timeout=3) == ["worker-0", "ray"]
+        assert lines == ["stopped worker-0 (1 killed, still running 3 s after SIGTERM)",
+                         f"stopped ray (1 killed, still running {RAY_STOP_GRACE_S:g} s after SIGTERM)"]
+        assert all(process.wait(10) is not None for process in stubborn.values())
+    finally:
+        for process in stubborn.values():
+            if process.poll() is None:
+                process.kill()
+            process.wait()
+
+
+def test_a_process_that_exited_unreaped_counts_as_stopped(tmp_path):
+    """A group member that exits on SIGTERM but whose parent never collects it (a zombie, as under an
+    init that does not reap) is stopped: no waiting out the grace, no SIGKILL."""
+    parent = subprocess.Popen([sys.executable, "-c",
+                               "import subprocess, sys, time; child = subprocess.Popen([sys.executable, '-c', "
+                               "'import time; time.sleep(120)'], start_new_session=True); print(child.pid, flush=True); "
+                               "time.sleep(120)"], stdout=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        child = int(parent.stdout.readline())
+        assert _stop_group(child, 30, psutil.Process(child).create_time()) == 0
+        assert psutil.Process(child).status() == psutil.STATUS_ZOMBIE, "its parent never reaped it"
+    finally:
+        parent.kill()
+        parent.wait()
 
 
 def test_a_record_without_create_time_is_not_trusted(tmp_path, sleeper):
