@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import statistics
 import threading
 import time
 from typing import Any, Dict, List, Tuple
@@ -252,15 +253,17 @@ def test_a_lone_request_in_the_loop_takes_about_as_long_as_the_pipeline(runner):
     request = runner.resolve(GenerationRequest("alone", width=64, height=64, steps=8, seed=3))
     loop = ContinuousLoop(DiffusersStepper(runner), max_active=4, lock=runner._lock)
     loop.submit(request)  # warm
-    timings = {"loop": [], "pipeline": []}
-    for _ in range(3):
+    ratios = []  # loop / pipeline, each pair timed back to back, so a neighbour's load hits both alike
+    for _ in range(5):
         started = time.perf_counter()
         loop.submit(request)
-        timings["loop"].append(time.perf_counter() - started)
+        looped = time.perf_counter() - started
         started = time.perf_counter()
         runner.render(request)
-        timings["pipeline"].append(time.perf_counter() - started)
-    assert min(timings["loop"]) < 1.5 * min(timings["pipeline"]), timings  # a ratio in one run, not a time
+        ratios.append(looped / (time.perf_counter() - started))
+    # A ratio in one run, not a time; the median, since one quiet moment can halve a single render
+    # (ci51: a pipeline render of 0.08 s among 0.16 to 0.19 s, against the loop's best of three).
+    assert statistics.median(ratios) < 1.5, ratios
 
 
 def test_a_continuous_worker_renders_concurrent_tasks_in_its_loop_and_stops_a_cancelled_one(tmp_path):
