@@ -7,6 +7,7 @@ import json
 import subprocess
 import sys
 from pathlib import Path
+from typing import Dict, Tuple
 
 import psutil
 import pytest
@@ -30,17 +31,19 @@ def stack_in(home: Path) -> LocalStack:
     return LocalStack(home=home, stack=StackConfig(), gateway=GatewayConfig())
 
 
-def record(home: Path, name: str, pid: int, created: float) -> None:
+def record(home: Path, groups: Dict[str, Tuple[int, float]]) -> None:
+    """A stack.json as `up` writes it: each group's {name: (pid, create time)}."""
     run = home / "run"
     run.mkdir(parents=True, exist_ok=True)
-    (run / "stack.json").write_text(json.dumps({"processes": {name: pid}, "create_times": {name: created}}))
+    (run / "stack.json").write_text(json.dumps({"processes": {name: pid for name, (pid, _) in groups.items()},
+                                                "create_times": {name: t for name, (_, t) in groups.items()}}))
 
 
 def test_a_reused_pid_is_left_alone(tmp_path, sleeper):
     """A stale stack.json naming a PID that now belongs to an unrelated process (same PID, other
     create time, as after a reboot) must not kill it, and status must not call it ours."""
     real = psutil.Process(sleeper.pid).create_time()
-    record(tmp_path, "ray", sleeper.pid, real - 1000)
+    record(tmp_path, {"ray": (sleeper.pid, real - 1000)})
     stack = stack_in(tmp_path)
     assert stack.status()["processes"]["ray"].startswith("stopped (pid now belongs to another process")
     assert stack.running() == {}
@@ -49,7 +52,7 @@ def test_a_reused_pid_is_left_alone(tmp_path, sleeper):
 
 
 def test_the_recorded_process_is_stopped(tmp_path, sleeper):
-    record(tmp_path, "worker-0", sleeper.pid, psutil.Process(sleeper.pid).create_time())
+    record(tmp_path, {"worker-0": (sleeper.pid, psutil.Process(sleeper.pid).create_time())})
     stack = stack_in(tmp_path)
     assert stack.status()["processes"]["worker-0"] == "running"
     assert stack.down(log=lambda *_: None) == ["worker-0"]
@@ -67,11 +70,7 @@ def test_sigterm_grace_is_the_timeout_for_workers_and_short_for_ray(tmp_path):
     try:
         for process in stubborn.values():
             assert process.stdout.readline().strip() == "ready"  # SIGTERM ignored from here on
-        run = tmp_path / "run"
-        run.mkdir()
-        (run / "stack.json").write_text(json.dumps({
-            "processes": {name: p.pid for name, p in stubborn.items()},
-            "create_times": {name: psutil.Process(p.pid).create_time() for name, p in stubborn.items()}}))
+        record(tmp_path, {name: (p.pid, psutil.Process(p.pid).create_time()) for name, p in stubborn.items()})
         lines = []
         assert stack_in(tmp_path).down(log=lines.append, timeout=3) == ["worker-0", "ray"]
         assert lines == ["stopped worker-0 (1 killed, still running 3 s after SIGTERM)",
