@@ -269,6 +269,12 @@ class TaskRuns:
         """The pid of the first worker that started the task."""
         return wait_for(lambda: self.started() and self.started()[0], timeout, "a worker starting the task")
 
+    def wait_succeeded(self, timeout: float = 30) -> int:
+        """How many runs succeeded, once the first success is read: the image reaches its client on
+        the gateway's connection, maybe before this subscriber reads the same publish."""
+        wait_for(lambda: self.succeeded() >= 1, timeout, "the success event")
+        return self.succeeded()
+
     def close(self) -> None:
         self._stop.set()
         self._thread.join(2)

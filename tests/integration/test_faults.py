@@ -103,8 +103,7 @@ def check_long_task_runs_once(stack: LocalStack) -> None:
         assert reply.meta["key"] == key_of(request)
         # A lease left to expire would have been redelivered to the idle worker while the render ran
         # (it ran past 2 visibility timeouts); once acked, nothing can redeliver it.
-        wait_for(lambda: runs.succeeded() == 1, 10, "the success event")
-        assert len(runs.started()) == 1 and runs.succeeded() == 1, f"ran more than once: {runs.events}"
+        assert runs.wait_succeeded(10) == 1 and len(runs.started()) == 1, f"ran more than once: {runs.events}"
     finally:
         runs.close()
 
@@ -128,9 +127,7 @@ def check_worker_killed_mid_generation(stack: LocalStack) -> int:
         assert not reply.meta["worker"].endswith(f":{victim}"), "answered by the killed worker?"
         started = runs.started()
         assert len(started) == 2 and started[0] == victim and started[1] != victim, runs.events
-        # The image reaches the client on its own channel; Celery's SUCCESS state is published after.
-        wait_for(lambda: runs.succeeded() >= 1, 30, "the success event")
-        assert runs.succeeded() == 1, runs.events
+        assert runs.wait_succeeded() == 1, runs.events
     finally:
         runs.close()
     assert cached_pngs(stack, key) == [reply.png], "exactly one image cached: the one the client got"
