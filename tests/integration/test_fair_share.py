@@ -7,6 +7,7 @@ from __future__ import annotations
 import base64
 import itertools
 import json
+from datetime import datetime
 from typing import Dict, List
 
 import pytest
@@ -226,40 +227,62 @@ def test_a_new_task_that_may_start_is_held_released_and_queued_in_one_round_trip
 
 @pytest.mark.parametrize("events", [True, False])
 def test_a_built_task_message_is_the_one_celery_sends(redis_server, events):
-    """celery_bridge/task_message.py catches kombu's last step: what it builds must be what a real
-    `send_task` queues (all but the per-send ids and times), and its task-sent event the one Celery
-    publishes, so a kombu or Celery upgrade that changes either fails here."""
+    """celery_bridge/task_message.py catches kombu's last step for a queue's first message and fills
+    that one in for the next: both must be what a real `send_task` queues (all but the per-send ids
+    and times), and their task-sent events the ones Celery publishes, so a kombu or Celery upgrade
+    that changes either fails here."""
     client = redis.Redis.from_url(redis_server.url)
     client.delete(QUEUE)
     app = celery_app(redis_server, events)
     assert app.conf.task_send_sent_event is events
-    payload = {"prompt": "a fox", "model": MODEL, "steps": 2}
-    built = TaskMessages(app).build("sdgate-built", payload, QUEUE, 300)
+    payload = {"prompt": "it's a fox", "model": MODEL, "steps": 2, "guidance_scale": 7.5, "seed": None}
+    messages = TaskMessages(app)
+    caught = messages.build("sdgate-built", payload, QUEUE, 300)
+    filled = messages.build("sdgate-filled", payload, QUEUE, 300)
     assert client.llen(QUEUE) == 0, "building sends nothing"
     sent_events = client.pubsub()
     sent_events.psubscribe("*celeryev*")
     harness.wait_for(lambda: sent_events.get_message(timeout=1) or sent_events.subscribed, 5, "subscribed")
     app.send_task(TASK_NAME, args=[payload], task_id="sdgate-sent", queue=QUEUE, expires=300)
     real = json.loads(client.lpop(QUEUE))
-    ours = json.loads(built.body)
 
     def per_send_fields_dropped(message: dict) -> dict:
+        message = json.loads(json.dumps(message))
         for field in ("id", "root_id", "expires"):
             message["headers"].pop(field)
         for field in ("delivery_tag", "correlation_id"):
             message["properties"].pop(field)
         return message
 
-    assert built.list_key == QUEUE
-    assert base64.b64decode(ours["body"]) == base64.b64decode(real["body"])
-    assert (ours["headers"]["id"], ours["headers"]["root_id"]) == ("sdgate-built", "sdgate-built")
-    assert per_send_fields_dropped(ours) == per_send_fields_dropped(real)
-    if events:
-        published = harness.wait_for(lambda: sent_events.get_message(timeout=1), 5, "the real task-sent event")
-        assert built.event_channels == (published["channel"].decode(),)
-        assert json.loads(built.event)["headers"] == json.loads(published["data"])["headers"]
-    else:
-        assert (built.event, built.event_channels) == ("", ())
+    def event_fields(event: dict) -> dict:
+        fields = json.loads(base64.b64decode(event["body"]))
+        for field in ("uuid", "root_id", "expires", "clock", "timestamp"):
+            fields.pop(field)
+        return fields
+
+    published = (harness.wait_for(lambda: sent_events.get_message(timeout=1), 5, "the real task-sent event")
+                 if events else None)
+    for built, task_id in ((caught, "sdgate-built"), (filled, "sdgate-filled")):
+        ours = json.loads(built.body)
+        assert built.list_key == QUEUE
+        assert base64.b64decode(ours["body"]) == base64.b64decode(real["body"])
+        assert (ours["headers"]["id"], ours["headers"]["root_id"], ours["properties"]["correlation_id"]) == (
+            task_id, task_id, task_id)
+        assert abs(datetime.fromisoformat(ours["headers"]["expires"])
+                   - datetime.fromisoformat(real["headers"]["expires"])).total_seconds() < 60
+        assert per_send_fields_dropped(ours) == per_send_fields_dropped(real)
+        if events:
+            event, real_event = json.loads(built.event), json.loads(published["data"])
+            assert built.event_channels == (published["channel"].decode(),)
+            assert event["headers"] == real_event["headers"]
+            assert json.loads(base64.b64decode(event["body"]))["uuid"] == task_id
+            assert event_fields(event) == event_fields(real_event)
+            event.pop("body"), real_event.pop("body")
+            event["properties"].pop("delivery_tag"), real_event["properties"].pop("delivery_tag")
+            assert event == real_event
+        else:
+            assert (built.event, built.event_channels) == ("", ())
+    assert json.loads(filled.body)["properties"]["delivery_tag"] != json.loads(caught.body)["properties"]["delivery_tag"]
     sent_events.close()
 
 
