@@ -172,13 +172,15 @@ def test_field_names_are_unique_across_sections():
             seen[field.name] = cls.__name__
 
 
-def test_local_workers_split_the_cores():
+def test_local_workers_split_the_cores_but_one_for_the_gateway():
     from cluster.local import cpu_threads_per_worker
 
-    assert cpu_threads_per_worker(1, cores=2) == 2
+    assert cpu_threads_per_worker(1, cores=1) == 1
+    assert cpu_threads_per_worker(1, cores=2) == 1
     assert cpu_threads_per_worker(2, cores=2) == 1
     assert cpu_threads_per_worker(3, cores=2) == 1
-    assert cpu_threads_per_worker(2, cores=16) == 8
+    assert cpu_threads_per_worker(1, cores=16) == 15
+    assert cpu_threads_per_worker(2, cores=16) == 7
 
 
 def test_cluster_yaml_keeps_secrets_off_command_lines_and_services_off_the_internet():
