@@ -16,7 +16,6 @@ sent one, so a kombu or Celery change shows there.
 
 from __future__ import annotations
 
-import base64
 import copy
 import threading
 import time
@@ -55,18 +54,18 @@ class TaskMessages:
 
     def build(self, task_id: str, payload: Dict[str, Any], queue: str, expires_s: Optional[float]) -> TaskMessage:
         """The message `app.send_task` would queue for this task on `queue` now."""
-        templates: Dict[Tuple[str, Optional[float]], _Template] = self._thread_state()[2]
+        channel, caught, templates = self._thread_state()
         template = templates.get((queue, expires_s))
         if template is not None:
             return template.fill(task_id, payload)
-        built, message, event = self._sent_by_celery(task_id, payload, queue, expires_s)
-        templates[(queue, expires_s)] = _Template(self.app, built, message, event, expires_s)
+        built, message, event = self._sent_by_celery(channel, caught, task_id, payload, queue, expires_s)
+        templates[(queue, expires_s)] = _Template(self.app, channel.codecs, built, message, event, expires_s)
         return built
 
-    def _sent_by_celery(self, task_id: str, payload: Dict[str, Any], queue: str, expires_s: Optional[float]
-                        ) -> Tuple[TaskMessage, Dict[str, Any], Optional[Dict[str, Any]]]:
-        """What send_task writes, caught: the TaskMessage, the message and its task-sent event."""
-        channel, caught, _ = self._thread_state()
+    def _sent_by_celery(self, channel: Any, caught: List[tuple], task_id: str, payload: Dict[str, Any], queue: str,
+                        expires_s: Optional[float]) -> Tuple[TaskMessage, Dict[str, Any], Optional[Dict[str, Any]]]:
+        """What send_task writes on this thread's catching `channel`: the TaskMessage, the message and
+        its task-sent event."""
         caught.clear()
         self.app.send_task(TASK_NAME, args=[payload], task_id=task_id, queue=queue, expires=expires_s,
                            producer=Producer(channel))
@@ -101,15 +100,18 @@ class TaskMessages:
 
 
 class _Template:
-    """One queue's message as Celery built it, refilled for each later task."""
+    """One queue's message as Celery built it, refilled for each later task. Bodies are encoded
+    with the kombu codec each message names (`body_encoding`), as kombu encoded the template's."""
 
-    def __init__(self, app: Celery, built: TaskMessage, message: Dict[str, Any],
+    def __init__(self, app: Celery, codecs: Dict[str, Any], built: TaskMessage, message: Dict[str, Any],
                  event: Optional[Dict[str, Any]], expires_s: Optional[float]):
         self.app, self.built, self.expires_s = app, built, expires_s
         self.message = copy.deepcopy(message)
-        self.message_extra = loads(base64.b64decode(message["body"]))[1:]  # kwargs and embed, as sent
+        self.codec = codecs[message["properties"]["body_encoding"]]
+        self.message_extra = loads(self.codec.decode(message["body"]))[1:]  # kwargs and embed, as sent
         self.event = copy.deepcopy(event) if event is not None else None
-        self.event_fields = loads(base64.b64decode(event["body"])) if event is not None else None
+        self.event_codec = codecs[event["properties"]["body_encoding"]] if event is not None else None
+        self.event_fields = loads(self.event_codec.decode(event["body"])) if event is not None else None
         self.repr_maxsize = app.amqp.argsrepr_maxsize
         self.repr_maxlevels = app.conf.task_repr_maxlevels
 
@@ -123,12 +125,12 @@ class _Template:
         message = dict(self.message)
         message["headers"] = dict(message["headers"], id=task_id, root_id=task_id, expires=expires, argsrepr=argsrepr)
         message["properties"] = dict(message["properties"], correlation_id=task_id, delivery_tag=str(uuid.uuid4()))
-        message["body"] = _b64(dumps([args, *self.message_extra]))
+        message["body"] = self.codec.encode(dumps([args, *self.message_extra]))
         event = ""
         if self.event is not None:
             fields = dict(self.event_fields, uuid=task_id, root_id=task_id, args=argsrepr, expires=expires,
                           clock=self.app.clock.forward(), timestamp=time.time())
-            envelope = dict(self.event, body=_b64(dumps(fields)))
+            envelope = dict(self.event, body=self.event_codec.encode(dumps(fields)))
             envelope["properties"] = dict(envelope["properties"], delivery_tag=str(uuid.uuid4()))
             event = dumps(envelope)
         return TaskMessage(self.built.list_key, dumps(message), event, self.built.event_channels)
@@ -158,7 +160,3 @@ def flat_argsrepr(payload: Any, maxsize: Optional[int], maxlevels: Optional[int]
 
 def _quoted(text: str) -> str:
     return "'" + text.replace("'", "\\'") + "'"  # saferepr quotes text so, unlike repr
-
-
-def _b64(text: str) -> str:
-    return base64.b64encode(text.encode("utf-8")).decode("ascii")
