@@ -6,6 +6,7 @@ so one lock serialises every use of the pipeline object.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import logging
@@ -13,7 +14,7 @@ import os
 import threading
 import time
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
 
 import torch
 from PIL import Image, PngImagePlugin
@@ -237,7 +238,7 @@ class PipelineRunner:
 
     def _call(self, request: GenerationRequest, time_limit_s: Optional[float] = None,
               on_step: Optional[Callable[[int, int, Any], None]] = None,
-              batch: Optional[List[GenerationRequest]] = None):
+              batch: Optional[List[GenerationRequest]] = None, on_start: Optional[Callable[[], None]] = None):
         # The caller holds self._lock: the scheduler swap and its per-call state are not thread-safe.
         # A CPU generator gives the same noise on every device, so both worker modes agree. A batch
         # (requests of one shape, celery_bridge/batching.py) gets one generator per request, so each
@@ -267,26 +268,39 @@ class PipelineRunner:
         negative = inputs.pop("negative_prompt") if batch else request.negative_prompt or None
         if self.family.negative_prompt:  # FLUX.1 has none; the gateway refuses one sent to it
             inputs["negative_prompt"] = negative
-        return pipe(
-            prompt=inputs.pop("prompt", request.prompt),
-            **inputs,
-            num_inference_steps=request.steps,
-            guidance_scale=request.guidance_scale,
-            generator=generator,
-            output_type="pil",
-            callback_on_step_end=stop_past_deadline,
-        ).images[slice(None) if batch else 0]
+        with _before_first_denoising(pipe, on_start):
+            return pipe(
+                prompt=inputs.pop("prompt", request.prompt),
+                **inputs,
+                num_inference_steps=request.steps,
+                guidance_scale=request.guidance_scale,
+                generator=generator,
+                output_type="pil",
+                callback_on_step_end=stop_past_deadline,
+            ).images[slice(None) if batch else 0]
 
     def render(self, request: GenerationRequest, time_limit_s: Optional[float] = None,
-               on_step: Optional[Callable[[int, int, Any], None]] = None) -> bytes:
+               on_step: Optional[Callable[[int, int, Any], None]] = None,
+               on_start: Optional[Callable[[], None]] = None) -> bytes:
         """PNG bytes for `request` (filled from this model's defaults and normalized first), with the
         `parameters` chunk; raises GenerationTimeout when the pipeline runs past `time_limit_s`.
-        `on_step(step, steps, latents)` runs after each denoising step; what it raises stops the render."""
+        `on_step(step, steps, latents)` runs after each denoising step, and `on_start()` once just
+        before the first (the prompt encoded, the latents drawn); what either raises stops the render.
+        The time spent in `on_start` is not counted in last_pipeline_ms."""
         request = self.resolve(request)
+        waited = [0.0]
+
+        def timed_start() -> None:
+            began = time.perf_counter()
+            try:
+                on_start()
+            finally:
+                waited[0] += time.perf_counter() - began
+
         with self._lock:
             started = time.perf_counter()
-            image = self._call(request, time_limit_s, on_step)
-            self.last_pipeline_ms = (time.perf_counter() - started) * 1000
+            image = self._call(request, time_limit_s, on_step, on_start=timed_start if on_start else None)
+            self.last_pipeline_ms = (time.perf_counter() - started - waited[0]) * 1000
         return encode_png(image, request)
 
     def render_batch(self, requests: List[GenerationRequest], time_limit_s: Optional[float] = None,
@@ -318,6 +332,30 @@ class PipelineRunner:
         self.family.check(resolved)
         self.entry.check_loras(resolved)
         return resolved
+
+
+@contextlib.contextmanager
+def _before_first_denoising(pipe: Any, on_start: Optional[Callable[[], None]]) -> Iterator[None]:
+    """Within it, `on_start()` runs once, just before `pipe`'s denoiser (its UNet or transformer)
+    first runs; diffusers has no callback before the first step. With no denoiser to hook, now."""
+    denoiser = getattr(pipe, "unet", None) or getattr(pipe, "transformer", None)
+    if on_start is None or not isinstance(denoiser, torch.nn.Module):
+        if on_start is not None:
+            on_start()
+        yield
+        return
+    called = []
+
+    def before(module: Any, args: Any) -> None:
+        if not called:
+            called.append(True)
+            on_start()
+
+    hook = denoiser.register_forward_pre_hook(before)
+    try:
+        yield
+    finally:
+        hook.remove()
 
 
 def batch_inputs(batch: List[GenerationRequest]) -> Dict[str, Any]:

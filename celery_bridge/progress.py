@@ -192,16 +192,58 @@ class ProgressReporter:
         self.started = time.monotonic()
         self._last_sent = 0.0
         self.steps_run = 0  # the worker's own step count (tests read it from the last event)
+        self._start_check_sent_on: Any = None  # the connection a sent start check's answer comes on
 
-    def check_start(self) -> None:
-        """Raise TaskCancelled when the task was cancelled, or every waiter left before it started;
-        otherwise store and publish its `started_state`, where the gateways watching it see it start."""
+    def _start_check_call(self) -> Tuple[List[str], List[Any]]:
         keys = [redis_keys.TASK_CANCEL + self.task_id, redis_keys.WATCHED + self.task_id, redis_keys.WAITERS + self.task_id]
         args: List[Any] = []
         if self.started_state is not None:
             result_key, state, ttl_s = self.started_state
             keys, args = keys + [result_key], [state, max(1, int(ttl_s))]
-        cancelled, watched, live = _script(self.client, _START_CHECK)(keys=keys, args=args)
+        return keys, args
+
+    def send_start_check(self) -> None:
+        """Send the start check now and read its answer in check_start, so the render prepares (the
+        prompt's encoding, the first latents) while Redis answers. Sent on a connection of the
+        client's pool, held until check_start or drop_start_check gives it back."""
+        keys, args = self._start_check_call()
+        pool = self.client.connection_pool
+        connection = pool.get_connection()
+        try:
+            connection.send_command("EVALSHA", _script(self.client, _START_CHECK).sha, len(keys), *keys, *args)
+        except redis.RedisError:  # check_start makes the round trip itself
+            pool.release(connection)
+            return
+        self._start_check_sent_on = connection
+
+    def drop_start_check(self) -> None:
+        """Read and forget the answer of a start check sent but never checked (the render failed
+        before its first step), so its connection goes back to the pool clean."""
+        try:
+            self._start_check_answer()
+        except redis.RedisError:
+            pass
+
+    def _start_check_answer(self) -> Optional[List[int]]:
+        connection, self._start_check_sent_on = self._start_check_sent_on, None
+        if connection is None:
+            return None
+        try:
+            return connection.read_response()
+        except redis.RedisError:  # NOSCRIPT, or a broken connection (redis-py disconnects it)
+            return None
+        finally:
+            self.client.connection_pool.release(connection)
+
+    def check_start(self) -> None:
+        """Raise TaskCancelled when the task was cancelled, or every waiter left before it started;
+        otherwise store and publish its `started_state`, where the gateways watching it see it start.
+        Reads the answer of send_start_check when one was sent, else makes the round trip now."""
+        answer = self._start_check_answer()
+        if answer is None:
+            keys, args = self._start_check_call()
+            answer = _script(self.client, _START_CHECK)(keys=keys, args=args)
+        cancelled, watched, live = answer
         if cancelled:
             raise TaskCancelled(CANCELLED_MESSAGE)
         if watched and not live:

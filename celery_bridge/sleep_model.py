@@ -78,5 +78,8 @@ class SleepRunner:
             pngs.append(solid_png(8, 8, (key[0], key[1], key[2])))
         return pngs, self.last_pipeline_ms
 
-    def render(self, request: GenerationRequest, time_limit_s: Optional[float] = None, on_step=None) -> bytes:
+    def render(self, request: GenerationRequest, time_limit_s: Optional[float] = None, on_step=None,
+               on_start=None) -> bytes:
+        if on_start is not None:
+            on_start()
         return self.render_batch([request], time_limit_s)[0][0]

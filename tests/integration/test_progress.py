@@ -433,3 +433,38 @@ def test_a_renewal_queued_before_a_waiter_left_does_not_bring_it_back(redis_serv
     progress.remove_waiter(r, task_id, "leaves")
     progress.add_waiters(r, task_id, snapshot, 5.0, renew=True)
     assert sorted(m.decode() for m in r.zrange(redis_keys.WAITERS + task_id, 0, -1)) == ["stays"]
+
+
+@pytest.mark.parametrize("sent_ahead", [False, True])
+def test_a_start_check_sent_ahead_answers_as_one_made_at_once(redis_server, sent_ahead):
+    """The worker sends its start check before the render prepares and reads it just before the
+    first step (send_start_check, check_start): the same answers as a check made at once, on a
+    pool of one connection that it gives back clean, even when Redis lost the script."""
+    r = redis.Redis(connection_pool=redis.BlockingConnectionPool.from_url(redis_server.url, max_connections=1,
+                                                                          timeout=5))
+
+    def check(task_id: str, drop: bool = False) -> str:
+        reporter = progress.ProgressReporter(r, task_id, 2, started_state=(f"result-{task_id}", "STARTED", 60))
+        if sent_ahead:
+            reporter.send_start_check()
+        try:
+            if drop:
+                reporter.drop_start_check()
+                return "dropped"
+            reporter.check_start()
+            return "started"
+        except progress.TaskCancelled as exc:
+            return str(exc)
+
+    live, cancelled, orphan, dropped = (f"sdgate-check-{name}-{uuid.uuid4().hex[:6]}"
+                                        for name in ("live", "cancelled", "orphan", "dropped"))
+    progress.add_waiters(r, live, ["w"], 30, watched=True)
+    r.set(redis_keys.TASK_CANCEL + cancelled, "1")
+    progress.add_waiters(r, orphan, [], 30, watched=True)
+    r.script_flush()  # a Redis restarted since the script was registered: NOSCRIPT, then a round trip
+    assert check(live) == "started" and r.get(f"result-{live}") == b"STARTED"
+    assert check(cancelled) == progress.CANCELLED_MESSAGE and r.get(f"result-{cancelled}") is None
+    assert "left before it started" in check(orphan) and r.get(f"result-{orphan}") is None
+    assert check(dropped, drop=True) == "dropped"
+    r.set("after-the-checks", "read on the same connection")
+    assert r.get("after-the-checks") == b"read on the same connection", "no stale answer left on the connection"

@@ -266,6 +266,12 @@ class Recorder:
     def check_start(self):
         pass
 
+    def send_start_check(self):
+        pass
+
+    def drop_start_check(self):
+        pass
+
     def on_step(self, step, steps, latents):
         from celery_bridge.progress import TaskCancelled
 

@@ -177,3 +177,40 @@ def test_generation_past_its_time_limit_is_stopped(runner):
     with pytest.raises(GenerationTimeout, match="stopped after step 1 of 50: over the 0 s limit"):
         runner.render(GenerationRequest("too slow", steps=50), time_limit_s=1e-6)
     assert runner.render(request) == before, "an aborted run leaves no state behind"
+
+
+class Stop(RuntimeError):
+    pass
+
+
+def test_on_start_runs_once_after_the_prompt_is_encoded_and_before_the_first_step(runner):
+    """The worker reads its start check's answer in on_start: Redis answers while the prompt is
+    encoded, and a task refused there runs no denoising step."""
+    order = []
+    hooks = [runner.pipe.text_encoder.register_forward_hook(lambda *_: order.append("encoded")),
+             runner.pipe.unet.register_forward_hook(lambda *_: order.append("denoised"))]
+    try:
+        png = runner.render(GenerationRequest("started once", steps=3, seed=4),
+                            on_step=lambda step, steps, latents: order.append(f"step {step}"),
+                            on_start=lambda: order.append("start"))
+        assert png == runner.render(GenerationRequest("started once", steps=3, seed=4)), "same image with on_start"
+        assert order[:order.index("denoised")] == ["encoded", "encoded", "start"]  # prompt and negative prompt
+        assert order.count("start") == 1 and "step 2" in order
+
+        order.clear()
+
+        def refuse():
+            order.append("start")
+            raise Stop("cancelled before it started")
+
+        with pytest.raises(Stop):
+            runner.render(GenerationRequest("never started", steps=3, seed=4), on_start=refuse,
+                          on_step=lambda step, steps, latents: order.append(f"step {step}"))
+        assert "start" in order and "denoised" not in order and not any(o.startswith("step") for o in order)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    order.clear()
+    runner.render(GenerationRequest("no hook left behind", steps=2, seed=4), on_start=lambda: order.append("start"))
+    runner.render(GenerationRequest("no hook left behind", steps=2, seed=5))
+    assert order == ["start"]
