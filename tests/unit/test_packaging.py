@@ -38,3 +38,13 @@ def test_the_build_hooks_pip_calls_warn_of_nothing(hook, tmp_path):
     names = zipfile.ZipFile(wheel).namelist()
     if hook == "build_wheel":
         assert {"serve_app/web/index.html", "serve_app/web/app.js", "serve_app/web/app.css"} <= set(names)
+
+
+def test_redis_replies_are_parsed_by_hiredis():
+    """Every Redis reply of a miss (the gateway's claims and scripts, kombu's and Celery's, the
+    worker's) is parsed by redis-py; the install brings its C parser, hiredis."""
+    import redis.connection
+    import redis.utils
+
+    assert redis.utils.HIREDIS_AVAILABLE, "hiredis is missing: `pip install -e .` installs redis[hiredis]"
+    assert redis.connection.DefaultParser is redis.connection._HiredisParser
