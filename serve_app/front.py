@@ -55,16 +55,16 @@ GALLERY_KEPT = 1000  # newest entries of a tenant's own gallery
 
 
 class Hooks:
-    """Test seams at the race windows; each is called on a pool thread and may block."""
+    """Test seams at the race windows: None unless a test sets one; each is called on a pool thread
+    and may block."""
 
-    def after_cache_miss(self, key: str) -> None:
-        """A request read the cache and found nothing; it has not joined or led a flight yet."""
-
-    def after_claim(self, key: str, task_id: str, claimed: bool) -> None:
-        """The leader learned the cluster claim (won it, or joined another replica's task)."""
-
-    def after_submit(self, key: str, task_id: str) -> None:
-        """The leader queued the task."""
+    after_cache_miss: Optional[Callable[[str], None]] = None
+    """(key): a request read the cache and found nothing; it has not joined or led a flight yet."""
+    after_claim: Optional[Callable[[str, str, bool], None]] = None
+    """(key, task id, claimed): the leader learned the cluster claim (won it, or joined another
+    replica's task)."""
+    after_submit: Optional[Callable[[str, str], None]] = None
+    """(key, task id): the leader queued the task."""
 
 
 class FrontService:
@@ -178,8 +178,14 @@ class FrontService:
         timeout_s = self.config.request_timeout_s if timeout_s is None else timeout_s
         deadline = loop.time() + timeout_s
 
-        # 2. Cache hit: straight from the store, on the read pool.
-        cached = await loop.run_in_executor(self._reads, self._lookup, key)
+        # 2. Cache hit: straight from the store, on the read pool. A key the store can tell at once
+        #    is absent (SQLite's index, on this loop) is a miss without that hop.
+        if self.store.surely_absent(key):
+            cached = None
+            if self.hooks.after_cache_miss:
+                await loop.run_in_executor(self._reads, self.hooks.after_cache_miss, key)
+        else:
+            cached = await loop.run_in_executor(self._reads, self._lookup, key)
         if cached is not None:
             self.counters.incr(stats.CACHE_HITS)
             if on_status:
@@ -248,7 +254,7 @@ class FrontService:
 
     def _lookup(self, key: str) -> Optional[Answer]:
         cached = self.cached(key)
-        if cached is None:
+        if cached is None and self.hooks.after_cache_miss:
             self.hooks.after_cache_miss(key)
         return cached
 
@@ -296,7 +302,8 @@ class FrontService:
         self.waiters.lease(task_id, sorted(now - set(leased)))
         for gone in set(leased) - now:
             self.waiters.left(task_id, gone)
-        self.hooks.after_claim(key, task_id, claimed)
+        if self.hooks.after_claim:
+            self.hooks.after_claim(key, task_id, claimed)
 
         # 2. Whoever stored the image may have released the claim we just won: look again.
         if claimed:
@@ -345,12 +352,15 @@ class FrontService:
                                 "seconds") from None
         if queued_now:
             self.counters.incr(stats.GENERATIONS)
-            self.hooks.after_submit(flight.key, flight.task_id)
+            if self.hooks.after_submit:
+                self.hooks.after_submit(flight.key, flight.task_id)
         return queued_now
 
     def _complete(self, flight: Flight, future: "Future[GenerationResult]", started: float) -> None:
-        """The task's result arrived: store the image, then finish the flight (always)."""
+        """The task's result arrived: store the image, then finish the flight (always), and only then
+        report the generation's times (on_generated: Ray metrics), off its waiters' path."""
         outcome: object = ProtocolError(protocol.E_INTERNAL, "the gateway failed while storing the image; retry")
+        times: Optional[Tuple[float, float]] = None
         try:
             result = future.result()
             if not result.ok:
@@ -358,14 +368,18 @@ class FrontService:
                                         result.error_field)
             else:
                 outcome = self._store(flight.key, result, flight.request)
-                if self.on_generated and flight.owner:
-                    self.on_generated(result.pipeline_ms, (time.monotonic() - started) * 1000)
+                times = (result.pipeline_ms, (time.monotonic() - started) * 1000)
         except ProtocolError as exc:
             outcome = exc
         except Exception:  # noqa: BLE001 - logged; the flight is finished below whatever happened
             log.exception("completing the generation for %s failed", flight.key[:12])
         finally:
             self._finish(flight, outcome, task_done=True)
+        if times is not None and self.on_generated and flight.owner:
+            try:
+                self.on_generated(*times)
+            except Exception:  # noqa: BLE001 - a metric lost, nothing more
+                log.exception("reporting the generation times of %s failed", flight.key[:12])
 
     def _finish(self, flight: Flight, outcome: object, task_done: bool = False) -> None:
         """Every end of a flight: forget it, stop watching, free the claim, wake every waiter.

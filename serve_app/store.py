@@ -59,6 +59,11 @@ class ImageStore(abc.ABC):
     def get(self, key: str) -> Optional[CachedImage]:
         """The entry for `key`, or None when absent or corrupt (a corrupt entry is deleted)."""
 
+    def surely_absent(self, key: str) -> bool:
+        """True only when `key` is certainly not stored, told at once: no network, no lock waits,
+        so an event loop may ask (a miss then skips the read pool). False means ask get()."""
+        return False
+
     @abc.abstractmethod
     def put(self, key: str, png: bytes, meta: dict) -> None:
         """Store atomically (replacing any entry for `key`), then evict down to the byte budget."""
@@ -182,6 +187,7 @@ _UPSERT = """INSERT INTO images (key, png, meta, sha256, size, last_access, crea
 # CASTs: a damaged row may hold text where bytes belong; read it as bytes and let the checksum judge.
 _METAS = "SELECT key, CAST(meta AS BLOB) FROM images WHERE key IN ({marks})"
 _SELECT = "SELECT CAST(png AS BLOB), CAST(meta AS BLOB), CAST(sha256 AS BLOB) FROM images WHERE key = ?"
+_EXISTS = "SELECT 1 FROM images WHERE key = ?"
 _TOUCH = "UPDATE images SET last_access = ?1 WHERE key = ?2 AND last_access < ?1"
 _BUSY_TIMEOUT_MS = 2000
 _LOCKED_RETRY_S = 10.0
@@ -246,6 +252,14 @@ class SQLiteImageStore(ImageStore):
         with self._touched_lock:
             self._touched[key] = now
         return CachedImage(png, meta)
+
+    def surely_absent(self, key: str) -> bool:
+        """An index look-up on a connection of the calling thread that never waits for a lock."""
+        _check_key(key)
+        try:
+            return self._probe_conn().execute(_EXISTS, (key,)).fetchone() is None
+        except sqlite3.Error:  # busy, or anything else: get() on the pool will say
+            return False
 
     def put(self, key: str, png: bytes, meta: dict) -> None:
         _check_key(key)
@@ -369,6 +383,20 @@ class SQLiteImageStore(ImageStore):
         with self._conns_lock:
             self._conns.append(conn)
         self._local.conn = conn
+        return conn
+
+    def _probe_conn(self) -> sqlite3.Connection:
+        """The calling thread's connection for surely_absent: read only, and busy at once rather
+        than waiting (the file is in WAL mode already: its writers never block its readers)."""
+        conn = getattr(self._local, "probe", None)
+        if conn is None:
+            if self._closed:
+                raise sqlite3.ProgrammingError(f"the image store {self.path} is closed")
+            conn = sqlite3.connect(str(self.path), timeout=0, isolation_level=None, check_same_thread=False)
+            conn.execute("PRAGMA query_only = ON")
+            with self._conns_lock:
+                self._conns.append(conn)
+            self._local.probe = conn
         return conn
 
     def _retrying(self, operation: Callable[[], Any]) -> Any:

@@ -415,3 +415,22 @@ def test_a_taken_over_task_the_broker_then_loses_is_queued_again_by_its_new_owne
     cluster.render(task_id, request)
     b_thread.join(10)
     assert b_out["value"].png == PNG
+
+
+def test_a_miss_the_store_rules_out_at_once_skips_the_read_pool(cluster):
+    """SQLite tells an absent key from its index on the event loop, so a miss goes straight to its
+    flight; a hit (and anything the store cannot rule out) is still read on the read pool."""
+    front = cluster.replica()
+    pooled, submit = [], front._reads.submit
+    front._reads.submit = lambda fn, *args: pooled.append(getattr(fn, "__name__", repr(fn))) or submit(fn, *args)
+    request = resolved(GenerationRequest(f"no hop for a miss {uuid.uuid4().hex[:6]}", seed=3))
+    thread, outcome = in_loop(lambda: front.generate_async(request))
+    task_id = wait_for(lambda: cluster.queued() and cluster.queued()[-1], what="the task queued")
+    cluster.render(task_id, request)
+    thread.join(10)
+    assert outcome["value"].png == PNG and not outcome["value"].cached
+    assert "_lookup" not in pooled, pooled
+    thread, outcome = in_loop(lambda: front.generate_async(request))
+    thread.join(10)
+    assert outcome["value"].png == PNG and outcome["value"].cached
+    assert "_lookup" in pooled, "a hit is read on the read pool"

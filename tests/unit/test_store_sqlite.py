@@ -339,3 +339,20 @@ def test_version_1_file_gains_created_from_last_access(db):
     with SQLiteImageStore(db, max_bytes=1 << 20) as store:
         assert [(i.key, i.created) for i in store.recent(5)] == [(key(2), 30.0), (key(3), 20.0), (key(1), 10.0)]
         assert store.count() == 3 and store.get(key(1)) is not None
+
+
+def test_surely_absent_reads_the_index_and_never_waits_for_a_lock(db):
+    """The front asks it on its event loop: True only for a key that is not stored, on a read-only
+    connection that never waits for a lock, and False (get() on the pool decides) when it cannot say."""
+    store = SQLiteImageStore(db, max_bytes=1 << 20)
+    assert store.surely_absent(key(1))
+    store.put(key(1), png_for(1), {"n": 1})
+    assert not store.surely_absent(key(1)) and store.surely_absent(key(2))
+    store.delete(key(1))
+    assert store.surely_absent(key(1))
+    probe = store._probe_conn()
+    assert probe.execute("PRAGMA busy_timeout").fetchone()[0] == 0
+    with pytest.raises(sqlite3.OperationalError, match="readonly"):
+        probe.execute("DELETE FROM images")
+    store.close()
+    assert not store.surely_absent(key(2)), "a closed store cannot say"
