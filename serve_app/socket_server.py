@@ -136,10 +136,12 @@ class SocketFrontServer:
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, client: str) -> None:
         """Requests one after another until the peer closes, idles too long, or breaks the framing."""
         while True:
-            # 1. Wait for the first byte of a frame (idle between requests: no error frame).
+            # 1. Wait for the first byte of a frame (idle between requests: no error frame). A
+            #    timeout scope, not wait_for, which on Python 3.11 runs the read as a task of its own.
             try:
-                first = await asyncio.wait_for(reader.readexactly(1), self.config.idle_timeout_s)
-            except (asyncio.IncompleteReadError, asyncio.TimeoutError, ConnectionError, OSError):
+                async with asyncio.timeout(self.config.idle_timeout_s):
+                    first = await reader.readexactly(1)
+            except (asyncio.IncompleteReadError, TimeoutError, ConnectionError, OSError):
                 return
             # 2. The whole frame within the frame timeout, its header checked before any payload is read.
             decoder = protocol.FrameDecoder(ACCEPTED_PAYLOADS)  # an empty non-REQUEST is refused by decode_request
@@ -240,7 +242,8 @@ class SocketFrontServer:
     async def _send(writer: asyncio.StreamWriter, data: bytes, timeout: float = SEND_TIMEOUT_S) -> bool:
         try:
             writer.write(data)
-            await asyncio.wait_for(writer.drain(), timeout)
+            async with asyncio.timeout(timeout):
+                await writer.drain()
             return True
-        except (asyncio.TimeoutError, ConnectionError, OSError, RuntimeError):
+        except (TimeoutError, ConnectionError, OSError, RuntimeError):
             return False
