@@ -59,10 +59,12 @@ class ImageStore(abc.ABC):
     def get(self, key: str) -> Optional[CachedImage]:
         """The entry for `key`, or None when absent or corrupt (a corrupt entry is deleted)."""
 
-    def surely_absent(self, key: str) -> bool:
-        """True only when `key` is certainly not stored, told at once: no network, no lock waits,
-        so an event loop may ask (a miss then skips the read pool). False means ask get()."""
-        return False
+    def read_now(self, key: str, max_bytes: int) -> Tuple[bool, Optional[CachedImage]]:
+        """(told, entry): `key`'s entry, or None when it is certainly not stored, read at once (no
+        network, no lock waits, at most `max_bytes` read and checked), so an event loop may ask:
+        a miss or a small hit then skips the read pool. told=False: this store cannot say so
+        (the entry is bigger, unreadable, or the store is remote): ask get() on a pool."""
+        return False, None
 
     @abc.abstractmethod
     def put(self, key: str, png: bytes, meta: dict) -> None:
@@ -187,7 +189,7 @@ _UPSERT = """INSERT INTO images (key, png, meta, sha256, size, last_access, crea
 # CASTs: a damaged row may hold text where bytes belong; read it as bytes and let the checksum judge.
 _METAS = "SELECT key, CAST(meta AS BLOB) FROM images WHERE key IN ({marks})"
 _SELECT = "SELECT CAST(png AS BLOB), CAST(meta AS BLOB), CAST(sha256 AS BLOB) FROM images WHERE key = ?"
-_EXISTS = "SELECT 1 FROM images WHERE key = ?"
+_SIZE = "SELECT size FROM images WHERE key = ?"
 _TOUCH = "UPDATE images SET last_access = ?1 WHERE key = ?2 AND last_access < ?1"
 _BUSY_TIMEOUT_MS = 2000
 _LOCKED_RETRY_S = 10.0
@@ -253,13 +255,30 @@ class SQLiteImageStore(ImageStore):
             self._touched[key] = now
         return CachedImage(png, meta)
 
-    def surely_absent(self, key: str) -> bool:
-        """An index look-up on a connection of the calling thread that never waits for a lock."""
+    def read_now(self, key: str, max_bytes: int) -> Tuple[bool, Optional[CachedImage]]:
+        """On a read-only connection of the calling thread that never waits for a lock: the index
+        first, then the entry if it is small enough. A corrupt entry is left to get() (which
+        deletes it: a write)."""
         _check_key(key)
         try:
-            return self._probe_conn().execute(_EXISTS, (key,)).fetchone() is None
+            conn = self._probe_conn()
+            row = conn.execute(_SIZE, (key,)).fetchone()
+            if row is None:
+                return True, None
+            if row[0] > max_bytes:
+                return False, None
+            row = conn.execute(_SELECT, (key,)).fetchone()
         except sqlite3.Error:  # busy, or anything else: get() on the pool will say
-            return False
+            return False, None
+        if row is None:  # deleted between the two looks
+            return True, None
+        png, raw_meta, checksum = row
+        meta = _parse_meta(raw_meta) if raw_meta is not None else None
+        if meta is None or png is None or hashlib.sha256(png).hexdigest().encode() != checksum:
+            return False, None
+        with self._touched_lock:
+            self._touched[key] = time.time()
+        return True, CachedImage(png, meta)
 
     def put(self, key: str, png: bytes, meta: dict) -> None:
         _check_key(key)
@@ -386,7 +405,7 @@ class SQLiteImageStore(ImageStore):
         return conn
 
     def _probe_conn(self) -> sqlite3.Connection:
-        """The calling thread's connection for surely_absent: read only, and busy at once rather
+        """The calling thread's connection for read_now: read only, and busy at once rather
         than waiting (the file is in WAL mode already: its writers never block its readers)."""
         conn = getattr(self._local, "probe", None)
         if conn is None:

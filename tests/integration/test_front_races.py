@@ -417,9 +417,9 @@ def test_a_taken_over_task_the_broker_then_loses_is_queued_again_by_its_new_owne
     assert b_out["value"].png == PNG
 
 
-def test_a_miss_the_store_rules_out_at_once_skips_the_read_pool(cluster):
-    """SQLite tells an absent key from its index on the event loop, so a miss goes straight to its
-    flight; a hit (and anything the store cannot rule out) is still read on the read pool."""
+def test_a_miss_or_a_small_hit_the_store_tells_at_once_skips_the_read_pool(cluster):
+    """SQLite tells a miss, or reads a small entry, on the event loop, so neither waits for the
+    read pool; an entry over loop_read_max_bytes is read on the pool."""
     front = cluster.replica()
     pooled, submit = [], front._reads.submit
     front._reads.submit = lambda fn, *args: pooled.append(getattr(fn, "__name__", repr(fn))) or submit(fn, *args)
@@ -429,8 +429,9 @@ def test_a_miss_the_store_rules_out_at_once_skips_the_read_pool(cluster):
     cluster.render(task_id, request)
     thread.join(10)
     assert outcome["value"].png == PNG and not outcome["value"].cached
-    assert "_lookup" not in pooled, pooled
-    thread, outcome = in_loop(lambda: front.generate_async(request))
-    thread.join(10)
-    assert outcome["value"].png == PNG and outcome["value"].cached
-    assert "_lookup" in pooled, "a hit is read on the read pool"
+    for loop_read_max_bytes, on_the_pool in ((1 << 16, False), (0, True)):
+        front.loop_read_max_bytes = loop_read_max_bytes
+        thread, outcome = in_loop(lambda: front.generate_async(request))
+        thread.join(10)
+        assert outcome["value"].png == PNG and outcome["value"].cached
+        assert ("_lookup" in pooled) is on_the_pool, (loop_read_max_bytes, pooled)

@@ -341,18 +341,24 @@ def test_version_1_file_gains_created_from_last_access(db):
         assert store.count() == 3 and store.get(key(1)) is not None
 
 
-def test_surely_absent_reads_the_index_and_never_waits_for_a_lock(db):
-    """The front asks it on its event loop: True only for a key that is not stored, on a read-only
-    connection that never waits for a lock, and False (get() on the pool decides) when it cannot say."""
+def test_read_now_tells_misses_and_small_entries_without_waiting_for_a_lock(db):
+    """The front asks it on its event loop: a miss or a small entry is told at once, on a read-only
+    connection that never waits for a lock; a bigger entry, a corrupt one (get() deletes it) or a
+    closed store is left to get() on the pool."""
     store = SQLiteImageStore(db, max_bytes=1 << 20)
-    assert store.surely_absent(key(1))
+    assert store.read_now(key(1), 4096) == (True, None)
     store.put(key(1), png_for(1), {"n": 1})
-    assert not store.surely_absent(key(1)) and store.surely_absent(key(2))
-    store.delete(key(1))
-    assert store.surely_absent(key(1))
+    assert store.read_now(key(1), 4096) == (True, CachedImage(png_for(1), {"n": 1}))
+    assert store.read_now(key(1), 100) == (False, None), "bigger than asked: the pool reads it"
+    assert store.read_now(key(2), 4096) == (True, None)
     probe = store._probe_conn()
     assert probe.execute("PRAGMA busy_timeout").fetchone()[0] == 0
     with pytest.raises(sqlite3.OperationalError, match="readonly"):
         probe.execute("DELETE FROM images")
+    raw = sqlite3.connect(str(db), isolation_level=None)
+    raw.execute("UPDATE images SET png = ? WHERE key = ?", (b"not the bytes stored", key(1)))
+    raw.close()
+    assert store.read_now(key(1), 4096) == (False, None), "a corrupt entry is left to get()"
+    assert store.get(key(1)) is None and store.read_now(key(1), 4096) == (True, None)
     store.close()
-    assert not store.surely_absent(key(2)), "a closed store cannot say"
+    assert store.read_now(key(2), 4096) == (False, None), "a closed store cannot say"
