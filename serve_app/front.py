@@ -6,7 +6,8 @@ their own modules: `Flight` (serve_app/flight.py: one generation here, its waite
 `WaiterRelay` (waiters.py: waiter leases in Redis, progress, queue positions on their own timer).
 
 Both the socket server and the HTTP ingress await `FrontService.generate_async` on their event
-loops; it never imports torch. A hit is read from the store on a small pool. A miss becomes one
+loops; it never imports torch. A hit is read from the store: a small SQLite entry right on the
+loop (store.read_now: no lock waits), any other on a small pool. A miss becomes one
 Celery task per key across the whole cluster: identical misses in this replica share a `Flight`,
 and replicas share a claim in Redis (a short lease, renewed while its flight lives) that names
 the task everyone waits on.
