@@ -219,10 +219,7 @@ class ProgressReporter:
     def drop_start_check(self) -> None:
         """Read and forget the answer of a start check sent but never checked (the render failed
         before its first step), so its connection goes back to the pool clean."""
-        try:
-            self._start_check_answer()
-        except redis.RedisError:
-            pass
+        self._start_check_answer()
 
     def _start_check_answer(self) -> Optional[List[int]]:
         connection, self._start_check_sent_on = self._start_check_sent_on, None

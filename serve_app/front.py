@@ -53,7 +53,7 @@ from celery_bridge.fair_share import IMAGES_SERVED, tenant_counter
 __all__ = ["Answer", "FrontService", "Hooks"]
 log = logging.getLogger(__name__)
 GALLERY_KEPT = 1000  # newest entries of a tenant's own gallery
-LOOP_READ_MAX_BYTES = 64 * 1024  # a cache entry this small is read and checked on the event loop (~10 us)
+LOOP_READ_MAX_BYTES = 64 * 1024  # a cache entry this small is read and checked on the event loop (tens of us)
 
 
 class Hooks:
