@@ -157,22 +157,23 @@ class GenerationService:
             log.info("rejected invalid task payload: %s", error)
             return GenerationResult.invalid(error).to_json()
         reporter = self._reporter(request, previews)
-        solo = not (self.loop is not None and request.kind == "txt2img") and self.batcher is None
         try:
-            # The start check: cancelled, or nobody waits any more, frees the GPU for others. Rendering
-            # alone, its answer is read just before the first step, so Redis answers while the prompt
-            # is encoded.
-            if reporter is not None and solo:
-                reporter.send_start_check()
-            elif reporter is not None:
-                reporter.check_start()
+            # The start check (cancelled, or nobody waits any more: free the GPU for others) comes
+            # first; rendering alone, its answer is read just before the first step, so Redis
+            # answers while the prompt is encoded.
             if self.loop is not None and request.kind == "txt2img":  # joins the running loop at its next step
+                if reporter is not None:
+                    reporter.check_start()
                 rendered = self.loop.submit(request, reporter.on_step if reporter else None)
                 png, pipeline_ms, batch_size = rendered.png, rendered.pipeline_ms, rendered.batch_size
             elif self.batcher is not None:  # one call for several tasks, each with its own progress
+                if reporter is not None:
+                    reporter.check_start()
                 rendered = self.batcher.submit(request, reporter.on_step if reporter else None)
                 png, pipeline_ms, batch_size = rendered.png, rendered.pipeline_ms, rendered.batch_size
             else:
+                if reporter is not None:
+                    reporter.send_start_check()
                 png = self.runner.render(request, self.time_limit_s, reporter.on_step if reporter else None,
                                          on_start=reporter.check_start if reporter else None)
                 pipeline_ms, batch_size = self.runner.last_pipeline_ms, 1
@@ -186,7 +187,7 @@ class GenerationService:
             log.exception("generation failed for %s", request.cache_key()[:12])
             return GenerationResult.failure(E_INTERNAL, f"generation failed on worker {self.name}: {exc}").to_json()
         finally:
-            if reporter is not None and solo:
+            if reporter is not None:
                 reporter.drop_start_check()  # a render that failed before its first step never read it
         self.tasks_done += 1
         result = GenerationResult.success(request, png, pipeline_ms, self.name)
