@@ -189,7 +189,8 @@ _UPSERT = """INSERT INTO images (key, png, meta, sha256, size, last_access, crea
 # CASTs: a damaged row may hold text where bytes belong; read it as bytes and let the checksum judge.
 _METAS = "SELECT key, CAST(meta AS BLOB) FROM images WHERE key IN ({marks})"
 _SELECT = "SELECT CAST(png AS BLOB), CAST(meta AS BLOB), CAST(sha256 AS BLOB) FROM images WHERE key = ?"
-_SIZE = "SELECT size FROM images WHERE key = ?"
+_SELECT_SMALL = ("SELECT size, CASE WHEN size <= ?2 THEN CAST(png AS BLOB) END, CAST(meta AS BLOB), "
+                 "CAST(sha256 AS BLOB) FROM images WHERE key = ?1")
 _TOUCH = "UPDATE images SET last_access = ?1 WHERE key = ?2 AND last_access < ?1"
 _BUSY_TIMEOUT_MS = 2000
 _LOCKED_RETRY_S = 10.0
@@ -245,40 +246,38 @@ class SQLiteImageStore(ImageStore):
             row = self._retrying(lambda: conn.execute(_SELECT, (key,)).fetchone())
         if row is None:
             return None
+        entry = self._verified(key, row)
+        if entry is None:
+            self._drop_corrupt(key, row)
+        return entry
+
+    def read_now(self, key: str, max_bytes: int) -> Tuple[bool, Optional[CachedImage]]:
+        """One statement on a read-only connection of the calling thread that never waits for a
+        lock; the PNG is read only when the entry is small enough. A corrupt entry is left to get()
+        (which deletes it: a write)."""
+        _check_key(key)
+        try:
+            row = self._probe_conn().execute(_SELECT_SMALL, (key, max_bytes)).fetchone()
+        except sqlite3.Error:  # busy, or anything else: get() on the pool will say
+            return False, None
+        if row is None:
+            return True, None
+        if row[0] > max_bytes:
+            return False, None
+        entry = self._verified(key, row[1:])
+        return (True, entry) if entry is not None else (False, None)
+
+    def _verified(self, key: str, row: Tuple[Any, Any, Any]) -> Optional[CachedImage]:
+        """The entry of a (png, meta, sha256) row whose checksum and metadata verify, its access
+        time noted for the LRU; None for a corrupt one."""
         png, raw_meta, checksum = row
         meta = _parse_meta(raw_meta) if raw_meta is not None else None
         if meta is None or png is None or hashlib.sha256(png).hexdigest().encode() != checksum:
-            self._drop_corrupt(key, row)
             return None
         now = time.time()
         with self._touched_lock:
             self._touched[key] = now
         return CachedImage(png, meta)
-
-    def read_now(self, key: str, max_bytes: int) -> Tuple[bool, Optional[CachedImage]]:
-        """On a read-only connection of the calling thread that never waits for a lock: the index
-        first, then the entry if it is small enough. A corrupt entry is left to get() (which
-        deletes it: a write)."""
-        _check_key(key)
-        try:
-            conn = self._probe_conn()
-            row = conn.execute(_SIZE, (key,)).fetchone()
-            if row is None:
-                return True, None
-            if row[0] > max_bytes:
-                return False, None
-            row = conn.execute(_SELECT, (key,)).fetchone()
-        except sqlite3.Error:  # busy, or anything else: get() on the pool will say
-            return False, None
-        if row is None:  # deleted between the two looks
-            return True, None
-        png, raw_meta, checksum = row
-        meta = _parse_meta(raw_meta) if raw_meta is not None else None
-        if meta is None or png is None or hashlib.sha256(png).hexdigest().encode() != checksum:
-            return False, None
-        with self._touched_lock:
-            self._touched[key] = time.time()
-        return True, CachedImage(png, meta)
 
     def put(self, key: str, png: bytes, meta: dict) -> None:
         _check_key(key)
