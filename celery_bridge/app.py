@@ -20,6 +20,7 @@ from kombu.utils.encoding import bytes_to_str
 
 from celery_bridge.config import CeleryConfig, load_celery_config
 from celery_bridge.contract import TASK_NAME
+from celery_bridge import lua
 
 log = logging.getLogger(__name__)
 
@@ -141,7 +142,7 @@ class WorkerRedisBackend(RedisBackend):
             return
         pipe = self.client.pipeline(transaction=False)
         rider(pipe)
-        self._store_script(keys=[key], args=[value, expires_s], client=pipe)
+        lua.call(self._store_script, [key], [value, expires_s], pipe)
         *report, stored = pipe.execute(raise_on_error=False)
         if isinstance(stored, Exception):
             raise stored

@@ -34,6 +34,7 @@ import redis
 
 from celery_bridge import redis_keys
 from celery_bridge.task_message import TaskMessage
+from celery_bridge import lua
 
 log = logging.getLogger(__name__)
 SEND_LEASE_MS = 5000  # a released task whose send is not confirmed within this is handed out again
@@ -307,8 +308,8 @@ class FairShare:
         (`gpu_ms` for a rendered image, None otherwise), wake a dispatcher; queued on `pipe` when given."""
         own = pipe is None
         pipe = self.client.pipeline(transaction=False) if own else pipe
-        self._finished(keys=[redis_keys.FAIR_OUT + queue, redis_keys.TENANT_OUT + tenant, redis_keys.FAIR_WAKE,
-                             queue_held_key(queue)], args=[task_id, queue], client=pipe)
+        lua.call(self._finished, [redis_keys.FAIR_OUT + queue, redis_keys.TENANT_OUT + tenant, redis_keys.FAIR_WAKE,
+                                  queue_held_key(queue)], [task_id, queue], pipe)
         if gpu_ms is not None:
             pipe.hincrby(redis_keys.STATS, tenant_counter(tenant, IMAGES_RENDERED), 1)
             pipe.hincrby(redis_keys.STATS, tenant_counter(tenant, GPU_MS), int(round(gpu_ms)))

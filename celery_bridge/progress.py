@@ -27,7 +27,7 @@ from typing import Any, Dict, List, Optional, Tuple
 import redis
 from redis.commands.core import Script
 
-from celery_bridge import redis_keys
+from celery_bridge import lua, redis_keys
 
 log = logging.getLogger(__name__)
 TASK_TTL_S = 3600  # the per-task keys outlive any request (bounded, like the job records)
@@ -103,7 +103,7 @@ return out
 @functools.lru_cache(maxsize=256)
 def _script(client: redis.Redis, source: str) -> Script:
     """`source` registered on `client` once (its SHA computed once): the lease keeper runs these for
-    every flight several times a second, and a pipeline checks each distinct script object it holds."""
+    every flight several times a second."""
     return client.register_script(source)
 
 
@@ -119,8 +119,8 @@ def add_waiters(client: redis.Redis, task_id: str, waiter_ids: List[str], lease_
     if not waiter_ids and not watched:
         return
     keys = [redis_keys.WAITERS + task_id] + ([redis_keys.WATCHED + task_id] if watched else [])
-    _script(client, _RENEW_WAITERS if renew else _ADD_WAITERS)(
-        keys=keys, args=[int(lease_s * 1000), TASK_TTL_S, *waiter_ids], client=pipe if pipe is not None else client)
+    lua.call(_script(client, _RENEW_WAITERS if renew else _ADD_WAITERS), keys,
+             [int(lease_s * 1000), TASK_TTL_S, *waiter_ids], pipe if pipe is not None else client)
 
 
 def remove_waiter(client: redis.Redis, task_id: str, waiter_id: str) -> None:

@@ -16,6 +16,7 @@ import redis
 
 from celery_bridge import progress, redis_keys
 from celery_bridge.producer import new_task_id
+from celery_bridge import lua
 from serve_app.config import GatewayConfig
 from serve_app.flight import Flight
 
@@ -97,7 +98,7 @@ class ClusterClaims:
         ours), and return the others whose claimer stopped renewing (candidates for take_over)."""
         for flight in flights:
             if flight.owner:
-                self._renew(keys=self._keys(flight.key), args=self._args(flight.task_id, "renew"), client=pipe)
+                lua.call(self._renew, self._keys(flight.key), self._args(flight.task_id, "renew"), pipe)
             else:
                 pipe.exists(redis_keys.CLAIM_ALIVE + flight.key)
         lapsed = []

@@ -24,7 +24,7 @@ from sse_starlette import ServerSentEvent
 
 from client import protocol
 from client.protocol import GenerationRequest, ProtocolError
-from celery_bridge import progress, redis_keys
+from celery_bridge import lua, progress, redis_keys
 from celery_bridge.lifecycle import (RECORD_SCRIPT, TERMINAL as TERMINAL_STATES, IllegalTransition, State, advance,
                                      ended)
 from serve_app import sse, stats
@@ -281,8 +281,8 @@ class JobService:
         """Write a snapshot made by _next: refused (False) when a later one, or an end, is stored
         already (lifecycle.RECORD_SCRIPT), so the record never moves backwards."""
         pipe = self.redis.pipeline(transaction=False)
-        self._record_script(keys=[redis_keys.JOB + snapshot["id"]], client=pipe,
-                                                  args=[json.dumps(snapshot, separators=(",", ":")), JOB_TTL_S])
+        lua.call(self._record_script, [redis_keys.JOB + snapshot["id"]],
+                 [json.dumps(snapshot, separators=(",", ":")), JOB_TTL_S], pipe)
         if own:
             pipe.set(redis_keys.JOB_OWNER + snapshot["id"], self.replica, ex=int(OWNER_LEASE_S))
         return bool(pipe.execute()[0])

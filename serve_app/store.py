@@ -28,6 +28,7 @@ import redis
 
 from celery_bridge import redis_keys
 from celery_bridge.redis_check import require_redis_version
+from celery_bridge import lua
 
 log = logging.getLogger(__name__)
 _KEY_PATTERN = re.compile(r"[0-9a-f]{64}")
@@ -638,7 +639,7 @@ class RedisImageStore(ImageStore):
         _check_key(key)
         pipe = self._client.pipeline(transaction=False)
         pipe.get(self.prefix + key)
-        self._touch_script(keys=[self._lru], args=[repr(time.time()), key], client=pipe)
+        lua.call(self._touch_script, [self._lru], [repr(time.time()), key], pipe)
         value, _ = pipe.execute()
         if value is None:
             return None

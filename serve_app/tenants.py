@@ -24,6 +24,7 @@ from client import protocol
 from client.protocol import ProtocolError
 from celery_bridge import redis_keys
 from celery_bridge.fair_share import GPU_MS, IMAGES_RENDERED, IMAGES_SERVED, text
+from celery_bridge import lua
 
 log = logging.getLogger(__name__)
 KEY_CACHE_S = 0.5  # a revoked key is refused by every replica within this
@@ -250,7 +251,7 @@ class TenantWaiting:
         """Renew the leases of {waiter id: tenant name} (waiters no longer counted stay gone)."""
         pipe = self.client.pipeline(transaction=False)
         for waiter_id, name in waiters.items():
-            self._wait(keys=[redis_keys.TENANT_WAITING + name], args=[waiter_id, self.lease_ms, 0], client=pipe)
+            lua.call(self._wait, [redis_keys.TENANT_WAITING + name], [waiter_id, self.lease_ms, 0], pipe)
         pipe.execute()
 
     def leave(self, tenant_name: str, waiter_id: str) -> None:

@@ -329,8 +329,8 @@ def test_a_workers_end_report_goes_in_its_results_round_trip_just_before_the_res
     result = service.handle(dict(GenerationRequest("the end of a task", seed=1).to_dict(), tenant="a"))
     assert result["ok"] and executed == [] and client.zcard(redis_keys.FAIR_OUT + QUEUE) == 1, "nothing sent yet"
     backend.store_result("sdgate-end", result, states.SUCCESS)
-    assert executed == [["HINCRBY", "LPUSH", "LTRIM", "EVALSHA", "HINCRBY", "HINCRBY", "EVALSHA"]], \
-        "the report, then the result's store: one round trip"
+    assert executed == [["HINCRBY", "LPUSH", "LTRIM", "EVAL", "HINCRBY", "HINCRBY", "EVAL"]], \
+        "the report, then the result's store: one round trip (no SCRIPT EXISTS before it: test_lua.py)"
     assert json.loads(client.get("celery-task-meta-sdgate-end"))["status"] == "SUCCESS"
     assert client.zcard(redis_keys.FAIR_OUT + QUEUE) == 0, "the slot is free"
     assert [task_id for task_id, _, _ in fair.release(QUEUE, MODEL)] == [next_id]
