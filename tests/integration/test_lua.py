@@ -49,9 +49,17 @@ def test_a_flushed_script_cache_breaks_neither_a_pipeline_nor_a_direct_call(clie
     counter = "n-" + uuid.uuid4().hex
     script = client.register_script(COUNT)
     assert lua.call(script, [counter]) == 1
+    for transaction in (False, True):
+        client.script_flush()
+        pipe = client.pipeline(transaction=transaction)
+        for _ in range(3):
+            lua.call(script, [counter], client=pipe)
+        assert [args[0] for args, _ in pipe.command_stack] == ["EVAL", "EVALSHA", "EVALSHA"], \
+            "the source goes once a batch"
+        replies = pipe.execute()  # the EVAL runs first and caches the script for the EVALSHAs after it
+        assert replies == [replies[0], replies[0] + 1, replies[0] + 2]
+        lua.call(script, [counter], client=pipe)
+        assert [args[0] for args, _ in pipe.command_stack] == ["EVAL"], "a new batch sends it whole again"
+        pipe.reset()
     client.script_flush()
-    pipe = client.pipeline(transaction=False)
-    lua.call(script, [counter], client=pipe)
-    assert pipe.execute() == [2]  # EVAL with the source: no NOSCRIPT to recover from
-    client.script_flush()
-    assert lua.call(script, [counter]) == 3  # EVALSHA, reloaded on NOSCRIPT
+    assert lua.call(script, [counter]) == 8  # EVALSHA, reloaded on NOSCRIPT
