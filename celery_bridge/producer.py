@@ -80,6 +80,8 @@ class GenerationProducer:
         self._watches: Dict[str, _Watch] = {}
         self._lock = threading.Lock()
         self._subscriptions_stale = threading.Event()  # set when the watched ids change
+        self._listener_reading = False  # the listener may be blocked reading its channels (not on the event)
+        self._wake_channel = redis_keys.LISTENER_WAKE_CHANNEL + uuid.uuid4().hex
         self.messages_received = 0  # result messages this process's listener read and parsed
         self._stop = threading.Event()
         self._listener = threading.Thread(target=self._listen, name="sdgate-results", daemon=True)
@@ -174,6 +176,8 @@ class GenerationProducer:
             if on_progress:
                 watch.on_progress.append(on_progress)
         self._subscriptions_stale.set()
+        if self._listener_reading:  # blocked on its channels: it would see the new id only at its timeout
+            self._wake_listener()
         if not unsent:
             self._check(task_id)  # the result may already be there (a joined or finished task)
         return watch.future
@@ -249,6 +253,12 @@ class GenerationProducer:
             except Exception:  # noqa: BLE001 - one listener must not stop result delivery
                 log.exception("a progress listener failed")
 
+    def _wake_listener(self) -> None:
+        try:
+            self.redis.publish(self._wake_channel, b"")
+        except redis.RedisError as exc:  # it subscribes at its next timeout (SUBSCRIBE_LAG_S) instead
+            log.debug("could not wake the result listener: %s", exc)
+
     def _check(self, task_id: str) -> None:
         try:
             self._deliver(task_id, self.redis.get(self._result_prefix + task_id))
@@ -264,6 +274,8 @@ class GenerationProducer:
             self._subscriptions_stale.set()  # a new connection subscribes to everything watched
             try:
                 while not self._stop.is_set():
+                    # Set before looking at the event, so a watch added after the look wakes the read below.
+                    self._listener_reading = True
                     if self._subscriptions_stale.is_set():
                         self._subscriptions_stale.clear()
                         added = self._resubscribe(pubsub, subscribed)
@@ -273,12 +285,15 @@ class GenerationProducer:
                     # Idle only once the last unsubscribe is confirmed: a result published before it
                     # (already delivered by the poll) is still read off the connection, not left there.
                     if not subscribed and not pubsub.subscribed:
+                        self._listener_reading = False
                         self._subscriptions_stale.wait(1.0)
                         continue
                     message = pubsub.get_message(timeout=SUBSCRIBE_LAG_S)
                     if message and message.get("type") == "message":
-                        self.messages_received += 1
                         channel = message["channel"].decode()
+                        if channel == self._wake_channel:
+                            continue
+                        self.messages_received += 1
                         if channel.startswith(redis_keys.PROGRESS_CHANNEL):
                             self._deliver_progress(channel[len(redis_keys.PROGRESS_CHANNEL):], message["data"])
                         else:
@@ -298,6 +313,11 @@ class GenerationProducer:
         with self._lock:
             wanted = set(self._watches)
         added, gone = sorted(wanted - subscribed), sorted(subscribed - wanted)
+        # The wake channel is subscribed while some task is: with none, the listener waits on the event.
+        if added and not subscribed:
+            pubsub.subscribe(self._wake_channel)
+        elif gone and not wanted:
+            pubsub.unsubscribe(self._wake_channel)
 
         def channels(task_ids: List[str]) -> List[str]:  # each task's result and progress channels
             return [name for task_id in task_ids for name in (self._result_prefix + task_id, progress.channel(task_id))]

@@ -23,6 +23,7 @@ STATS = "sdgate:stats"
 MODEL_COUNTER = "models:"  # a field of STATS: models:<model>:<counter>
 
 PROGRESS_CHANNEL = "sdgate:progress:"
+LISTENER_WAKE_CHANNEL = "sdgate:listener-wake:"  # per gateway process: a new watch wakes its result listener
 PROGRESS_LAST = "sdgate:progress-last:"
 WAITERS = "sdgate:waiters:"
 WATCHED = "sdgate:watched:"

@@ -17,6 +17,7 @@ from client.protocol import GenerationRequest
 from celery_bridge.app import WorkerRedisBackend, make_celery_app
 from celery_bridge.contract import GenerationResult
 from celery_bridge.models import queue_for
+from celery_bridge import producer as producer_module
 from celery_bridge.producer import GenerationProducer, new_task_id
 from tests.resolve import resolved
 from tests.integration import harness
@@ -105,6 +106,24 @@ def _subscribed(producer: GenerationProducer, task_id: str) -> bool:
     """Whether Redis has a subscriber for `task_id`'s result channel from `producer`'s listener."""
     channel = producer._result_prefix + task_id
     return producer.redis.pubsub_numsub(channel)[0][1] >= 1
+
+
+def test_a_new_watch_is_subscribed_at_once_while_the_listener_reads_other_channels(redis_server, monkeypatch):
+    """While some task is watched the listener blocks reading its channels (up to SUBSCRIBE_LAG_S,
+    made 60 s here); a new watch wakes it through the process's wake channel, so the new task is
+    subscribed then, not at the timeout (which cost a fast render tens of milliseconds)."""
+    monkeypatch.setattr(producer_module, "SUBSCRIBE_LAG_S", 60.0)
+    producer = GenerationProducer(celery_config(redis_server.url, "wake-q"))
+    try:
+        first, second = task("wake first")[1], task("wake second")[1]
+        producer.watch(first, unsent=True)
+        harness.wait_for(lambda: _subscribed(producer, first), 10, "the first watch subscribed")
+        producer.watch(second, unsent=True)
+        harness.wait_for(lambda: _subscribed(producer, second), 10, "the second watch subscribed before the timeout")
+        assert producer.redis.pubsub_numsub(producer._wake_channel)[0][1] == 1, "the wake channel beside them"
+        assert producer.messages_received == 0, "a wake-up is not a result message"
+    finally:
+        producer.close()
 
 
 def test_sending_leaves_no_subscription_that_nobody_reads(redis_server):
