@@ -3,7 +3,7 @@
 Each benchmark starts what it needs on free ports in a throwaway $SDGATE_HOME, measures against
 its baseline in the same run, and stops everything it started. Progress goes to stderr.
 
-    python -m bench hit | miss | singleflight | coldstart | memory | worker_path | gpu [--smoke] | progress | throughput | scale | fairness | img2img | continuous | lora | demo | all
+    python -m bench hit | miss | subscribe | singleflight | coldstart | memory | worker_path | gpu [--smoke] | progress | throughput | scale | fairness | img2img | continuous | lora | demo | all
     python -m bench NAME --help
 """
 
@@ -15,7 +15,7 @@ import os
 import sys
 from pathlib import Path
 
-BENCHMARKS = ("hit", "miss", "singleflight", "coldstart", "memory", "worker_path", "gpu", "progress", "throughput", "scale",
+BENCHMARKS = ("hit", "miss", "subscribe", "singleflight", "coldstart", "memory", "worker_path", "gpu", "progress", "throughput", "scale",
               "fairness", "img2img", "continuous", "lora", "demo")
 
 
