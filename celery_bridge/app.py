@@ -18,9 +18,9 @@ from celery.backends.redis import RedisBackend
 from celery.exceptions import BackendStoreError
 from kombu.utils.encoding import bytes_to_str
 
+from celery_bridge import lua
 from celery_bridge.config import CeleryConfig, load_celery_config
 from celery_bridge.contract import TASK_NAME
-from celery_bridge import lua
 
 log = logging.getLogger(__name__)
 

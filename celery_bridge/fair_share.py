@@ -32,9 +32,8 @@ from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple
 
 import redis
 
-from celery_bridge import redis_keys
+from celery_bridge import lua, redis_keys
 from celery_bridge.task_message import TaskMessage
-from celery_bridge import lua
 
 log = logging.getLogger(__name__)
 SEND_LEASE_MS = 5000  # a released task whose send is not confirmed within this is handed out again

@@ -14,9 +14,8 @@ from typing import Any, List, Sequence, Tuple
 
 import redis
 
-from celery_bridge import progress, redis_keys
+from celery_bridge import lua, progress, redis_keys
 from celery_bridge.producer import new_task_id
-from celery_bridge import lua
 from serve_app.config import GatewayConfig
 from serve_app.flight import Flight
 

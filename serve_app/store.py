@@ -26,9 +26,8 @@ from typing import Any, Callable, Dict, List, Optional, Tuple, Union
 
 import redis
 
-from celery_bridge import redis_keys
+from celery_bridge import lua, redis_keys
 from celery_bridge.redis_check import require_redis_version
-from celery_bridge import lua
 
 log = logging.getLogger(__name__)
 _KEY_PATTERN = re.compile(r"[0-9a-f]{64}")

@@ -22,9 +22,8 @@ import redis
 
 from client import protocol
 from client.protocol import ProtocolError
-from celery_bridge import redis_keys
+from celery_bridge import lua, redis_keys
 from celery_bridge.fair_share import GPU_MS, IMAGES_RENDERED, IMAGES_SERVED, text
-from celery_bridge import lua
 
 log = logging.getLogger(__name__)
 KEY_CACHE_S = 0.5  # a revoked key is refused by every replica within this
